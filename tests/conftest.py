@@ -1,0 +1,49 @@
+"""Shared pytest fixtures: the golden-vector folder and the slow-test switch."""
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = ROOT.parent / 'shared' / 'golden'
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def pytest_addoption(parser):
+    parser.addoption('--runslow', action='store_true', default=False,
+                     help='also run the slow end-to-end tests (CI does)')
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption('--runslow'):
+        return
+    skip = pytest.mark.skip(reason='slow end-to-end test; run with --runslow')
+    for item in items:
+        if 'slow' in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope='session')
+def golden_dir() -> pathlib.Path:
+    """The reference outputs in ../shared/golden; tests skip when it is absent."""
+    if not GOLDEN.is_dir():
+        pytest.skip(f'golden vectors not found at {GOLDEN} (expected ../shared/golden beside the project)')
+    return GOLDEN
+
+
+@pytest.fixture(scope='session')
+def repo_root() -> pathlib.Path:
+    return ROOT
+
+
+@pytest.fixture
+def subprocess_env() -> dict:
+    """Environment for CLI subprocesses: project importable, one thread each (2-core CI)."""
+    env = dict(os.environ)
+    env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
+    env.setdefault('OMP_NUM_THREADS', '1')
+    return env

@@ -1,0 +1,209 @@
+"""EasyDict, construction of objects by name, and a download cache for network / detector URLs."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import os
+import re
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from typing import Any, Optional
+
+# ----------------------------------------------------------------------------
+
+
+class EasyDict(dict):
+    """A dict whose items can also be read and written as attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        del self[name]
+
+
+def format_time(seconds: float) -> str:
+    """'12s', '3m 05s', '2h 01m 05s', '1d 02h 03m': the progress lines' format."""
+    s = int(round(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 60 * 60:
+        return f'{s // 60}m {s % 60:02d}s'
+    if s < 24 * 60 * 60:
+        return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
+    return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
+
+# ----------------------------------------------------------------------------
+# Objects by name: the configuration names classes ('training.networks.EDMPrecond').
+
+
+def get_obj_by_name(name: str) -> Any:
+    """Resolve 'pkg.module.attr.sub' by importing the longest importable module prefix."""
+    parts = name.split('.')
+    for i in range(len(parts), 0, -1):
+        module_name = '.'.join(parts[:i])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            # Only swallow "this prefix is not a module", not errors inside a module that exists.
+            if e.name is not None and module_name.startswith(e.name):
+                continue
+            raise
+        for attr in parts[i:]:
+            try:
+                obj = getattr(obj, attr)
+            except AttributeError:
+                raise AttributeError(f'Cannot find "{attr}" in "{module_name}" while resolving "{name}"') from None
+        return obj
+    raise ImportError(f'Cannot import anything named "{name}"')
+
+
+def call_func_by_name(*args, func_name: str, **kwargs) -> Any:
+    func = get_obj_by_name(func_name)
+    if not callable(func):
+        raise TypeError(f'"{func_name}" is not callable')
+    return func(*args, **kwargs)
+
+
+def construct_class_by_name(*args, class_name: str, **kwargs) -> Any:
+    return call_func_by_name(*args, func_name=class_name, **kwargs)
+
+# ----------------------------------------------------------------------------
+# Download cache.
+
+
+def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
+    if not isinstance(obj, str) or '://' not in obj:
+        return False
+    if allow_file_urls and obj.startswith('file://'):
+        return True
+    try:
+        res = urllib.parse.urlparse(obj)
+    except ValueError:
+        return False
+    return res.scheme in ('http', 'https') and bool(res.netloc)
+
+
+def make_cache_dir_path(*paths: str) -> str:
+    """Cache root: $EDM_CACHE_DIR, else $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib."""
+    for var in ('EDM_CACHE_DIR', 'DNNLIB_CACHE_DIR'):
+        if os.environ.get(var):
+            return os.path.join(os.environ[var], *paths)
+    return os.path.join(os.path.expanduser('~'), '.cache', 'dnnlib', *paths)
+
+
+def _url_cache_name(url: str) -> str:
+    url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
+    safe_name = re.sub(r'[^0-9a-zA-Z-._]', '_', os.path.basename(urllib.parse.urlparse(url).path)) or 'download'
+    return f'{url_md5}_{safe_name}'
+
+
+def _check_sha256(data: bytes, sha256: Optional[str], source: str) -> None:
+    if sha256 is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != sha256.lower():
+            raise OSError(f'Checksum mismatch for {source}: expected sha256 {sha256}, got {digest} '
+                          f'(corrupt or wrong file; delete it and try again)')
+
+
+def open_url(url: str, cache_dir: Optional[str] = None, num_attempts: int = 10, verbose: bool = True,
+             return_filename: bool = False, cache: bool = True, sha256: Optional[str] = None,
+             timeout: float = 60, retry_delay: float = 1.0):
+    """Open a local path, file:// URL or http(s):// URL as a binary file object.
+
+    Downloads are cached under the cache dir (see make_cache_dir_path) by the URL's md5, written
+    atomically, and verified against `sha256` when given. Returns the local filename instead of a
+    file object with return_filename=True (which requires caching for http URLs).
+    """
+    if not isinstance(url, str) or not url:
+        raise ValueError(f'Expected a path or URL, got {url!r}')
+    if num_attempts < 1:
+        raise ValueError('num_attempts must be at least 1')
+    if return_filename and not cache and is_url(url):
+        raise ValueError('open_url(return_filename=True) needs cache=True for remote URLs')
+
+    # Local files.
+    if not re.match(r'^[a-z][a-z0-9+.-]*://', url):
+        if not os.path.isfile(url):
+            raise FileNotFoundError(f'No such file: {url}')
+        return url if return_filename else open(url, 'rb')
+    if url.startswith('file://'):
+        filename = urllib.parse.unquote(urllib.parse.urlparse(url).path)
+        if re.match(r'^/[a-zA-Z]:', filename):  # file:///C:/... on Windows
+            filename = filename[1:]
+        if not os.path.isfile(filename):
+            raise FileNotFoundError(f'No such file: {filename} (from {url})')
+        return filename if return_filename else open(filename, 'rb')
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme not in ('http', 'https'):
+        raise ValueError(f'Unsupported URL scheme "{scheme}" in {url}')
+
+    # Cache hit?
+    if cache_dir is None:
+        cache_dir = make_cache_dir_path('downloads')
+    cache_file = os.path.join(cache_dir, _url_cache_name(url))
+    if cache and os.path.isfile(cache_file):
+        if sha256 is not None:
+            with open(cache_file, 'rb') as f:
+                _check_sha256(f.read(), sha256, cache_file)
+        return cache_file if return_filename else open(cache_file, 'rb')
+
+    # Download with retries; HTTP errors that will not change (4xx) fail at once.
+    import requests  # imported here so that local-only use needs no network stack
+    data = None
+    last_error: Optional[BaseException] = None
+    if verbose:
+        print(f'Downloading {url} ...', end='', flush=True)
+    for attempt in range(num_attempts):
+        try:
+            with requests.get(url, timeout=timeout) as res:
+                res.raise_for_status()
+                data = res.content
+                expected = res.headers.get('Content-Length')
+                if expected is not None and int(expected) != len(data):
+                    raise OSError(f'truncated download: got {len(data)} of {expected} bytes')
+            _check_sha256(data, sha256, url)
+            break
+        except requests.HTTPError as e:
+            last_error = e
+            if e.response is not None and 400 <= e.response.status_code < 500:
+                break
+        except (requests.RequestException, OSError) as e:
+            last_error = e
+        data = None
+        if attempt + 1 < num_attempts:
+            time.sleep(retry_delay)
+    if data is None:
+        if verbose:
+            print(' failed')
+        hint = (f' If this machine is offline, download it elsewhere and place it at {cache_file} '
+                f'(or pass a local path instead of the URL).' if cache else '')
+        raise OSError(f'Could not download {url} after {attempt + 1} attempt(s): {last_error}.{hint}')
+    if verbose:
+        print(' done')
+
+    # Atomic write into the cache: a killed download never leaves a half file behind.
+    if cache:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix='.tmp-', suffix='.part')
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                f.write(data)
+            os.replace(tmp, cache_file)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        if return_filename:
+            return cache_file
+    return io.BytesIO(data)

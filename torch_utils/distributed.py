@@ -1,0 +1,89 @@
+"""Process-group set-up for torchrun (NCCL on CUDA, gloo on CPU) and rank-aware helpers.
+
+Every entry point calls init(); afterwards a process group always exists (a 1-process gloo group when
+not launched by torchrun) so DDP and all_reduce need no special cases for single-process runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def init(backend: str | None = None, timeout_minutes: float = 30) -> None:
+    """Initialise torch.distributed once per process; safe to call again."""
+    if dist.is_available() and dist.is_initialized():
+        return
+    cuda = torch.cuda.is_available()
+    if backend is None:
+        backend = 'nccl' if cuda and dist.is_nccl_available() else 'gloo'
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if 'WORLD_SIZE' in os.environ:  # launched by torchrun: env:// rendezvous
+        if cuda:
+            torch.cuda.set_device(get_local_rank())
+        dist.init_process_group(backend=backend, init_method='env://', timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, init_method=f'tcp://127.0.0.1:{_free_port()}',
+                                rank=0, world_size=1, timeout=timeout)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get('LOCAL_RANK', '0'))
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def default_device() -> torch.device:
+    """The device this rank should use: its own GPU under torchrun, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device('cuda', get_local_rank())
+    return torch.device('cpu')
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def should_stop() -> bool:
+    """Hook for cluster schedulers; the training loop also stops on SIGTERM/SIGINT."""
+    return False
+
+
+def update_progress(cur: int, total: int) -> None:
+    """Hook for cluster schedulers (no-op here)."""
+    del cur, total
+
+
+def print0(*args, **kwargs) -> None:
+    if get_rank() == 0:
+        print(*args, **kwargs)

@@ -1,0 +1,100 @@
+"""Training losses of EDM Table 1 ("Elucidating the Design Space of Diffusion-Based Generative
+Models", Karras et al. 2022): VP and VE (Song et al. 2021) and the paper's EDM loss.
+
+Each loss draws one noise level sigma per image from the training distribution p_train(sigma),
+noises the (optionally augmented) image y, asks the denoiser D for y, and returns the
+per-pixel loss lambda(sigma) * (D(y + n; sigma) - y)^2 without reducing it (the training loop
+sums/means it). Random draws, in this order (part of the reproducibility contract):
+  1. sigma noise: torch.rand([N,1,1,1]) for VP/VE, torch.randn([N,1,1,1]) for EDM;
+  2. whatever the augmentation pipe draws;
+  3. torch.randn_like(y) for the noise n.
+"""
+
+import torch
+
+from torch_utils import persistence
+
+#----------------------------------------------------------------------------
+# Pure formulas (Table 1). `u` ~ U(0,1), `z` ~ N(0,1).
+
+def vp_sigma(t, beta_d=19.9, beta_min=0.1):
+    """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    t = torch.as_tensor(t)
+    return ((0.5 * beta_d * (t ** 2) + beta_min * t).exp() - 1).sqrt()
+
+def vp_t_from_uniform(u, epsilon_t=1e-5):
+    """t ~ U(epsilon_t, 1), mapped from u ~ U(0,1) as 1 + u (epsilon_t - 1) (u=0 -> t=1)."""
+    return 1 + u * (epsilon_t - 1)
+
+def ve_sigma_from_uniform(u, sigma_min=0.02, sigma_max=100):
+    """Log-uniform sigma in [sigma_min, sigma_max]: sigma_min (sigma_max / sigma_min)^u."""
+    return sigma_min * ((sigma_max / sigma_min) ** u)
+
+def edm_sigma_from_normal(z, P_mean=-1.2, P_std=1.2):
+    """Log-normal sigma: ln(sigma) ~ N(P_mean, P_std^2)."""
+    return (z * P_std + P_mean).exp()
+
+def snr_weight(sigma):
+    """lambda(sigma) = 1 / sigma^2 (VP and VE)."""
+    return 1 / sigma ** 2
+
+def edm_weight(sigma, sigma_data=0.5):
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out(sigma)^2, so the
+    effective training target of the raw network F has unit weight at every noise level."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+#----------------------------------------------------------------------------
+
+def _denoising_loss(net, images, sigma, weight, labels, augment_pipe):
+    """Shared tail of every loss: augment, add noise, denoise, weight the squared error."""
+    y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+    n = torch.randn_like(y) * sigma
+    D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)
+    return weight * ((D_yn - y) ** 2)
+
+#----------------------------------------------------------------------------
+# VP (Song et al. 2021, "DDPM++ cont. (VP)"): t ~ U(epsilon_t, 1), sigma = sigma_vp(t), weight 1/sigma^2.
+
+@persistence.persistent_class
+class VPLoss:
+    def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5):
+        self.beta_d = beta_d
+        self.beta_min = beta_min
+        self.epsilon_t = epsilon_t
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        rnd_uniform = torch.rand([images.shape[0], 1, 1, 1], device=images.device)
+        sigma = self.sigma(vp_t_from_uniform(rnd_uniform, self.epsilon_t))
+        return _denoising_loss(net, images, sigma, snr_weight(sigma), labels, augment_pipe)
+
+    def sigma(self, t):
+        return vp_sigma(t, self.beta_d, self.beta_min)
+
+#----------------------------------------------------------------------------
+# VE (Song et al. 2021, "NCSN++ cont. (VE)"): log-uniform sigma in [sigma_min, sigma_max], weight 1/sigma^2.
+
+@persistence.persistent_class
+class VELoss:
+    def __init__(self, sigma_min=0.02, sigma_max=100):
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        rnd_uniform = torch.rand([images.shape[0], 1, 1, 1], device=images.device)
+        sigma = ve_sigma_from_uniform(rnd_uniform, self.sigma_min, self.sigma_max)
+        return _denoising_loss(net, images, sigma, snr_weight(sigma), labels, augment_pipe)
+
+#----------------------------------------------------------------------------
+# EDM (Section 5): ln(sigma) ~ N(P_mean, P_std^2), weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+
+@persistence.persistent_class
+class EDMLoss:
+    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sigma_data = sigma_data
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        rnd_normal = torch.randn([images.shape[0], 1, 1, 1], device=images.device)
+        sigma = edm_sigma_from_normal(rnd_normal, self.P_mean, self.P_std)
+        return _denoising_loss(net, images, sigma, edm_weight(sigma, self.sigma_data), labels, augment_pipe)

@@ -1,0 +1,622 @@
+"""Fréchet Inception Distance (FID), the metric the EDM paper reports.
+
+FID = ||mu - mu_ref||^2 + Tr(Sigma + Sigma_ref - 2 (Sigma Sigma_ref)^(1/2))
+over 2048-d pool features of the TensorFlow Inception-v3 (2015-12-05) network evaluated on uint8 images,
+with the statistics accumulated in float64. Subcommands:
+
+  python fid.py ref  --data=ZIP|DIR --dest=NPZ             reference statistics (mu, sigma) of a dataset
+  python fid.py calc --images=ZIP|DIR --ref=NPZ|URL        FID of a set of images (first --num picked by --seed)
+  python fid.py net  --network=PKL --ref=NPZ|URL           the paper's protocol: FID of freshly generated
+                                                           images on --repeats disjoint seed ranges, and min
+
+All three run multi-process under `torchrun` (each rank a share of the images, sums reduced across ranks).
+
+The detector is the standard FID Inception-v3 network, downloaded once through the dnnlib download cache
+(folder: $EDM_CACHE_DIR/downloads, see dnnlib.util.make_cache_dir_path). `--detector=PATH|URL` selects
+another copy: a TorchScript module file, or a pickle like the official one. Pickles can execute code
+when loaded, so they are first read with a restricted unpickler that only extracts an embedded TorchScript
+module (the official file wraps one); running a pickle's own code needs trust: the official default URL is
+trusted (as in the paper's code), anything else needs `--trust-pickle`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import io
+import os
+import pickle
+import re
+import sys
+import tempfile
+import types
+import zipfile
+from typing import Iterable, Optional
+
+import click
+import numpy as np
+import scipy.linalg
+import torch
+import tqdm
+
+import dnnlib
+from torch_utils import distributed as dist
+
+DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
+                'inception-2015-12-05.pkl')
+TRUSTED_DETECTOR_URLS = frozenset([DETECTOR_URL])  # Pickles from here may run their embedded code.
+
+#----------------------------------------------------------------------------
+# Fréchet distance between two Gaussians (pure numpy/scipy, float64).
+
+
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    """Principal matrix square root, real part.
+
+    The paper called sqrtm(..., disp=False), which returned (root, error_estimate); SciPy deprecated and
+    then removed `disp`, and current versions return the root alone. Accept either return signature.
+    """
+    root = scipy.linalg.sqrtm(a)
+    if isinstance(root, tuple):
+        root = root[0]
+    return np.real(root)
+
+
+def calculate_fid_from_inception_stats(mu, sigma, mu_ref, sigma_ref) -> float:
+    """FID between N(mu, sigma) and N(mu_ref, sigma_ref), computed in float64."""
+    mu, mu_ref = np.asarray(mu, np.float64), np.asarray(mu_ref, np.float64)
+    sigma, sigma_ref = np.asarray(sigma, np.float64), np.asarray(sigma_ref, np.float64)
+    if mu.shape != mu_ref.shape or sigma.shape != sigma_ref.shape or sigma.shape != mu.shape * 2:
+        raise ValueError(f'Mismatched statistics: mu {mu.shape}, sigma {sigma.shape} vs '
+                         f'mu_ref {mu_ref.shape}, sigma_ref {sigma_ref.shape}')
+    m = np.square(mu - mu_ref).sum()
+    s = _sqrtm(np.dot(sigma, sigma_ref))
+    return float(m + np.trace(sigma + sigma_ref - s * 2))
+
+#----------------------------------------------------------------------------
+# Detector loading: TorchScript files, or pickles (restricted unpickler first, full pickle only if trusted).
+
+
+class UntrustedPickleError(pickle.UnpicklingError):
+    """The pickle needs to run code to load and nobody said it may."""
+
+
+_ZIP_MAGIC = b'PK\x03\x04'
+
+# Globals a data-only pickle may reference: none of them can run caller-chosen code.
+_SAFE_GLOBALS = {
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('builtins', 'bytearray'): bytearray,
+    ('builtins', 'set'): set,
+    ('builtins', 'frozenset'): frozenset,
+    ('_codecs', 'encode'): None,                  # how protocol-2 pickles store bytes
+    ('numpy.core.multiarray', '_reconstruct'): None,
+    ('numpy._core.multiarray', '_reconstruct'): None,
+    ('numpy', 'ndarray'): np.ndarray,
+    ('numpy', 'dtype'): np.dtype,
+}
+
+
+def _find_torchscript(obj, depth: int = 0) -> Optional[torch.jit.ScriptModule]:
+    """Search a plain-data object tree for serialised TorchScript bytes and load the first one found."""
+    if depth > 8:
+        return None
+    if isinstance(obj, np.ndarray) and obj.dtype == np.uint8:
+        obj = obj.tobytes()
+    if isinstance(obj, (bytes, bytearray)):
+        if bytes(obj[:4]) != _ZIP_MAGIC:
+            return None
+        try:
+            module = torch.jit.load(io.BytesIO(bytes(obj)), map_location='cpu')
+        except Exception:  # A zip that is not TorchScript: keep looking.
+            return None
+        # Only a module with the detector's own interface can stand for the wrapper object.
+        args = [a.name for a in module.forward.schema.arguments]
+        return module if 'return_features' in args else None
+    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for child in children:
+        found = _find_torchscript(child, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _reconstruct_detector_safely(meta):
+    """Stand-in for torch_utils.persistence._reconstruct_persistent_obj that never runs module_src.
+
+    Persistent objects carry their class source code plus `state`; a detector wrapping a TorchScript
+    module must keep that module serialised in its state (ScriptModules cannot be pickled directly).
+    """
+    state = meta.get('state') if isinstance(meta, dict) else None
+    found = _find_torchscript(state)
+    if found is None:
+        raise UntrustedPickleError('persistent object without an embedded TorchScript module '
+                                   '(loading it would run its embedded source code)')
+    return found
+
+
+class _SafeDetectorUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == 'torch_utils.persistence' and name == '_reconstruct_persistent_obj':
+            return _reconstruct_detector_safely
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise UntrustedPickleError(f'it references {module}.{name}')
+
+
+def _reconstruct_with_source(meta):
+    """The paper's persistent-object protocol: run the embedded module source, rebuild the class, set state.
+
+    Used only for trusted pickles (it executes code from the file)."""
+    if not isinstance(meta, dict) or meta.get('type') != 'class':
+        raise pickle.UnpicklingError('unsupported persistent object record')
+    src = meta['module_src']
+    module = types.ModuleType('_fid_detector_' + hashlib.sha256(src.encode('utf-8')).hexdigest()[:16])
+    sys.modules[module.__name__] = module
+    exec(compile(src, module.__name__, 'exec'), module.__dict__)  # noqa: S102 -- trusted input only
+    cls = getattr(module, meta['class_name'])
+    obj = cls.__new__(cls)
+    state = meta.get('state') or {}
+    if callable(getattr(obj, '__setstate__', None)):
+        obj.__setstate__(state)
+    else:
+        obj.__dict__.update(state)
+    return obj
+
+
+class _TrustedDetectorUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == 'torch_utils.persistence' and name == '_reconstruct_persistent_obj':
+            return _reconstruct_with_source  # Our persistence module never runs embedded source.
+        return super().find_class(module, name)
+
+
+def _load_detector_bytes(data: bytes, source: str, trusted: bool) -> torch.nn.Module:
+    if data[:4] == _ZIP_MAGIC:  # TorchScript archive: code-free as far as Python is concerned.
+        try:
+            return torch.jit.load(io.BytesIO(data), map_location='cpu')
+        except Exception as e:
+            raise click.ClickException(f'Detector {source} is a zip archive but not a TorchScript module '
+                                       f'(save one with torch.jit.save): {e}') from e
+    try:
+        obj = _SafeDetectorUnpickler(io.BytesIO(data)).load()
+    except UntrustedPickleError as e:
+        if not trusted:
+            raise click.ClickException(
+                f'Detector {source} is a pickle that runs code when loaded ({e}). Pass --trust-pickle if you '
+                f'trust this file, or convert it once with torch.jit.save and pass the TorchScript file') from e
+        try:  # Trusted: what the paper's pickle.load does, including the embedded source code.
+            obj = _TrustedDetectorUnpickler(io.BytesIO(data)).load()
+        except Exception as e2:
+            raise click.ClickException(f'Could not unpickle the detector {source}: {e2}') from e2
+    except Exception as e:
+        raise click.ClickException(f'Detector {source} is neither a TorchScript module nor a readable '
+                                   f'pickle: {e}') from e
+    if not isinstance(obj, torch.nn.Module):
+        raise click.ClickException(f'Detector {source} holds a {type(obj).__name__}, not a torch module')
+    return obj
+
+
+def load_detector(detector: Optional[str] = None, device=torch.device('cpu'), trust_pickle: bool = False,
+                  verbose: bool = True, num_attempts: int = 10) -> torch.nn.Module:
+    """Load the feature detector: called as detector(uint8 [N,3,H,W], return_features=True) -> [N, D]."""
+    source = detector or DETECTOR_URL
+    try:
+        with dnnlib.util.open_url(source, verbose=verbose, num_attempts=num_attempts) as f:
+            data = f.read()
+    except (OSError, ValueError) as e:
+        cache = ''
+        if dnnlib.util.is_url(source):
+            cache = f' (cache folder: {dnnlib.util.make_cache_dir_path("downloads")}, set by $EDM_CACHE_DIR)'
+        raise click.ClickException(f'Could not load the FID detector: {e}{cache} A local copy can also be given '
+                                   f'as --detector=PATH (a TorchScript file or the official pickle).') from e
+    net = _load_detector_bytes(data, source, trusted=trust_pickle or source in TRUSTED_DETECTOR_URLS)
+    for param in net.parameters():  # (ScriptModules lack requires_grad_.)
+        param.requires_grad_(False)
+    return net.eval().to(device)
+
+#----------------------------------------------------------------------------
+# Feature statistics: float64 sums and outer-product sums, reduced across ranks.
+
+
+@dataclasses.dataclass
+class FeatureStats:
+    mu: np.ndarray      # [D] float64
+    sigma: np.ndarray   # [D, D] float64, unbiased (N - 1)
+    num_images: int
+
+
+def _all_reduce(x: torch.Tensor, op=torch.distributed.ReduceOp.SUM) -> torch.Tensor:
+    if dist.get_world_size() > 1:
+        torch.distributed.all_reduce(x, op=op)
+    return x
+
+
+def check_image_shape(shape, source: str) -> None:
+    """Images must be [C, H, W] uint8 with C = 1 (repeated to RGB) or 3, at least 2x2 pixels."""
+    if len(shape) != 3 or shape[0] not in (1, 3) or min(shape[1:]) < 2:
+        raise click.ClickException(f'Images in {source} have shape {list(shape)} (C,H,W); FID needs '
+                                   f'1 (grayscale) or 3 (RGB) channels and at least 2x2 pixels')
+
+
+def compute_feature_stats(detector: torch.nn.Module, batches: Iterable[torch.Tensor], num_images: int,
+                          device=torch.device('cpu'), desc: str = 'FID features',
+                          source: str = 'images') -> FeatureStats:
+    """Accumulate this rank's uint8 [N,C,H,W] batches, reduce over ranks, return mean and covariance.
+
+    `num_images` is the total over all ranks (it sizes the progress bar and is checked at the end).
+    """
+    world = dist.get_world_size()
+    mu = sigma = None
+    count = 0
+    with tqdm.tqdm(total=num_images, unit='img', desc=desc, disable=(dist.get_rank() != 0),
+                   dynamic_ncols=True) as bar:
+        for images in batches:
+            if images.shape[0] == 0:
+                continue
+            check_image_shape(images.shape[1:], source)
+            if images.shape[1] == 1:
+                images = images.repeat([1, 3, 1, 1])
+            try:
+                with torch.no_grad():
+                    features = detector(images.to(device), return_features=True)
+            except RuntimeError as e:
+                raise click.ClickException(f'The detector failed on images of shape {list(images.shape)} '
+                                           f'from {source}: {str(e).splitlines()[0]}') from e
+            features = features.to(torch.float64).reshape(images.shape[0], -1)
+            if mu is None:
+                mu = torch.zeros([features.shape[1]], dtype=torch.float64, device=device)
+                sigma = torch.zeros([features.shape[1]] * 2, dtype=torch.float64, device=device)
+            mu += features.sum(0)
+            sigma += features.T @ features
+            count += images.shape[0]
+            bar.update(images.shape[0] * world)  # Ranks progress in step; show the global rate.
+
+    # Ranks without images still take part in the reductions: agree on the feature dimension first.
+    dim = _all_reduce(torch.tensor([0 if mu is None else mu.shape[0]], dtype=torch.int64, device=device),
+                      op=torch.distributed.ReduceOp.MAX).item()
+    if mu is None:
+        mu = torch.zeros([dim], dtype=torch.float64, device=device)
+        sigma = torch.zeros([dim, dim], dtype=torch.float64, device=device)
+    n = int(_all_reduce(torch.tensor([count], dtype=torch.int64, device=device)).item())
+    _all_reduce(mu)
+    _all_reduce(sigma)
+    if n != num_images:
+        raise RuntimeError(f'Expected {num_images} images over all ranks, got {n}')
+    if n < 2:
+        raise click.ClickException(f'Need at least 2 images to estimate a covariance, got {n} from {source}')
+    mu /= n
+    sigma -= torch.outer(mu, mu) * n
+    sigma /= n - 1
+    return FeatureStats(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), num_images=n)
+
+
+def _open_dataset(image_path: str, num_expected: Optional[int], seed: int):
+    from training import dataset  # Imported here: fid.py's math and `net` need no dataset code.
+    if not os.path.exists(image_path):
+        raise click.ClickException(f'No such image folder or zip: {image_path}')
+    try:
+        dataset_obj = dataset.ImageFolderDataset(path=image_path, max_size=num_expected, random_seed=seed)
+    except (OSError, ValueError, RuntimeError, zipfile.BadZipFile) as e:
+        raise click.ClickException(f'Could not read images from {image_path}: {e}') from e
+    if num_expected is not None and len(dataset_obj) < num_expected:
+        raise click.ClickException(f'Found {len(dataset_obj)} images in {image_path}, but --num asks for '
+                                   f'{num_expected}: add images or lower --num')
+    if len(dataset_obj) < 2:
+        raise click.ClickException(f'Found {len(dataset_obj)} images in {image_path}; FID needs at least 2')
+    check_image_shape(dataset_obj.image_shape, image_path)
+    return dataset_obj
+
+
+def _rank_batches(num_items: int, max_batch_size: int) -> list[list[int]]:
+    """Split 0..num_items-1 into equal-count batch slots, rank r taking slots r, r+W, r+2W, ..."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    num_batches = ((num_items - 1) // (max_batch_size * world) + 1) * world
+    all_batches = torch.arange(num_items).tensor_split(num_batches)
+    return [b.tolist() for b in all_batches[rank::world] if len(b) > 0]
+
+
+def _dataset_feature_stats(image_path: str, num_expected: Optional[int] = None, seed: int = 0,
+                           max_batch_size: int = 64, num_workers: int = 3, prefetch_factor: int = 2,
+                           device=None, detector=None, trust_pickle: bool = False) -> FeatureStats:
+    device = torch.device(device) if device is not None else dist.default_device()
+    # Rank 0 first: it downloads the detector into the cache once, the others then read the cache.
+    if dist.get_rank() != 0:
+        dist.barrier()
+    dataset_obj = _open_dataset(image_path, num_expected, seed)  # Cheap checks before the download.
+    if not isinstance(detector, torch.nn.Module):
+        detector = load_detector(detector, device=device, trust_pickle=trust_pickle,
+                                 verbose=(dist.get_rank() == 0))
+    if dist.get_rank() == 0:
+        dist.barrier()
+    dist.print0(f'Calculating statistics for {len(dataset_obj)} images from "{image_path}"...')
+
+    if hasattr(os, 'sched_getaffinity'):
+        num_workers = min(num_workers, len(os.sched_getaffinity(0)))  # More than the cores only adds overhead.
+    loader = torch.utils.data.DataLoader(dataset_obj, batch_sampler=_rank_batches(len(dataset_obj), max_batch_size),
+                                         num_workers=num_workers,
+                                         prefetch_factor=(prefetch_factor if num_workers > 0 else None))
+    return compute_feature_stats(detector, _images_from(loader, image_path), len(dataset_obj), device=device,
+                                 source=image_path)
+
+
+def _images_from(loader, source: str):
+    """The loader's image batches; unreadable or mismatched images become a one-line error."""
+    try:
+        for images, _labels in loader:
+            yield images
+    except (OSError, ValueError) as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]  # Worker errors end with the cause.
+        raise click.ClickException(f'Could not read images from {source}: {lines[-1] if lines else e}') from e
+
+
+def calculate_inception_stats(image_path: str, num_expected: Optional[int] = None, seed: int = 0,
+                              max_batch_size: int = 64, num_workers: int = 3, prefetch_factor: int = 2,
+                              device=None, detector=None, trust_pickle: bool = False):
+    """Inception mean and covariance (float64 numpy) of the images in a folder or zip.
+
+    With `num_expected`, that many images are picked by `seed` (the dataset's max_size/random_seed
+    selection, as in the paper). `detector` is a path/URL or a loaded module (default: the standard one).
+    """
+    s = _dataset_feature_stats(image_path, num_expected=num_expected, seed=seed, max_batch_size=max_batch_size,
+                               num_workers=num_workers, prefetch_factor=prefetch_factor, device=device,
+                               detector=detector, trust_pickle=trust_pickle)
+    return s.mu, s.sigma
+
+#----------------------------------------------------------------------------
+# Reference statistics files.
+
+
+def dataset_sha256(path: str) -> str:
+    """sha256 of a dataset zip's bytes, or of a folder's files (sorted relative paths and contents)."""
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                h.update(os.path.relpath(full, path).replace(os.sep, '/').encode('utf-8') + b'\0')
+                with open(full, 'rb') as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b''):
+                        h.update(chunk)
+    else:
+        with open(path, 'rb') as f:
+            for chunk in iter(lambda: f.read(1 << 20), b''):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def save_reference(dest_path: str, stats: FeatureStats, **extra) -> None:
+    """Atomically write mu, sigma (the paper's layout) plus extra keys such as num_images."""
+    dest_dir = os.path.dirname(dest_path) or '.'
+    os.makedirs(dest_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix='.tmp-', suffix='.npz')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            np.savez(f, mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images),
+                     **{k: np.asarray(v) for k, v in extra.items()})
+        os.replace(tmp, dest_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_reference(ref_path: str) -> dict:
+    """Load reference statistics (.npz path or URL) and check that mu and sigma fit together."""
+    try:
+        with dnnlib.util.open_url(ref_path, verbose=(dist.get_rank() == 0)) as f:
+            ref = dict(np.load(io.BytesIO(f.read()), allow_pickle=False))
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise click.ClickException(f'Could not load reference statistics from {ref_path}: {e}') from e
+    if 'mu' not in ref or 'sigma' not in ref:
+        raise click.ClickException(f'{ref_path} has keys {sorted(ref)}; reference statistics need "mu" and '
+                                   f'"sigma" (make them with `python fid.py ref`)')
+    mu, sigma = ref['mu'], ref['sigma']
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise click.ClickException(f'{ref_path}: mu {mu.shape} and sigma {sigma.shape} do not fit together')
+    return ref
+
+
+def _fid_against(stats: FeatureStats, ref: dict, ref_path: str) -> float:
+    if stats.mu.shape != ref['mu'].shape:
+        raise click.ClickException(f'The detector gives {stats.mu.shape[0]} features but {ref_path} has '
+                                   f'{ref["mu"].shape[0]}: the reference was made with another detector')
+    return calculate_fid_from_inception_stats(stats.mu, stats.sigma, ref['mu'], ref['sigma'])
+
+#----------------------------------------------------------------------------
+# Command line.
+
+
+def _start(workers: int) -> None:
+    if torch.cuda.is_available() and workers > 0:
+        try:  # CUDA in forked DataLoader workers is unsafe.
+            torch.multiprocessing.set_start_method('spawn')
+        except RuntimeError:
+            pass
+    dist.init()
+
+
+_detector_options = [
+    click.option('--detector', help='Feature detector: TorchScript file or pickle  [default: standard '
+                 'Inception-v3 URL]', metavar='PATH|URL', type=str, default=None),
+    click.option('--trust-pickle', help='Allow a --detector pickle to run its embedded code (trusted files only)',
+                 is_flag=True),
+]
+
+
+def detector_options(fn):
+    for option in reversed(_detector_options):
+        fn = option(fn)
+    return fn
+
+
+@click.group()
+def main():
+    """Calculate Frechet Inception Distance (FID).
+
+    \b
+    Examples:
+    # Reference statistics of a dataset
+    python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
+    \b
+    # FID of 50k generated images
+    torchrun --standalone --nproc_per_node=1 fid.py calc --images=fid-tmp \\
+        --ref=fid-refs/cifar10-32x32.npz
+    \b
+    # The paper's protocol: three disjoint 50k seed ranges, generated in memory, report the minimum
+    torchrun --standalone --nproc_per_node=8 fid.py net --network=network-snapshot.pkl \\
+        --ref=fid-refs/cifar10-32x32.npz --seeds=0-49999 --repeats=3
+    """
+
+
+@main.command()
+@click.option('--images', 'image_path', help='Path to the images', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--ref', 'ref_path', help='Dataset reference statistics ', metavar='NPZ|URL', type=str, required=True)
+@click.option('--num', 'num_expected', help='Number of images to use', metavar='INT', type=click.IntRange(min=2),
+              default=50000, show_default=True)
+@click.option('--seed', help='Random seed for selecting the images', metavar='INT', type=int, default=0,
+              show_default=True)
+@click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64,
+              show_default=True)
+@click.option('--workers', help='DataLoader worker processes per rank', metavar='INT', type=click.IntRange(min=0),
+              default=3, show_default=True)
+@detector_options
+def calc(image_path, ref_path, num_expected, seed, batch, workers, detector, trust_pickle):
+    """Calculate FID for a given set of images."""
+    _start(workers)
+    dist.print0(f'Loading dataset reference statistics from "{ref_path}"...')
+    ref = load_reference(ref_path) if dist.get_rank() == 0 else None
+    stats = _dataset_feature_stats(image_path, num_expected=num_expected, seed=seed, max_batch_size=batch,
+                                   num_workers=workers, detector=detector, trust_pickle=trust_pickle)
+    if dist.get_rank() == 0:
+        fid = _fid_against(stats, ref, ref_path)
+        print(f'FID of {stats.num_images} images from "{image_path}" against "{ref_path}":')
+        print(f'{fid:g}')  # Last line: the bare number, as the paper's script prints it.
+    dist.barrier()
+
+
+@main.command()
+@click.option('--data', 'dataset_path', help='Path to the dataset', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--dest', 'dest_path', help='Destination .npz file', metavar='NPZ', type=str, required=True)
+@click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64,
+              show_default=True)
+@click.option('--workers', help='DataLoader worker processes per rank', metavar='INT', type=click.IntRange(min=0),
+              default=3, show_default=True)
+@detector_options
+def ref(dataset_path, dest_path, batch, workers, detector, trust_pickle):
+    """Calculate dataset reference statistics needed by 'calc'."""
+    _start(workers)
+    stats = _dataset_feature_stats(dataset_path, max_batch_size=batch, num_workers=workers, detector=detector,
+                                   trust_pickle=trust_pickle)
+    if not dest_path.endswith('.npz'):
+        dest_path += '.npz'  # What np.savez(dest_path) did in the paper's code.
+    dist.print0(f'Saving dataset reference statistics of {stats.num_images} images to "{dest_path}"...')
+    if dist.get_rank() == 0:
+        save_reference(dest_path, stats, dataset_sha256=dataset_sha256(dataset_path),
+                       detector=(detector or DETECTOR_URL))
+    dist.barrier()
+
+
+def repeat_seeds(seeds: list[int], repeats: int) -> list[list[int]]:
+    """Disjoint seed sets for repeated FID: shift by the seed range's span (its length when contiguous)."""
+    span = max(seeds) - min(seeds) + 1
+    return [[s + span * k for s in seeds] for k in range(repeats)]
+
+
+def _format_seeds(seeds: list[int]) -> str:
+    if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f'{seeds[0]}-{seeds[-1]}'
+    return f'{len(seeds)} seeds from {min(seeds)} to {max(seeds)}'
+
+
+def _parse_seeds(s: str) -> list[int]:
+    values = []
+    for part in s.split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*-\s*(\d+)\s*', part) or re.fullmatch(r'\s*(\d+)\s*', part)
+        if m is None:
+            raise click.BadParameter(f'"{part}" is not an integer or a range like 0-49999', param_hint='--seeds')
+        lo, hi = int(m.group(1)), int(m.group(m.lastindex))
+        if hi < lo:
+            raise click.BadParameter(f'empty range "{part}"', param_hint='--seeds')
+        values.extend(range(lo, hi + 1))
+    if len(values) < 2 or len(set(values)) != len(values):
+        raise click.BadParameter('need at least 2 distinct seeds', param_hint='--seeds')
+    return values
+
+
+@main.command()
+@click.option('--network', 'network_pkl', help='Network pickle', metavar='PATH|URL', type=str, required=True)
+@click.option('--ref', 'ref_path', help='Dataset reference statistics', metavar='NPZ|URL', type=str, required=True)
+@click.option('--seeds', help='Seeds of the first repeat, e.g. 0-49999', metavar='LIST', type=str,
+              default='0-49999', show_default=True)
+@click.option('--repeats', help='Number of disjoint seed ranges', metavar='INT', type=click.IntRange(min=1),
+              default=3, show_default=True)
+@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT',
+              type=click.IntRange(min=0), default=None)
+@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1),
+              default=64, show_default=True)
+@click.option('--steps', 'num_steps', help='Number of sampling steps  [default: 18]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT',
+              type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT',
+              type=click.FloatRange(min=0, min_open=True))
+@click.option('--rho', help='Time step exponent  [default: 7]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--S_churn', 'S_churn', help='Stochasticity strength  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_min', 'S_min', help='Stoch. min noise level  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_max', 'S_max', help='Stoch. max noise level  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation  [default: 1]', metavar='FLOAT', type=float)
+@click.option('--solver', help='Ablate ODE solver', metavar='euler|heun', type=click.Choice(['euler', 'heun']))
+@click.option('--disc', 'discretization', help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm',
+              type=click.Choice(['vp', 've', 'iddpm', 'edm']))
+@click.option('--schedule', help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear',
+              type=click.Choice(['vp', 've', 'linear']))
+@click.option('--scaling', help='Ablate signal scaling s(t)', metavar='vp|none', type=click.Choice(['vp', 'none']))
+@detector_options
+def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detector, trust_pickle,
+        **sampler_kwargs):
+    """FID of a network on --repeats disjoint seed ranges, images generated in memory; reports the minimum."""
+    import generate  # Imported here so that calc/ref work without the sampling code.
+    from torch_utils import persistence
+    seeds = _parse_seeds(seeds)
+    sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    _start(0)
+    device = dist.default_device()
+    ref = load_reference(ref_path) if dist.get_rank() == 0 else None
+
+    if dist.get_rank() != 0:
+        dist.barrier()  # Rank 0 downloads first.
+    detector_net = load_detector(detector, device=device, trust_pickle=trust_pickle,
+                                 verbose=(dist.get_rank() == 0))
+    dist.print0(f'Loading network from "{network_pkl}"...')
+    if hasattr(generate, 'load_net'):  # generate.py's loader: URLs via the cache, one-line errors.
+        network = generate.load_net(network_pkl, device=device, verbose=(dist.get_rank() == 0))
+    else:
+        try:
+            network = persistence.load_network(network_pkl, device=device)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f'Could not load network {network_pkl}: {e}') from e
+    if dist.get_rank() == 0:
+        dist.barrier()
+
+    fids = []
+    for k, rep_seeds in enumerate(repeat_seeds(seeds, repeats)):
+        batches = (images.permute(0, 3, 1, 2) for _batch_seeds, images in
+                   generate.generate_images(network, rep_seeds, max_batch_size=max_batch_size,
+                                            class_idx=class_idx, device=device, **sampler_kwargs))
+        stats = compute_feature_stats(detector_net, batches, len(rep_seeds), device=device,
+                                      desc=f'repeat {k + 1}/{repeats}', source=network_pkl)
+        if dist.get_rank() == 0:
+            fids.append(_fid_against(stats, ref, ref_path))
+            print(f'repeat {k + 1}/{repeats}: seeds {_format_seeds(rep_seeds)}: FID {fids[-1]:g} '
+                  f'({stats.num_images} images)')
+    if dist.get_rank() == 0:
+        print(f'FID of {network_pkl} against "{ref_path}": '
+              f'{", ".join(f"{x:g}" for x in fids)}; minimum of {repeats}:')
+        print(f'{min(fids):g}')
+    dist.barrier()
+
+
+if __name__ == '__main__':
+    main()

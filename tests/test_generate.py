@@ -1,0 +1,311 @@
+"""generate.py as a library and a CLI: per-rank seed shares, files written, grids, error handling,
+torchrun equivalence and network URLs through the download cache."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate
+from torch_utils import distributed as dist
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from test_samplers import GaussianDenoiser  # noqa: E402  (the analytic test denoiser)
+
+# ----------------------------------------------------------------------------
+# Tiny real networks, saved through the persistence API.
+
+
+def make_tiny_net(img_channels=3, label_dim=4, seed=0):
+    networks = pytest.importorskip('training.networks')
+    torch.manual_seed(seed)
+    net = networks.EDMPrecond(img_resolution=8, img_channels=img_channels, label_dim=label_dim,
+                              model_type='SongUNet', model_channels=8, channel_mult=[1, 1], num_blocks=1,
+                              attn_resolutions=[], dropout=0)
+    # Fresh SongUNets output ~0 (last layers scaled by 1e-5), which would give flat grey images;
+    # re-draw every parameter so the images carry real per-seed structure.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return net.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope='module')
+def tiny_pkl(tmp_path_factory):
+    persistence = pytest.importorskip('torch_utils.persistence')
+    path = tmp_path_factory.mktemp('nets') / 'tiny-cond.pkl'
+    persistence.save_network_pkl({'ema': make_tiny_net()}, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def tiny_gray_pkl(tmp_path_factory):
+    persistence = pytest.importorskip('torch_utils.persistence')
+    path = tmp_path_factory.mktemp('nets') / 'tiny-gray.pkl'
+    persistence.save_network_pkl({'ema': make_tiny_net(img_channels=1, label_dim=0, seed=1)}, path)
+    return path
+
+
+def run_cli(args, env=None):
+    """In-process CLI run (fast): returns click's Result."""
+    return CliRunner().invoke(generate.main, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def read_pngs(folder):
+    return {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).rglob('*.png'))}
+
+
+# ----------------------------------------------------------------------------
+# generate_images (library API).
+
+
+def test_generate_images_batches_and_protocol():
+    net = GaussianDenoiser(mu=torch.zeros([]), std=0.5, img_resolution=4)
+    seeds = list(range(10, 17))
+    got = list(generate.generate_images(net, seeds, max_batch_size=3, num_steps=4))
+    assert [s for batch, _ in got for s in batch] == seeds
+    assert all(len(batch) <= 3 for batch, _ in got)
+    for batch, images in got:
+        assert images.dtype == torch.uint8 and images.shape == (len(batch), 4, 4, 3)
+        rnd = generate.StackedRandomGenerator('cpu', batch)
+        latents = rnd.randn([len(batch), 3, 4, 4])
+        ref = generate.images_to_uint8(generate.edm_sampler(net, latents, randn_like=rnd.randn_like, num_steps=4))
+        assert torch.equal(images, ref)
+    # Each image depends only on its seed, not on the batching.
+    one_batch = torch.cat([img for _, img in generate.generate_images(net, seeds, max_batch_size=64, num_steps=4)])
+    assert torch.equal(one_batch, torch.cat([img for _, img in got]))
+
+
+def test_generate_images_selects_sampler_and_ignores_none():
+    net = GaussianDenoiser(mu=torch.zeros([]), std=0.5, img_resolution=2)
+    list(generate.generate_images(net, [0], num_steps=5, solver=None, sigma_min=None))
+    assert net.nfe == 2 * 5 - 1  # edm_sampler (Heun)
+    net = GaussianDenoiser(mu=torch.zeros([]), std=0.5, img_resolution=2)
+    list(generate.generate_images(net, [0], num_steps=5, solver='euler'))
+    assert net.nfe == 5  # ablation_sampler (Euler)
+    with pytest.raises(TypeError):
+        list(generate.generate_images(net, [0], num_step=5))
+
+
+def test_generate_images_class_labels():
+    seen = []
+
+    class Recorder(GaussianDenoiser):
+        def forward(self, x, sigma, class_labels=None, **kwargs):
+            seen.append(class_labels)
+            return super().forward(x, sigma)
+
+    net = Recorder(mu=torch.zeros([]), std=0.5, img_resolution=2, label_dim=5)
+    list(generate.generate_images(net, [0, 1, 2], num_steps=1, class_idx=3))
+    assert torch.equal(seen[-1], torch.eye(5)[[3, 3, 3]])
+    list(generate.generate_images(net, [0, 1, 2], num_steps=1))  # random labels follow the seeds
+    rnd = generate.StackedRandomGenerator('cpu', [0, 1, 2])
+    rnd.randn([3, 3, 2, 2])
+    assert torch.equal(seen[-1], torch.eye(5)[rnd.randint(5, size=[3])])
+    for bad in (5, -1):
+        with pytest.raises(ValueError, match='out of range'):
+            list(generate.generate_images(net, [0], class_idx=bad))
+
+
+@pytest.mark.parametrize('world_size,max_batch', [(2, 2), (3, 4), (4, 64)])
+def test_generate_images_rank_shares(monkeypatch, world_size, max_batch):
+    """Simulated ranks: shares are disjoint, cover every seed, and give the same images as one process."""
+    net = GaussianDenoiser(mu=torch.zeros([]), std=0.5, img_resolution=2)
+    seeds = list(range(11))
+    single = {s: img for batch, imgs in generate.generate_images(net, seeds, max_batch, num_steps=3)
+              for s, img in zip(batch, imgs)}
+    monkeypatch.setattr(dist, 'get_world_size', lambda: world_size)
+    union = {}
+    for rank in range(world_size):
+        monkeypatch.setattr(dist, 'get_rank', lambda rank=rank: rank)
+        for batch, imgs in generate.generate_images(net, seeds, max_batch, num_steps=3):
+            for s, img in zip(batch, imgs):
+                assert s not in union
+                union[s] = img
+    assert sorted(union) == seeds
+    assert all(torch.equal(union[s], single[s]) for s in seeds)
+
+
+@pytest.mark.parametrize('name', ['sampler_edm_stoch', 'sampler_abl_edm_heun_stoch'])  # mostly unclipped pixels
+def test_generate_images_reproduces_golden(golden_dir, name):
+    """The library path draws latents, labels and churn noise in the golden protocol's order."""
+    from test_samplers import _load_golden_net
+    ref = torch.load(golden_dir / f'{name}.pt', weights_only=True)
+    net = _load_golden_net(golden_dir, ref['net'])
+    (batch, images), = generate.generate_images(net, ref['seeds'], max_batch_size=64, **ref['kwargs'])
+    assert batch == ref['seeds']
+    expected = generate.images_to_uint8(ref['output'])
+    diff = (images.int() - expected.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01  # only float noise at truncation boundaries
+
+
+# ----------------------------------------------------------------------------
+# CLI: outputs.
+
+
+def test_cli_writes_pngs_and_grid(tmp_path, tiny_pkl):
+    out = tmp_path / 'out'
+    res = run_cli(['--network', tiny_pkl, '--outdir', out, '--seeds', '0-4', '--batch', 2, '--steps', 3, '--grid'])
+    assert res.exit_code == 0, res.output
+    assert sorted(os.listdir(out)) == [f'{s:06d}.png' for s in range(5)] + ['grid.png']  # no temp files left
+    imgs = [np.array(PIL.Image.open(out / f'{s:06d}.png')) for s in range(5)]
+    assert all(i.shape == (8, 8, 3) and i.dtype == np.uint8 for i in imgs)
+    assert np.std(np.stack(imgs).astype(float)) > 5  # real content, not a flat image
+    assert not np.array_equal(imgs[0], imgs[1])
+    # The files hold exactly what the library API yields.
+    from torch_utils import persistence
+    net = persistence.load_network(str(tiny_pkl))
+    lib = {s: img.numpy() for b, im in generate.generate_images(net, range(5), 2, num_steps=3) for s, img in zip(b, im)}
+    assert all(np.array_equal(imgs[s], lib[s]) for s in range(5))
+    grid = np.array(PIL.Image.open(out / 'grid.png'))
+    assert grid.shape == (2 * 8, 3 * 8, 3)  # 5 images -> 3 columns x 2 rows, row-major
+    assert np.array_equal(grid[8:16, 0:8], imgs[3]) and not grid[8:16, 16:24].any()
+
+
+def test_cli_grayscale_subdirs_class_and_ablation(tmp_path, tiny_gray_pkl, tiny_pkl):
+    out = tmp_path / 'gray'
+    res = run_cli(['--network', tiny_gray_pkl, '--outdir', out, '--seeds', '998-1001', '--subdirs', '--steps', 2,
+                   '--grid', tmp_path / 'g.png'])
+    assert res.exit_code == 0, res.output
+    assert sorted(str(p.relative_to(out)) for p in out.rglob('*.png')) == [
+        '000000/000998.png', '000000/000999.png', '001000/001000.png', '001000/001001.png']
+    assert PIL.Image.open(out / '001000' / '001001.png').mode == 'L'
+    assert np.array(PIL.Image.open(tmp_path / 'g.png')).shape == (16, 16)
+    out = tmp_path / 'abl'
+    res = run_cli(['--network', tiny_pkl, '--outdir', out, '--seeds', '3', '--class', 2, '--steps', 4,
+                   '--solver', 'euler', '--disc', 'vp', '--schedule', 'vp', '--scaling', 'vp', '--S_churn', 5])
+    assert res.exit_code == 0, res.output
+    assert (out / '000003.png').is_file()
+
+
+# ----------------------------------------------------------------------------
+# CLI: bad input -> one-line error, nothing written.
+
+
+@pytest.mark.parametrize('args,needle', [
+    (['--solver', 'rk4'], "'rk4' is not one of"),
+    (['--disc', 'cosine'], "'cosine' is not one of"),
+    (['--schedule', 'exp'], "'exp' is not one of"),
+    (['--scaling', 've'], "'ve' is not one of"),
+    (['--steps', '0'], '--steps'),
+    (['--seeds', '1,x'], "'x'"),
+    (['--seeds', '9-3'], 'empty'),
+    (['--sigma_min', '5', '--sigma_max', '1'], 'smaller'),
+])
+def test_cli_rejects_bad_options(tmp_path, args, needle):
+    out = tmp_path / 'out'
+    res = run_cli(['--network', tmp_path / 'missing.pkl', '--outdir', out] + args)
+    assert res.exit_code == 2
+    errors = [line for line in res.output.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and needle in errors[0], res.output
+    assert not out.exists()
+
+
+def _not_networks(tmp_path):
+    text = tmp_path / 'notes.txt'
+    text.write_text('hello')
+    empty = tmp_path / 'empty.pkl'
+    empty.write_bytes(b'')
+    junk = tmp_path / 'junk.pkl'
+    junk.write_bytes(b'\x80\x04' + os.urandom(64))
+    import pickle
+    no_ema = tmp_path / 'no-ema.pkl'
+    no_ema.write_bytes(pickle.dumps({'dataset_kwargs': {}}))
+    return [text, empty, junk, no_ema, tmp_path / 'missing.pkl', tmp_path]
+
+
+def test_cli_rejects_non_networks(tmp_path):
+    for bad in _not_networks(tmp_path):
+        out = tmp_path / 'out'
+        res = run_cli(['--network', bad, '--outdir', out])
+        assert res.exit_code == 1, (bad, res.output)
+        errors = [line for line in res.output.splitlines() if line.startswith('Error')]
+        assert len(errors) == 1 and '--network' in errors[0], (bad, res.output)
+        assert not out.exists()
+
+
+def test_cli_rejects_class_out_of_range(tmp_path, tiny_pkl, tiny_gray_pkl):
+    for pkl, cls, needle in ((tiny_pkl, 4, '4 classes'), (tiny_gray_pkl, 0, 'no class labels')):
+        out = tmp_path / 'out'
+        res = run_cli(['--network', pkl, '--outdir', out, '--class', cls])
+        assert res.exit_code == 2 and needle in res.output, res.output
+        assert not out.exists()
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path, subprocess_env, repo_root):
+    """As a real process: exit code 1, a single 'Error:' line on stderr, no traceback, no outdir."""
+    bad = tmp_path / 'junk.pkl'
+    bad.write_bytes(b'\x80\x04' + os.urandom(64))
+    out = tmp_path / 'out'
+    proc = subprocess.run([sys.executable, str(repo_root / 'generate.py'), '--network', str(bad), '--outdir', str(out)],
+                          env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert 'Traceback' not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [proc.stderr.strip()]
+    assert proc.stderr.startswith('Error: --network') and not out.exists()
+
+
+# ----------------------------------------------------------------------------
+# Network URLs: through dnnlib.util.open_url and its cache, served by a local HTTP server.
+
+
+def test_cli_network_url_uses_download_cache(tmp_path, tiny_pkl):
+    served = tmp_path / 'www'
+    served.mkdir()
+    (served / 'net.pkl').write_bytes(pathlib.Path(tiny_pkl).read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f'http://127.0.0.1:{server.server_address[1]}/net.pkl'
+    env = {'EDM_CACHE_DIR': str(tmp_path / 'cache')}
+    try:
+        res = run_cli(['--network', url, '--outdir', tmp_path / 'a', '--seeds', '0-1', '--steps', 2], env=env)
+        assert res.exit_code == 0, res.output
+        # A URL the server does not have (HTTP 404) fails at once with one line and writes nothing.
+        res = run_cli(['--network', url.replace('net.pkl', 'other.pkl'), '--outdir', tmp_path / 'c'], env=env)
+        assert res.exit_code == 1 and 'cannot fetch' in res.output and not (tmp_path / 'c').exists(), res.output
+    finally:
+        server.shutdown()
+        server.server_close()
+    cached = list((tmp_path / 'cache').rglob('*net.pkl'))
+    assert len(cached) == 1 and cached[0].read_bytes() == (served / 'net.pkl').read_bytes()
+    # Server gone: the second run is served from the cache and gives the same images.
+    res = run_cli(['--network', url, '--outdir', tmp_path / 'b', '--seeds', '0-1', '--steps', 2], env=env)
+    assert res.exit_code == 0, res.output
+    assert read_pngs(tmp_path / 'a') == read_pngs(tmp_path / 'b')
+
+
+# ----------------------------------------------------------------------------
+# torchrun: two processes produce byte-identical files to one.
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_single_process(tmp_path, tiny_pkl, subprocess_env, repo_root):
+    # 8 seeds in batches of 2: the same batch composition for 1 and 2 processes, so even the float32
+    # network arithmetic is identical and the PNG bytes must match exactly.
+    common = ['--network', str(tiny_pkl), '--seeds', '0-7', '--batch', '2', '--steps', '3', '--S_churn', '10']
+    single = subprocess.run([sys.executable, str(repo_root / 'generate.py'), '--outdir', str(tmp_path / 'one')] + common,
+                            env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    multi = subprocess.run(torchrun + [str(repo_root / 'generate.py'), '--outdir', str(tmp_path / 'two')] + common,
+                           env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert multi.returncode == 0, multi.stderr
+    one, two = read_pngs(tmp_path / 'one'), read_pngs(tmp_path / 'two')
+    assert sorted(one) == [f'{s:06d}.png' for s in range(8)]
+    assert one == two
+    assert 'with 2 process(es)' in multi.stdout

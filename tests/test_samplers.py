@@ -1,0 +1,366 @@
+"""Sampler math: the paper's goldens, convergence order on an exactly solvable problem, step schedules,
+NFE counts, edge cases, and the per-seed random-number protocol."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import generate
+
+# ----------------------------------------------------------------------------
+# An exactly solvable problem: data ~ N(mu, std^2) per pixel. The ideal denoiser is
+#   D(x; sigma) = mu + std^2/(std^2 + sigma^2) (x - mu),
+# and the probability-flow ODE dx/dsigma = (x - D)/sigma = (x - mu) sigma/(std^2 + sigma^2) gives
+#   x(sigma) - mu = (x(sigma_0) - mu) sqrt((std^2 + sigma^2)/(std^2 + sigma_0^2)).
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """Duck-types an EDM preconditioned network; counts network evaluations (NFE) and records sigmas."""
+
+    def __init__(self, mu, std, sigma_min=0.0, sigma_max=float('inf'), img_channels=3, img_resolution=4,
+                 label_dim=0, round_to=None):
+        super().__init__()
+        self.mu, self.std = mu, std
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.img_channels, self.img_resolution, self.label_dim = img_channels, img_resolution, label_dim
+        self.round_to = round_to
+        self.nfe, self.sigmas = 0, []
+
+    def round_sigma(self, sigma):
+        sigma = torch.as_tensor(sigma)
+        return sigma if self.round_to is None else (sigma / self.round_to).round() * self.round_to
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        self.nfe += 1
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        self.sigmas.append(float(sigma))
+        return self.mu + self.std ** 2 / (self.std ** 2 + sigma ** 2) * (x.to(torch.float64) - self.mu)
+
+
+def exact_solution(mu, std, z, sigma_0, sigma=0.0):
+    """x(sigma) for the ODE started at x(sigma_0) = sigma_0 z (s=1, so latents scale by sigma_0)."""
+    return mu + (sigma_0 * z - mu) * math.sqrt((std ** 2 + sigma ** 2) / (std ** 2 + sigma_0 ** 2))
+
+
+def expected_output(mu, std, z, sigmas, last_step_is_denoiser):
+    """What a sampler with noise levels `sigmas` (then 0) converges to as N grows. With sigma(t)=t, s=1 the
+    last (Euler) step lands exactly on D(x; sigma_{N-1}), so we reference the exact ODE state at
+    sigma_{N-1} pushed through D, which removes the O(sigma_min^2) floor of that step from the error."""
+    sigma_0, sigma_last = float(sigmas[0]), float(sigmas[-1])
+    if not last_step_is_denoiser:
+        return exact_solution(mu, std, z, sigma_0)
+    x = exact_solution(mu, std, z, sigma_0, sigma_last)
+    return mu + std ** 2 / (std ** 2 + sigma_last ** 2) * (x - mu)
+
+
+@pytest.fixture
+def problem():
+    g = torch.Generator().manual_seed(0)
+    mu = 0.3 * torch.randn([1, 3, 4, 4], generator=g, dtype=torch.float64)
+    z = torch.randn([2, 3, 4, 4], generator=g, dtype=torch.float64)
+    return mu, 0.5, z
+
+
+def first_sigma(discretization, num_steps, epsilon_s=1e-3):
+    lo, hi = generate.default_sigma_range(discretization, epsilon_s)
+    return float(generate.ablation_sigma_steps(discretization, num_steps, lo, hi)[0])
+
+
+def rel_error(out, ref):
+    return float((out - ref).norm() / ref.norm())
+
+
+def convergence_ratios(mu, std, z, steps, **kwargs):
+    """Error ratios err(N)/err(2N) of ablation_sampler on the Gaussian problem."""
+    errors = []
+    for n in steps:
+        disc = kwargs.get('discretization', 'edm')
+        eps = kwargs.get('epsilon_s', 1e-3)
+        lo, hi = generate.default_sigma_range(disc, eps)
+        lo = kwargs.get('sigma_min', lo)
+        sigmas = generate.ablation_sigma_steps(disc, n, lo, hi, epsilon_s=eps)
+        linear = kwargs.get('schedule', 'linear') == 'linear' and kwargs.get('scaling', 'none') == 'none'
+        out = generate.ablation_sampler(GaussianDenoiser(mu, std), z, num_steps=n, **kwargs)
+        errors.append(rel_error(out, expected_output(mu, std, z, sigmas, linear)))
+    return errors, [a / b for a, b in zip(errors, errors[1:])]
+
+
+# For vp/ve schedules the last step is not exactly D, so push sigma_min down until its error is negligible.
+ABLATION_CONFIGS = [
+    dict(discretization='edm', schedule='linear', scaling='none'),
+    dict(discretization='vp', schedule='vp', scaling='vp', epsilon_s=1e-5),
+    dict(discretization='ve', schedule='ve', scaling='none', sigma_min=1e-4),
+    dict(discretization='iddpm', schedule='linear', scaling='none'),
+    dict(discretization='edm', schedule='vp', scaling='vp', sigma_min=1e-4),
+]
+
+
+def test_edm_sampler_heun_is_second_order(problem):
+    mu, std, z = problem
+    errors = []
+    for n in (16, 32, 64):
+        out = generate.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=n)
+        errors.append(rel_error(out, expected_output(mu, std, z, generate.edm_sigma_steps(n), True)))
+    ratios = [a / b for a, b in zip(errors, errors[1:])]
+    assert errors[-1] < 1e-2
+    assert all(3.2 < r < 5.5 for r in ratios), (errors, ratios)  # 2nd order: error / 4 per doubling
+
+
+@pytest.mark.parametrize('cfg', ABLATION_CONFIGS, ids=lambda c: f"{c['discretization']}-{c['schedule']}")
+@pytest.mark.parametrize('solver,band', [('heun', (3.2, 5.5)), ('euler', (1.6, 2.5))])
+def test_ablation_sampler_convergence_order(problem, cfg, solver, band):
+    """Every discretisation/schedule/scaling integrates the same ODE, so each must converge to the same
+    closed-form answer, at 2nd order for Heun and 1st order for Euler."""
+    mu, std, z = problem
+    steps = (64, 128, 256) if cfg['discretization'] == 've' else (32, 64, 128)  # VE's geometric steps need more
+    errors, ratios = convergence_ratios(mu, std, z, steps, solver=solver, **cfg)
+    assert all(band[0] < r < band[1] for r in ratios), (errors, ratios)
+
+
+def test_ablation_matches_edm_sampler_for_edm_settings(problem):
+    mu, std, z = problem
+    for kwargs in (dict(), dict(S_churn=20, S_min=0.1, S_max=20, S_noise=1.01)):
+        g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        a = generate.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=7,
+                                 randn_like=lambda x: torch.randn(x.shape, generator=g1, dtype=x.dtype), **kwargs)
+        b = generate.ablation_sampler(GaussianDenoiser(mu, std), z, num_steps=7,
+                                      randn_like=lambda x: torch.randn(x.shape, generator=g2, dtype=x.dtype), **kwargs)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_heun_alpha_generalisation_is_second_order(problem):
+    mu, std, z = problem
+    errors, ratios = convergence_ratios(mu, std, z, (32, 64, 128), solver='heun', alpha=0.75)
+    assert all(3.2 < r < 5.5 for r in ratios), (errors, ratios)
+    # alpha=1/2 (explicit midpoint) is at least 2nd order; on this problem its leading error term cancels.
+    errors, ratios = convergence_ratios(mu, std, z, (32, 64, 128), solver='heun', alpha=0.5)
+    assert all(r > 3.2 for r in ratios), (errors, ratios)
+
+
+# ----------------------------------------------------------------------------
+# Edge cases and NFE.
+
+
+def test_single_step_is_one_euler_step_to_the_denoised_image(problem):
+    mu, std, z = problem
+    net = GaussianDenoiser(mu, std)
+    out = generate.edm_sampler(net, z, num_steps=1)
+    expected = net(80.0 * z, torch.tensor(80.0, dtype=torch.float64))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for disc in ('vp', 've', 'iddpm', 'edm'):
+        for solver in ('euler', 'heun'):
+            net = GaussianDenoiser(mu, std)
+            out = generate.ablation_sampler(net, z, num_steps=1, solver=solver, discretization=disc)
+            assert torch.isfinite(out).all() and net.nfe == 1, (disc, solver)
+            assert net.sigmas == [pytest.approx(first_sigma(disc, 1))]
+
+
+@pytest.mark.parametrize('n', [1, 2, 5, 18])
+def test_nfe(problem, n):
+    mu, std, z = problem
+    net = GaussianDenoiser(mu, std)
+    generate.edm_sampler(net, z, num_steps=n)
+    assert net.nfe == 2 * n - 1
+    net = GaussianDenoiser(mu, std)
+    generate.ablation_sampler(net, z, num_steps=n, solver='heun')
+    assert net.nfe == 2 * n - 1
+    net = GaussianDenoiser(mu, std)
+    generate.ablation_sampler(net, z, num_steps=n, solver='euler')
+    assert net.nfe == n
+
+
+def test_edm_sampler_uses_clamped_and_rounded_sigmas(problem):
+    mu, std, z = problem
+    net = GaussianDenoiser(mu, std, sigma_min=0.05, sigma_max=10.0, round_to=0.01)
+    out = generate.edm_sampler(net, z, num_steps=6)
+    assert out.dtype == torch.float64
+    expected = net.round_sigma(generate.edm_sigma_steps(6, 0.05, 10.0, 7)).tolist()
+    assert net.sigmas[0] == pytest.approx(10.0) and min(net.sigmas) == pytest.approx(0.05)
+    assert sorted(set(round(s, 9) for s in net.sigmas), reverse=True) == pytest.approx(expected)
+
+
+def test_stochastic_sampling_noise_protocol(problem):
+    """Churn draws noise on every step (also where gamma=0), in float64 like the state; S_churn=0 draws none."""
+    mu, std, z = problem
+    calls = []
+
+    def randn_like(x):
+        calls.append(x.dtype)
+        return torch.ones_like(x)
+
+    det = generate.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=6, randn_like=randn_like)
+    assert calls == []
+    sto = generate.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=6, randn_like=randn_like,
+                               S_churn=10, S_min=0.5, S_max=5)
+    assert calls == [torch.float64] * 6
+    assert not torch.allclose(det, sto)
+    net = GaussianDenoiser(mu, std)
+    generate.edm_sampler(net, z, num_steps=6, randn_like=randn_like, S_churn=10, S_min=0.5, S_max=5)
+    steps = generate.edm_sigma_steps(6).tolist()
+    gamma = min(10 / 6, math.sqrt(2) - 1)
+    # Euler evaluations happen at t_hat = t_i (1 + gamma_i); only steps inside [S_min, S_max] are raised.
+    euler_sigmas = net.sigmas[0::2]
+    for t, seen in zip(steps, euler_sigmas):
+        assert seen == pytest.approx(t * (1 + gamma) if 0.5 <= t <= 5 else t)
+
+
+def test_churn_gamma():
+    assert generate.churn_gamma(1.0, 10, 40, 0.05, 50) == pytest.approx(math.sqrt(2) - 1)  # capped
+    assert generate.churn_gamma(1.0, 10, 2, 0.05, 50) == pytest.approx(0.2)
+    assert generate.churn_gamma(60.0, 10, 40, 0.05, 50) == 0
+    assert generate.churn_gamma(0.01, 10, 40, 0.05, 50) == 0
+
+
+def test_bad_sampler_options_raise(problem):
+    mu, std, z = problem
+    for bad in (dict(solver='rk4'), dict(discretization='cosine'), dict(schedule='exp'), dict(scaling='ve')):
+        with pytest.raises(ValueError):
+            generate.ablation_sampler(GaussianDenoiser(mu, std), z, **bad)
+    with pytest.raises(ValueError):
+        generate.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=0)
+
+
+# ----------------------------------------------------------------------------
+# Step schedules (Table 1) as pure functions.
+
+
+def test_edm_sigma_steps():
+    s = generate.edm_sigma_steps(18, 0.002, 80, 7)
+    assert s.dtype == torch.float64 and len(s) == 18
+    assert float(s[0]) == pytest.approx(80) and float(s[-1]) == pytest.approx(0.002)
+    assert bool((s[1:] < s[:-1]).all())
+    # Uniform in sigma^(1/rho).
+    d = np.diff(s.numpy() ** (1 / 7))
+    assert np.allclose(d, d[0])
+    assert generate.edm_sigma_steps(1, 0.002, 80, 7).tolist() == [pytest.approx(80)]
+
+
+def test_vp_schedule_functions():
+    t = torch.linspace(1e-3, 1, 50, dtype=torch.float64)
+    beta_d, beta_min = generate.vp_betas(float(generate.vp_sigma(1e-3)), float(generate.vp_sigma(1)), 1e-3)
+    assert beta_d == pytest.approx(19.9) and beta_min == pytest.approx(0.1)
+    sigma = generate.vp_sigma(t)
+    torch.testing.assert_close(generate.vp_sigma_inv(sigma), t)
+    h = 1e-6
+    fd = (generate.vp_sigma(t + h) - generate.vp_sigma(t - h)) / (2 * h)
+    torch.testing.assert_close(generate.vp_sigma_deriv(t), fd, rtol=1e-6, atol=1e-6)
+    bd, bm = generate.vp_betas(0.01, 50.0, 1e-3)
+    assert float(generate.vp_sigma(1e-3, bd, bm)) == pytest.approx(0.01)
+    assert float(generate.vp_sigma(1.0, bd, bm)) == pytest.approx(50.0)
+    steps = generate.vp_time_steps(5, 1e-3)
+    assert steps.tolist() == pytest.approx([1, 0.75025, 0.5005, 0.25075, 1e-3])
+
+
+def test_ve_and_iddpm_steps():
+    s = generate.ve_sigma_steps(10, 0.02, 100)
+    assert float(s[0]) == pytest.approx(100) and float(s[-1]) == pytest.approx(0.02)
+    assert np.allclose(np.diff(np.log(s.numpy())), np.log(0.02 / 100) / 9)  # geometric
+    u = generate.iddpm_u()
+    assert len(u) == 1001 and float(u[-1]) == 0 and bool((u[1:] < u[:-1]).all())
+    # The paper's j_0 = 8 follows from sigma_max = 81: u_8 = 80.2 is the first level below it.
+    assert float(u[8]) == pytest.approx(80.2037, abs=1e-3) and float(u[7]) > 81
+    steps = generate.iddpm_sigma_steps(12, 0.002, 81)
+    assert float(steps[0]) == float(u[8]) and float(steps[-1]) == float(u[999])
+    assert all(any(abs(float(x) - float(v)) < 1e-12 for v in u) for x in steps)  # every step is a u_j
+
+
+# ----------------------------------------------------------------------------
+# Random numbers and seeds.
+
+
+def test_stacked_random_generator_protocol():
+    seeds = [0, 7, 2 ** 32 + 7, 123456]
+    rnd = generate.StackedRandomGenerator('cpu', seeds)
+    x = rnd.randn([4, 3, 2, 2])
+    for k, seed in enumerate(seeds):
+        ref = torch.randn([3, 2, 2], generator=torch.Generator().manual_seed(seed % 2 ** 32))
+        assert torch.equal(x[k], ref)
+    assert torch.equal(x[1], x[2])  # seeds are taken modulo 2**32
+    # A sample depends only on its own seed, not on the batch it is in.
+    alone = generate.StackedRandomGenerator('cpu', [123456]).randn([1, 3, 2, 2])
+    assert torch.equal(alone[0], x[3])
+    y = rnd.randn_like(torch.zeros([4, 5], dtype=torch.float64))
+    assert y.dtype == torch.float64 and y.shape == (4, 5)
+    labels = rnd.randint(10, size=[4])
+    assert labels.shape == (4,) and labels.dtype == torch.int64 and bool(((labels >= 0) & (labels < 10)).all())
+    with pytest.raises(ValueError):
+        rnd.randn([3, 2])
+
+
+def test_parse_int_list():
+    assert generate.parse_int_list('1,2,5-10') == [1, 2, 5, 6, 7, 8, 9, 10]
+    assert generate.parse_int_list('0-63') == list(range(64))
+    assert generate.parse_int_list('7') == [7]
+    assert generate.parse_int_list([3, 4]) == [3, 4]
+    for bad in ('a', '1,,2', '5-2', '1-2-3', '1.5', ''):
+        with pytest.raises(ValueError):
+            generate.parse_int_list(bad)
+
+
+@pytest.mark.parametrize('num_seeds,batch,world', [(64, 64, 1), (100, 16, 2), (5, 4, 3), (1, 64, 4), (65, 64, 2),
+                                                   (0, 8, 2)])
+def test_seed_batches_partition(num_seeds, batch, world):
+    seeds = list(range(1000, 1000 + num_seeds))
+    batches = generate.seed_batches(seeds, batch, world)
+    assert len(batches) % world == 0
+    assert all(len(b) <= batch for b in batches)
+    shares = [np.concatenate(batches[r::world]) for r in range(world)]
+    assert sorted(np.concatenate(shares).tolist()) == seeds  # every seed exactly once
+    if 0 < num_seeds <= batch * world:
+        assert len(batches) == world  # one round is enough
+    # Same number of batches on every rank (ranks stay in step).
+    assert len({len(batches[r::world]) for r in range(world)}) == 1
+
+
+def test_seed_batches_follow_the_paper_split():
+    # num_batches = ((100-1)//(16*2)+1)*2 = 8, np.array_split: sizes 13,13,13,13,12,12,12,12.
+    batches = generate.seed_batches(list(range(100)), 16, 2)
+    assert [len(b) for b in batches] == [13] * 4 + [12] * 4
+    assert batches[1].tolist() == list(range(13, 26))
+    assert [len(b) for b in generate.seed_batches(list(range(5)), 4, 3)] == [2, 2, 1]
+
+
+# ----------------------------------------------------------------------------
+# Goldens: the reference implementation's outputs on small random networks.
+
+
+def _load_golden_net(golden_dir, name):
+    networks = pytest.importorskip('training.networks', reason='training/networks.py not available')
+    ref = torch.load(golden_dir / f'net_{name}.pt', weights_only=True)
+    net = getattr(networks, ref['precond'])(**ref['kwargs'])
+    net.load_state_dict(ref['state_dict'], strict=True)
+    return net.eval().requires_grad_(False)
+
+
+GOLDEN_SAMPLERS = ['sampler_edm_det18', 'sampler_edm_stoch', 'sampler_abl_edm_heun_stoch',
+                   'sampler_abl_edm_heun_vpnet', 'sampler_abl_iddpm_euler', 'sampler_abl_ve_euler',
+                   'sampler_abl_vp_euler']
+
+
+def test_all_sampler_goldens_are_covered(golden_dir):
+    assert sorted(p.stem for p in golden_dir.glob('sampler_*.pt')) == sorted(GOLDEN_SAMPLERS)
+
+
+@pytest.mark.parametrize('name', GOLDEN_SAMPLERS)
+def test_sampler_golden(golden_dir, name):
+    ref = torch.load(golden_dir / f'{name}.pt', weights_only=True)
+    net = _load_golden_net(golden_dir, ref['net'])
+    seeds = ref['seeds']
+    rnd = generate.StackedRandomGenerator('cpu', seeds)
+    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
+    class_labels = torch.eye(net.label_dim)[rnd.randint(net.label_dim, size=[len(seeds)])] if net.label_dim else None
+    assert torch.equal(latents, ref['latents'])
+    if ref['class_labels'] is None:
+        assert class_labels is None
+    else:
+        assert torch.equal(class_labels, ref['class_labels'])
+    with torch.no_grad():
+        out = getattr(generate, ref['sampler'])(net, latents, class_labels, randn_like=rnd.randn_like, **ref['kwargs'])
+    assert out.dtype == torch.float64 and out.shape == ref['output'].shape
+    err = rel_error(out, ref['output'].to(torch.float64))
+    assert err <= 1e-4, f'{name}: relative error {err:.2e}'

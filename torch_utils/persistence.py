@@ -1,0 +1,494 @@
+"""Pickle support for network objects, and safe checkpoint loading.
+
+Writing: classes decorated with `@persistent_class` remember their constructor arguments and pickle in
+the paper's layout: each object reduces to
+    torch_utils.persistence._reconstruct_persistent_obj(meta)
+    meta = dict(type='class', version=6, module_src=<source of the defining module>,
+                class_name=<class name>, state=obj.__dict__)
+so `network-snapshot-*.pkl` files written here load in the paper's code and vice versa.
+
+Reading: the paper's loader executes `module_src`, i.e. arbitrary code from the file. We never do.
+`load_network_pkl` uses a restricted unpickler that admits only tensor/storage rebuilders, plain
+containers and our own classes (`training.networks|loss|augment`), and rebuilds every persistent
+object from its class name + constructor kwargs + the tensors found in its state.
+
+We also offer a code-free format ('edm-plain-v1': a `torch.save` zip of class names, JSON kwargs and
+state_dicts) that loads with `torch.load(weights_only=True)`: `save_network_plain` / `load_network_pkl`
+(which detects the format) / `load_network_plain`.
+
+Any corrupt, truncated, foreign or disallowed file raises `CheckpointError` (a `ValueError`) with a
+one-line message naming the file.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import importlib
+import inspect
+import io
+import json
+import os
+import pickle
+import sys
+import tempfile
+from typing import Any
+
+import torch
+
+_version = 6                 # Pickle layout version of the paper's code.
+PLAIN_FORMAT = 'edm-plain-v1'
+
+# Modules whose persistent classes may be rebuilt from a checkpoint (imported lazily, by name).
+SAFE_MODULES = ('training.networks', 'training.loss', 'training.augment')
+
+_decorators: list[type] = []          # Every decorated class, in registration order.
+_module_src_cache: dict[str, str] = {}
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be loaded; the message is one line and names the file."""
+
+#----------------------------------------------------------------------------
+# Decorator.
+
+def _easydict(d: dict) -> dict:
+    try:
+        import dnnlib
+        return dnnlib.EasyDict(d)
+    except ImportError:
+        return dict(d)
+
+def _module_src(module_name: str) -> str | None:
+    """Source text of a module (cached); None when unavailable (e.g. interactive code)."""
+    if module_name not in _module_src_cache:
+        try:
+            _module_src_cache[module_name] = inspect.getsource(sys.modules[module_name])
+        except (OSError, TypeError, KeyError):
+            _module_src_cache[module_name] = None
+    return _module_src_cache[module_name]
+
+def persistent_class(orig_class: type) -> type:
+    """Class decorator: instances remember `init_args`/`init_kwargs` and pickle in the paper's layout."""
+    assert isinstance(orig_class, type), 'persistent_class decorates classes'
+    if is_persistent(orig_class):
+        return orig_class
+
+    class Decorator(orig_class):
+        _orig_module_name = orig_class.__module__
+        _orig_class_name = orig_class.__name__
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._init_args = copy.deepcopy(args)
+            self._init_kwargs = copy.deepcopy(kwargs)
+
+        @property
+        def init_args(self):
+            return copy.deepcopy(self._init_args)
+
+        @property
+        def init_kwargs(self):
+            return _easydict(copy.deepcopy(self._init_kwargs))
+
+        def __reduce__(self):
+            state = self.__getstate__() if hasattr(self, '__getstate__') else self.__dict__
+            meta = dict(type='class', version=_version, module_src=_module_src(self._orig_module_name) or '',
+                        class_name=self._orig_class_name, state=state)
+            return (_reconstruct_persistent_obj, (meta,))
+
+    Decorator.__name__ = orig_class.__name__
+    Decorator.__qualname__ = orig_class.__qualname__
+    Decorator.__module__ = orig_class.__module__
+    Decorator.__doc__ = orig_class.__doc__
+    _decorators.append(Decorator)
+    return Decorator
+
+def is_persistent(obj: Any) -> bool:
+    """True for decorated classes and their instances."""
+    return (isinstance(obj, type) and obj in _decorators) or type(obj) in _decorators
+
+#----------------------------------------------------------------------------
+# Class lookup. Never executes module_src: classes come from already importable modules.
+
+def _class_for_meta(class_name: str, module_src: str | None, allowed_modules) -> type | None:
+    # 1) Exact source match with a module we already imported (our own pickles / deepcopy).
+    if module_src:
+        for cls in reversed(_decorators):
+            if cls._orig_class_name == class_name and _module_src(cls._orig_module_name) == module_src:
+                if allowed_modules is None or cls._orig_module_name in allowed_modules:
+                    return cls
+    # 2) By name in the allowed modules (the paper's pickles carry the paper's source).
+    for module_name in (SAFE_MODULES if allowed_modules is None else allowed_modules):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        cls = getattr(module, class_name, None)
+        if isinstance(cls, type) and cls in _decorators:
+            return cls
+    # 3) Unrestricted path only (deepcopy / plain pickle.load of classes whose source is unavailable,
+    #    e.g. defined interactively): any already-defined persistent class of that name.
+    if allowed_modules is None:
+        for cls in reversed(_decorators):
+            if cls._orig_class_name == class_name:
+                return cls
+    return None
+
+def _reconstruct_persistent_obj(meta: dict) -> Any:
+    """Unpickling hook of the paper's layout (also used by copy.deepcopy). Rebuilds our class by name
+    and restores its state; the embedded module source is ignored, never executed."""
+    meta = dict(meta)
+    if meta.get('type') != 'class':
+        raise pickle.UnpicklingError(f'unsupported persistent object type {meta.get("type")!r}')
+    cls = _class_for_meta(meta.get('class_name'), meta.get('module_src'), allowed_modules=None)
+    if cls is None:
+        raise pickle.UnpicklingError(f'no known persistent class named {meta.get("class_name")!r} '
+                                     f'(allowed modules: {", ".join(SAFE_MODULES)})')
+    obj = cls.__new__(cls)
+    state = meta.get('state') or {}
+    setstate = getattr(obj, '__setstate__', None)
+    if callable(setstate):
+        setstate(state)
+    else:
+        obj.__dict__.update(state)
+    return obj
+
+#----------------------------------------------------------------------------
+# Restricted unpickler for the paper's network pickles.
+
+class _PersistentStub:
+    """Stand-in for a persistent object while unpickling: holds class name and state only."""
+    def __init__(self, meta):
+        if not isinstance(meta, dict) or meta.get('type') != 'class':
+            raise CheckpointError('malformed persistent object record')
+        if meta.get('version') != _version:
+            raise CheckpointError(f'unsupported persistent object version {meta.get("version")!r} (expected {_version})')
+        self.class_name = meta.get('class_name')
+        self.module_src = meta.get('module_src')
+        self.state = meta.get('state') or {}
+        if not isinstance(self.class_name, str) or not isinstance(self.state, dict):
+            raise CheckpointError('malformed persistent object record')
+
+class _ContainerStub:
+    """Stand-in for torch.nn containers (ModuleDict, Sequential, ...): keeps only their state."""
+    def __init__(self, *args, **kwargs):
+        self.state = {}
+
+    def __setstate__(self, state):
+        self.state = state if isinstance(state, dict) else {}
+
+def _safe_load_from_bytes(b: bytes):
+    # torch's own storage rebuilder calls torch.load(weights_only=False); ours stays weights-only.
+    return torch.load(io.BytesIO(b), weights_only=True, map_location='cpu')
+
+def _safe_reconstructor(cls, base, state=None):
+    if base is not object or state is not None:
+        raise CheckpointError('disallowed copyreg reconstruction')
+    return cls.__new__(cls)
+
+def _safe_latin1_encode(text, encoding='utf-8'):
+    if encoding not in ('latin1', 'latin-1') or not isinstance(text, str):
+        raise CheckpointError(f'disallowed text encoding {encoding!r}')
+    return text.encode('latin-1')
+
+def _safe_easydict():
+    try:
+        import dnnlib
+        return dnnlib.EasyDict
+    except ImportError:
+        return dict
+
+_CONTAINER_CLASSES = ('ModuleDict', 'ModuleList', 'Sequential', 'ParameterDict', 'ParameterList', 'Identity')
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
+            return _PersistentStub
+        if module == 'torch._utils' and name in ('_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_tensor_v3',
+                                                 '_rebuild_parameter', '_rebuild_parameter_with_state'):
+            return getattr(torch._utils, name)
+        if (module, name) == ('torch.storage', '_load_from_bytes'):
+            return _safe_load_from_bytes
+        if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in (('torch', 'Size'), ('torch', 'device')):
+            return getattr(torch, name)
+        if module.startswith('torch.nn.modules.') and name in _CONTAINER_CLASSES:
+            return _ContainerStub
+        if (module, name) == ('collections', 'OrderedDict'):
+            return collections.OrderedDict
+        if (module, name) == ('dnnlib.util', 'EasyDict'):
+            return _safe_easydict()
+        if module in ('builtins', '__builtin__') and name in ('set', 'frozenset', 'object', 'complex', 'slice'):
+            return getattr(__import__('builtins'), name)
+        if (module, name) == ('_codecs', 'encode'):     # protocol <= 2 stores bytes as latin-1 text
+            return _safe_latin1_encode
+        if (module, name) == ('copyreg', '_reconstructor'):
+            return _safe_reconstructor
+        if module in ('numpy', 'numpy.core.multiarray', 'numpy._core.multiarray') and name in ('scalar', 'dtype', '_reconstruct', 'ndarray'):
+            import numpy
+            if name in ('dtype', 'ndarray'):
+                return getattr(numpy, name)
+            multiarray = getattr(getattr(numpy, '_core', None), 'multiarray', None) or numpy.core.multiarray  # numpy 2 / 1
+            return getattr(multiarray, name)
+        if module == 'numpy.dtypes' and name.endswith('DType'):
+            import numpy
+            return getattr(numpy.dtypes, name)
+        raise CheckpointError(f'refusing to load {module}.{name}, which is not allowed in a network pickle')
+
+    def persistent_load(self, pid):
+        raise CheckpointError('unexpected persistent id (torch.save archive inside a pickle?)')
+
+#----------------------------------------------------------------------------
+# Rebuilding objects from class name + kwargs + tensors.
+
+def _collect_tensors(state: dict, prefix: str, out: dict) -> dict:
+    """Flatten an nn.Module state (as pickled) into a state_dict with dotted names."""
+    params = state.get('_parameters') or {}
+    buffers = state.get('_buffers') or {}
+    non_persistent = state.get('_non_persistent_buffers_set') or set()
+    modules = state.get('_modules') or {}
+    for name, t in list(params.items()) + [(n, b) for n, b in buffers.items() if n not in non_persistent]:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f'{prefix}{name} is a {type(t).__name__}, expected a tensor')
+        out[prefix + name] = t.detach()
+    for name, m in modules.items():
+        if m is None:
+            continue
+        if not isinstance(m, (_PersistentStub, _ContainerStub)):
+            raise CheckpointError(f'{prefix}{name} is an unsupported submodule type {type(m).__name__}')
+        _collect_tensors(m.state, f'{prefix}{name}.', out)
+    return out
+
+def _construct(cls: type, args, kwargs: dict):
+    """Construct `cls`. Our networks skip random weight init (every tensor is then loaded);
+    returns (obj, whether tensors must be assigned rather than copied)."""
+    module = sys.modules.get(cls.__module__)
+    no_init = getattr(module, 'no_weight_init', None) if issubclass(cls, torch.nn.Module) else None
+    with (no_init() if no_init is not None else contextlib.nullcontext()):
+        obj = cls(*args, **kwargs)
+    return obj, no_init is not None
+
+def _build(cls: type, args, kwargs, tensors: dict | None, describe: str):
+    try:
+        obj, skipped_init = _construct(cls, args, kwargs)
+    except Exception as e:
+        raise CheckpointError(f'cannot construct {describe}: {type(e).__name__}: {e}') from None
+    if isinstance(obj, torch.nn.Module):
+        try:
+            obj.load_state_dict(tensors or {}, strict=True, assign=skipped_init)
+        except RuntimeError as e:
+            msg = ' '.join(str(e).split())
+            raise CheckpointError(f'tensors do not match {describe}: {msg[:400]}') from None
+        leftover = [n for n, t in list(obj.named_parameters()) + list(obj.named_buffers()) if t.is_meta]
+        if leftover:
+            raise CheckpointError(f'{describe} has tensors missing from the checkpoint: {leftover[:5]}')
+    return obj
+
+def _materialize_stub(stub: _PersistentStub):
+    cls = _class_for_meta(stub.class_name, stub.module_src, allowed_modules=SAFE_MODULES)
+    if cls is None:
+        raise CheckpointError(f'class {stub.class_name!r} is not one of ours '
+                              f'({", ".join(SAFE_MODULES)}); refusing to load it')
+    args = stub.state.get('_init_args', ())
+    kwargs = stub.state.get('_init_kwargs', {})
+    if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+        raise CheckpointError(f'{stub.class_name} has malformed constructor arguments')
+    tensors = _collect_tensors(stub.state, '', {}) if issubclass(cls, torch.nn.Module) else None
+    obj = _build(cls, tuple(args), dict(kwargs), tensors, f'{stub.class_name}(**{_short_kwargs(kwargs)})')
+    if isinstance(obj, torch.nn.Module):
+        obj.train(bool(stub.state.get('training', False)))
+    return obj
+
+def _short_kwargs(kwargs: dict) -> str:
+    s = repr(dict(kwargs))
+    return s if len(s) <= 200 else s[:197] + '...'
+
+def _materialize(obj):
+    """Replace persistent stubs inside plain containers with real objects."""
+    if isinstance(obj, _PersistentStub):
+        return _materialize_stub(obj)
+    if isinstance(obj, _ContainerStub):
+        raise CheckpointError('bare torch container at top level is not supported')
+    if isinstance(obj, dict):
+        for k in list(obj.keys()):
+            obj[k] = _materialize(obj[k])
+        return obj
+    if isinstance(obj, list):
+        return [_materialize(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_materialize(v) for v in obj)
+    return obj
+
+#----------------------------------------------------------------------------
+# Plain, code-free format.
+
+def _resolve_plain_class(dotted: str) -> type:
+    module_name, _, class_name = str(dotted).rpartition('.')
+    if module_name not in SAFE_MODULES:
+        raise CheckpointError(f'class {dotted!r} is not in {", ".join(SAFE_MODULES)}; refusing to load it')
+    cls = _class_for_meta(class_name, None, allowed_modules=(module_name,))
+    if cls is None:
+        raise CheckpointError(f'unknown class {dotted!r}')
+    return cls
+
+def _json_default(o):
+    if hasattr(o, 'item'):     # numpy / torch scalars
+        return o.item()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    raise TypeError(f'{type(o).__name__} is not JSON serialisable')
+
+def _to_plain_entry(value) -> dict:
+    if is_persistent(value):
+        cls = type(value)
+        entry = dict(kind='object', cls=f'{cls._orig_module_name}.{cls._orig_class_name}',
+                     init_args=json.dumps(list(value._init_args), default=_json_default),
+                     init_kwargs=json.dumps(dict(value._init_kwargs), default=_json_default))
+        if isinstance(value, torch.nn.Module):
+            entry['state_dict'] = {k: v.detach().cpu().clone() for k, v in value.state_dict().items()}
+            entry['training'] = bool(value.training)
+        return entry
+    return dict(kind='json', value=json.dumps(value, default=_json_default))
+
+def save_network_plain(data, path: str | os.PathLike) -> None:
+    """Write `data` (a snapshot dict like {'ema': net, 'loss_fn': ..., 'dataset_kwargs': ...}, or a single
+    network, stored as 'ema') in the code-free 'edm-plain-v1' format, atomically."""
+    if not isinstance(data, dict):
+        data = {'ema': data}
+    payload = dict(format=PLAIN_FORMAT, objects={str(k): _to_plain_entry(v) for k, v in data.items()})
+    _atomic_write(path, lambda f: torch.save(payload, f))
+
+def _load_plain(f, name: str) -> dict:
+    try:
+        payload = torch.load(f, weights_only=True, map_location='cpu')
+    except Exception as e:
+        raise CheckpointError(f'{name}: corrupt or truncated checkpoint archive ({_one_line(e)}); re-download or re-save it') from None
+    if not isinstance(payload, dict) or payload.get('format') != PLAIN_FORMAT or not isinstance(payload.get('objects'), dict):
+        raise CheckpointError(f'{name}: not an {PLAIN_FORMAT} checkpoint (a torch.save archive of something else)')
+    result = {}
+    for key, entry in payload['objects'].items():
+        try:
+            if entry['kind'] == 'json':
+                result[key] = json.loads(entry['value'])
+            elif entry['kind'] == 'object':
+                cls = _resolve_plain_class(entry['cls'])
+                args, kwargs = json.loads(entry['init_args']), json.loads(entry['init_kwargs'])
+                obj = _build(cls, tuple(args), kwargs, entry.get('state_dict'), f'{entry["cls"]}(**{_short_kwargs(kwargs)})')
+                if isinstance(obj, torch.nn.Module):
+                    obj.train(bool(entry.get('training', False)))
+                result[key] = obj
+            else:
+                raise CheckpointError(f'unknown entry kind {entry["kind"]!r}')
+        except CheckpointError as e:
+            raise CheckpointError(f'{name}: {key}: {e}') from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f'{name}: {key}: malformed entry ({_one_line(e)})') from None
+    return result
+
+#----------------------------------------------------------------------------
+# Public loading/saving API.
+
+def _one_line(e: BaseException) -> str:
+    return ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
+
+@contextlib.contextmanager
+def _open_source(path_or_url_or_file):
+    """Yield (seekable binary file, display name)."""
+    if hasattr(path_or_url_or_file, 'read'):
+        f = path_or_url_or_file
+        name = str(getattr(f, 'name', '<file object>'))
+        if not (hasattr(f, 'seekable') and f.seekable()):
+            f = io.BytesIO(f.read())
+        yield f, name
+        return
+    name = os.fspath(path_or_url_or_file)
+    if '://' in name:
+        import dnnlib  # lazily: only URLs need it
+        if dnnlib.util.is_url(name, allow_file_urls=True):
+            try:
+                with dnnlib.util.open_url(name) as f:
+                    if not (hasattr(f, 'seekable') and f.seekable()):
+                        f = io.BytesIO(f.read())
+                    yield f, name
+            except OSError as e:
+                raise CheckpointError(f'{name}: cannot open ({_one_line(e)})') from None
+            return
+    try:
+        f = open(name, 'rb')
+    except OSError as e:
+        raise CheckpointError(f'{name}: cannot open ({e.strerror or _one_line(e)})') from None
+    with f:
+        yield f, name
+
+def load_network_pkl(path_or_url_or_file) -> dict:
+    """Safely load a network snapshot: the paper's pickle layout or our 'edm-plain-v1' format.
+
+    Returns a dict (e.g. {'ema': EDMPrecond, 'loss_fn': EDMLoss, 'augment_pipe': ..., 'dataset_kwargs': ...}).
+    Embedded source code is never executed; only our own classes can be instantiated.
+    """
+    with _open_source(path_or_url_or_file) as (f, name):
+        head = f.read(4)
+        f.seek(0)
+        if not head:
+            raise CheckpointError(f'{name}: empty file, not a network checkpoint')
+        if head.startswith(b'PK'):
+            return _load_plain(f, name)
+        if head[:1] != b'\x80':
+            raise CheckpointError(f'{name}: not a network pickle or {PLAIN_FORMAT} checkpoint (unrecognised header {head!r})')
+        try:
+            data = _RestrictedUnpickler(f).load()
+        except CheckpointError as e:
+            raise CheckpointError(f'{name}: {e}') from None
+        except Exception as e:  # EOFError, UnpicklingError, struct errors, ... from damaged files
+            raise CheckpointError(f'{name}: corrupt or truncated network pickle ({_one_line(e)}); re-download or re-save it') from None
+        try:
+            data = _materialize(data)
+        except CheckpointError as e:
+            raise CheckpointError(f'{name}: {e}') from None
+        except Exception as e:  # malformed records that got past the unpickler
+            raise CheckpointError(f'{name}: malformed network pickle ({_one_line(e)})') from None
+    if not isinstance(data, dict):
+        data = {'ema': data}
+    return data
+
+def load_network_plain(path_or_file) -> dict:
+    """Load our code-free 'edm-plain-v1' format only (refuses pickles)."""
+    with _open_source(path_or_file) as (f, name):
+        if f.read(2) != b'PK':
+            raise CheckpointError(f'{name}: not an {PLAIN_FORMAT} checkpoint (expected a torch.save zip archive)')
+        f.seek(0)
+        return _load_plain(f, name)
+
+def load_network(path_or_url, key: str = 'ema', device='cpu') -> torch.nn.Module:
+    """Load one network (default: the EMA weights) in eval mode with requires_grad disabled."""
+    data = load_network_pkl(path_or_url)
+    net = data.get(key)
+    if not isinstance(net, torch.nn.Module):
+        name = os.fspath(path_or_url) if isinstance(path_or_url, (str, os.PathLike)) else getattr(path_or_url, 'name', '<file object>')
+        raise CheckpointError(f'{name}: no network under key {key!r} (keys: {sorted(map(str, data))})')
+    return net.eval().requires_grad_(False).to(device)
+
+def _atomic_write(path, write_fn) -> None:
+    path = os.fspath(path)
+    dirname = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=dirname, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+def save_network_pkl(data: dict, path: str | os.PathLike) -> None:
+    """Atomically write `data` with plain pickle, i.e. in the paper's snapshot layout."""
+    _atomic_write(path, lambda f: pickle.dump(data, f))
+
+#----------------------------------------------------------------------------

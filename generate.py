@@ -27,6 +27,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from training.networks import iddpm_u, vp_sigma, vp_sigma_deriv, vp_sigma_inv  # Table 1 schedules, shared
+
 # ----------------------------------------------------------------------------
 # Time step discretisations (Table 1, "time steps"): small pure functions returning the float64
 # noise levels sigma_0 > ... > sigma_{N-1} (sigma_N = 0 is appended by the samplers).
@@ -60,25 +62,12 @@ def ve_sigma_steps(num_steps: int, sigma_min: float = 0.02, sigma_max: float = 1
     return t.sqrt()
 
 
-def iddpm_u(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008, device=None) -> torch.Tensor:
-    """The iDDPM cosine-schedule noise levels u_0 > ... > u_M = 0 (Table 1):
-    u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar_{j-1}/alpha_bar_j, C_1) - 1),
-    alpha_bar_j = sin^2(pi/2 * j / (M (C_2 + 1)))."""
-    j = torch.arange(M + 1, dtype=torch.float64, device=device)
-    alpha_bar = torch.sin(0.5 * math.pi * j / (M * (C_2 + 1))) ** 2
-    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clamp(min=C_1)  # alpha_bar_{j-1}/alpha_bar_j for j = 1..M
-    u = torch.zeros(M + 1, dtype=torch.float64, device=device)
-    for k in range(M, 0, -1):  # the recursion runs from u_M = 0 upwards
-        u[k - 1] = ((u[k] ** 2 + 1) / ratio[k - 1] - 1).sqrt()
-    return u
-
-
 def iddpm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 81, M: int = 1000,
                       C_1: float = 0.001, C_2: float = 0.008, device=None) -> torch.Tensor:
     """iDDPM/DDIM: N of the u_j inside [sigma_min, sigma_max], picked at evenly spaced indices.
     (The default sigma_max=81 makes the first one u_8 = 80.2, i.e. j_0 = 8 as in the paper.)
     Indices are rounded half-to-even like torch.round, matching the public implementation."""
-    u = iddpm_u(M, C_1, C_2, device)
+    u = iddpm_u(M, C_1, C_2, dtype=torch.float64, device=device)
     u = u[(u >= sigma_min) & (u <= sigma_max)]
     if len(u) == 0:
         raise ValueError(f'no iDDPM noise level inside [sigma_min={sigma_min}, sigma_max={sigma_max}]')
@@ -88,24 +77,6 @@ def iddpm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float
 
 # ----------------------------------------------------------------------------
 # Noise schedules sigma(t) and scalings s(t) (Table 1). All functions take and return float64 tensors.
-
-
-def vp_sigma(t, beta_d: float = 19.9, beta_min: float = 0.1):
-    """VP: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
-    t = torch.as_tensor(t, dtype=torch.float64)
-    return torch.expm1(0.5 * beta_d * t ** 2 + beta_min * t).sqrt()
-
-
-def vp_sigma_deriv(t, beta_d: float = 19.9, beta_min: float = 0.1):
-    """d sigma/dt = (beta_min + beta_d t)/2 * (sigma + 1/sigma)."""
-    sigma = vp_sigma(t, beta_d, beta_min)
-    return 0.5 * (beta_min + beta_d * t) * (sigma + 1 / sigma)
-
-
-def vp_sigma_inv(sigma, beta_d: float = 19.9, beta_min: float = 0.1):
-    """Inverse of vp_sigma: the positive root of beta_d t^2 / 2 + beta_min t = log(sigma^2 + 1)."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    return ((beta_min ** 2 + 2 * beta_d * torch.log1p(sigma ** 2)).sqrt() - beta_min) / beta_d
 
 
 def vp_betas(sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> tuple[float, float]:

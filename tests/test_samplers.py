@@ -260,7 +260,7 @@ def test_ve_and_iddpm_steps():
     s = generate.ve_sigma_steps(10, 0.02, 100)
     assert float(s[0]) == pytest.approx(100) and float(s[-1]) == pytest.approx(0.02)
     assert np.allclose(np.diff(np.log(s.numpy())), np.log(0.02 / 100) / 9)  # geometric
-    u = generate.iddpm_u()
+    u = generate.iddpm_u(dtype=torch.float64)  # the sampler works in float64
     assert len(u) == 1001 and float(u[-1]) == 0 and bool((u[1:] < u[:-1]).all())
     # The paper's j_0 = 8 follows from sigma_max = 81: u_8 = 80.2 is the first level below it.
     assert float(u[8]) == pytest.approx(80.2037, abs=1e-3) and float(u[7]) > 81

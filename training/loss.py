@@ -13,14 +13,10 @@ sums/means it). Random draws, in this order (part of the reproducibility contrac
 import torch
 
 from torch_utils import persistence
+from training.networks import vp_sigma
 
 #----------------------------------------------------------------------------
 # Pure formulas (Table 1). `u` ~ U(0,1), `z` ~ N(0,1).
-
-def vp_sigma(t, beta_d=19.9, beta_min=0.1):
-    """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
-    t = torch.as_tensor(t)
-    return ((0.5 * beta_d * (t ** 2) + beta_min * t).exp() - 1).sqrt()
 
 def vp_t_from_uniform(u, epsilon_t=1e-5):
     """t ~ U(epsilon_t, 1), mapped from u ~ U(0,1) as 1 + u (epsilon_t - 1) (u=0 -> t=1)."""

@@ -529,8 +529,9 @@ class DhariwalUNet(torch.nn.Module):
 # D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma)).
 
 def _as_tensor(x) -> torch.Tensor:
-    # Leave tensors where they are (torch.as_tensor would follow a `with torch.device(...)` context).
-    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    # Leave tensors where they are (torch.as_tensor would follow a `with torch.device(...)` context);
+    # Python numbers become float64 so that the samplers' float64 schedules stay float64.
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64, device='cpu')
 
 def vp_sigma(t, beta_d=19.9, beta_min=0.1):
     """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
@@ -568,13 +569,15 @@ def iddpm_alpha_bar(j, M=1000, C_2=0.008):
     j = _as_tensor(j)
     return (0.5 * np.pi * j / M / (C_2 + 1)).sin() ** 2
 
-def iddpm_u(M=1000, C_1=0.001, C_2=0.008) -> torch.Tensor:
-    """The iDDPM discretisation u_0 > ... > u_M = 0 (u_{j-1} = sqrt((u_j^2+1)/max(abar_{j-1}/abar_j, C_1) - 1))."""
-    u = torch.zeros(M + 1, device='cpu')
-    for j in range(M, 0, -1):
-        # Explicit CPU scalars keep this valid under a `with torch.device('meta')` construction.
-        ratio = iddpm_alpha_bar(torch.tensor(j - 1, device='cpu'), M, C_2) / iddpm_alpha_bar(torch.tensor(j, device='cpu'), M, C_2)
-        u[j - 1] = ((u[j] ** 2 + 1) / ratio.clip(min=C_1) - 1).sqrt()
+def iddpm_u(M=1000, C_1=0.001, C_2=0.008, dtype=torch.float32, device='cpu') -> torch.Tensor:
+    """The iDDPM discretisation u_0 > ... > u_M = 0 (u_{j-1} = sqrt((u_j^2+1)/max(abar_{j-1}/abar_j, C_1) - 1)).
+    iDDPMPrecond keeps it as a float32 buffer; the ablation sampler recomputes it in float64."""
+    # An explicit device keeps this valid under a `with torch.device('meta')` construction.
+    alpha_bar = iddpm_alpha_bar(torch.arange(M + 1, dtype=dtype, device=device), M, C_2)
+    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1)  # abar_{j-1}/abar_j for j = 1..M
+    u = torch.zeros(M + 1, dtype=dtype, device=device)
+    for j in range(M, 0, -1):  # the recursion runs from u_M = 0 upwards
+        u[j - 1] = ((u[j] ** 2 + 1) / ratio[j - 1] - 1).sqrt()
     return u
 
 def iddpm_coefficients(sigma, index, M=1000):

@@ -1,0 +1,373 @@
+"""Train diffusion-based generative models with the EDM recipe (or the VP / VE baselines).
+
+Option parsing and validation only: builds the keyword arguments of training.training_loop.training_loop.
+
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
+        --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import warnings
+import zipfile
+
+import click
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from training import training_loop
+
+warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # False warning printed by PyTorch 1.12+.
+
+# ----------------------------------------------------------------------------
+
+
+def parse_int_list(s):
+    """'1,2,5-7' -> [1, 2, 5, 6, 7]; lists pass through."""
+    if isinstance(s, list):
+        return s
+    ranges = []
+    range_re = re.compile(r'^(\d+)-(\d+)$')
+    for p in s.split(','):
+        p = p.strip()
+        m = range_re.match(p)
+        if m:
+            ranges.extend(range(int(m.group(1)), int(m.group(2)) + 1))
+        else:
+            try:
+                ranges.append(int(p))
+            except ValueError:
+                raise click.BadParameter(f'"{s}" is not a comma-separated list of integers (e.g. 2,2,2)')
+    return ranges
+
+
+# Architecture presets (Table 7 of the paper; channel counts for CIFAR-10 / ImageNet-64).
+ARCH_PRESETS = {
+    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+                   decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual',
+                   decoder_type='standard', channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+    'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+}
+
+# Preconditioning and the matching loss (Table 1).
+PRECOND_PRESETS = {
+    'vp': ('training.networks.VPPrecond', 'training.loss.VPLoss'),
+    've': ('training.networks.VEPrecond', 'training.loss.VELoss'),
+    'edm': ('training.networks.EDMPrecond', 'training.loss.EDMLoss'),
+}
+
+_STATE_RE = re.compile(r'training-state-(\d+)\.pt')
+
+
+def find_resume_state(path: str) -> str:
+    """--resume: a training-state-*.pt file, or a run folder (its newest training-state-*.pt)."""
+    if os.path.isdir(path):
+        states = [f for f in os.listdir(path) if _STATE_RE.fullmatch(f)]
+        if not states:
+            raise click.ClickException(f'--resume: no training-state-*.pt in folder "{path}" '
+                                       f'(was --dump larger than the run, or did it stop before the first dump?)')
+        return os.path.join(path, max(states, key=lambda f: int(_STATE_RE.fullmatch(f).group(1))))
+    if not _STATE_RE.fullmatch(os.path.basename(path)) or not os.path.isfile(path):
+        raise click.ClickException(f'--resume must point to a training-state-*.pt file or a run folder '
+                                   f'from a previous training run; got "{path}"')
+    return path
+
+
+def dataset_fingerprint(path: str) -> dict:
+    """A cheap content hash of the dataset: for a zip, sha256 over every member's name, size and CRC-32
+    (read from the central directory, no decompression); for a folder, over file names, sizes and the
+    bytes of dataset.json."""
+    h = hashlib.sha256()
+    if os.path.isfile(path) and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            for info in sorted(z.infolist(), key=lambda i: i.filename):
+                h.update(f'{info.filename}\0{info.file_size}\0{info.CRC:08x}\n'.encode())
+        method = 'sha256(zip names, sizes, crc32)'
+    else:
+        for root, _dirs, files in sorted(os.walk(path)):
+            for fname in sorted(files):
+                full = os.path.join(root, fname)
+                rel = os.path.relpath(full, path).replace(os.sep, '/')
+                h.update(f'{rel}\0{os.path.getsize(full)}\n'.encode())
+                if fname == 'dataset.json':
+                    with open(full, 'rb') as f:
+                        h.update(f.read())
+        method = 'sha256(file names, sizes, dataset.json)'
+    return dict(sha256=h.hexdigest(), method=method)
+
+
+def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict:
+    """Where this run came from: code commit, library versions, precision flags, dataset identity."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    git = dict(commit=None, dirty=None)
+    try:
+        git['commit'] = subprocess.run(['git', '-C', repo, 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                       timeout=10, check=True).stdout.strip() or None
+        status = subprocess.run(['git', '-C', repo, 'status', '--porcelain', '--untracked-files=no'],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        git['dirty'] = bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = dict(python=platform.python_version(), torch=torch.__version__,
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None)
+    for pkg in ('numpy', 'scipy', 'pillow', 'click', 'psutil'):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return dict(
+        git=git,
+        versions=versions,
+        precision=dict(fp16=opts.fp16, bf16=opts.bf16, loss_scaling=opts.ls, allow_tf32=False,
+                       cudnn_benchmark=opts.bench),
+        dataset=dict(path=os.path.abspath(data_path), size=dataset_size, **dataset_fingerprint(data_path)),
+        host=platform.node(),
+        command=' '.join(sys.argv),
+    )
+
+
+# ----------------------------------------------------------------------------
+
+
+@click.command()
+
+# Main options.
+@click.option('--outdir',        help='Where to save the results', metavar='DIR',                   type=str, required=True)
+@click.option('--data',          help='Path to the dataset', metavar='ZIP|DIR',                     type=str, required=True)
+@click.option('--cond',          help='Train class-conditional model', metavar='BOOL',              type=bool, default=False, show_default=True)
+@click.option('--arch',          help='Network architecture', metavar='ddpmpp|ncsnpp|adm',          type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
+@click.option('--precond',       help='Preconditioning & loss function', metavar='vp|ve|edm',       type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
+
+# Hyperparameters.
+@click.option('--duration',      help='Training duration', metavar='MIMG',                          type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
+@click.option('--batch',         help='Total batch size', metavar='INT',                            type=click.IntRange(min=1), default=512, show_default=True)
+@click.option('--batch-gpu',     help='Limit batch size per GPU', metavar='INT',                    type=click.IntRange(min=1))
+@click.option('--cbase',         help='Channel multiplier  [default: varies]', metavar='INT',       type=click.IntRange(min=1))
+@click.option('--cres',          help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
+@click.option('--lr',            help='Learning rate', metavar='FLOAT',                             type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
+@click.option('--lr-rampup',     help='Learning rate ramp-up', metavar='KIMG',                      type=click.FloatRange(min=0), default=10000, show_default=True)
+@click.option('--ema',           help='EMA half-life', metavar='MIMG',                              type=click.FloatRange(min=0), default=0.5, show_default=True)
+@click.option('--dropout',       help='Dropout probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
+@click.option('--augment',       help='Augment probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
+@click.option('--xflip',         help='Enable dataset x-flips', metavar='BOOL',                     type=bool, default=False, show_default=True)
+@click.option('--P_mean', 'P_mean', help='EDM loss: mean of ln(sigma)  [default: -1.2]', metavar='FLOAT', type=float)
+@click.option('--P_std', 'P_std',   help='EDM loss: std of ln(sigma)  [default: 1.2]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_data', 'sigma_data', help='EDM: std of the data  [default: 0.5]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+
+# Performance-related.
+@click.option('--fp16',          help='Enable mixed-precision training', metavar='BOOL',            type=bool, default=False, show_default=True)
+@click.option('--bf16',          help='Run the network backbone in bfloat16 (any device)', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--ls',            help='Loss scaling', metavar='FLOAT',                              type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option('--bench',         help='Enable cuDNN benchmarking', metavar='BOOL',                  type=bool, default=True, show_default=True)
+@click.option('--cache',         help='Cache dataset in CPU memory', metavar='BOOL',                type=bool, default=True, show_default=True)
+@click.option('--workers',       help='DataLoader worker processes', metavar='INT',                 type=click.IntRange(min=0), default=1, show_default=True)
+
+# I/O-related.
+@click.option('--desc',          help='String to include in result dir name', metavar='STR',        type=str)
+@click.option('--nosubdir',      help='Do not create a subdirectory for results',                   is_flag=True)
+@click.option('--tick',          help='How often to print progress', metavar='KIMG',                type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--snap',          help='How often to save snapshots', metavar='TICKS',               type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--dump',          help='How often to dump state', metavar='TICKS',                   type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--seed',          help='Random seed  [default: random]', metavar='INT',              type=int)
+@click.option('--transfer',      help='Transfer learning from network pickle', metavar='PKL|URL',   type=str)
+@click.option('--resume',        help='Resume from previous training state (file or run folder)', metavar='PT|DIR', type=str)
+@click.option('-n', '--dry-run', help='Print training options and exit',                            is_flag=True)
+
+def main(**kwargs):
+    """Train diffusion-based generative model using the techniques described in the
+    paper "Elucidating the Design Space of Diffusion-Based Generative Models".
+
+    Examples:
+
+    \b
+    # Train DDPM++ model for class-conditional CIFAR-10 using 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
+        --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
+    """
+    opts = dnnlib.EasyDict(kwargs)
+    torch.multiprocessing.set_start_method('spawn', force=True)
+    dist.init()
+    world = dist.get_world_size()
+    c, dataset_name = build_training_options(opts, world)
+
+    # Random seed: rank 0 draws one and shares it.
+    if opts.seed is not None:
+        c.seed = opts.seed
+    else:
+        seed = torch.randint(1 << 31, size=[], device=dist.default_device())
+        if world > 1:
+            torch.distributed.broadcast(seed, src=0)
+        c.seed = int(seed)
+
+    # Description string.
+    cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
+    dtype_str = 'fp16' if c.network_kwargs.use_fp16 else ('bf16' if opts.bf16 else 'fp32')
+    desc = f'{dataset_name:s}-{cond_str:s}-{opts.arch:s}-{opts.precond:s}-gpus{world:d}-batch{c.batch_size:d}-{dtype_str:s}'
+    if opts.desc is not None:
+        desc += f'-{opts.desc}'
+
+    # Pick output directory.
+    if dist.get_rank() != 0:
+        c.run_dir = None
+    elif opts.nosubdir:
+        c.run_dir = opts.outdir
+    else:
+        prev_run_dirs = []
+        if os.path.isdir(opts.outdir):
+            prev_run_dirs = [x for x in os.listdir(opts.outdir) if os.path.isdir(os.path.join(opts.outdir, x))]
+        prev_run_ids = [re.match(r'^\d+', x) for x in prev_run_dirs]
+        prev_run_ids = [int(x.group()) for x in prev_run_ids if x is not None]
+        cur_run_id = max(prev_run_ids, default=-1) + 1
+        c.run_dir = os.path.join(opts.outdir, f'{cur_run_id:05d}-{desc}')
+        if os.path.exists(c.run_dir):
+            raise click.ClickException(f'output folder "{c.run_dir}" already exists')
+
+    # Provenance (rank 0 only: it hashes the dataset listing and asks git).
+    if dist.get_rank() == 0:
+        c.provenance = provenance(opts.data, c.dataset_kwargs.max_size, opts)
+
+    # Print options.
+    dist.print0()
+    dist.print0('Training options:')
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0()
+    dist.print0(f'Output directory:        {c.run_dir}')
+    dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
+    dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
+    dist.print0(f'Network architecture:    {opts.arch}')
+    dist.print0(f'Preconditioning & loss:  {opts.precond}')
+    dist.print0(f'Number of GPUs:          {world}')
+    dist.print0(f'Batch size:              {c.batch_size}')
+    dist.print0(f'Mixed-precision:         {dtype_str}')
+    dist.print0()
+
+    # Dry run?
+    if opts.dry_run:
+        dist.print0('Dry run; exiting.')
+        return
+
+    # Create output directory.
+    dist.print0('Creating output directory...')
+    logger = None
+    if dist.get_rank() == 0:
+        os.makedirs(c.run_dir, exist_ok=True)
+        tmp = os.path.join(c.run_dir, '.training_options.json.tmp')
+        with open(tmp, 'wt') as f:
+            json.dump(c, f, indent=2)
+        os.replace(tmp, os.path.join(c.run_dir, 'training_options.json'))
+        logger = training_loop.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+
+    # Train.
+    try:
+        result = training_loop.training_loop(**c, device=dist.default_device())
+    except training_loop.CheckpointError as e:
+        raise click.ClickException(str(e))
+    finally:
+        if logger is not None:
+            logger.close()
+    if result.stopped is not None:
+        dist.print0(f'Stopped early at {result.cur_nimg / 1000:.1f} kimg; continue with --resume={c.run_dir}')
+
+
+def build_training_options(opts: dnnlib.EasyDict, world: int):
+    """CLI options -> training_loop kwargs (validated). Returns (options, dataset name)."""
+    c = dnnlib.EasyDict()
+    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data,
+                                       use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=opts.workers, prefetch_factor=2)
+    c.network_kwargs = dnnlib.EasyDict()
+    c.loss_kwargs = dnnlib.EasyDict()
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+
+    # Validate dataset options.
+    if not os.path.exists(opts.data):
+        raise click.ClickException(f'--data: "{opts.data}" does not exist; create a dataset with dataset_tool.py')
+    try:
+        dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
+        dataset_name = dataset_obj.name
+        c.dataset_kwargs.resolution = dataset_obj.resolution  # be explicit about dataset resolution
+        c.dataset_kwargs.max_size = len(dataset_obj)  # be explicit about dataset size
+        if opts.cond and not dataset_obj.has_labels:
+            raise click.ClickException(f'--cond=True requires labels, but "{opts.data}" has no labels in its '
+                                       f'dataset.json; use --cond=False or a labelled dataset')
+        del dataset_obj  # conserve memory
+    except IOError as err:
+        raise click.ClickException(f'--data: {err}')
+
+    # Network architecture.
+    c.network_kwargs.update(ARCH_PRESETS[opts.arch])
+
+    # Preconditioning & loss function.
+    c.network_kwargs.class_name, c.loss_kwargs.class_name = PRECOND_PRESETS[opts.precond]
+    edm_only = {k: opts[k] for k in ('P_mean', 'P_std', 'sigma_data') if opts.get(k) is not None}
+    if edm_only and opts.precond != 'edm':
+        raise click.ClickException(f'--{"/--".join(edm_only)} only apply to --precond=edm')
+    c.loss_kwargs.update(edm_only)
+    if 'sigma_data' in edm_only:  # the network's preconditioning must use the same sigma_data as the loss
+        c.network_kwargs.sigma_data = edm_only['sigma_data']
+
+    # Network options.
+    if opts.cbase is not None:
+        c.network_kwargs.model_channels = opts.cbase
+    if opts.cres is not None:
+        if len(opts.cres) == 0 or min(opts.cres) < 1:
+            raise click.BadParameter('--cres needs positive channel multipliers, e.g. 2,2,2', param_hint='--cres')
+        c.network_kwargs.channel_mult = opts.cres
+    if opts.augment:
+        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment)
+        c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+        c.network_kwargs.augment_dim = 9
+    if opts.fp16 and opts.bf16:
+        raise click.ClickException('--fp16 and --bf16 are mutually exclusive')
+    c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
+    if opts.bf16:
+        c.network_kwargs.use_bf16 = True  # our addition; absent otherwise so the kwargs stay the paper's
+
+    # Training options.
+    c.total_kimg = max(int(opts.duration * 1000), 1)
+    c.ema_halflife_kimg = int(opts.ema * 1000)
+    c.lr_rampup_kimg = opts.lr_rampup
+    if opts.batch % world != 0:
+        raise click.ClickException(f'--batch={opts.batch} is not divisible by the number of ranks ({world})')
+    per_rank = opts.batch // world
+    if opts.batch_gpu is not None and opts.batch_gpu < per_rank and per_rank % opts.batch_gpu != 0:
+        raise click.ClickException(f'--batch={opts.batch} is not divisible by ranks ({world}) x --batch-gpu='
+                                   f'{opts.batch_gpu}; pick --batch-gpu dividing {per_rank}')
+    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
+    c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
+    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
+
+    # Transfer learning and resume.
+    if opts.transfer is not None:
+        if opts.resume is not None:
+            raise click.ClickException('--transfer and --resume cannot be specified at the same time')
+        if not dnnlib.util.is_url(opts.transfer) and not os.path.isfile(opts.transfer):
+            raise click.ClickException(f'--transfer: "{opts.transfer}" is neither a file nor a URL')
+        c.resume_pkl = opts.transfer
+        c.ema_rampup_ratio = None
+    elif opts.resume is not None:
+        state_path = find_resume_state(opts.resume)
+        kimg = _STATE_RE.fullmatch(os.path.basename(state_path)).group(1)
+        pkl = os.path.join(os.path.dirname(state_path), f'network-snapshot-{kimg}.pkl')
+        c.resume_pkl = pkl if os.path.isfile(pkl) else None  # only used for states without EMA weights
+        c.resume_kimg = int(kimg)
+        c.resume_state_dump = state_path
+    return c, dataset_name
+
+
+# ----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()

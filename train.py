@@ -1,6 +1,7 @@
 """Train diffusion-based generative models with the EDM recipe (or the VP / VE baselines).
 
-Option parsing and validation only: builds the keyword arguments of training.training_loop.training_loop.
+This script turns command-line options into the keyword arguments of training.training_loop.training_loop,
+checks them, names and creates the run folder, and starts training on every rank.
 
     torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
         --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
@@ -26,28 +27,26 @@ import dnnlib
 from torch_utils import distributed as dist
 from training import training_loop
 
-warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # False warning printed by PyTorch 1.12+.
+# DDP reports a layout mismatch for the gradients of 1x1 convolutions; it copies them correctly anyway.
+warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
 
 # ----------------------------------------------------------------------------
 
+_INT_SPAN = re.compile(r'(\d+)-(\d+)')
+
 
 def parse_int_list(s):
-    """'1,2,5-7' -> [1, 2, 5, 6, 7]; lists pass through."""
+    """Click type for --cres: '1,2,5-7' -> [1, 2, 5, 6, 7] (a span a-b includes both ends); lists pass through."""
     if isinstance(s, list):
         return s
-    ranges = []
-    range_re = re.compile(r'^(\d+)-(\d+)$')
-    for p in s.split(','):
-        p = p.strip()
-        m = range_re.match(p)
-        if m:
-            ranges.extend(range(int(m.group(1)), int(m.group(2)) + 1))
-        else:
-            try:
-                ranges.append(int(p))
-            except ValueError:
-                raise click.BadParameter(f'"{s}" is not a comma-separated list of integers (e.g. 2,2,2)')
-    return ranges
+    values = []
+    for token in (part.strip() for part in s.split(',')):
+        span = _INT_SPAN.fullmatch(token)
+        try:
+            values += range(int(span[1]), int(span[2]) + 1) if span else [int(token)]
+        except ValueError:
+            raise click.BadParameter(f'"{s}" is not a comma-separated list of integers (e.g. 2,2,2)')
+    return values
 
 
 # Architecture presets (Table 7 of the paper; channel counts for CIFAR-10 / ImageNet-64).
@@ -139,52 +138,72 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
 
 
 # ----------------------------------------------------------------------------
+# Command line. The options, their help texts and defaults are the paper's CLI (plus our additions), so a
+# command line written for the original code trains the same model here; docs/cli/train.txt is their --help.
 
 
 @click.command()
-
-# Main options.
-@click.option('--outdir',        help='Where to save the results', metavar='DIR',                   type=str, required=True)
-@click.option('--data',          help='Path to the dataset', metavar='ZIP|DIR',                     type=str, required=True)
-@click.option('--cond',          help='Train class-conditional model', metavar='BOOL',              type=bool, default=False, show_default=True)
-@click.option('--arch',          help='Network architecture', metavar='ddpmpp|ncsnpp|adm',          type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
-@click.option('--precond',       help='Preconditioning & loss function', metavar='vp|ve|edm',       type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
-
-# Hyperparameters.
-@click.option('--duration',      help='Training duration', metavar='MIMG',                          type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
-@click.option('--batch',         help='Total batch size', metavar='INT',                            type=click.IntRange(min=1), default=512, show_default=True)
-@click.option('--batch-gpu',     help='Limit batch size per GPU', metavar='INT',                    type=click.IntRange(min=1))
-@click.option('--cbase',         help='Channel multiplier  [default: varies]', metavar='INT',       type=click.IntRange(min=1))
-@click.option('--cres',          help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
-@click.option('--lr',            help='Learning rate', metavar='FLOAT',                             type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
-@click.option('--lr-rampup',     help='Learning rate ramp-up', metavar='KIMG',                      type=click.FloatRange(min=0), default=10000, show_default=True)
-@click.option('--ema',           help='EMA half-life', metavar='MIMG',                              type=click.FloatRange(min=0), default=0.5, show_default=True)
-@click.option('--dropout',       help='Dropout probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
-@click.option('--augment',       help='Augment probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
-@click.option('--xflip',         help='Enable dataset x-flips', metavar='BOOL',                     type=bool, default=False, show_default=True)
-@click.option('--P_mean', 'P_mean', help='EDM loss: mean of ln(sigma)  [default: -1.2]', metavar='FLOAT', type=float)
-@click.option('--P_std', 'P_std',   help='EDM loss: std of ln(sigma)  [default: 1.2]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_data', 'sigma_data', help='EDM: std of the data  [default: 0.5]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-
-# Performance-related.
-@click.option('--fp16',          help='Enable mixed-precision training', metavar='BOOL',            type=bool, default=False, show_default=True)
-@click.option('--bf16',          help='Run the network backbone in bfloat16 (any device)', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--ls',            help='Loss scaling', metavar='FLOAT',                              type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
-@click.option('--bench',         help='Enable cuDNN benchmarking', metavar='BOOL',                  type=bool, default=True, show_default=True)
-@click.option('--cache',         help='Cache dataset in CPU memory', metavar='BOOL',                type=bool, default=True, show_default=True)
-@click.option('--workers',       help='DataLoader worker processes', metavar='INT',                 type=click.IntRange(min=0), default=1, show_default=True)
-
-# I/O-related.
-@click.option('--desc',          help='String to include in result dir name', metavar='STR',        type=str)
-@click.option('--nosubdir',      help='Do not create a subdirectory for results',                   is_flag=True)
-@click.option('--tick',          help='How often to print progress', metavar='KIMG',                type=click.IntRange(min=1), default=50, show_default=True)
-@click.option('--snap',          help='How often to save snapshots', metavar='TICKS',               type=click.IntRange(min=1), default=50, show_default=True)
-@click.option('--dump',          help='How often to dump state', metavar='TICKS',                   type=click.IntRange(min=1), default=500, show_default=True)
-@click.option('--seed',          help='Random seed  [default: random]', metavar='INT',              type=int)
-@click.option('--transfer',      help='Transfer learning from network pickle', metavar='PKL|URL',   type=str)
-@click.option('--resume',        help='Resume from previous training state (file or run folder)', metavar='PT|DIR', type=str)
-@click.option('-n', '--dry-run', help='Print training options and exit',                            is_flag=True)
-
+# The run: where to write it, what data, which model family.
+@click.option('--outdir', help='Where to save the results', metavar='DIR', type=str, required=True)
+@click.option('--data', help='Path to the dataset', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--cond', help='Train class-conditional model', metavar='BOOL', type=bool, default=False,
+              show_default=True)
+@click.option('--arch', help='Network architecture', metavar='ddpmpp|ncsnpp|adm',
+              type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
+@click.option('--precond', help='Preconditioning & loss function', metavar='vp|ve|edm',
+              type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
+# Optimisation schedule, network size, regularisation and the EDM loss parameters.
+@click.option('--duration', help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True),
+              default=200, show_default=True)
+@click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512,
+              show_default=True)
+@click.option('--batch-gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
+@click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+              default=10e-4, show_default=True)
+@click.option('--lr-rampup', help='Learning rate ramp-up', metavar='KIMG', type=click.FloatRange(min=0),
+              default=10000, show_default=True)
+@click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5,
+              show_default=True)
+@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
+              default=0.13, show_default=True)
+@click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
+              default=0.12, show_default=True)
+@click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--P_mean', 'P_mean', help='EDM loss: mean of ln(sigma)  [default: -1.2]', metavar='FLOAT',
+              type=float)
+@click.option('--P_std', 'P_std', help='EDM loss: std of ln(sigma)  [default: 1.2]', metavar='FLOAT',
+              type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_data', 'sigma_data', help='EDM: std of the data  [default: 0.5]', metavar='FLOAT',
+              type=click.FloatRange(min=0, min_open=True))
+# Speed and memory.
+@click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False,
+              show_default=True)
+@click.option('--bf16', help='Run the network backbone in bfloat16 (any device)', metavar='BOOL', type=bool,
+              default=False, show_default=True)
+@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1,
+              show_default=True)
+@click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True,
+              show_default=True)
+@click.option('--cache', help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True,
+              show_default=True)
+@click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=1,
+              show_default=True)
+# Output folder, reporting and checkpoint cadence, starting points.
+@click.option('--desc', help='String to include in result dir name', metavar='STR', type=str)
+@click.option('--nosubdir', help='Do not create a subdirectory for results', is_flag=True)
+@click.option('--tick', help='How often to print progress', metavar='KIMG', type=click.IntRange(min=1), default=50,
+              show_default=True)
+@click.option('--snap', help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1),
+              default=50, show_default=True)
+@click.option('--dump', help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500,
+              show_default=True)
+@click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=int)
+@click.option('--transfer', help='Transfer learning from network pickle', metavar='PKL|URL', type=str)
+@click.option('--resume', help='Resume from previous training state (file or run folder)', metavar='PT|DIR',
+              type=str)
+@click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
 def main(**kwargs):
     """Train diffusion-based generative model using the techniques described in the
     paper "Elucidating the Design Space of Diffusion-Based Generative Models".
@@ -200,76 +219,23 @@ def main(**kwargs):
     torch.multiprocessing.set_start_method('spawn', force=True)
     dist.init()
     world = dist.get_world_size()
+    is_main = dist.get_rank() == 0
+
     c, dataset_name = build_training_options(opts, world)
-
-    # Random seed: rank 0 draws one and shares it.
-    if opts.seed is not None:
-        c.seed = opts.seed
-    else:
-        seed = torch.randint(1 << 31, size=[], device=dist.default_device())
-        if world > 1:
-            torch.distributed.broadcast(seed, src=0)
-        c.seed = int(seed)
-
-    # Description string.
-    cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
-    dtype_str = 'fp16' if c.network_kwargs.use_fp16 else ('bf16' if opts.bf16 else 'fp32')
-    desc = f'{dataset_name:s}-{cond_str:s}-{opts.arch:s}-{opts.precond:s}-gpus{world:d}-batch{c.batch_size:d}-{dtype_str:s}'
-    if opts.desc is not None:
-        desc += f'-{opts.desc}'
-
-    # Pick output directory.
-    if dist.get_rank() != 0:
-        c.run_dir = None
-    elif opts.nosubdir:
-        c.run_dir = opts.outdir
-    else:
-        prev_run_dirs = []
-        if os.path.isdir(opts.outdir):
-            prev_run_dirs = [x for x in os.listdir(opts.outdir) if os.path.isdir(os.path.join(opts.outdir, x))]
-        prev_run_ids = [re.match(r'^\d+', x) for x in prev_run_dirs]
-        prev_run_ids = [int(x.group()) for x in prev_run_ids if x is not None]
-        cur_run_id = max(prev_run_ids, default=-1) + 1
-        c.run_dir = os.path.join(opts.outdir, f'{cur_run_id:05d}-{desc}')
-        if os.path.exists(c.run_dir):
-            raise click.ClickException(f'output folder "{c.run_dir}" already exists')
-
-    # Provenance (rank 0 only: it hashes the dataset listing and asks git).
-    if dist.get_rank() == 0:
+    c.seed = _shared_seed(opts.seed, world)
+    precision = _precision_tag(opts)
+    desc = _run_description(dataset_name, opts, world, c.batch_size, precision)
+    c.run_dir = _choose_run_dir(opts, desc) if is_main else None
+    if is_main:  # hashing the dataset listing and asking git is rank 0's job alone
         c.provenance = provenance(opts.data, c.dataset_kwargs.max_size, opts)
 
-    # Print options.
-    dist.print0()
-    dist.print0('Training options:')
-    dist.print0(json.dumps(c, indent=2))
-    dist.print0()
-    dist.print0(f'Output directory:        {c.run_dir}')
-    dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
-    dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
-    dist.print0(f'Network architecture:    {opts.arch}')
-    dist.print0(f'Preconditioning & loss:  {opts.precond}')
-    dist.print0(f'Number of GPUs:          {world}')
-    dist.print0(f'Batch size:              {c.batch_size}')
-    dist.print0(f'Mixed-precision:         {dtype_str}')
-    dist.print0()
-
-    # Dry run?
+    _print_plan(c, opts, world, precision)
     if opts.dry_run:
         dist.print0('Dry run; exiting.')
         return
 
-    # Create output directory.
     dist.print0('Creating output directory...')
-    logger = None
-    if dist.get_rank() == 0:
-        os.makedirs(c.run_dir, exist_ok=True)
-        tmp = os.path.join(c.run_dir, '.training_options.json.tmp')
-        with open(tmp, 'wt') as f:
-            json.dump(c, f, indent=2)
-        os.replace(tmp, os.path.join(c.run_dir, 'training_options.json'))
-        logger = training_loop.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
-
-    # Train.
+    logger = _create_run_dir(c) if is_main else None
     try:
         result = training_loop.training_loop(**c, device=dist.default_device())
     except training_loop.CheckpointError as e:
@@ -281,90 +247,203 @@ def main(**kwargs):
         dist.print0(f'Stopped early at {result.cur_nimg / 1000:.1f} kimg; continue with --resume={c.run_dir}')
 
 
+# ----------------------------------------------------------------------------
+# Run identity: seed, folder name, folder.
+
+
+def _shared_seed(seed: int | None, world: int) -> int:
+    """--seed, or a random one drawn on rank 0 and sent to all ranks (they must agree on data order)."""
+    if seed is not None:
+        return seed
+    drawn = torch.randint(1 << 31, size=[], device=dist.default_device())
+    if world > 1:
+        torch.distributed.broadcast(drawn, src=0)
+    return int(drawn)
+
+
+def _precision_tag(opts: dnnlib.EasyDict) -> str:
+    return 'fp16' if opts.fp16 else 'bf16' if opts.bf16 else 'fp32'
+
+
+def _run_description(dataset_name: str, opts: dnnlib.EasyDict, world: int, batch_size: int, precision: str) -> str:
+    """The part of the run folder's name after its number, e.g. cifar10-32x32-cond-ddpmpp-edm-gpus8-batch512-fp32."""
+    parts = [dataset_name, 'cond' if opts.cond else 'uncond', opts.arch, opts.precond, f'gpus{world:d}',
+             f'batch{batch_size:d}', precision]
+    if opts.desc is not None:
+        parts.append(opts.desc)
+    return '-'.join(parts)
+
+
+def _next_run_dir(outdir: str, desc: str) -> str:
+    """<outdir>/<NNNNN>-<desc>: NNNNN is one past the highest number that starts a folder name in outdir,
+    so runs sort in the order they were started."""
+    numbers = []
+    if os.path.isdir(outdir):
+        for entry in os.scandir(outdir):
+            leading = re.match(r'\d+', entry.name)
+            if leading is not None and entry.is_dir():
+                numbers.append(int(leading.group()))
+    return os.path.join(outdir, f'{max(numbers, default=-1) + 1:05d}-{desc}')
+
+
+def _choose_run_dir(opts: dnnlib.EasyDict, desc: str) -> str:
+    if opts.nosubdir:
+        return opts.outdir
+    run_dir = _next_run_dir(opts.outdir, desc)
+    if os.path.exists(run_dir):
+        raise click.ClickException(f'output folder "{run_dir}" already exists')
+    return run_dir
+
+
+def _print_plan(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, world: int, precision: str) -> None:
+    dist.print0()
+    dist.print0('Training options:')
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0()
+    summary = [
+        ('Output directory', c.run_dir),
+        ('Dataset path', c.dataset_kwargs.path),
+        ('Class-conditional', c.dataset_kwargs.use_labels),
+        ('Network architecture', opts.arch),
+        ('Preconditioning & loss', opts.precond),
+        ('Number of GPUs', world),
+        ('Batch size', c.batch_size),
+        ('Mixed-precision', precision),
+    ]
+    for label, value in summary:
+        dist.print0(f'{label + ":":<24s} {value}')
+    dist.print0()
+
+
+def _create_run_dir(c: dnnlib.EasyDict) -> training_loop.Logger:
+    """Rank 0: make the folder, record the options (atomically), and start teeing output into log.txt."""
+    os.makedirs(c.run_dir, exist_ok=True)
+    tmp = os.path.join(c.run_dir, '.training_options.json.tmp')
+    with open(tmp, 'wt') as f:
+        json.dump(c, f, indent=2)
+    os.replace(tmp, os.path.join(c.run_dir, 'training_options.json'))
+    return training_loop.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Options -> training_loop kwargs.
+
+
 def build_training_options(opts: dnnlib.EasyDict, world: int):
-    """CLI options -> training_loop kwargs (validated). Returns (options, dataset name)."""
+    """CLI options -> training_loop kwargs (validated). Returns (options, dataset name).
+
+    Checks run in this order: the dataset, then option combinations, then --transfer / --resume; the first
+    problem found is reported as a one-line click error."""
+    dataset = _inspect_dataset(opts)
+    _validate(opts, world)
+
     c = dnnlib.EasyDict()
-    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data,
-                                       use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
+    c.dataset_kwargs = dnnlib.EasyDict(_dataset_base_kwargs(opts), resolution=dataset.resolution,
+                                       max_size=dataset.size)  # pinned: the loop must see the same data
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=opts.workers, prefetch_factor=2)
-    c.network_kwargs = dnnlib.EasyDict()
-    c.loss_kwargs = dnnlib.EasyDict()
+    c.network_kwargs = _network_kwargs(opts)
+    c.loss_kwargs = _loss_kwargs(opts)
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
-
-    # Validate dataset options.
-    if not os.path.exists(opts.data):
-        raise click.ClickException(f'--data: "{opts.data}" does not exist; create a dataset with dataset_tool.py')
-    try:
-        dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
-        dataset_name = dataset_obj.name
-        c.dataset_kwargs.resolution = dataset_obj.resolution  # be explicit about dataset resolution
-        c.dataset_kwargs.max_size = len(dataset_obj)  # be explicit about dataset size
-        if opts.cond and not dataset_obj.has_labels:
-            raise click.ClickException(f'--cond=True requires labels, but "{opts.data}" has no labels in its '
-                                       f'dataset.json; use --cond=False or a labelled dataset')
-        del dataset_obj  # conserve memory
-    except IOError as err:
-        raise click.ClickException(f'--data: {err}')
-
-    # Network architecture.
-    c.network_kwargs.update(ARCH_PRESETS[opts.arch])
-
-    # Preconditioning & loss function.
-    c.network_kwargs.class_name, c.loss_kwargs.class_name = PRECOND_PRESETS[opts.precond]
-    edm_only = {k: opts[k] for k in ('P_mean', 'P_std', 'sigma_data') if opts.get(k) is not None}
-    if edm_only and opts.precond != 'edm':
-        raise click.ClickException(f'--{"/--".join(edm_only)} only apply to --precond=edm')
-    c.loss_kwargs.update(edm_only)
-    if 'sigma_data' in edm_only:  # the network's preconditioning must use the same sigma_data as the loss
-        c.network_kwargs.sigma_data = edm_only['sigma_data']
-
-    # Network options.
-    if opts.cbase is not None:
-        c.network_kwargs.model_channels = opts.cbase
-    if opts.cres is not None:
-        if len(opts.cres) == 0 or min(opts.cres) < 1:
-            raise click.BadParameter('--cres needs positive channel multipliers, e.g. 2,2,2', param_hint='--cres')
-        c.network_kwargs.channel_mult = opts.cres
     if opts.augment:
-        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment)
-        c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
-        c.network_kwargs.augment_dim = 9
-    if opts.fp16 and opts.bf16:
-        raise click.ClickException('--fp16 and --bf16 are mutually exclusive')
-    c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
-    if opts.bf16:
-        c.network_kwargs.use_bf16 = True  # our addition; absent otherwise so the kwargs stay the paper's
+        # Appendix F: geometric augmentations only (x-flips effectively always candidates), each applied with
+        # probability --augment; the network is told which were applied (augment_dim = 9 labels).
+        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8,
+                                           yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 
-    # Training options.
     c.total_kimg = max(int(opts.duration * 1000), 1)
     c.ema_halflife_kimg = int(opts.ema * 1000)
     c.lr_rampup_kimg = opts.lr_rampup
+    c.batch_size = opts.batch
+    c.batch_gpu = opts.batch_gpu
+    c.loss_scaling = opts.ls
+    c.cudnn_benchmark = opts.bench
+    c.kimg_per_tick = opts.tick
+    c.snapshot_ticks = opts.snap
+    c.state_dump_ticks = opts.dump
+    c.update(_starting_point(opts))
+    return c, dataset.name
+
+
+def _dataset_base_kwargs(opts: dnnlib.EasyDict) -> dict:
+    return dict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond,
+                xflip=opts.xflip, cache=opts.cache)
+
+
+def _inspect_dataset(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
+    """Open --data once to learn its name, resolution and size, and check it has labels if --cond asks for them."""
+    if not os.path.exists(opts.data):
+        raise click.ClickException(f'--data: "{opts.data}" does not exist; create a dataset with dataset_tool.py')
+    try:
+        dataset = dnnlib.util.construct_class_by_name(**_dataset_base_kwargs(opts))
+        if opts.cond and not dataset.has_labels:
+            raise click.ClickException(f'--cond=True requires labels, but "{opts.data}" has no labels in its '
+                                       f'dataset.json; use --cond=False or a labelled dataset')
+        return dnnlib.EasyDict(name=dataset.name, resolution=dataset.resolution, size=len(dataset))
+    except OSError as err:
+        raise click.ClickException(f'--data: {err}')
+
+
+def _edm_loss_options(opts: dnnlib.EasyDict) -> dict:
+    """The EDM loss parameters given on the command line (unset ones keep the loss's defaults)."""
+    return {k: opts[k] for k in ('P_mean', 'P_std', 'sigma_data') if opts.get(k) is not None}
+
+
+def _validate(opts: dnnlib.EasyDict, world: int) -> None:
+    """Reject option combinations that cannot work, before anything is built."""
+    edm_only = _edm_loss_options(opts)
+    if edm_only and opts.precond != 'edm':
+        raise click.ClickException(f'--{"/--".join(edm_only)} only apply to --precond=edm')
+    if opts.cres is not None and (len(opts.cres) == 0 or min(opts.cres) < 1):
+        raise click.BadParameter('--cres needs positive channel multipliers, e.g. 2,2,2', param_hint='--cres')
+    if opts.fp16 and opts.bf16:
+        raise click.ClickException('--fp16 and --bf16 are mutually exclusive')
     if opts.batch % world != 0:
         raise click.ClickException(f'--batch={opts.batch} is not divisible by the number of ranks ({world})')
     per_rank = opts.batch // world
     if opts.batch_gpu is not None and opts.batch_gpu < per_rank and per_rank % opts.batch_gpu != 0:
         raise click.ClickException(f'--batch={opts.batch} is not divisible by ranks ({world}) x --batch-gpu='
                                    f'{opts.batch_gpu}; pick --batch-gpu dividing {per_rank}')
-    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
-    c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
-    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
 
-    # Transfer learning and resume.
+
+def _network_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
+    """Architecture preset, preconditioning class, then the per-run overrides."""
+    kwargs = dnnlib.EasyDict(ARCH_PRESETS[opts.arch])
+    kwargs.class_name = PRECOND_PRESETS[opts.precond][0]
+    sigma_data = _edm_loss_options(opts).get('sigma_data')
+    if sigma_data is not None:  # c_skip, c_out, c_in must use the sigma_data the loss weights with
+        kwargs.sigma_data = sigma_data
+    if opts.cbase is not None:
+        kwargs.model_channels = opts.cbase
+    if opts.cres is not None:
+        kwargs.channel_mult = opts.cres
+    if opts.augment:
+        kwargs.augment_dim = 9
+    kwargs.dropout = opts.dropout
+    kwargs.use_fp16 = opts.fp16
+    if opts.bf16:
+        kwargs.use_bf16 = True  # our addition; left out otherwise so the kwargs match the paper's
+    return kwargs
+
+
+def _loss_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
+    return dnnlib.EasyDict(class_name=PRECOND_PRESETS[opts.precond][1], **_edm_loss_options(opts))
+
+
+def _starting_point(opts: dnnlib.EasyDict) -> dict:
+    """Where training starts: from scratch ({}), from a network pickle (--transfer: weights only, EMA without
+    ramp-up), or from a training state (--resume: everything, with the matching snapshot if present)."""
     if opts.transfer is not None:
         if opts.resume is not None:
             raise click.ClickException('--transfer and --resume cannot be specified at the same time')
         if not dnnlib.util.is_url(opts.transfer) and not os.path.isfile(opts.transfer):
             raise click.ClickException(f'--transfer: "{opts.transfer}" is neither a file nor a URL')
-        c.resume_pkl = opts.transfer
-        c.ema_rampup_ratio = None
-    elif opts.resume is not None:
-        state_path = find_resume_state(opts.resume)
-        kimg = _STATE_RE.fullmatch(os.path.basename(state_path)).group(1)
-        pkl = os.path.join(os.path.dirname(state_path), f'network-snapshot-{kimg}.pkl')
-        c.resume_pkl = pkl if os.path.isfile(pkl) else None  # only used for states without EMA weights
-        c.resume_kimg = int(kimg)
-        c.resume_state_dump = state_path
-    return c, dataset_name
+        return dict(resume_pkl=opts.transfer, ema_rampup_ratio=None)
+    if opts.resume is None:
+        return {}
+    state_path = find_resume_state(opts.resume)
+    kimg = _STATE_RE.fullmatch(os.path.basename(state_path)).group(1)
+    pkl = os.path.join(os.path.dirname(state_path), f'network-snapshot-{kimg}.pkl')
+    return dict(resume_pkl=pkl if os.path.isfile(pkl) else None, resume_kimg=int(kimg), resume_state_dump=state_path)
 
 
 # ----------------------------------------------------------------------------

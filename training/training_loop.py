@@ -1,18 +1,31 @@
-"""The main training loop of EDM: DDP over ranks, gradient accumulation, learning-rate ramp-up,
-EMA of the weights, periodic snapshots / state dumps, and exact resume.
+"""Distributed training of an EDM denoiser (the recipe of Section 5 and Appendix F of the paper).
 
-Beyond the paper's loop:
-- training-state files hold only tensors and plain data (torch.load(weights_only=True) reads them),
-  including the data sampler's position and every rank's RNG state, so a resumed run reproduces the
-  uninterrupted run bit for bit on CPU;
-- checkpoints are written atomically (temporary file in the same folder, then os.replace);
-- SIGTERM / SIGINT (cluster preemption, Ctrl-C) make every rank stop at the next step boundary,
-  write a training state and return normally.
+`training_loop(...)` is the entry point that train.py calls with the options it assembled. The work is split
+into small steps, each a function below:
+
+    _batch_layout      how the global batch is divided over ranks and accumulation rounds
+    _make_data         dataset, infinite per-rank sampler, DataLoader
+    _make_networks     denoiser, its EMA copy, DDP wrapper, loss, optimizer, augmentation
+    _restore           weights / optimizer / data position / RNG streams from a snapshot or training state
+    _train_step        one optimizer step (gradient accumulation, lr ramp-up, gradient sanitising)
+    _update_ema        exponential moving average of the weights
+    _report_tick       the status line and the matching training_stats entries
+    _save_state        training-state-*.pt (everything needed to continue bit-exactly)
+    _save_snapshot     network-snapshot-*.pkl (what generate.py and fid.py read)
+
+What this loop adds to the paper's:
+- a training state holds tensors and plain data only (readable with torch.load(weights_only=True)), including
+  the data sampler's position and the RNG state of every rank, so a resumed run repeats the uninterrupted run
+  bit for bit on CPU;
+- every checkpoint is written to a temporary name in its folder and then renamed into place;
+- SIGTERM / SIGINT (cluster preemption, Ctrl-C) are turned into an agreed stop at the next step boundary:
+  all ranks write a training state and training_loop returns normally.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,7 +33,7 @@ import signal
 import sys
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import psutil
@@ -29,6 +42,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
+from torch_utils import persistence
 from torch_utils import training_stats
 
 STATE_FORMAT = 'edm-training-state'
@@ -64,34 +78,38 @@ def sanitize_gradients(params) -> None:
             torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
 
 
+def _pixels_to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [0, 255] -> float32 [-1, 1], the data range the denoiser is trained on."""
+    return images.to(torch.float32) / 127.5 - 1
+
+
 # ----------------------------------------------------------------------------
-# Log file: rank 0 mirrors stdout/stderr into run_dir/log.txt.
+# Log file: rank 0 mirrors everything it prints into run_dir/log.txt.
 
 
 class Logger:
-    """Tee stdout and stderr to a file (append mode) until close()."""
+    """Replaces sys.stdout and sys.stderr with a tee into `file_name` until close() puts them back."""
 
     def __init__(self, file_name: Optional[str] = None, file_mode: str = 'a', should_flush: bool = True):
-        self.file = open(file_name, file_mode) if file_name is not None else None
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        self.file = None if file_name is None else open(file_name, file_mode)
         self.should_flush = should_flush
-        self.stdout = sys.stdout
-        self.stderr = sys.stderr
-        sys.stdout = self
-        sys.stderr = self
+        sys.stdout = sys.stderr = self
+
+    def _targets(self) -> list:
+        return [self.stdout] if self.file is None else [self.file, self.stdout]
 
     def write(self, text: str) -> None:
-        if len(text) == 0:
+        if not text:
             return
-        if self.file is not None:
-            self.file.write(text)
-        self.stdout.write(text)
+        for target in self._targets():
+            target.write(text)
         if self.should_flush:
             self.flush()
 
     def flush(self) -> None:
-        if self.file is not None:
-            self.file.flush()
-        self.stdout.flush()
+        for target in self._targets():
+            target.flush()
 
     def isatty(self) -> bool:
         return False
@@ -149,8 +167,8 @@ def load_training_state(path: str) -> dict:
     except Exception as e:
         if 'Unsupported global' in str(e):
             raise CheckpointError(f'{path}: this training state pickles live modules (the original EDM code\'s '
-                             f'format) and cannot be loaded safely; resume from its network-snapshot-*.pkl '
-                             f'with --transfer instead') from None
+                                  f'format) and cannot be loaded safely; resume from its network-snapshot-*.pkl '
+                                  f'with --transfer instead') from None
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CheckpointError(f'{path}: not a readable training state ({reason[:200]})') from None
     if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
@@ -230,38 +248,83 @@ def _worker_ignore_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _signal_name(stopped) -> str:
+    try:
+        return signal.Signals(stopped).name
+    except (ValueError, TypeError):
+        return str(stopped)
+
+
+def _agree_to_stop(vote: torch.Tensor, world: int, group) -> bool:
+    """True on every rank as soon as any rank was asked to stop: ranks must leave the loop after the same
+    step, or the next DDP all-reduce would hang."""
+    vote.fill_(int(_stop_signal is not None or dist.should_stop()))
+    if world > 1:
+        torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX, group=group)
+    return bool(vote.item())
+
+
 # ----------------------------------------------------------------------------
+# Public entry point.
 
 
-def training_loop(
-    run_dir             = '.',      # Output directory.
-    dataset_kwargs      = {},       # Options for training set.
-    data_loader_kwargs  = {},       # Options for torch.utils.data.DataLoader.
-    network_kwargs      = {},       # Options for model and preconditioning.
-    loss_kwargs         = {},       # Options for loss function.
-    optimizer_kwargs    = {},       # Options for optimizer.
-    augment_kwargs      = None,     # Options for augmentation pipeline, None = disable.
-    seed                = 0,        # Global random seed.
-    batch_size          = 512,      # Total batch size for one training iteration.
-    batch_gpu           = None,     # Limit batch size per GPU, None = no limit.
-    total_kimg          = 200000,   # Training duration, measured in thousands of training images.
-    ema_halflife_kimg   = 500,      # Half-life of the exponential moving average (EMA) of model weights.
-    ema_rampup_ratio    = 0.05,     # EMA ramp-up coefficient, None = no rampup.
-    lr_rampup_kimg      = 10000,    # Learning rate ramp-up duration.
-    loss_scaling        = 1,        # Loss scaling factor for reducing FP16 under/overflows.
-    kimg_per_tick       = 50,       # Interval of progress prints.
-    snapshot_ticks      = 50,       # How often to save network snapshots, None = disable.
-    state_dump_ticks    = 500,      # How often to dump training state, None = disable.
-    resume_pkl          = None,     # Start from the given network snapshot, None = random initialization.
-    resume_state_dump   = None,     # Start from the given training state, None = reset training state.
-    resume_kimg         = 0,        # Start from the given training progress.
-    cudnn_benchmark     = True,     # Enable torch.backends.cudnn.benchmark?
-    device              = torch.device('cuda'),
-    print_summary       = True,     # Print the network summary table on rank 0.
-    provenance          = None,     # Recorded in training_options.json by train.py; unused here.
-) -> dnnlib.EasyDict:
-    """Train; returns EasyDict(cur_nimg, stopped) where stopped names the signal that ended it early."""
+def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network_kwargs={}, loss_kwargs={},
+                  optimizer_kwargs={}, augment_kwargs=None, seed=0, batch_size=512, batch_gpu=None,
+                  total_kimg=200000, ema_halflife_kimg=500, ema_rampup_ratio=0.05, lr_rampup_kimg=10000,
+                  loss_scaling=1, kimg_per_tick=50, snapshot_ticks=50, state_dump_ticks=500, resume_pkl=None,
+                  resume_state_dump=None, resume_kimg=0, cudnn_benchmark=True, device=torch.device('cuda'),
+                  print_summary=True, provenance=None) -> dnnlib.EasyDict:
+    """Train a preconditioned denoiser on every rank of the current process group (none: a single process).
+
+    The keyword names and defaults are those of the paper's training loop, so a training_options.json
+    written by train.py is a valid call: `training_loop(**json.load(f), device=...)`. The dict arguments
+    are only read, never modified.
+
+    Args:
+        run_dir: folder for log.txt, stats.jsonl, network-snapshot-*.pkl and training-state-*.pt. Only
+            rank 0 writes there (other ranks may pass None).
+        dataset_kwargs: `class_name` + constructor kwargs of the training set (training.dataset).
+        data_loader_kwargs: extra kwargs for torch.utils.data.DataLoader (pin_memory, num_workers, ...).
+        network_kwargs: `class_name` + kwargs of the preconditioned network (training.networks.*Precond);
+            img_resolution, img_channels and label_dim are taken from the dataset.
+        loss_kwargs: `class_name` + kwargs of the loss (training.loss.VPLoss / VELoss / EDMLoss).
+        optimizer_kwargs: `class_name` + kwargs of the optimizer; its `lr` is the peak learning rate.
+        augment_kwargs: `class_name` + kwargs of the augmentation pipeline (Appendix F), None = no augmentation.
+        seed: global seed; rank r of W seeds numpy with seed * W + r and torch from that.
+        batch_size: images per optimizer step, summed over all ranks.
+        batch_gpu: most images one rank pushes through the network at once (None = batch_size / ranks);
+            smaller values trade speed for memory via gradient accumulation.
+        total_kimg: training length in thousands of images.
+        ema_halflife_kimg: half-life of the weight EMA in thousands of images.
+        ema_rampup_ratio: during ramp-up the EMA half-life is at most this fraction of the images seen so
+            far; None = the full half-life from the first step (used for transfer learning).
+        lr_rampup_kimg: length of the linear learning-rate warm-up in thousands of images.
+        loss_scaling: constant the loss is multiplied with before backward (guards fp16 gradients).
+        kimg_per_tick: thousands of images between status lines / stats.jsonl records.
+        snapshot_ticks: ticks between network snapshots, None = never.
+        state_dump_ticks: ticks between training states, None = only when stopped by a signal.
+        resume_pkl: network pickle whose EMA weights initialise both the network and its EMA.
+        resume_state_dump: training-state-*.pt to continue from (weights, optimizer, data order, RNG).
+        resume_kimg: training progress to start counting from when resuming from a pickle only.
+        cudnn_benchmark: value for torch.backends.cudnn.benchmark.
+        device: device of this rank.
+        print_summary: print the network's layer table on rank 0 before training.
+        provenance: run metadata that train.py records in training_options.json; unused here.
+
+    Returns:
+        EasyDict(cur_nimg, stopped): images trained on when the loop ended, and the signal number that
+        ended it early (the string 'should_stop' for the distributed module's stop hook), else None.
+    """
     global _stop_signal
+    cfg = dnnlib.EasyDict(run_dir=run_dir, dataset_kwargs=dataset_kwargs, data_loader_kwargs=data_loader_kwargs,
+                          network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, optimizer_kwargs=optimizer_kwargs,
+                          augment_kwargs=augment_kwargs, seed=seed, batch_size=batch_size, total_kimg=total_kimg,
+                          ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio,
+                          lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling, kimg_per_tick=kimg_per_tick,
+                          snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks, resume_pkl=resume_pkl,
+                          resume_state_dump=resume_state_dump, resume_kimg=resume_kimg,
+                          cudnn_benchmark=cudnn_benchmark, print_summary=print_summary)
+    del provenance
     _stop_signal = None
     dist.init()
     device = torch.device(device)
@@ -269,17 +332,18 @@ def training_loop(
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise RuntimeError('training_loop: device is CUDA but no GPU is available; pass device=torch.device("cpu")')
 
+    # train.py already tees the output into log.txt; direct callers get the same file.
     logger = None
     if rank == 0 and run_dir is not None and not isinstance(sys.stdout, Logger):
         os.makedirs(run_dir, exist_ok=True)
         logger = Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
     previous_handlers = _install_signal_handlers()
-    args = dict(locals())
     try:
         with warnings.catch_warnings():
-            # Harmless DDP notice for 1x1 convolutions whose grads come back in another memory layout.
+            # DDP complains when a 1x1 convolution's gradient arrives in another memory layout than its
+            # bucket; the copy it makes is correct, the message is noise.
             warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
-            return _training_loop(**{k: args[k] for k in _LOOP_ARGS})
+            return _train(cfg, batch_gpu, device, rank, world)
     finally:
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
@@ -287,274 +351,140 @@ def training_loop(
             logger.close()
 
 
-_LOOP_ARGS = ('run_dir dataset_kwargs data_loader_kwargs network_kwargs loss_kwargs optimizer_kwargs augment_kwargs '
-              'seed batch_size batch_gpu total_kimg ema_halflife_kimg ema_rampup_ratio lr_rampup_kimg loss_scaling '
-              'kimg_per_tick snapshot_ticks state_dump_ticks resume_pkl resume_state_dump resume_kimg cudnn_benchmark '
-              'device print_summary rank world').split()
+# ----------------------------------------------------------------------------
+# Set-up.
 
 
-def _training_loop(*, run_dir, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, optimizer_kwargs,
-                   augment_kwargs, seed, batch_size, batch_gpu, total_kimg, ema_halflife_kimg, ema_rampup_ratio,
-                   lr_rampup_kimg, loss_scaling, kimg_per_tick, snapshot_ticks, state_dump_ticks, resume_pkl,
-                   resume_state_dump, resume_kimg, cudnn_benchmark, device, print_summary, rank, world):
-    # Initialize.
-    start_time = time.time()
-    np.random.seed((seed * world + rank) % (1 << 31))
+def _seed_rank(seed: int, rank: int, world: int, offset: int = 0) -> None:
+    """Give every rank its own numpy and torch streams, derived from the global seed.
+
+    `offset` (the images already seen) is only used when a training state cannot restore the exact streams."""
+    np.random.seed((seed * world + rank + offset) % (1 << 31))
     torch.manual_seed(np.random.randint(1 << 31))
+
+
+def _configure_numerics(cudnn_benchmark: bool) -> None:
+    """Full fp32 matmuls and convolutions (no TF32, no reduced-precision fp16 reductions): training then
+    matches the paper's numerics and stays reproducible across GPU generations."""
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-    training_stats.init_multiprocessing(rank=rank, sync_device=device if device.type == 'cuda' else None)
-    # Stop flags and RNG states travel over a CPU gloo group so they never sync the GPU stream.
-    cpu_group = None
-    if world > 1 and torch.distributed.get_backend() != 'gloo':
-        cpu_group = torch.distributed.new_group(backend='gloo')
 
-    # Select batch size per GPU.
+
+def _cpu_side_group(world: int):
+    """A gloo group for the small control messages (stop vote, RNG states, digests), so that under NCCL
+    they never wait on the GPU stream. None = the default group, which already is gloo."""
+    if world > 1 and torch.distributed.get_backend() != 'gloo':
+        return torch.distributed.new_group(backend='gloo')
+    return None
+
+
+class _BatchLayout(NamedTuple):
+    per_rank: int  # images one rank contributes to an optimizer step
+    batch_gpu: int  # images per forward/backward pass
+    rounds: int  # forward/backward passes per optimizer step
+
+
+def _batch_layout(batch_size: int, batch_gpu: Optional[int], world: int) -> _BatchLayout:
+    """Split the global batch: batch_size = world x rounds x batch_gpu, with batch_gpu capped at the
+    per-rank share. Gradients of the rounds add up, so the step equals one pass over the whole batch."""
     if batch_size % world != 0:
         raise ValueError(f'batch_size={batch_size} is not divisible by the number of ranks ({world})')
-    batch_gpu_total = batch_size // world
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
-    if batch_gpu_total % batch_gpu != 0:
-        raise ValueError(f'per-rank batch {batch_gpu_total} (batch_size {batch_size} / {world} ranks) is not '
-                         f'divisible by batch_gpu={batch_gpu}')
-    num_accumulation_rounds = batch_gpu_total // batch_gpu
-    assert batch_size == batch_gpu * num_accumulation_rounds * world
+    per_rank = batch_size // world
+    chunk = per_rank if batch_gpu is None else min(batch_gpu, per_rank)
+    if per_rank % chunk != 0:
+        raise ValueError(f'per-rank batch {per_rank} (batch_size {batch_size} / {world} ranks) is not '
+                         f'divisible by batch_gpu={chunk}')
+    return _BatchLayout(per_rank=per_rank, batch_gpu=chunk, rounds=per_rank // chunk)
 
-    # Training state to resume from (read first: it positions the data sampler).
-    state = None
-    if resume_state_dump is not None:
-        dist.print0(f'Loading training state from "{resume_state_dump}"...')
-        state = load_training_state(resume_state_dump)
 
-    # Load dataset.
+def _loader_options(data_loader_kwargs: dict, device: torch.device) -> dict:
+    """DataLoader kwargs adjusted to what this process can use: worker-only options dropped without
+    workers, workers that ignore Ctrl-C / SIGTERM, no pinned memory without CUDA."""
+    options = dict(data_loader_kwargs)
+    if options.get('num_workers', 0) == 0:
+        options.pop('prefetch_factor', None)
+        options.pop('persistent_workers', None)
+    else:
+        options.setdefault('worker_init_fn', _worker_ignore_signals)
+    if device.type != 'cuda':
+        options.pop('pin_memory', None)
+    return options
+
+
+def _make_data(cfg: dnnlib.EasyDict, layout: _BatchLayout, rank: int, world: int, device: torch.device,
+               state: Optional[dict]) -> dnnlib.EasyDict:
+    """Dataset, the endless shuffled stream of this rank's batches, and a cursor that tracks how far the
+    loop (not the prefetching loader) has read, so a training state records the exact data position."""
     dist.print0('Loading dataset...')
-    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-    dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world, seed=seed)
+    dataset = dnnlib.util.construct_class_by_name(**cfg.dataset_kwargs)
+    sampler = misc.InfiniteSampler(dataset=dataset, rank=rank, num_replicas=world, seed=cfg.seed)
     if state is not None and state.get('sampler') is not None:
         try:
-            dataset_sampler.load_state_dict(state['sampler'])
+            sampler.load_state_dict(state['sampler'])
         except ValueError as e:
-            raise CheckpointError(f'{resume_state_dump}: {e} (same --data as the original run?)') from None
-    sampler_cursor = dataset_sampler.cursor()  # mirrors what the loop has consumed (the loader prefetches)
-    loader_kwargs = dict(data_loader_kwargs)
-    if loader_kwargs.get('num_workers', 0) == 0:
-        loader_kwargs.pop('prefetch_factor', None)
-        loader_kwargs.pop('persistent_workers', None)
-    elif 'worker_init_fn' not in loader_kwargs:
-        loader_kwargs['worker_init_fn'] = _worker_ignore_signals
-    if device.type != 'cuda':
-        loader_kwargs.pop('pin_memory', None)
-    dataset_iterator = iter(torch.utils.data.DataLoader(dataset=dataset_obj, sampler=dataset_sampler,
-                                                        batch_size=batch_gpu, **loader_kwargs))
+            raise CheckpointError(f'{cfg.resume_state_dump}: {e} (same --data as the original run?)') from None
+    cursor = sampler.cursor()
+    loader = torch.utils.data.DataLoader(dataset=dataset, sampler=sampler, batch_size=layout.batch_gpu,
+                                         **_loader_options(cfg.data_loader_kwargs, device))
+    return dnnlib.EasyDict(dataset=dataset, cursor=cursor, batches=iter(loader))
 
-    # Construct network.
+
+def _make_networks(cfg: dnnlib.EasyDict, dataset, batch_gpu: int, rank: int,
+                   device: torch.device) -> dnnlib.EasyDict:
+    """The trainable denoiser D (shape from the dataset), its DDP wrapper, the EMA copy used for sampling,
+    the loss that draws sigma and weights the error, the optimizer and the optional augmentation pipe."""
     dist.print0('Constructing network...')
-    interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels,
-                            label_dim=dataset_obj.label_dim)
-    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)  # subclass of torch.nn.Module
+    net = dnnlib.util.construct_class_by_name(**cfg.network_kwargs, img_resolution=dataset.resolution,
+                                              img_channels=dataset.num_channels, label_dim=dataset.label_dim)
     net.train().requires_grad_(True).to(device)
-    if rank == 0 and print_summary:
+    if rank == 0 and cfg.print_summary:
+        shape = [batch_gpu, net.img_channels, net.img_resolution, net.img_resolution]
+        probe = [torch.zeros(shape, device=device), torch.ones([batch_gpu], device=device),
+                 torch.zeros([batch_gpu, net.label_dim], device=device)]
         with torch.no_grad():
-            images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
-            sigma = torch.ones([batch_gpu], device=device)
-            labels = torch.zeros([batch_gpu, net.label_dim], device=device)
-            misc.print_module_summary(net, [images, sigma, labels], max_nesting=2)
+            misc.print_module_summary(net, probe, max_nesting=2)
 
-    # Setup optimizer.
     dist.print0('Setting up optimizer...')
-    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)  # training.loss.(VP|VE|EDM)Loss
-    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)  # torch.optim.Adam
-    augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
-    with warnings.catch_warnings():  # newer torch deprecates broadcast_buffers; its meaning is what we want
+    loss_fn = dnnlib.util.construct_class_by_name(**cfg.loss_kwargs)
+    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **cfg.optimizer_kwargs)
+    augment_pipe = None
+    if cfg.augment_kwargs is not None:
+        augment_pipe = dnnlib.util.construct_class_by_name(**cfg.augment_kwargs)
+    with warnings.catch_warnings():  # recent torch deprecates broadcast_buffers=False; it is what we mean
         warnings.filterwarnings('ignore', message='.*broadcast_buffers.*')
         ddp = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-
-    # Resume training from previous snapshot.
-    cur_nimg = int(resume_kimg * 1000)
-    if resume_pkl is not None and not (state is not None and 'ema' in state):
-        from torch_utils import persistence  # networks owner's safe loader
-        dist.print0(f'Loading network weights from "{resume_pkl}"...')
-        if rank != 0:
-            dist.barrier()  # rank 0 goes first (downloads into the cache)
-        try:
-            data = persistence.load_network_pkl(resume_pkl)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f'{resume_pkl}: cannot load network snapshot ({e})') from None
-        if rank == 0:
-            dist.barrier()  # other ranks follow
-        src = data['ema']
-        if getattr(src, 'label_dim', net.label_dim) != net.label_dim:
-            raise CheckpointError(f'{resume_pkl}: network has label_dim={src.label_dim} but the dataset gives '
-                             f'{net.label_dim} (check --cond and the dataset labels)')
-        try:
-            misc.copy_params_and_buffers(src_module=src, dst_module=net, require_all=False)
-            misc.copy_params_and_buffers(src_module=src, dst_module=ema, require_all=False)
-        except ValueError as e:
-            raise CheckpointError(f'{resume_pkl}: {e} (same --arch/--cbase/--cres as that network?)') from None
-        del data, src
-    if state is not None:
-        _load_state_into(state, resume_state_dump, net, ema, optimizer)
-        cur_nimg = int(state['cur_nimg'])
-        rngs = state.get('rng')
-        if rngs is not None and len(rngs) == world:
-            _set_rng_state(rngs[rank], device)  # continue every rank's random streams exactly
-        else:
-            dist.print0(f'Warning: training state was written by {0 if rngs is None else len(rngs)} ranks, '
-                        f'now {world}; random streams are re-seeded (training continues, not bit-exact)')
-            np.random.seed((seed * world + rank + cur_nimg) % (1 << 31))
-            torch.manual_seed(np.random.randint(1 << 31))
-        del state
-
-    if cur_nimg >= total_kimg * 1000:
-        dist.print0(f'Already trained for {cur_nimg / 1000:g} kimg >= total_kimg={total_kimg}; nothing to do.')
-        return dnnlib.EasyDict(cur_nimg=cur_nimg, stopped=None)
-
-    # Train.
-    dist.print0(f'Training for {total_kimg} kimg...')
-    dist.print0()
-    start_nimg = cur_nimg
-    cur_tick = 0
-    tick_start_nimg = cur_nimg
-    tick_start_time = time.time()
-    maintenance_time = tick_start_time - start_time
-    dist.update_progress(cur_nimg // 1000, total_kimg)
-    stats_jsonl = None
-    stopped = None
-    stop_flag = torch.zeros([1], dtype=torch.int32)
-    while True:
-
-        # Accumulate gradients.
-        optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(num_accumulation_rounds):
-            with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
-                images, labels = next(dataset_iterator)
-                images = images.to(device).to(torch.float32) / 127.5 - 1
-                labels = labels.to(device)
-                loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
-                training_stats.report('Loss/loss', loss)
-                loss.sum().mul(loss_scaling / batch_gpu_total).backward()
-
-        # Update weights.
-        lr = learning_rate(optimizer_kwargs['lr'], cur_nimg, lr_rampup_kimg)
-        for g in optimizer.param_groups:
-            g['lr'] = lr
-        sanitize_gradients(net.parameters())
-        optimizer.step()
-
-        # Update EMA.
-        beta = ema_beta(batch_size, cur_nimg, ema_halflife_kimg, ema_rampup_ratio)
-        with torch.no_grad():
-            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
-
-        # Perform maintenance tasks once per tick.
-        cur_nimg += batch_size
-        sampler_cursor.advance(batch_size)
-        done = (cur_nimg >= total_kimg * 1000)
-
-        # Preemption: every rank agrees on stopping at this step boundary.
-        stop_flag.fill_(int(_stop_signal is not None or dist.should_stop()))
-        if world > 1:
-            torch.distributed.all_reduce(stop_flag, op=torch.distributed.ReduceOp.MAX, group=cpu_group)
-        stop_requested = bool(stop_flag.item())
-
-        if (not done) and (not stop_requested) and (cur_tick != 0) and \
-                (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
-            continue
-
-        # Print status line, accumulating the same information in training_stats.
-        tick_end_time = time.time()
-        fields = []
-        fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
-        fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.1f}"]
-        fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
-        fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
-        fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / (cur_nimg - tick_start_nimg) * 1e3):<7.2f}"]
-        fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
-        fields += [f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
-        gpumem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
-        reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == 'cuda' else 0.0
-        fields += [f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', gpumem):<6.2f}"]
-        fields += [f"reserved {training_stats.report0('Resources/peak_gpu_mem_reserved_gb', reserved):<6.2f}"]
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(device)
-        dist.print0(' '.join(fields))
-
-        # Check for abort.
-        if (not done) and stop_requested:
-            done = True
-            stopped = _stop_signal if _stop_signal is not None else 'should_stop'
-            dist.print0()
-            dist.print0(f'Stop requested ({_signal_name(stopped)}); saving training state and exiting...')
-
-        # Save full dump of the training state (first: it is what a preempted job needs).
-        dump_due = (state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0)
-        if (dump_due or stopped is not None) and (cur_tick != 0 or done) and cur_nimg > start_nimg:
-            rngs = _gather_objects(_rng_state(device), cpu_group)
-            digests = _gather_objects(module_digest(net), cpu_group)
-            if rank == 0:
-                if len(set(digests)) != 1:
-                    print(f'Warning: ranks hold different weights at {cur_nimg / 1000:.1f} kimg: {digests}')
-                state = dict(
-                    format=STATE_FORMAT, version=STATE_VERSION,
-                    cur_nimg=int(cur_nimg), batch_size=int(batch_size), world_size=int(world), seed=int(seed),
-                    net=_to_cpu(net.state_dict()), ema=_to_cpu(ema.state_dict()),
-                    optimizer_state=_to_cpu(optimizer.state_dict()),
-                    sampler=sampler_cursor.state_dict(), rng=rngs, rank_digests=digests,
-                )
-                atomic_torch_save(state, os.path.join(run_dir, f'training-state-{cur_nimg//1000:06d}.pt'))
-                del state
-
-        # Save network snapshot.
-        if (snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0):
-            data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
-            for key, value in data.items():
-                if isinstance(value, torch.nn.Module):
-                    value = copy.deepcopy(value).eval().requires_grad_(False)
-                    misc.check_ddp_consistency(value)
-                    data[key] = value.cpu()
-                del value  # conserve memory
-            if rank == 0:
-                from torch_utils import persistence
-                persistence.save_network_pkl(data, os.path.join(run_dir, f'network-snapshot-{cur_nimg//1000:06d}.pkl'))
-            del data  # conserve memory
-
-        # Update logs.
-        training_stats.default_collector.update()
-        if rank == 0:
-            if stats_jsonl is None:
-                stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
-            stats_jsonl.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
-            stats_jsonl.flush()
-        dist.update_progress(cur_nimg // 1000, total_kimg)
-
-        # Update state.
-        cur_tick += 1
-        tick_start_nimg = cur_nimg
-        tick_start_time = time.time()
-        maintenance_time = tick_start_time - tick_end_time
-        if done:
-            break
-
-    # Done.
-    if stats_jsonl is not None:
-        stats_jsonl.close()
-    del dataset_iterator  # shuts the loader's workers down
-    dist.print0()
-    dist.print0('Exiting...')
-    return dnnlib.EasyDict(cur_nimg=cur_nimg, stopped=stopped)
+    return dnnlib.EasyDict(net=net, ddp=ddp, ema=ema, loss_fn=loss_fn, optimizer=optimizer,
+                           augment_pipe=augment_pipe)
 
 
-def _signal_name(stopped) -> str:
+# ----------------------------------------------------------------------------
+# Resume.
+
+
+def _load_network_pickle(path: str, model: dnnlib.EasyDict, rank: int) -> None:
+    """Transfer learning: start both the network and its EMA from a snapshot's EMA weights."""
+    dist.print0(f'Loading network weights from "{path}"...')
+    if rank != 0:
+        dist.barrier()  # let rank 0 fill the download cache first
     try:
-        return signal.Signals(stopped).name
-    except (ValueError, TypeError):
-        return str(stopped)
+        data = persistence.load_network_pkl(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f'{path}: cannot load network snapshot ({e})') from None
+    if rank == 0:
+        dist.barrier()
+    source = data['ema']
+    if getattr(source, 'label_dim', model.net.label_dim) != model.net.label_dim:
+        raise CheckpointError(f'{path}: network has label_dim={source.label_dim} but the dataset gives '
+                              f'{model.net.label_dim} (check --cond and the dataset labels)')
+    try:
+        for target in (model.net, model.ema):
+            misc.copy_params_and_buffers(src_module=source, dst_module=target, require_all=False)
+    except ValueError as e:
+        raise CheckpointError(f'{path}: {e} (same --arch/--cbase/--cres as that network?)') from None
 
 
 def _load_state_into(state: dict, path: str, net: torch.nn.Module, ema: torch.nn.Module,
@@ -566,9 +496,255 @@ def _load_state_into(state: dict, path: str, net: torch.nn.Module, ema: torch.nn
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise CheckpointError(f'{path}: "{name}" does not match the network built from the current options '
-                             f'(same --arch/--precond/--cbase/--cres/--cond/--augment as the original run?): '
-                             f'{" ".join(first[:2])}') from None
+                                  f'(same --arch/--precond/--cbase/--cres/--cond/--augment as the original run?): '
+                                  f'{" ".join(first[:2])}') from None
     try:
         optimizer.load_state_dict(state['optimizer_state'])
     except (ValueError, KeyError) as e:
         raise CheckpointError(f'{path}: optimizer state does not match the network ({e})') from None
+
+
+def _restore(cfg: dnnlib.EasyDict, model: dnnlib.EasyDict, state: Optional[dict], rank: int, world: int,
+             device: torch.device) -> int:
+    """Bring the freshly built run to where it should start and return that position in images.
+
+    A training state carries its own EMA weights, so a network pickle is only read without one
+    (transfer learning, or the paper's --resume of a pickle plus resume_kimg)."""
+    cur_nimg = int(cfg.resume_kimg * 1000)
+    if cfg.resume_pkl is not None and state is None:
+        _load_network_pickle(cfg.resume_pkl, model, rank)
+    if state is None:
+        return cur_nimg
+    _load_state_into(state, cfg.resume_state_dump, model.net, model.ema, model.optimizer)
+    cur_nimg = int(state['cur_nimg'])
+    streams = state.get('rng')
+    if streams is not None and len(streams) == world:
+        _set_rng_state(streams[rank], device)  # each rank continues its own random streams exactly
+    else:
+        dist.print0(f'Warning: training state was written by {0 if streams is None else len(streams)} ranks, '
+                    f'now {world}; random streams are re-seeded (training continues, not bit-exact)')
+        _seed_rank(cfg.seed, rank, world, offset=cur_nimg)
+    return cur_nimg
+
+
+# ----------------------------------------------------------------------------
+# One training step.
+
+
+def _train_step(cfg: dnnlib.EasyDict, model: dnnlib.EasyDict, batches, layout: _BatchLayout, cur_nimg: int,
+                device: torch.device) -> None:
+    """One optimizer step over batch_size images.
+
+    Each rank runs `layout.rounds` forward/backward passes and DDP averages the gradients across ranks only
+    on the last one. The per-pixel loss is summed and divided by the per-rank batch (times loss_scaling),
+    matching the paper's objective; the learning rate follows the warm-up schedule of the images seen so far."""
+    model.optimizer.zero_grad(set_to_none=True)
+    for round_idx in range(layout.rounds):
+        with misc.ddp_sync(model.ddp, round_idx == layout.rounds - 1):
+            images, labels = next(batches)
+            images = _pixels_to_model_range(images.to(device))
+            loss = model.loss_fn(net=model.ddp, images=images, labels=labels.to(device),
+                                 augment_pipe=model.augment_pipe)
+            training_stats.report('Loss/loss', loss)
+            loss.sum().mul(cfg.loss_scaling / layout.per_rank).backward()
+
+    lr = learning_rate(cfg.optimizer_kwargs['lr'], cur_nimg, cfg.lr_rampup_kimg)
+    for group in model.optimizer.param_groups:
+        group['lr'] = lr
+    sanitize_gradients(model.net.parameters())
+    model.optimizer.step()
+
+
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    """ema <- beta * ema + (1 - beta) * net for every parameter; buffers keep their initial values."""
+    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+        p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+
+
+# ----------------------------------------------------------------------------
+# Ticks: progress is reported every kimg_per_tick thousand images; checkpoints are counted in ticks.
+
+
+@dataclasses.dataclass
+class _TickClock:
+    index: int
+    start_nimg: int
+    start_time: float
+    maintenance_sec: float  # time between the end of the previous tick's steps and the start of this tick
+
+    def due(self, cur_nimg: int, kimg_per_tick: float) -> bool:
+        """Tick 0 ends after the very first step (an early sign of life); later ticks span kimg_per_tick."""
+        return self.index == 0 or cur_nimg >= self.start_nimg + kimg_per_tick * 1000
+
+    def next_tick(self, cur_nimg: int, steps_end_time: float) -> None:
+        self.index += 1
+        self.start_nimg = cur_nimg
+        self.start_time = time.time()
+        self.maintenance_sec = self.start_time - steps_end_time
+
+
+def _every(ticks: Optional[int], tick: int, done: bool) -> bool:
+    """Whether a periodic save falls on this tick (None = never); the final tick always saves."""
+    return ticks is not None and (done or tick % ticks == 0)
+
+
+def _report_tick(clock: _TickClock, cur_nimg: int, now: float, run_start: float, device: torch.device) -> str:
+    """Record this tick's progress, timing and memory in training_stats (-> stats.jsonl) and return the
+    same numbers as the status line."""
+    tick_sec = now - clock.start_time
+    peak_gb = reserved_gb = 0.0
+    if device.type == 'cuda':
+        peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
+        reserved_gb = torch.cuda.max_memory_reserved(device) / 2**30
+    columns = [  # (label, stats name, value, format spec)
+        ('tick', 'Progress/tick', clock.index, '<5d'),
+        ('kimg', 'Progress/kimg', cur_nimg / 1e3, '<9.1f'),
+        ('time', 'Timing/total_sec', now - run_start, None),
+        ('sec/tick', 'Timing/sec_per_tick', tick_sec, '<7.1f'),
+        ('sec/kimg', 'Timing/sec_per_kimg', tick_sec / (cur_nimg - clock.start_nimg) * 1e3, '<7.2f'),
+        ('maintenance', 'Timing/maintenance_sec', clock.maintenance_sec, '<6.1f'),
+        ('cpumem', 'Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30, '<6.2f'),
+        ('gpumem', 'Resources/peak_gpu_mem_gb', peak_gb, '<6.2f'),
+        ('reserved', 'Resources/peak_gpu_mem_reserved_gb', reserved_gb, '<6.2f'),
+    ]
+    parts = []
+    for label, stat_name, value, spec in columns:
+        value = training_stats.report0(stat_name, value)
+        text = f'{dnnlib.util.format_time(value):<12s}' if spec is None else format(value, spec)
+        parts.append(f'{label} {text}')
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)  # the next tick reports its own peak
+    return ' '.join(parts)
+
+
+# ----------------------------------------------------------------------------
+# Saving.
+
+
+def _save_state(cfg: dnnlib.EasyDict, model: dnnlib.EasyDict, cursor, cur_nimg: int, rank: int, world: int,
+                device: torch.device, group) -> None:
+    """training-state-<kimg>.pt: weights, EMA, Adam moments, data position and every rank's RNG state.
+
+    All ranks take part (they send rank 0 their RNG state and a digest of their weights); rank 0 writes."""
+    streams = _gather_objects(_rng_state(device), group)
+    digests = _gather_objects(module_digest(model.net), group)
+    if rank != 0:
+        return
+    if len(set(digests)) != 1:
+        print(f'Warning: ranks hold different weights at {cur_nimg / 1000:.1f} kimg: {digests}')
+    state = dict(
+        format=STATE_FORMAT, version=STATE_VERSION,
+        cur_nimg=int(cur_nimg), batch_size=int(cfg.batch_size), world_size=int(world), seed=int(cfg.seed),
+        net=_to_cpu(model.net.state_dict()), ema=_to_cpu(model.ema.state_dict()),
+        optimizer_state=_to_cpu(model.optimizer.state_dict()),
+        sampler=cursor.state_dict(), rng=streams, rank_digests=digests,
+    )
+    atomic_torch_save(state, os.path.join(cfg.run_dir, f'training-state-{cur_nimg//1000:06d}.pt'))
+
+
+def _frozen_cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """An inference copy of `module` on the CPU, after checking every rank holds the same weights."""
+    module = copy.deepcopy(module).eval().requires_grad_(False)
+    misc.check_ddp_consistency(module)
+    return module.cpu()
+
+
+def _save_snapshot(cfg: dnnlib.EasyDict, model: dnnlib.EasyDict, cur_nimg: int, rank: int) -> None:
+    """network-snapshot-<kimg>.pkl in the paper's layout: {ema, loss_fn, augment_pipe, dataset_kwargs}.
+    All ranks take part in the consistency check; rank 0 writes."""
+    contents = dict(ema=model.ema, loss_fn=model.loss_fn, augment_pipe=model.augment_pipe,
+                    dataset_kwargs=dict(cfg.dataset_kwargs))
+    contents = {key: _frozen_cpu_copy(value) if isinstance(value, torch.nn.Module) else value
+                for key, value in contents.items()}
+    if rank == 0:
+        persistence.save_network_pkl(contents, os.path.join(cfg.run_dir, f'network-snapshot-{cur_nimg//1000:06d}.pkl'))
+
+
+def _append_stats(stats_file, run_dir: Optional[str], rank: int):
+    """Close this tick's training_stats window (collective) and append it as one line of stats.jsonl.
+    Returns the open file (rank 0 opens it on first use)."""
+    training_stats.default_collector.update()
+    if rank != 0:
+        return stats_file
+    if stats_file is None:
+        stats_file = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
+    record = dict(training_stats.default_collector.as_dict(), timestamp=time.time())
+    stats_file.write(json.dumps(record) + '\n')
+    stats_file.flush()
+    return stats_file
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+def _train(cfg: dnnlib.EasyDict, batch_gpu: Optional[int], device: torch.device, rank: int,
+           world: int) -> dnnlib.EasyDict:
+    run_start = time.time()
+    _seed_rank(cfg.seed, rank, world)
+    _configure_numerics(cfg.cudnn_benchmark)
+    training_stats.init_multiprocessing(rank=rank, sync_device=device if device.type == 'cuda' else None)
+    side_group = _cpu_side_group(world)
+    layout = _batch_layout(cfg.batch_size, batch_gpu, world)
+
+    # The training state is read before the data: it says where the sampler stood.
+    state = None
+    if cfg.resume_state_dump is not None:
+        dist.print0(f'Loading training state from "{cfg.resume_state_dump}"...')
+        state = load_training_state(cfg.resume_state_dump)
+    data = _make_data(cfg, layout, rank, world, device, state)
+    model = _make_networks(cfg, data.dataset, layout.batch_gpu, rank, device)
+    cur_nimg = _restore(cfg, model, state, rank, world, device)
+    state = None  # free the checkpoint tensors before training
+
+    if cur_nimg >= cfg.total_kimg * 1000:
+        dist.print0(f'Already trained for {cur_nimg / 1000:g} kimg >= total_kimg={cfg.total_kimg}; nothing to do.')
+        return dnnlib.EasyDict(cur_nimg=cur_nimg, stopped=None)
+
+    dist.print0(f'Training for {cfg.total_kimg} kimg...')
+    dist.print0()
+    now = time.time()
+    clock = _TickClock(index=0, start_nimg=cur_nimg, start_time=now, maintenance_sec=now - run_start)
+    dist.update_progress(cur_nimg // 1000, cfg.total_kimg)
+    stop_vote = torch.zeros([1], dtype=torch.int32)
+    stats_file = None
+    stopped = None
+    try:
+        while True:
+            _train_step(cfg, model, data.batches, layout, cur_nimg, device)
+            _update_ema(model.ema, model.net,
+                        ema_beta(cfg.batch_size, cur_nimg, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio))
+            cur_nimg += cfg.batch_size
+            data.cursor.advance(cfg.batch_size)
+            done = cur_nimg >= cfg.total_kimg * 1000
+            stop_requested = _agree_to_stop(stop_vote, world, side_group)
+            if not (done or stop_requested or clock.due(cur_nimg, cfg.kimg_per_tick)):
+                continue
+
+            # End of a tick: report, then checkpoints, then the stats record.
+            steps_end = time.time()
+            dist.print0(_report_tick(clock, cur_nimg, steps_end, run_start, device))
+            if stop_requested and not done:
+                done = True
+                stopped = _stop_signal if _stop_signal is not None else 'should_stop'
+                dist.print0()
+                dist.print0(f'Stop requested ({_signal_name(stopped)}); saving training state and exiting...')
+            # The state goes first: it is what a preempted job needs. Tick 0 (one step) gets none unless last.
+            if (stopped is not None or _every(cfg.state_dump_ticks, clock.index, done)) and (clock.index or done):
+                _save_state(cfg, model, data.cursor, cur_nimg, rank, world, device, side_group)
+            if _every(cfg.snapshot_ticks, clock.index, done):
+                _save_snapshot(cfg, model, cur_nimg, rank)
+            stats_file = _append_stats(stats_file, cfg.run_dir, rank)
+            dist.update_progress(cur_nimg // 1000, cfg.total_kimg)
+            clock.next_tick(cur_nimg, steps_end)
+            if done:
+                break
+    finally:
+        if stats_file is not None:
+            stats_file.close()
+
+    del data  # closes the loader and its worker processes
+    dist.print0()
+    dist.print0('Exiting...')
+    return dnnlib.EasyDict(cur_nimg=cur_nimg, stopped=stopped)

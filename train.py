@@ -160,6 +160,7 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
 @click.option('--batch-gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
 @click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
+@click.option('--blocks', help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
               default=10e-4, show_default=True)
 @click.option('--lr-rampup', help='Learning rate ramp-up', metavar='KIMG', type=click.FloatRange(min=0),
@@ -416,6 +417,8 @@ def _network_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
         kwargs.model_channels = opts.cbase
     if opts.cres is not None:
         kwargs.channel_mult = opts.cres
+    if opts.blocks is not None:
+        kwargs.num_blocks = opts.blocks
     if opts.augment:
         kwargs.augment_dim = 9
     kwargs.dropout = opts.dropout

@@ -95,9 +95,11 @@ def test_architecture_presets(tiny_zip, tmp_path, arch, expected):
     c, _ = train.build_training_options(options(['--outdir', str(tmp_path), '--data', tiny_zip, '--arch', arch]), 1)
     for key, value in expected.items():
         assert c.network_kwargs[key] == value, key
+    assert 'num_blocks' not in c.network_kwargs  # the backbone's own default (4 for SongUNet, 3 for ADM)
     c, _ = train.build_training_options(options(['--outdir', str(tmp_path), '--data', tiny_zip, '--arch', arch,
-                                                 '--cbase', '32', '--cres', '1,2']), 1)
+                                                 '--cbase', '32', '--cres', '1,2', '--blocks', '2']), 1)
     assert c.network_kwargs.model_channels == 32 and c.network_kwargs.channel_mult == [1, 2]
+    assert c.network_kwargs.num_blocks == 2
 
 
 @pytest.mark.parametrize('precond,net,loss', [('vp', 'VPPrecond', 'VPLoss'), ('ve', 'VEPrecond', 'VELoss'),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import gzip
 import io
+import itertools
 import json
 import os
 import pathlib
@@ -26,7 +27,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import click
 import numpy as np
@@ -41,7 +42,8 @@ class DatasetToolError(click.ClickException):
     """A one-line user-facing error (click prints 'Error: <message>' without a traceback)."""
 
 
-def error(msg: str):
+def _fail(msg: str):
+    """Abort the conversion with a one-line message."""
     raise DatasetToolError(msg)
 
 
@@ -49,19 +51,19 @@ def error(msg: str):
 # Small helpers.
 
 
-def parse_tuple(s: str) -> tuple[int, int]:
-    """'512x512' or '512,512' -> (512, 512)."""
-    m = re.match(r'^(\d+)[x,](\d+)$', s)
-    if not m:
-        raise ValueError(f'cannot parse tuple {s!r}')
-    return int(m.group(1)), int(m.group(2))
+def _parse_size(text: str) -> tuple[int, int]:
+    """'512x512' or '512,512' -> (width, height) = (512, 512)."""
+    match = re.fullmatch(r'(\d+)[x,](\d+)', text)
+    if match is None:
+        raise ValueError(f'cannot parse tuple {text!r}')
+    return int(match[1]), int(match[2])
 
 
 def is_power_of_two(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
-def is_image_ext(fname: str) -> bool:
+def _has_image_extension(fname: str) -> bool:
     """Any extension Pillow can read (the same rule the training loader uses)."""
     PIL.Image.init()
     return ('.' + str(fname).split('.')[-1].lower()) in PIL.Image.EXTENSION
@@ -69,8 +71,8 @@ def is_image_ext(fname: str) -> bool:
 
 def archive_fname(idx: int) -> str:
     """Member name of the idx-th source image: '00000/img00000000.png' (a folder per 1000 images)."""
-    idx_str = f'{idx:08d}'
-    return f'{idx_str[:5]}/img{idx_str}.png'
+    digits = f'{idx:08d}'
+    return f'{digits[:5]}/img{digits}.png'
 
 
 def image_to_array(img: PIL.Image.Image) -> np.ndarray:
@@ -102,95 +104,104 @@ def load_image(file, name: str) -> np.ndarray:
             img.load()  # Decode now, so truncated files fail here and not later.
             return image_to_array(img)
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
-        error(f'{name}: cannot read image ({type(e).__name__}: {e})')
+        _fail(f'{name}: cannot read image ({type(e).__name__}: {e})')
 
 
 # ----------------------------------------------------------------------------
-# Sources. Each opener returns (number of images, iterator of dict(img=HxW[xC] uint8, label=int|None,
-# source=name for messages)). Nothing is decoded until the iterator runs.
-
-Source = tuple[int, Iterator[dict]]
-
-
-def _clamp(n: int, max_images: Optional[int]) -> int:
-    return n if max_images is None else min(n, max_images)
+# Readers, one per kind of --source. Each returns a _Source: the number of images it will produce (for
+# the progress bar) and a lazy iterator of dict(img=HxW[xC] uint8, label=int|None, source=name for
+# messages). Nothing is decoded until the iterator is consumed.
 
 
-def _labels_from_json(data: dict, name: str) -> dict:
+class _Source(NamedTuple):
+    count: int
+    items: Iterator[dict]
+
+
+def _limit(total: int, max_images: Optional[int]) -> int:
+    return total if max_images is None else min(total, max_images)
+
+
+def _parse_label_list(data: dict, name: str) -> dict:
+    """{"labels": [[name, label], ...]} -> {name: label}; {"labels": null} -> {}."""
     try:
-        labels = data['labels']
+        pairs = data['labels']
     except (TypeError, KeyError):
-        error(f'{name}: expected {{"labels": [[name, label], ...]}} or {{"labels": null}}')
-    if labels is None:
+        _fail(f'{name}: expected {{"labels": [[name, label], ...]}} or {{"labels": null}}')
+    if pairs is None:
         return {}
     try:
-        return {str(x[0]): x[1] for x in labels}
+        return {str(pair[0]): pair[1] for pair in pairs}
     except (TypeError, IndexError):
-        error(f'{name}: "labels" must be a list of [name, label] pairs')
+        _fail(f'{name}: "labels" must be a list of [name, label] pairs')
 
 
-def open_image_folder(source_dir: str, *, max_images: Optional[int] = None) -> Source:
-    """A folder of images, searched recursively.
-
-    Labels come from `dataset.json` at the root; without it, images in several top-level folders are
-    labelled by the index of their folder name in sorted order (e.g. ImageNet/AFHQ class folders).
-    """
-    root = pathlib.Path(source_dir)
-    # Sort by path components, as the paper's tool does (differs from plain string order for e.g. 'a-b/x'
-    # vs 'a/x'); this fixes which image gets which index.
-    files = sorted((p for p in root.rglob('*') if is_image_ext(p.name) and p.is_file()),
-                   key=lambda p: p.relative_to(root).parts)
-    arch_fnames = {f: f.relative_to(root).as_posix() for f in files}
-
-    labels = {}
-    meta_fname = root / 'dataset.json'
-    if meta_fname.is_file():
+def _folder_labels(root: pathlib.Path, rel_names: list) -> dict:
+    """Labels of a folder source: its dataset.json if present and non-empty; otherwise, when the images sit
+    in several top-level folders (ImageNet/AFHQ style class folders), the folder's rank in sorted order."""
+    json_path = root / 'dataset.json'
+    if json_path.is_file():
         try:
-            data = json.loads(meta_fname.read_text())
+            data = json.loads(json_path.read_text())
         except (OSError, ValueError) as e:
-            error(f'{meta_fname}: cannot read labels ({e})')
-        labels = _labels_from_json(data, str(meta_fname))
-    if len(labels) == 0:
-        toplevel = {a: (a.split('/')[0] if '/' in a else '') for a in arch_fnames.values()}
-        class_idx = {name: i for i, name in enumerate(sorted(set(toplevel.values())))}
-        if len(class_idx) > 1:
-            labels = {a: class_idx[t] for a, t in toplevel.items()}
-
-    max_idx = _clamp(len(files), max_images)
-
-    def iterate_images():
-        for f in files[:max_idx]:
-            yield dict(img=load_image(f, str(f)), label=labels.get(arch_fnames[f]), source=str(f))
-    return max_idx, iterate_images()
+            _fail(f'{json_path}: cannot read labels ({e})')
+        labels = _parse_label_list(data, str(json_path))
+        if labels:
+            return labels
+    folder_of = {rel: (rel.split('/')[0] if '/' in rel else '') for rel in rel_names}
+    class_names = sorted(set(folder_of.values()))
+    if len(class_names) < 2:
+        return {}
+    class_index = {folder: idx for idx, folder in enumerate(class_names)}
+    return {rel: class_index[folder] for rel, folder in folder_of.items()}
 
 
-def open_image_zip(source: str, *, max_images: Optional[int] = None) -> Source:
-    """A zip of images (members in sorted order); labels from its `dataset.json`, if any."""
+def _read_folder(source_dir: str, *, max_images: Optional[int] = None) -> _Source:
+    """Every image below a folder, recursively."""
+    root = pathlib.Path(source_dir)
+    # Ordered by path components, not by the path string ('a-b/x' vs 'a/x' differ), as the paper's tool
+    # orders them: this decides which image gets which output index.
+    paths = sorted((p for p in root.rglob('*') if _has_image_extension(p.name) and p.is_file()),
+                   key=lambda p: p.relative_to(root).parts)
+    rel_name = {p: p.relative_to(root).as_posix() for p in paths}
+    labels = _folder_labels(root, list(rel_name.values()))
+    count = _limit(len(paths), max_images)
+    items = (dict(img=load_image(p, str(p)), label=labels.get(rel_name[p]), source=str(p)) for p in paths[:count])
+    return _Source(count, items)
+
+
+def _read_zip(source: str, *, max_images: Optional[int] = None) -> _Source:
+    """Every image in a zip, by sorted member name; labels from the archive's dataset.json, if any."""
     try:
-        with zipfile.ZipFile(source, mode='r') as z:
-            names = z.namelist()
-            input_images = sorted(n for n in names if is_image_ext(n) and not n.endswith('/'))
+        with zipfile.ZipFile(source, mode='r') as archive:
+            members = archive.namelist()
+            image_members = sorted(m for m in members if _has_image_extension(m) and not m.endswith('/'))
             labels = {}
-            if 'dataset.json' in names:
+            if 'dataset.json' in members:
                 try:
-                    data = json.loads(z.read('dataset.json'))
+                    data = json.loads(archive.read('dataset.json'))
                 except ValueError as e:
-                    error(f'{source}: cannot read dataset.json ({e})')
-                labels = _labels_from_json(data, f'{source}:dataset.json')
+                    _fail(f'{source}: cannot read dataset.json ({e})')
+                labels = _parse_label_list(data, f'{source}:dataset.json')
     except (zipfile.BadZipFile, OSError) as e:
-        error(f'{source}: cannot read zip archive ({e})')
-    max_idx = _clamp(len(input_images), max_images)
+        _fail(f'{source}: cannot read zip archive ({e})')
+    count = _limit(len(image_members), max_images)
 
-    def iterate_images():
-        with zipfile.ZipFile(source, mode='r') as z:
-            for fname in input_images[:max_idx]:
-                name = f'{source}:{fname}'
+    def items():
+        with zipfile.ZipFile(source, mode='r') as archive:
+            for member in image_members[:count]:
+                name = f'{source}:{member}'
                 try:
-                    data = z.read(fname)
+                    data = archive.read(member)
                 except Exception as e:  # CRC errors, truncated members
-                    error(f'{name}: cannot read image ({type(e).__name__}: {e})')
-                yield dict(img=load_image(io.BytesIO(data), name), label=labels.get(fname), source=name)
-    return max_idx, iterate_images()
+                    _fail(f'{name}: cannot read image ({type(e).__name__}: {e})')
+                yield dict(img=load_image(io.BytesIO(data), name), label=labels.get(member), source=name)
+    return _Source(count, items())
+
+
+def _labelled_arrays(images: np.ndarray, labels: np.ndarray, name: str) -> Iterator[dict]:
+    for idx in range(len(images)):
+        yield dict(img=images[idx], label=int(labels[idx]), source=f'{name}[{idx}]')
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -210,43 +221,41 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f'unexpected object {module}.{name} in CIFAR-10 batch')
 
 
-def _get_key(d: dict, key: str):
-    return d[key] if key in d else d[key.encode()]  # Python 2 pickles may have bytes keys.
+def _batch_field(batch: dict, key: str):
+    return batch[key] if key in batch else batch[key.encode()]  # Python 2 pickles may have bytes keys.
 
 
-def open_cifar10(tarball: str, *, max_images: Optional[int] = None) -> Source:
+def _cifar10_batch(tar: tarfile.TarFile, tarball: str, number: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training batch `number` (1..5) as (uint8 [N, 3, 32, 32], int64 [N])."""
+    member = f'cifar-10-batches-py/data_batch_{number}'
+    try:
+        f = tar.extractfile(tar.getmember(member))
+    except KeyError:
+        _fail(f'{tarball}: member {member} not found; is this the official CIFAR-10 python tarball?')
+    batch = _NumpyOnlyUnpickler(f, encoding='latin1').load()
+    pixels = np.asarray(_batch_field(batch, 'data'), dtype=np.uint8)
+    classes = np.asarray(_batch_field(batch, 'labels'), dtype=np.int64)
+    if pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32 or classes.shape != (pixels.shape[0],):
+        _fail(f'{tarball}: {member} has data {list(pixels.shape)} and labels {list(classes.shape)}; '
+              f'expected [N, 3072] and [N]')
+    return pixels.reshape(-1, 3, 32, 32), classes
+
+
+def _read_cifar10(tarball: str, *, max_images: Optional[int] = None) -> _Source:
     """The official `cifar-10-python.tar.gz`: the five training batches, with class labels 0..9."""
-    images, labels = [], []
     try:
         with tarfile.open(tarball, 'r:gz') as tar:
-            for batch in range(1, 6):
-                member = f'cifar-10-batches-py/data_batch_{batch}'
-                try:
-                    f = tar.extractfile(tar.getmember(member))
-                except KeyError:
-                    error(f'{tarball}: member {member} not found; is this the official CIFAR-10 python tarball?')
-                data = _NumpyOnlyUnpickler(f, encoding='latin1').load()
-                x = np.asarray(_get_key(data, 'data'), dtype=np.uint8)
-                y = np.asarray(_get_key(data, 'labels'), dtype=np.int64)
-                if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (x.shape[0],):
-                    error(f'{tarball}: {member} has data {list(x.shape)} and labels {list(y.shape)}; '
-                          f'expected [N, 3072] and [N]')
-                images.append(x.reshape(-1, 3, 32, 32))
-                labels.append(y)
+            batches = [_cifar10_batch(tar, tarball, number) for number in range(1, 6)]
     except DatasetToolError:
         raise
     except Exception as e:  # tarfile.ReadError, EOFError, zlib errors, UnpicklingError, KeyError
-        error(f'{tarball}: cannot read CIFAR-10 archive ({type(e).__name__}: {e})')
-    images = np.concatenate(images).transpose(0, 2, 3, 1)  # NCHW -> NHWC
-    labels = np.concatenate(labels)
+        _fail(f'{tarball}: cannot read CIFAR-10 archive ({type(e).__name__}: {e})')
+    images = np.concatenate([pixels for pixels, _ in batches]).transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    labels = np.concatenate([classes for _, classes in batches])
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        error(f'{tarball}: labels must be in 0..9, got {labels.min()}..{labels.max()}')
-    max_idx = _clamp(len(images), max_images)
-
-    def iterate_images():
-        for idx in range(max_idx):
-            yield dict(img=images[idx], label=int(labels[idx]), source=f'{tarball}[{idx}]')
-    return max_idx, iterate_images()
+        _fail(f'{tarball}: labels must be in 0..9, got {labels.min()}..{labels.max()}')
+    count = _limit(len(images), max_images)
+    return _Source(count, _labelled_arrays(images[:count], labels[:count], tarball))
 
 
 def _read_idx(fname: str, magic: int, what: str) -> np.ndarray:
@@ -256,24 +265,24 @@ def _read_idx(fname: str, magic: int, what: str) -> np.ndarray:
         with opener(fname, 'rb') as f:
             raw = f.read()
     except FileNotFoundError:
-        error(f'{fname}: {what} file not found (MNIST needs the images and the labels file side by side)')
+        _fail(f'{fname}: {what} file not found (MNIST needs the images and the labels file side by side)')
     except Exception as e:
-        error(f'{fname}: cannot read {what} ({type(e).__name__}: {e})')
+        _fail(f'{fname}: cannot read {what} ({type(e).__name__}: {e})')
     ndim = magic & 0xff
     header = 4 + 4 * ndim
     if len(raw) < header or int.from_bytes(raw[:4], 'big') != magic:
-        error(f'{fname}: not an MNIST {what} file (bad IDX header)')
+        _fail(f'{fname}: not an MNIST {what} file (bad IDX header)')
     shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=header)
     if data.size != int(np.prod(shape)):
-        error(f'{fname}: header says {shape} but file holds {data.size} bytes of data')
+        _fail(f'{fname}: header says {shape} but file holds {data.size} bytes of data')
     return data.reshape(shape)
 
 
 MNIST_IMAGES_SUFFIXES = ('-images-idx3-ubyte.gz', '-images-idx3-ubyte')
 
 
-def open_mnist(images_file: str, *, max_images: Optional[int] = None) -> Source:
+def _read_mnist(images_file: str, *, max_images: Optional[int] = None) -> _Source:
     """MNIST `train-` or `t10k-images-idx3-ubyte.gz` plus its `-labels-idx1-ubyte.gz`; 28x28 digits are
     zero-padded to 32x32 (a power of two)."""
     suffix = next(s for s in MNIST_IMAGES_SUFFIXES if images_file.endswith(s))
@@ -281,19 +290,26 @@ def open_mnist(images_file: str, *, max_images: Optional[int] = None) -> Source:
     images = _read_idx(images_file, 0x803, 'images')
     labels = _read_idx(labels_file, 0x801, 'labels').astype(np.int64)
     if images.shape[1:] != (28, 28):
-        error(f'{images_file}: images are {images.shape[1]}x{images.shape[2]}; expected 28x28')
+        _fail(f'{images_file}: images are {images.shape[1]}x{images.shape[2]}; expected 28x28')
     if labels.shape[0] != images.shape[0]:
-        error(f'{labels_file}: {labels.shape[0]} labels for {images.shape[0]} images in {images_file}')
+        _fail(f'{labels_file}: {labels.shape[0]} labels for {images.shape[0]} images in {images_file}')
     images = np.pad(images, [(0, 0), (2, 2), (2, 2)], 'constant', constant_values=0)
-    max_idx = _clamp(len(images), max_images)
-
-    def iterate_images():
-        for idx in range(max_idx):
-            yield dict(img=images[idx], label=int(labels[idx]), source=f'{images_file}[{idx}]')
-    return max_idx, iterate_images()
+    count = _limit(len(images), max_images)
+    return _Source(count, _labelled_arrays(images[:count], labels[:count], images_file))
 
 
-def open_lmdb(lmdb_dir: str, *, max_images: Optional[int] = None) -> Source:
+def _decode_lsun(value: bytes, cv2) -> np.ndarray:
+    """One LSUN record (a JPEG/WebP blob). OpenCV when available, as the paper's tool used it, else Pillow."""
+    if cv2 is not None:
+        bgr = cv2.imdecode(np.frombuffer(value, dtype=np.uint8), 1)
+        if bgr is not None:
+            return bgr[:, :, ::-1]
+    with PIL.Image.open(io.BytesIO(value)) as img:
+        img.load()
+        return image_to_array(img)
+
+
+def _read_lsun_lmdb(lmdb_dir: str, *, max_images: Optional[int] = None) -> _Source:
     """An LSUN `*_lmdb` folder (needs the optional `lmdb` package; uses OpenCV to decode when installed).
 
     As in the paper's tool, LSUN entries that fail to decode (the official dumps contain a few) are
@@ -302,61 +318,53 @@ def open_lmdb(lmdb_dir: str, *, max_images: Optional[int] = None) -> Source:
     try:
         import lmdb  # Optional dependency: pip install lmdb
     except ImportError:
-        error(f'{lmdb_dir}: reading LSUN lmdb folders needs the optional "lmdb" package (pip install lmdb)')
+        _fail(f'{lmdb_dir}: reading LSUN lmdb folders needs the optional "lmdb" package (pip install lmdb)')
     try:
         import cv2  # Optional: the paper's tool decodes with OpenCV; Pillow is the fallback.
     except ImportError:
         cv2 = None
 
-    def decode(value: bytes) -> Optional[np.ndarray]:
-        if cv2 is not None:
-            img = cv2.imdecode(np.frombuffer(value, dtype=np.uint8), 1)
-            if img is not None:
-                return img[:, :, ::-1]  # BGR -> RGB
-        with PIL.Image.open(io.BytesIO(value)) as img:
-            img.load()
-            return image_to_array(img)
+    def open_txn():
+        return lmdb.open(lmdb_dir, readonly=True, lock=False).begin(write=False)
 
     try:
-        with lmdb.open(lmdb_dir, readonly=True, lock=False).begin(write=False) as txn:
-            max_idx = _clamp(txn.stat()['entries'], max_images)
+        with open_txn() as txn:
+            count = _limit(txn.stat()['entries'], max_images)
     except Exception as e:
-        error(f'{lmdb_dir}: cannot open lmdb ({type(e).__name__}: {e})')
+        _fail(f'{lmdb_dir}: cannot open lmdb ({type(e).__name__}: {e})')
 
-    def iterate_images():
-        if max_idx == 0:
+    def items():
+        if count == 0:
             return
-        with lmdb.open(lmdb_dir, readonly=True, lock=False).begin(write=False) as txn:
-            for idx, (key, value) in enumerate(txn.cursor()):
+        with open_txn() as txn:
+            # The first `count` records; an undecodable one is skipped (not replaced by a later record).
+            for key, value in itertools.islice(txn.cursor(), count):
                 try:
-                    img = decode(value)
+                    img = _decode_lsun(value, cv2)
                 except Exception as e:
                     tqdm.write(f'warning: {lmdb_dir}: skipping undecodable entry {key!r} ({e})', file=sys.stderr)
-                else:
-                    yield dict(img=img, label=None, source=f'{lmdb_dir}[{key!r}]')
-                if idx >= max_idx - 1:
-                    break
-    return max_idx, iterate_images()
+                    continue
+                yield dict(img=img, label=None, source=f'{lmdb_dir}[{key!r}]')
+    return _Source(count, items())
 
 
-def open_dataset(source: str, *, max_images: Optional[int] = None) -> Source:
+def open_source(source: str, *, max_images: Optional[int] = None) -> _Source:
     """Pick the reader from --source: a folder (`*_lmdb` = LSUN), CIFAR-10 tarball, MNIST idx, or zip."""
     source = str(source)
     if os.path.isdir(source):
-        if source.rstrip('/\\').endswith('_lmdb'):
-            return open_lmdb(source, max_images=max_images)
-        return open_image_folder(source, max_images=max_images)
-    if os.path.isfile(source):
-        base = os.path.basename(source)
-        if base == 'cifar-10-python.tar.gz':
-            return open_cifar10(source, max_images=max_images)
-        if base.endswith(MNIST_IMAGES_SUFFIXES):
-            return open_mnist(source, max_images=max_images)
-        if base.lower().endswith('.zip'):
-            return open_image_zip(source, max_images=max_images)
-        error(f'{source}: unknown archive type; expected a folder, a .zip of images, cifar-10-python.tar.gz, '
-              f'*-images-idx3-ubyte.gz (MNIST) or an LSUN *_lmdb folder')
-    error(f'{source}: missing input file or directory (--source)')
+        reader = _read_lsun_lmdb if source.rstrip('/\\').endswith('_lmdb') else _read_folder
+        return reader(source, max_images=max_images)
+    if not os.path.isfile(source):
+        _fail(f'{source}: missing input file or directory (--source)')
+    base = os.path.basename(source)
+    if base == 'cifar-10-python.tar.gz':
+        return _read_cifar10(source, max_images=max_images)
+    if base.endswith(MNIST_IMAGES_SUFFIXES):
+        return _read_mnist(source, max_images=max_images)
+    if base.lower().endswith('.zip'):
+        return _read_zip(source, max_images=max_images)
+    _fail(f'{source}: unknown archive type; expected a folder, a .zip of images, cifar-10-python.tar.gz, '
+          f'*-images-idx3-ubyte.gz (MNIST) or an LSUN *_lmdb folder')
 
 
 # ----------------------------------------------------------------------------
@@ -368,35 +376,39 @@ def _gray_to_rgb(img: np.ndarray) -> np.ndarray:
     return np.repeat(img[:, :, np.newaxis], 3, axis=2) if img.ndim == 2 else img
 
 
-def scale(width: Optional[int], height: Optional[int], img: np.ndarray) -> np.ndarray:
-    """No --transform: resize to --resolution (if given and different), keeping the channel count."""
-    h, w = img.shape[:2]
-    ww = w if width is None else width
-    hh = h if height is None else height
-    if (ww, hh) == (w, h):
-        return img
-    return np.array(PIL.Image.fromarray(img).resize((ww, hh), PIL.Image.LANCZOS))
-
-
-def center_crop(width: int, height: int, img: np.ndarray) -> np.ndarray:
-    """Largest centred square, then LANCZOS to width x height. Output is always RGB."""
-    crop = min(img.shape[:2])
-    y0, y1 = (img.shape[0] - crop) // 2, (img.shape[0] + crop) // 2
-    x0, x1 = (img.shape[1] - crop) // 2, (img.shape[1] + crop) // 2
-    img = _gray_to_rgb(img[y0:y1, x0:x1])
+def _lanczos(img: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.array(PIL.Image.fromarray(img).resize((width, height), PIL.Image.LANCZOS))
 
 
-def center_crop_wide(width: int, height: int, img: np.ndarray) -> Optional[np.ndarray]:
-    """Keep the full width, crop the height to the width x height aspect, resize, and letterbox into a
-    width x width black canvas. Images too small for the output are skipped (None)."""
-    ch = int(np.round(width * img.shape[0] / img.shape[1]))
-    if img.shape[1] < width or ch < height:
+def _resize_only(width: Optional[int], height: Optional[int], img: np.ndarray) -> np.ndarray:
+    """No --transform: resize to --resolution (if given and different), keeping the channel count."""
+    src_h, src_w = img.shape[:2]
+    out_w = src_w if width is None else width
+    out_h = src_h if height is None else height
+    return img if (out_w, out_h) == (src_w, src_h) else _lanczos(img, out_w, out_h)
+
+
+def _centered_span(length: int, keep: int) -> slice:
+    """The middle `keep` of `length` samples (rounded towards the start when the difference is odd)."""
+    return slice((length - keep) // 2, (length + keep) // 2)
+
+
+def _crop_square(width: int, height: int, img: np.ndarray) -> np.ndarray:
+    """center-crop: the largest centred square, then LANCZOS to width x height. Output is always RGB."""
+    side = min(img.shape[:2])
+    square = img[_centered_span(img.shape[0], side), _centered_span(img.shape[1], side)]
+    return _lanczos(_gray_to_rgb(square), width, height)
+
+
+def _crop_wide(width: int, height: int, img: np.ndarray) -> Optional[np.ndarray]:
+    """center-crop-wide: keep the full width, crop the height to the width:height aspect, resize, and
+    letterbox into a width x width black canvas. Images too small for the output are skipped (None)."""
+    band_height = int(np.round(width * img.shape[0] / img.shape[1]))
+    if img.shape[1] < width or band_height < height:
         return None
-    img = _gray_to_rgb(img[(img.shape[0] - ch) // 2: (img.shape[0] + ch) // 2])
-    img = np.array(PIL.Image.fromarray(img).resize((width, height), PIL.Image.LANCZOS))
+    band = _gray_to_rgb(img[_centered_span(img.shape[0], band_height)])
     canvas = np.zeros([width, width, 3], dtype=np.uint8)
-    canvas[(width - height) // 2: (width + height) // 2, :] = img
+    canvas[_centered_span(width, height), :] = _lanczos(band, width, height)
     return canvas
 
 
@@ -406,42 +418,49 @@ def center_crop_dhariwal(image_size: int, img: np.ndarray) -> np.ndarray:
     pil = PIL.Image.fromarray(_gray_to_rgb(img))
     while min(*pil.size) >= 2 * image_size:
         pil = pil.resize(tuple(x // 2 for x in pil.size), resample=PIL.Image.BOX)
-    s = image_size / min(*pil.size)
-    pil = pil.resize(tuple(round(x * s) for x in pil.size), resample=PIL.Image.BICUBIC)
+    factor = image_size / min(*pil.size)
+    pil = pil.resize(tuple(round(x * factor) for x in pil.size), resample=PIL.Image.BICUBIC)
     arr = np.array(pil)
-    y0 = (arr.shape[0] - image_size) // 2
-    x0 = (arr.shape[1] - image_size) // 2
-    return arr[y0: y0 + image_size, x0: x0 + image_size]
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size]
 
 
 TRANSFORMS = ('center-crop', 'center-crop-wide', 'center-crop-dhariwal')
 
 
-def make_transform(transform: Optional[str], output_width: Optional[int],
-                   output_height: Optional[int]) -> Callable[[np.ndarray], Optional[np.ndarray]]:
+def _check_resolution(transform: Optional[str], width: Optional[int], height: Optional[int]) -> None:
+    """Reject an impossible --resolution before any work: datasets must be square and power-of-two
+    (letterboxed center-crop-wide output is square too, with height <= width)."""
+    if width is None or height is None:
+        return
+    if width < 1 or height < 1:
+        _fail(f'--resolution={width}x{height}: width and height must be positive')
+    if not is_power_of_two(width):
+        _fail(f'--resolution={width}x{height}: width must be a power of two (e.g. 32, 64, 256)')
+    if transform != 'center-crop-wide' and width != height:
+        _fail(f'--resolution={width}x{height}: output must be square '
+              f'(use --transform=center-crop-wide for letterboxed wide images)')
+    if transform == 'center-crop-wide' and height > width:
+        _fail(f'--resolution={width}x{height}: center-crop-wide needs height <= width')
+
+
+def build_transform(transform: Optional[str], output_width: Optional[int],
+                    output_height: Optional[int]) -> Callable[[np.ndarray], Optional[np.ndarray]]:
     """Validate --transform/--resolution up front and return the per-image function."""
-    if output_width is not None and output_height is not None:
-        if output_width < 1 or output_height < 1:
-            error(f'--resolution={output_width}x{output_height}: width and height must be positive')
-        # The dataset must be square and power-of-two; catch an impossible --resolution before any work.
-        if not is_power_of_two(output_width):
-            error(f'--resolution={output_width}x{output_height}: width must be a power of two (e.g. 32, 64, 256)')
-        if transform != 'center-crop-wide' and output_width != output_height:
-            error(f'--resolution={output_width}x{output_height}: output must be square '
-                  f'(use --transform=center-crop-wide for letterboxed wide images)')
-        if transform == 'center-crop-wide' and output_height > output_width:
-            error(f'--resolution={output_width}x{output_height}: center-crop-wide needs height <= width')
+    _check_resolution(transform, output_width, output_height)
     if transform is None:
-        return functools.partial(scale, output_width, output_height)
+        return functools.partial(_resize_only, output_width, output_height)
     if output_width is None or output_height is None:
-        error(f'--transform={transform} needs --resolution=WxH')
-    if transform == 'center-crop':
-        return functools.partial(center_crop, output_width, output_height)
-    if transform == 'center-crop-wide':
-        return functools.partial(center_crop_wide, output_width, output_height)
-    if transform == 'center-crop-dhariwal':
-        return functools.partial(center_crop_dhariwal, output_width)
-    error(f'--transform={transform}: unknown transform; expected one of {", ".join(TRANSFORMS)}')
+        _fail(f'--transform={transform} needs --resolution=WxH')
+    by_name = {
+        'center-crop': functools.partial(_crop_square, output_width, output_height),
+        'center-crop-wide': functools.partial(_crop_wide, output_width, output_height),
+        'center-crop-dhariwal': functools.partial(center_crop_dhariwal, output_width),
+    }
+    if transform not in by_name:
+        _fail(f'--transform={transform}: unknown transform; expected one of {", ".join(TRANSFORMS)}')
+    return by_name[transform]
 
 
 # ----------------------------------------------------------------------------
@@ -456,7 +475,7 @@ class ZipDest:
         self.dest = dest
         parent = os.path.dirname(os.path.abspath(dest))
         if os.path.isdir(dest):
-            error(f'{dest}: --dest ends in .zip but is an existing folder')
+            _fail(f'{dest}: --dest ends in .zip but is an existing folder')
         os.makedirs(parent, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(dir=parent, prefix=f'.{os.path.basename(dest)}.', suffix='.tmp')
         os.close(fd)
@@ -487,9 +506,9 @@ class FolderDest:
     def __init__(self, dest: str):
         self.dest = dest
         if os.path.exists(dest) and not os.path.isdir(dest):
-            error(f'{dest}: --dest exists and is not a folder; use a new folder or a .zip name')
+            _fail(f'{dest}: --dest exists and is not a folder; use a new folder or a .zip name')
         if os.path.isdir(dest) and len(os.listdir(dest)) != 0:
-            error(f'{dest}: --dest folder must be empty')
+            _fail(f'{dest}: --dest folder must be empty')
         parent = os.path.dirname(os.path.abspath(dest))
         os.makedirs(parent, exist_ok=True)
         self.tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(os.path.abspath(dest))}.', suffix='.tmp')
@@ -516,7 +535,7 @@ def _umask() -> int:
     return mask
 
 
-def open_dest(dest: str):
+def _open_writer(dest: str):
     return ZipDest(dest) if str(dest).lower().endswith('.zip') else FolderDest(dest)
 
 
@@ -534,51 +553,61 @@ def _check_image(img: np.ndarray, name: str, ref: Optional[dict]) -> dict:
     """Every output image must share one square power-of-two size and 1 or 3 channels."""
     channels = img.shape[2] if img.ndim == 3 else 1
     attrs = dict(width=img.shape[1], height=img.shape[0], channels=channels)
-    if ref is None:
+    if ref is None:  # The first image: check the dataset-wide rules once.
         w, h = attrs['width'], attrs['height']
         if w != h:
-            error(f'{name}: image is {w}x{h} after scale and crop, but dataset images must be square '
+            _fail(f'{name}: image is {w}x{h} after scale and crop, but dataset images must be square '
                   f'(use --transform=center-crop --resolution=NxN)')
         if not is_power_of_two(w):
-            error(f'{name}: image is {w}x{h} after scale and crop, but width/height must be a power of two '
+            _fail(f'{name}: image is {w}x{h} after scale and crop, but width/height must be a power of two '
                   f'(use --resolution=NxN, e.g. 32x32)')
         if channels not in (1, 3):
-            error(f'{name}: image has {channels} channels; dataset images must be RGB or grayscale')
+            _fail(f'{name}: image has {channels} channels; dataset images must be RGB or grayscale')
     elif attrs != ref:
-        error(f'{name}: image is {attrs["width"]}x{attrs["height"]} with {attrs["channels"]} channel(s) after '
+        _fail(f'{name}: image is {attrs["width"]}x{attrs["height"]} with {attrs["channels"]} channel(s) after '
               f'scale and crop, but earlier images are {ref["width"]}x{ref["height"]} with {ref["channels"]}; '
               f'all images must match (use --resolution and/or --transform)')
     return attrs
+
+
+def _write_images(source: _Source, transform_image, writer, progress: bool) -> tuple[list, Optional[dict]]:
+    """Transform and store every source image. Returns the dataset.json label pairs (None where an
+    image has no label) and the common image attributes (None if the transform rejected everything).
+    Output names follow the source index, so a rejected image leaves a gap rather than shifting the rest."""
+    label_pairs = []
+    shape = None
+    numbered = enumerate(source.items)
+    for idx, item in tqdm(numbered, total=source.count, disable=not progress, unit='img', dynamic_ncols=True):
+        out = transform_image(item['img'])
+        if out is None:  # center-crop-wide: too small
+            continue
+        shape = _check_image(out, item['source'], shape)
+        name = archive_fname(idx)
+        writer.write(name, encode_png(out))
+        label_pairs.append(None if item['label'] is None else [name, item['label']])
+    return label_pairs, shape
 
 
 def convert_dataset(source: str, dest: str, max_images: Optional[int] = None, transform: Optional[str] = None,
                     resolution: Optional[tuple[int, int]] = None, progress: bool = True) -> dict:
     """Convert --source into --dest; returns the written dataset.json dict. Raises DatasetToolError."""
     if max_images is not None and max_images < 1:
-        error(f'--max-images={max_images}: must be at least 1')
+        _fail(f'--max-images={max_images}: must be at least 1')
     width, height = resolution if resolution is not None else (None, None)
-    transform_image = make_transform(transform, width, height)
-    num_files, input_iter = open_dataset(source, max_images=max_images)
-    if num_files == 0:
-        error(f'{source}: no images found')
+    transform_image = build_transform(transform, width, height)
+    images = open_source(source, max_images=max_images)
+    if images.count == 0:
+        _fail(f'{source}: no images found')
 
-    writer = open_dest(dest)
+    writer = _open_writer(dest)
     try:
-        ref_attrs = None
-        labels = []
-        for idx, image in tqdm(enumerate(input_iter), total=num_files, disable=not progress, unit='img',
-                               dynamic_ncols=True):
-            fname = archive_fname(idx)
-            img = transform_image(image['img'])
-            if img is None:  # Rejected by center-crop-wide (too small); its index stays unused.
-                continue
-            ref_attrs = _check_image(img, image['source'], ref_attrs)
-            writer.write(fname, encode_png(img))
-            labels.append([fname, image['label']] if image['label'] is not None else None)
-        if ref_attrs is None:
-            error(f'{source}: no image survived --transform={transform} (all were too small for '
+        label_pairs, shape = _write_images(images, transform_image, writer, progress)
+        if shape is None:
+            _fail(f'{source}: no image survived --transform={transform} (all were too small for '
                   f'{width}x{height})')
-        metadata = {'labels': labels if all(x is not None for x in labels) else None}
+        # Labels are all-or-nothing: one unlabelled image makes the whole dataset unconditional.
+        labelled = all(pair is not None for pair in label_pairs)
+        metadata = {'labels': label_pairs if labelled else None}
         writer.write('dataset.json', json.dumps(metadata).encode('utf-8'))
         writer.commit()
     except BaseException:
@@ -594,7 +623,7 @@ def _parse_resolution(ctx, param, value):
     if value is None:
         return None
     try:
-        return parse_tuple(value)
+        return _parse_size(value)
     except ValueError:
         raise click.BadParameter(f'{value!r}: expected WxH, e.g. 64x64')
 

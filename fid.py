@@ -70,9 +70,11 @@ def calculate_fid_from_inception_stats(mu, sigma, mu_ref, sigma_ref) -> float:
     if mu.shape != mu_ref.shape or sigma.shape != sigma_ref.shape or sigma.shape != mu.shape * 2:
         raise ValueError(f'Mismatched statistics: mu {mu.shape}, sigma {sigma.shape} vs '
                          f'mu_ref {mu_ref.shape}, sigma_ref {sigma_ref.shape}')
-    m = np.square(mu - mu_ref).sum()
-    s = _sqrtm(np.dot(sigma, sigma_ref))
-    return float(m + np.trace(sigma + sigma_ref - s * 2))
+    # Squared distance of the means, plus the trace term of the 2-Wasserstein distance between the
+    # Gaussians, which needs the square root of the (generally non-symmetric) product of covariances.
+    mean_term = np.square(mu - mu_ref).sum()
+    cov_root = _sqrtm(np.dot(sigma, sigma_ref))
+    return float(mean_term + np.trace(sigma + sigma_ref - cov_root * 2))
 
 #----------------------------------------------------------------------------
 # Detector loading: TorchScript files, or pickles (restricted unpickler first, full pickle only if trusted).
@@ -248,7 +250,7 @@ def compute_feature_stats(detector: torch.nn.Module, batches: Iterable[torch.Ten
     `num_images` is the total over all ranks (it sizes the progress bar and is checked at the end).
     """
     world = dist.get_world_size()
-    mu = sigma = None
+    feature_sum = outer_sum = None  # sum of f and sum of f f^T over this rank's images
     count = 0
     with tqdm.tqdm(total=num_images, unit='img', desc=desc, disable=(dist.get_rank() != 0),
                    dynamic_ncols=True) as bar:
@@ -265,31 +267,41 @@ def compute_feature_stats(detector: torch.nn.Module, batches: Iterable[torch.Ten
                 raise click.ClickException(f'The detector failed on images of shape {list(images.shape)} '
                                            f'from {source}: {str(e).splitlines()[0]}') from e
             features = features.to(torch.float64).reshape(images.shape[0], -1)
-            if mu is None:
-                mu = torch.zeros([features.shape[1]], dtype=torch.float64, device=device)
-                sigma = torch.zeros([features.shape[1]] * 2, dtype=torch.float64, device=device)
-            mu += features.sum(0)
-            sigma += features.T @ features
+            if feature_sum is None:
+                feature_sum, outer_sum = _zero_sums(features.shape[1], device)
+            feature_sum += features.sum(0)
+            outer_sum += features.T @ features
             count += images.shape[0]
             bar.update(images.shape[0] * world)  # Ranks progress in step; show the global rate.
 
     # Ranks without images still take part in the reductions: agree on the feature dimension first.
-    dim = _all_reduce(torch.tensor([0 if mu is None else mu.shape[0]], dtype=torch.int64, device=device),
+    local_dim = 0 if feature_sum is None else feature_sum.shape[0]
+    dim = _all_reduce(torch.tensor([local_dim], dtype=torch.int64, device=device),
                       op=torch.distributed.ReduceOp.MAX).item()
-    if mu is None:
-        mu = torch.zeros([dim], dtype=torch.float64, device=device)
-        sigma = torch.zeros([dim, dim], dtype=torch.float64, device=device)
+    if feature_sum is None:
+        feature_sum, outer_sum = _zero_sums(dim, device)
     n = int(_all_reduce(torch.tensor([count], dtype=torch.int64, device=device)).item())
-    _all_reduce(mu)
-    _all_reduce(sigma)
+    _all_reduce(feature_sum)
+    _all_reduce(outer_sum)
     if n != num_images:
         raise RuntimeError(f'Expected {num_images} images over all ranks, got {n}')
     if n < 2:
         raise click.ClickException(f'Need at least 2 images to estimate a covariance, got {n} from {source}')
-    mu /= n
-    sigma -= torch.outer(mu, mu) * n
-    sigma /= n - 1
-    return FeatureStats(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), num_images=n)
+    mean, cov = _mean_and_covariance(feature_sum, outer_sum, n)
+    return FeatureStats(mu=mean.cpu().numpy(), sigma=cov.cpu().numpy(), num_images=n)
+
+
+def _zero_sums(dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.zeros([dim], dtype=torch.float64, device=device),
+            torch.zeros([dim, dim], dtype=torch.float64, device=device))
+
+
+def _mean_and_covariance(feature_sum: torch.Tensor, outer_sum: torch.Tensor, n: int):
+    """Sample mean and unbiased covariance from the running sums:
+    cov = (sum f f^T - n mean mean^T) / (n - 1)."""
+    mean = feature_sum / n
+    cov = (outer_sum - torch.outer(mean, mean) * n) / (n - 1)
+    return mean, cov
 
 
 def _open_dataset(image_path: str, num_expected: Optional[int], seed: int):
@@ -310,11 +322,16 @@ def _open_dataset(image_path: str, num_expected: Optional[int], seed: int):
 
 
 def _rank_batches(num_items: int, max_batch_size: int) -> list[list[int]]:
-    """Split 0..num_items-1 into equal-count batch slots, rank r taking slots r, r+W, r+2W, ..."""
+    """This rank's batches of item indices.
+
+    0..num_items-1 is cut into the fewest near-equal consecutive slots (at most max_batch_size items
+    each) that divide evenly among the ranks; slots are dealt round-robin, so rank r takes slots r,
+    r + world, r + 2 world, ... Empty slots (fewer items than slots) are dropped.
+    """
     world, rank = dist.get_world_size(), dist.get_rank()
-    num_batches = ((num_items - 1) // (max_batch_size * world) + 1) * world
-    all_batches = torch.arange(num_items).tensor_split(num_batches)
-    return [b.tolist() for b in all_batches[rank::world] if len(b) > 0]
+    slots_per_rank = -(-num_items // (max_batch_size * world))  # ceiling division
+    slots = torch.arange(num_items).tensor_split(slots_per_rank * world)
+    return [slot.tolist() for slot in slots[rank::world] if len(slot) > 0]
 
 
 def _dataset_feature_stats(image_path: str, num_expected: Optional[int] = None, seed: int = 0,
@@ -330,7 +347,7 @@ def _dataset_feature_stats(image_path: str, num_expected: Optional[int] = None, 
                                  verbose=(dist.get_rank() == 0))
     if dist.get_rank() == 0:
         dist.barrier()
-    dist.print0(f'Calculating statistics for {len(dataset_obj)} images from "{image_path}"...')
+    dist.print0(f'Inception features of {len(dataset_obj)} images in "{image_path}"')
 
     if hasattr(os, 'sched_getaffinity'):
         num_workers = min(num_workers, len(os.sched_getaffinity(0)))  # More than the cores only adds overhead.
@@ -486,7 +503,7 @@ def main():
 def calc(image_path, ref_path, num_expected, seed, batch, workers, detector, trust_pickle):
     """Calculate FID for a given set of images."""
     _start(workers)
-    dist.print0(f'Loading dataset reference statistics from "{ref_path}"...')
+    dist.print0(f'Reference statistics: "{ref_path}"')
     ref = load_reference(ref_path) if dist.get_rank() == 0 else None
     stats = _dataset_feature_stats(image_path, num_expected=num_expected, seed=seed, max_batch_size=batch,
                                    num_workers=workers, detector=detector, trust_pickle=trust_pickle)
@@ -512,7 +529,7 @@ def ref(dataset_path, dest_path, batch, workers, detector, trust_pickle):
                                    trust_pickle=trust_pickle)
     if not dest_path.endswith('.npz'):
         dest_path += '.npz'  # What np.savez(dest_path) did in the paper's code.
-    dist.print0(f'Saving dataset reference statistics of {stats.num_images} images to "{dest_path}"...')
+    dist.print0(f'Writing reference statistics ({stats.num_images} images) to "{dest_path}"')
     if dist.get_rank() == 0:
         save_reference(dest_path, stats, dataset_sha256=dataset_sha256(dataset_path),
                        detector=(detector or DETECTOR_URL))
@@ -589,7 +606,7 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
         dist.barrier()  # Rank 0 downloads first.
     detector_net = load_detector(detector, device=device, trust_pickle=trust_pickle,
                                  verbose=(dist.get_rank() == 0))
-    dist.print0(f'Loading network from "{network_pkl}"...')
+    dist.print0(f'Network: "{network_pkl}"')
     if hasattr(generate, 'load_net'):  # generate.py's loader: URLs via the cache, one-line errors.
         network = generate.load_net(network_pkl, device=device, verbose=(dist.get_rank() == 0))
     else:

@@ -23,6 +23,8 @@ import numpy as np
 import PIL.Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+MARKER = '.edm-quickstart'  # only a folder carrying this marker is ever deleted and rewritten
 
 
 def export_digits(dest: str) -> int:
@@ -45,15 +47,20 @@ def export_digits(dest: str) -> int:
 
 
 def run(cmd: list[str], log: str) -> None:
-    """Run a step of the pipeline; on failure show the tail of its log and stop."""
+    """Run a step of the pipeline, showing its output and keeping it in a log; stop on failure."""
     print('$', ' '.join(cmd), flush=True)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
     with open(log, 'w') as f:
-        res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if res.returncode != 0:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            f.write(line)
+            if line.startswith(('tick ', 'Training for', 'Error')):  # progress, not the option dumps
+                print('  ' + line.rstrip(), flush=True)
+        returncode = proc.wait()
+    if returncode != 0:
         with open(log) as f:
             tail = f.read()[-3000:]
-        raise click.ClickException(f'step failed (exit {res.returncode}); log {log}:\n{tail}')
+        raise click.ClickException(f'step failed (exit {returncode}); log {log}:\n{tail}')
 
 
 def side_by_side(left: str, right: str, dest: str, gap: int = 8) -> None:
@@ -67,7 +74,7 @@ def side_by_side(left: str, right: str, dest: str, gap: int = 8) -> None:
 @click.command()
 @click.option('--outdir', help='Where to put everything', default='quickstart-out', show_default=True)
 @click.option('--kimg', help='Training duration in thousands of images', type=click.FloatRange(min=0.1),
-              default=150, show_default=True)
+              default=50, show_default=True)
 @click.option('--steps', help='Sampling steps for both solvers', type=click.IntRange(min=1), default=18,
               show_default=True)
 def main(outdir: str, kimg: float, steps: int) -> None:
@@ -75,8 +82,11 @@ def main(outdir: str, kimg: float, steps: int) -> None:
     start = time.time()
     outdir = os.path.abspath(outdir)
     if os.path.exists(outdir):
+        if not os.path.isfile(os.path.join(outdir, MARKER)):
+            raise click.ClickException(f'{outdir} exists and was not made by the quick start; pass another --outdir')
         shutil.rmtree(outdir)
     os.makedirs(outdir)
+    open(os.path.join(outdir, MARKER), 'w').close()
     py = sys.executable
 
     # 1. Real data -> folder of PNGs -> dataset zip (upscaled 8x8 -> 16x16 with Lanczos by dataset_tool.py).
@@ -88,40 +98,41 @@ def main(outdir: str, kimg: float, steps: int) -> None:
 
     # 2. Train a small class-conditional EDM model (DDPM++ layout with fewer channels and blocks).
     run([py, 'train.py', f'--outdir={outdir}/runs', f'--data={data}', '--cond=1', '--arch=ddpmpp',
-         '--precond=edm', f'--duration={kimg / 1000}', '--batch=64', '--cbase=32', '--cres=1,2,2', '--blocks=2',
-         '--lr=2e-3', '--lr-rampup=2', '--ema=0.002', '--dropout=0', '--augment=0', '--tick=10', '--snap=1000',
-         '--dump=1000', '--nosubdir', '--seed=0'],
+         '--precond=edm', f'--duration={kimg / 1000}', '--batch=64', '--cbase=32', '--cres=1,2,2', '--blocks=1',
+         '--lr=2e-3', '--lr-rampup=6', '--ema=0.002', '--dropout=0', '--augment=0', '--tick=10', '--snap=1000',
+         '--dump=1000', '--workers=0', '--nosubdir', '--seed=0'],
         os.path.join(outdir, 'train.log'))
     snapshots = sorted(glob.glob(os.path.join(outdir, 'runs', 'network-snapshot-*.pkl')))
     if not snapshots:
         raise click.ClickException(f'training wrote no snapshot; see {outdir}/train.log')
     network = snapshots[-1]
 
-    # 3. Sample: seeds 0-99 with class = seed // 10 would need one call per class; instead one call per
-    #    class row keeps each row a single digit.
+    # 3. Sample with generate.py's samplers: row k holds digit class k, the same seeds for both solvers.
+    import generate
+    from torch_utils import persistence
+    net = persistence.load_network(network)
     grids = {}
     for solver in ['heun', 'euler']:
-        rows = []
+        images = []
         for cls in range(10):
-            row_dir = os.path.join(outdir, f'samples-{solver}', f'class{cls}')
-            run([py, 'generate.py', f'--network={network}', f'--outdir={row_dir}', f'--seeds={cls * 10}-{cls * 10 + 9}',
-                 f'--class={cls}', f'--steps={steps}', f'--solver={solver}', '--disc=edm', '--schedule=linear',
-                 '--scaling=none', '--batch=10'], os.path.join(outdir, f'generate-{solver}.log'))
-            rows.append(sorted(glob.glob(os.path.join(row_dir, '*.png'))))
-        grid = os.path.join(outdir, f'grid-{solver}.png')
-        tile = PIL.Image.open(rows[0][0]).size[0] * 2  # 2x nearest-neighbour upscale so digits are visible
-        canvas = PIL.Image.new('L', (tile * 10, tile * 10))
-        for r, files in enumerate(rows):
-            for c, f in enumerate(files[:10]):
-                canvas.paste(PIL.Image.open(f).convert('L').resize((tile, tile), PIL.Image.NEAREST), (c * tile, r * tile))
-        canvas.save(grid)
-        grids[solver] = grid
+            for _seeds, batch in generate.generate_images(net, seeds=range(cls * 10, cls * 10 + 10), class_idx=cls,
+                                                          num_steps=steps, solver=solver, discretization='edm',
+                                                          schedule='linear', scaling='none'):
+                images.extend(batch.numpy())
+        grid = generate.make_grid(images)[:, :, 0]
+        grids[solver] = os.path.join(outdir, f'grid-{solver}.png')
+        PIL.Image.fromarray(grid, 'L').resize((grid.shape[1] * 2, grid.shape[0] * 2), PIL.Image.NEAREST).save(grids[solver])
     final = os.path.join(outdir, 'grid-heun-vs-euler.png')
     side_by_side(grids['heun'], grids['euler'], final)
+
+    # 4. The same network through generate.py's command line: 64 PNGs with random classes, plus a grid.
+    run([py, 'generate.py', f'--network={network}', f'--outdir={outdir}/samples', '--seeds=0-63', '--grid',
+         f'--steps={steps}'], os.path.join(outdir, 'generate.log'))
 
     print()
     print(f'Done in {time.time() - start:.0f} s.')
     print(f'Samples (left: Heun, {2 * steps - 1} NFE; right: Euler, {steps} NFE; row k = digit k): {final}')
+    print(f'generate.py output (Heun, random classes): {outdir}/samples/*.png and {outdir}/samples/grid.png')
     print(f'Network: {network}')
 
 

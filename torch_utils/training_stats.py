@@ -17,22 +17,36 @@ import torch
 
 import dnnlib
 
-_num_moments = 3                 # [count, sum, sum of squares]
-_counter_dtype = torch.float64   # float64 so that sums over days of training stay exact enough
+# Layout of one statistic's accumulator: index 0 = how many values, 1 = their sum, 2 = sum of squares.
+_COUNT, _SUM, _SUM_SQ = 0, 1, 2
+_MOMENTS = 3
+_DTYPE = torch.float64  # float64 so that sums over days of training stay exact enough
 
-_rank: int = 0
-_sync_device: Optional[torch.device] = None   # device used for the all_reduce; None = pick automatically
-_counters: dict = dict()         # name -> {device: tensor[3]} accumulated since the process started
-_cumulative: dict = dict()       # name -> tensor[3] on CPU: everything already synchronised
+
+class _Registry:
+    """Process-wide state shared by report() and every Collector."""
+
+    def __init__(self):
+        self.rank: int = 0
+        self.reduce_device: Optional[torch.device] = None  # None = choose from the process group backend
+        # name -> {device: moments tensor}: values reported since the last synchronisation.
+        self.pending: dict = dict()
+        # name -> CPU moments tensor: running total of everything synchronised so far.
+        self.totals: dict = dict()
+
+    def register(self, name: str) -> None:
+        self.pending.setdefault(name, dict())
+
+
+_registry = _Registry()
 
 
 def init_multiprocessing(rank: int, sync_device: Optional[torch.device]) -> None:
     """Declare this process's rank and the device used to all_reduce the statistics
     (typically `cuda:LOCAL_RANK` with NCCL; CPU with gloo). Call before the first `Collector.update()`.
     With sync_device=None the device is picked from the process group's backend."""
-    global _rank, _sync_device
-    _rank = rank
-    _sync_device = torch.device(sync_device) if sync_device is not None else None
+    _registry.rank = rank
+    _registry.reduce_device = torch.device(sync_device) if sync_device is not None else None
 
 
 def _world_size() -> int:
@@ -41,76 +55,82 @@ def _world_size() -> int:
     return 1
 
 
-def _comm_device() -> torch.device:
-    if _sync_device is not None:
-        return _sync_device
+def _reduce_device() -> torch.device:
+    """NCCL can only reduce CUDA tensors; gloo reduces CPU tensors."""
+    if _registry.reduce_device is not None:
+        return _registry.reduce_device
     if torch.distributed.get_backend() == 'nccl':
         return torch.device('cuda', torch.cuda.current_device())
     return torch.device('cpu')
 
 
+def _moments_of(values: torch.Tensor) -> torch.Tensor:
+    """[count, sum, sum of squares] of a flat float64 tensor, on the tensor's own device."""
+    return torch.stack([torch.ones_like(values).sum(), values.sum(), values.square().sum()])
+
+
 def report(name: str, value: Any) -> Any:
     """Add the elements of `value` (tensor, number, list or array) to the statistic `name`;
     returns `value` unchanged so it can wrap an expression. An empty value registers the name only."""
-    if name not in _counters:
-        _counters[name] = dict()
-    elems = torch.as_tensor(value)
-    if elems.numel() == 0:
+    _registry.register(name)
+    values = torch.as_tensor(value)
+    if values.numel() == 0:
         return value
-    elems = elems.detach().flatten().to(_counter_dtype)
-    moments = torch.stack([
-        torch.ones_like(elems).sum(),
-        elems.sum(),
-        elems.square().sum(),
-    ])
-    assert moments.ndim == 1 and moments.shape[0] == _num_moments
-    device = moments.device
-    if device not in _counters[name]:
-        _counters[name][device] = torch.zeros_like(moments)
-    _counters[name][device].add_(moments)
+    moments = _moments_of(values.detach().flatten().to(_DTYPE))
+    per_device = _registry.pending[name]
+    if moments.device in per_device:
+        per_device[moments.device].add_(moments)
+    else:
+        per_device[moments.device] = moments.clone()
     return value
 
 
 def report0(name: str, value: Any) -> Any:
     """Like `report()`, but only rank 0's value counts (other ranks just register the name)."""
-    report(name, value if _rank == 0 else [])
+    report(name, value if _registry.rank == 0 else [])
     return value
 
 
-def _sync(names: list) -> list:
-    """Return [(name, cumulative moments)] summed over devices and ranks (collective when multi-process)."""
-    if len(names) == 0 and _world_size() == 1:
-        return []
-
+def _agreed_names(local_names: list) -> list:
+    """Sorted union of the names known on any rank, so that every rank reduces rows in the same order."""
     world = _world_size()
-    if world > 1:
-        # Agree on the union of names so that every rank reduces the same vector in the same order.
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, sorted(names))
-        all_names = sorted(set().union(*[set(g) for g in gathered]))
-        device = _comm_device()
-    else:
-        all_names = sorted(names)
-        device = torch.device('cpu')
+    if world == 1:
+        return sorted(local_names)
+    per_rank = [None] * world
+    torch.distributed.all_gather_object(per_rank, sorted(local_names))
+    return sorted(set().union(*per_rank))
 
-    # Collect this process's new moments since the last sync, summed over devices.
-    deltas = torch.zeros([len(all_names), _num_moments], dtype=_counter_dtype, device=device)
-    for row, name in enumerate(all_names):
-        for counter in _counters.get(name, {}).values():
-            deltas[row] += counter.to(device)
-            counter.zero_()
-    if world > 1 and len(all_names) > 0:
-        torch.distributed.all_reduce(deltas)
-    deltas = deltas.cpu()
+
+def _drain_pending(names: list, device: torch.device) -> torch.Tensor:
+    """This process's not yet synchronised moments as a [len(names), 3] matrix (summed over devices);
+    the per-device accumulators are reset."""
+    rows = torch.zeros([len(names), _MOMENTS], dtype=_DTYPE, device=device)
+    for row, name in enumerate(names):
+        for moments in _registry.pending.get(name, {}).values():
+            rows[row] += moments.to(device)
+            moments.zero_()
+    return rows
+
+
+def _synchronise(local_names: list) -> list:
+    """Collective: fold what every rank reported into the running totals and return
+    [(name, totals)] for all agreed names."""
+    world = _world_size()
+    if world == 1 and not local_names:
+        return []
+    names = _agreed_names(local_names)
+    device = _reduce_device() if world > 1 else torch.device('cpu')
+    new_moments = _drain_pending(names, device)
+    if world > 1 and names:
+        torch.distributed.all_reduce(new_moments)
+    new_moments = new_moments.cpu()
 
     result = []
-    for row, name in enumerate(all_names):
-        if name not in _cumulative:
-            _cumulative[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-        _cumulative[name].add_(deltas[row])
-        if name not in _counters:
-            _counters[name] = dict()  # reported on another rank only: register it here too
-        result.append((name, _cumulative[name]))
+    for row, name in enumerate(names):
+        totals = _registry.totals.setdefault(name, torch.zeros([_MOMENTS], dtype=_DTYPE))
+        totals.add_(new_moments[row])
+        _registry.register(name)  # may have been reported on another rank only
+        result.append((name, totals))
     return result
 
 
@@ -120,63 +140,59 @@ class Collector:
     values keeps its previous averages instead of becoming empty."""
 
     def __init__(self, regex: str = '.*', keep_previous: bool = True):
-        self._regex = re.compile(regex)
+        self._pattern = re.compile(regex)
         self._keep_previous = keep_previous
-        self._cumulative: dict = dict()
-        self._moments: dict = dict()
-        # Start from what has already been synchronised (no communication at construction time).
+        self._seen: dict = dict()      # name -> totals at the previous update()
+        self._interval: dict = dict()  # name -> moments gathered between the last two update()s
+        # Begin at what is already synchronised, without communicating during construction.
         for name in self.names():
-            if name in _cumulative:
-                self._cumulative[name] = _cumulative[name].clone()
+            if name in _registry.totals:
+                self._seen[name] = _registry.totals[name].clone()
 
     def names(self) -> list:
-        return [name for name in _counters if self._regex.fullmatch(name)]
+        return [name for name in _registry.pending if self._pattern.fullmatch(name)]
 
     def update(self) -> None:
         """Collective: fetch what was reported since the last call (all devices, all ranks)."""
         if not self._keep_previous:
-            self._moments.clear()
-        for name, cumulative in _sync(self.names()):
-            if not self._regex.fullmatch(name):
+            self._interval.clear()
+        for name, totals in _synchronise(self.names()):
+            if not self._pattern.fullmatch(name):
                 continue
-            if name not in self._cumulative:
-                self._cumulative[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-            delta = cumulative - self._cumulative[name]
-            self._cumulative[name].copy_(cumulative)
-            if float(delta[0]) != 0:
-                self._moments[name] = delta
+            previous = self._seen.setdefault(name, torch.zeros([_MOMENTS], dtype=_DTYPE))
+            since_last = totals - previous
+            previous.copy_(totals)
+            if float(since_last[_COUNT]) != 0:
+                self._interval[name] = since_last
 
-    def _get_delta(self, name: str) -> torch.Tensor:
-        assert self._regex.fullmatch(name), f'"{name}" does not match this Collector\'s regex'
-        if name not in self._moments:
-            self._moments[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-        return self._moments[name]
+    def _moments(self, name: str) -> torch.Tensor:
+        assert self._pattern.fullmatch(name), f'"{name}" does not match this Collector\'s regex'
+        return self._interval.setdefault(name, torch.zeros([_MOMENTS], dtype=_DTYPE))
 
     def num(self, name: str) -> int:
-        return int(self._get_delta(name)[0])
+        return int(self._moments(name)[_COUNT])
 
     def mean(self, name: str) -> float:
-        delta = self._get_delta(name)
-        if int(delta[0]) == 0:
-            return float('nan')
-        return float(delta[1] / delta[0])
+        moments = self._moments(name)
+        count = int(moments[_COUNT])
+        return float('nan') if count == 0 else float(moments[_SUM] / moments[_COUNT])
 
     def std(self, name: str) -> float:
-        delta = self._get_delta(name)
-        if int(delta[0]) == 0 or not np.isfinite(float(delta[1])):
+        moments = self._moments(name)
+        count = int(moments[_COUNT])
+        if count == 0 or not np.isfinite(float(moments[_SUM])):
             return float('nan')
-        if int(delta[0]) == 1:
+        if count == 1:
             return 0.0
-        mean = float(delta[1] / delta[0])
-        raw_var = float(delta[2] / delta[0])
-        return float(np.sqrt(max(raw_var - np.square(mean), 0)))  # population std, as the moments give
+        # Population std from the raw moments: E[x^2] - E[x]^2, clipped at 0 against rounding.
+        mean = float(moments[_SUM] / moments[_COUNT])
+        mean_of_squares = float(moments[_SUM_SQ] / moments[_COUNT])
+        return float(np.sqrt(max(mean_of_squares - np.square(mean), 0)))
 
     def as_dict(self) -> dnnlib.EasyDict:
         """{name: EasyDict(num, mean, std)} for every statistic seen; ready for json.dumps()."""
-        stats = dnnlib.EasyDict()
-        for name in self.names():
-            stats[name] = dnnlib.EasyDict(num=self.num(name), mean=self.mean(name), std=self.std(name))
-        return stats
+        return dnnlib.EasyDict({name: dnnlib.EasyDict(num=self.num(name), mean=self.mean(name), std=self.std(name))
+                                for name in self.names()})
 
     def __getitem__(self, name: str) -> float:
         return self.mean(name)

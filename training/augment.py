@@ -11,11 +11,13 @@ Label layout (one column group per enabled transform, in this order):
 EDM's geometric set (xflip, yflip, scale, rotate_frac, aniso, translate_frac) gives 9 values.
 
 The random draws (order, shapes, kinds) are part of the interface: checkpoints trained with the
-paper's code and the golden vectors both depend on them.
+paper's code and the golden vectors both depend on them. Each transform draws its parameter(s)
+first and then one uniform "does it fire?" number per image (see `_maybe`).
 """
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from torch_utils import persistence
 
@@ -28,64 +30,220 @@ SYM6 = (
 )
 
 #----------------------------------------------------------------------------
-# Batched homogeneous matrices. Each entry may be a Python number or a tensor of shape [N];
-# the result is [N, rows, cols] (or [rows, cols] when every entry is a number).
+# Homogeneous-coordinate matrices: 3x3 for pixel positions (x, y, 1), 4x4 for colours (r, g, b, 1).
+# An entry is either a Python number or a per-image tensor of shape [N]; with any tensor entry the
+# result is a batch [N, rows, cols], otherwise a single [rows, cols] matrix.
 
-def _matrix(*rows, device=None) -> torch.Tensor:
-    entries = [x for row in rows for x in row]
-    tensors = [x for x in entries if isinstance(x, torch.Tensor)]
-    if not tensors:
+def _homogeneous(rows, device=None) -> torch.Tensor:
+    flat = [entry for row in rows for entry in row]
+    batched = next((entry for entry in flat if isinstance(entry, torch.Tensor)), None)
+    if batched is None:
         return torch.tensor(np.asarray(rows, dtype=np.float32), device=device)
-    ref = tensors[0]
-    entries = [x if isinstance(x, torch.Tensor) else torch.full_like(ref, float(x)) for x in entries]
-    return torch.stack(entries, dim=-1).reshape(ref.shape + (len(rows), -1))
+    flat = [e if isinstance(e, torch.Tensor) else torch.full_like(batched, float(e)) for e in flat]
+    return torch.stack(flat, dim=-1).reshape(batched.shape + (len(rows), -1))
 
-def translate2d(tx, ty, **kwargs):
-    return _matrix([1, 0, tx], [0, 1, ty], [0, 0, 1], **kwargs)
+def _translation(tx, ty, device=None):
+    return _homogeneous([[1, 0, tx], [0, 1, ty], [0, 0, 1]], device)
 
-def translate3d(tx, ty, tz, **kwargs):
-    return _matrix([1, 0, 0, tx], [0, 1, 0, ty], [0, 0, 1, tz], [0, 0, 0, 1], **kwargs)
+def _scaling(sx, sy, device=None):
+    return _homogeneous([[sx, 0, 0], [0, sy, 0], [0, 0, 1]], device)
 
-def scale2d(sx, sy, **kwargs):
-    return _matrix([sx, 0, 0], [0, sy, 0], [0, 0, 1], **kwargs)
+def _rotation(theta):
+    """Counter-clockwise rotation by `theta` radians (in x-right, y-down pixel coordinates: clockwise)."""
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    return _homogeneous([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]])
 
-def scale3d(sx, sy, sz, **kwargs):
-    return _matrix([sx, 0, 0, 0], [0, sy, 0, 0], [0, 0, sz, 0], [0, 0, 0, 1], **kwargs)
+def _color_offset(delta):
+    """Add `delta` to all three colour channels."""
+    return _homogeneous([[1, 0, 0, delta], [0, 1, 0, delta], [0, 0, 1, delta], [0, 0, 0, 1]])
 
-def rotate2d(theta, **kwargs):
-    c, s = torch.cos(theta), torch.sin(theta)
-    return _matrix([c, -s, 0], [s, c, 0], [0, 0, 1], **kwargs)
+def _color_gain(gain):
+    """Multiply all three colour channels by `gain`."""
+    return _homogeneous([[gain, 0, 0, 0], [0, gain, 0, 0], [0, 0, gain, 0], [0, 0, 0, 1]])
 
-def rotate3d(v, theta, **kwargs):
-    """Rotation by `theta` about the unit axis `v` (Rodrigues' formula)."""
-    vx, vy, vz = v[..., 0], v[..., 1], v[..., 2]
-    s, c = torch.sin(theta), torch.cos(theta)
-    cc = 1 - c
-    return _matrix(
-        [vx * vx * cc + c, vx * vy * cc - vz * s, vx * vz * cc + vy * s, 0],
-        [vy * vx * cc + vz * s, vy * vy * cc + c, vy * vz * cc - vx * s, 0],
-        [vz * vx * cc - vy * s, vz * vy * cc + vx * s, vz * vz * cc + c, 0],
-        [0, 0, 0, 1], **kwargs)
+def _rotation_about(axis, theta):
+    """Rotation of colour space by `theta` about the unit vector `axis`
+    (Rodrigues' formula: cos I + sin [a]x + (1 - cos) a a^T)."""
+    ax, ay, az = axis[..., 0], axis[..., 1], axis[..., 2]
+    sin, cos = torch.sin(theta), torch.cos(theta)
+    one_minus_cos = 1 - cos
+    return _homogeneous([
+        [ax * ax * one_minus_cos + cos, ax * ay * one_minus_cos - az * sin, ax * az * one_minus_cos + ay * sin, 0],
+        [ay * ax * one_minus_cos + az * sin, ay * ay * one_minus_cos + cos, ay * az * one_minus_cos - ax * sin, 0],
+        [az * ax * one_minus_cos - ay * sin, az * ay * one_minus_cos + ax * sin, az * az * one_minus_cos + cos, 0],
+        [0, 0, 0, 1]])
 
-# Inverses: the pipeline composes the inverse map G^-1 (output pixel -> input pixel) for grid_sample.
-def translate2d_inv(tx, ty, **kwargs):
-    return translate2d(-tx, -ty, **kwargs)
+# Note: the geometric stage builds the map from OUTPUT pixels back to INPUT pixels (what grid_sample
+# needs), so each transform enters it through its inverse: translation by -t, scaling by 1/s,
+# rotation by -theta.
 
-def scale2d_inv(sx, sy, **kwargs):
-    return scale2d(1 / sx, 1 / sy, **kwargs)
+#----------------------------------------------------------------------------
+# Random draws.
 
-def rotate2d_inv(theta, **kwargs):
-    return rotate2d(-theta, **kwargs)
+def _maybe(values: torch.Tensor, prob: float, mask_shape) -> torch.Tensor:
+    """Per image, keep the drawn `values` with probability `prob` and replace them by zero (= identity
+    transform) otherwise. Consumes exactly one torch.rand(mask_shape)."""
+    fires = torch.rand(mask_shape, device=values.device) < prob
+    return torch.where(fires, values, torch.zeros_like(values))
+
+def _signed_uniform(shape, device) -> torch.Tensor:
+    """U(-1, 1)."""
+    return torch.rand(shape, device=device) * 2 - 1
+
+def _chain(total, step, *, left=False):
+    """Compose a batch of matrices; `total` None stands for the identity (nothing applied yet)."""
+    if total is None:
+        return step
+    return step @ total if left else total @ step
 
 #----------------------------------------------------------------------------
 
-def _gate(w: torch.Tensor, prob: float, shape) -> torch.Tensor:
-    """Keep each sample's parameter `w` with probability `prob`, else zero it (one uniform draw)."""
-    keep = torch.rand(shape, device=w.device) < prob
-    return torch.where(keep, w, torch.zeros_like(w))
+def _reflect_index(pos: torch.Tensor, size: int) -> torch.Tensor:
+    """Fold an arbitrary integer coordinate into [0, size) by mirror reflection about the edge pixels
+    (period 2*(size-1): the border pixel itself is not repeated)."""
+    period = size * 2 - 2
+    return size - 1 - (size - 1 - pos % period).abs()
+
+def _shift_with_reflection(images: torch.Tensor, shift_x: torch.Tensor, shift_y: torch.Tensor) -> torch.Tensor:
+    """Integer translation of each image by (shift_x, shift_y) pixels ([N,1,1,1] int64 each), filling the
+    uncovered border by reflection. Pure indexing, so pixel values are copied exactly."""
+    N, C, H, W = images.shape
+    cols = torch.arange(W, device=images.device).reshape(1, 1, 1, W)
+    rows = torch.arange(H, device=images.device).reshape(1, 1, H, 1)
+    src_cols = _reflect_index(cols - shift_x, W).expand(N, C, H, W)
+    src_rows = _reflect_index(rows + shift_y, H).expand(N, C, H, W)
+    return images.gather(3, src_cols).gather(2, src_rows)
+
+#----------------------------------------------------------------------------
+# Resampling through a general affine map (StyleGAN2-ADA paper, appendix B): work at 2x resolution with a
+# wavelet low-pass filter so that bilinear sampling introduces little aliasing.
+
+def _sym6_taps(dtype, device, flipped: bool) -> torch.Tensor:
+    taps = np.asarray(SYM6, dtype=np.float32)
+    if flipped:
+        taps = taps[::-1].copy()  # conv2d correlates; flipping makes it a true convolution.
+    return torch.tensor(taps, dtype=dtype, device=device)
+
+def _filter_along(images: torch.Tensor, taps: torch.Tensor, dim: int, padding: int, stride: int = 1) -> torch.Tensor:
+    """Depthwise 1-D filter along the height (dim=2) or width (dim=3) axis."""
+    channels = images.shape[1]
+    if dim == 3:
+        weight = taps.reshape(1, 1, 1, -1).tile([channels, 1, 1, 1])
+        return F.conv2d(images, weight, groups=channels, stride=[1, stride], padding=[0, padding])
+    weight = taps.reshape(1, 1, -1, 1).tile([channels, 1, 1, 1])
+    return F.conv2d(images, weight, groups=channels, stride=[stride, 1], padding=[padding, 0])
+
+def _interleave_zeros(images: torch.Tensor, dim: int) -> torch.Tensor:
+    """[a, b, c] -> [a, 0, b, 0, c] along `dim` (length n -> 2n - 1)."""
+    shape = list(images.shape)
+    shape[dim] = shape[dim] * 2 - 1
+    out = images.new_zeros(shape)
+    index = [slice(None)] * images.ndim
+    index[dim] = slice(None, None, 2)
+    out[tuple(index)] = images
+    return out
+
+def _upsample2x(images: torch.Tensor) -> torch.Tensor:
+    taps = _sym6_taps(images.dtype, images.device, flipped=True)
+    padding = (len(SYM6) + 1) // 2
+    images = _filter_along(_interleave_zeros(images, 3), taps, dim=3, padding=padding)
+    return _filter_along(_interleave_zeros(images, 2), taps, dim=2, padding=padding)
+
+def _downsample2x(images: torch.Tensor, crop: int) -> torch.Tensor:
+    """Filter and decimate, then drop `crop` samples of filter margin on each side."""
+    taps = _sym6_taps(images.dtype, images.device, flipped=False)
+    padding = (len(SYM6) - 1) // 2
+    images = _filter_along(images, taps, dim=3, padding=padding, stride=2)[:, :, :, crop:-crop]
+    return _filter_along(images, taps, dim=2, padding=padding, stride=2)[:, :, crop:-crop, :]
+
+def _reflect_padding(inv_map: torch.Tensor, width: int, height: int, margin: int) -> list:
+    """How many pixels [left, top, right, bottom] of reflection padding are needed so that every output
+    pixel (plus `margin` pixels of filter support) samples inside the padded image. Computed from where
+    the four output corners land in the input, over the whole batch, and capped at what a single
+    reflection can provide (size - 1)."""
+    device = inv_map.device
+    half_w, half_h = (width - 1) / 2, (height - 1) / 2
+    corners = _homogeneous([[-half_w, -half_h, 1], [half_w, -half_h, 1], [half_w, half_h, 1], [-half_w, half_h, 1]],
+                           device)
+    landed = (inv_map @ corners.t())[:, :2, :]            # [N, xy, corner]
+    landed = landed.permute(1, 0, 2).flatten(1)           # [xy, N * corner]
+    reach = torch.cat([-landed, landed]).max(dim=1).values  # furthest excursion: [-x, -y, +x, +y]
+    # Beyond the image edge (half size), plus room for the filter taps.
+    beyond_edge = torch.tensor([margin * 2 - half_w, margin * 2 - half_h] * 2, dtype=torch.float32, device=device)
+    most = torch.tensor([width - 1, height - 1] * 2, dtype=torch.float32, device=device)
+    needed = torch.minimum((reach + beyond_edge).clamp(min=0), most)
+    return needed.ceil().to(torch.int32).tolist()
+
+def _resample_affine(images: torch.Tensor, inv_map: torch.Tensor) -> torch.Tensor:
+    """Warp `images` by the output->input map `inv_map` ([N,3,3], pixel units, origin at the image
+    centre): reflect-pad, upsample 2x, bilinear grid_sample at 2x, downsample 2x, crop back."""
+    N, C, H, W = images.shape
+    device = images.device
+    margin = len(SYM6) // 4  # filter support, in output pixels
+
+    left, top, right, bottom = _reflect_padding(inv_map, W, H, margin)
+    images = F.pad(input=images, pad=[left, right, top, bottom], mode='reflect')
+    # Padding moved the image centre; shift the sampling positions accordingly.
+    inv_map = _translation((left - right) / 2, (top - bottom) / 2, device) @ inv_map
+
+    images = _upsample2x(images)
+    # Express the map in the upsampled pixel grid (coordinates doubled, pixel centres at half-offsets).
+    inv_map = _scaling(2, 2, device) @ inv_map @ _scaling(1 / 2, 1 / 2, device)
+    inv_map = _translation(-0.5, -0.5, device) @ inv_map @ _translation(0.5, 0.5, device)
+
+    # Sample a 2x output that keeps `margin` extra pixels per side for the decimation filter;
+    # affine_grid takes the map in normalised [-1, 1] coordinates of output and input.
+    out_shape = [N, C, (H + margin * 2) * 2, (W + margin * 2) * 2]
+    in_to_unit = _scaling(2 / images.shape[3], 2 / images.shape[2], device)
+    unit_to_out = _scaling(1 / (2 / out_shape[3]), 1 / (2 / out_shape[2]), device)
+    inv_map = in_to_unit @ inv_map @ unit_to_out
+    grid = F.affine_grid(theta=inv_map[:, :2, :], size=out_shape, align_corners=False)
+    images = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+
+    return _downsample2x(images, crop=margin)
+
+#----------------------------------------------------------------------------
+
+def _apply_color_matrix(images: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """Apply per-image 4x4 affine colour matrices to (r, g, b). A grayscale image is treated as
+    r = g = b and the three output channels are averaged back into one."""
+    N, C, H, W = images.shape
+    pixels = images.reshape([N, C, H * W])
+    if C == 3:
+        pixels = matrix[:, :3, :3] @ pixels + matrix[:, :3, 3:]
+    elif C == 1:
+        mean_rows = matrix[:, :3, :].mean(dim=1, keepdim=True)  # [N, 1, 4]
+        pixels = pixels * mean_rows[:, :, :3].sum(dim=2, keepdim=True) + mean_rows[:, :, 3:]
+    else:
+        raise ValueError(f'AugmentPipe: color transforms need 1 or 3 channels, got {C}; disable brightness/contrast/lumaflip/hue/saturation')
+    return pixels.reshape([N, C, H, W])
+
+#----------------------------------------------------------------------------
+
+_OPTION_NAMES = (
+    'p xflip yflip rotate_int translate_int translate_int_max scale rotate_frac aniso translate_frac '
+    'scale_std rotate_frac_max aniso_std aniso_rotate_prob translate_frac_std brightness contrast '
+    'lumaflip hue saturation brightness_std contrast_std hue_max saturation_std').split()
 
 @persistence.persistent_class
 class AugmentPipe:
+    """Callable `pipe(images) -> (augmented images, augment_labels)` for float NCHW batches.
+
+    `p` is the overall augmentation probability; every other non-`*_std`/`*_max`/`*_prob` option is
+    a multiplier on it for one transform (0 disables the transform and its label columns; values
+    >= 1/p make it fire for every image). The transforms, in the order they are applied:
+
+    - integer "blits", exact and lossless: `xflip`, `yflip`, `rotate_int` (multiples of 90 degrees),
+      `translate_int` (whole pixels, up to `translate_int_max` of the image size, reflected border);
+    - general geometry, resampled once: `scale` (log2-normal, std `scale_std`), `rotate_frac`
+      (uniform angle within +-`rotate_frac_max`*pi), `aniso` (log2-normal squeeze, std `aniso_std`,
+      along an axis that is randomised with probability `aniso_rotate_prob`), `translate_frac`
+      (normal, std `translate_frac_std` of the image size);
+    - colour, one 4x4 matrix: `brightness` (additive, std `brightness_std`), `contrast` (log2-normal,
+      std `contrast_std`), `lumaflip` (mirror the luma component), `hue` (rotation about the gray
+      axis within +-`hue_max`*pi), `saturation` (log2-normal, std `saturation_std`).
+    """
+
     def __init__(self, p=1,
         xflip=0, yflip=0, rotate_int=0, translate_int=0, translate_int_max=0.125,
         scale=0, rotate_frac=0, aniso=0, translate_frac=0, scale_std=0.2, rotate_frac_max=1, aniso_std=0.2,
@@ -93,201 +251,136 @@ class AugmentPipe:
         brightness=0, contrast=0, lumaflip=0, hue=0, saturation=0, brightness_std=0.2, contrast_std=0.5,
         hue_max=1, saturation_std=1,
     ):
-        """Probabilities: each transform fires per image with probability `p * <its multiplier>`
-        (multipliers >= 1/p make it always fire; the label then records the coin flip / draw itself).
-
-        Blitting:  xflip, yflip, rotate_int (quarter turns), translate_int (whole pixels, at most
-                   translate_int_max * size).
-        Geometric: scale (isotropic, log2 std scale_std), rotate_frac (uniform angle up to
-                   rotate_frac_max * pi), aniso (log2 std aniso_std, in a frame rotated by a uniform
-                   angle with probability aniso_rotate_prob), translate_frac (std translate_frac_std * size).
-        Color:     brightness (additive, std brightness_std), contrast (log2 std contrast_std),
-                   lumaflip, hue (rotation about the gray axis up to hue_max * pi),
-                   saturation (log2 std saturation_std).
-        """
-        names = ('p xflip yflip rotate_int translate_int translate_int_max scale rotate_frac aniso translate_frac '
-                 'scale_std rotate_frac_max aniso_std aniso_rotate_prob translate_frac_std brightness contrast '
-                 'lumaflip hue saturation brightness_std contrast_std hue_max saturation_std').split()
-        values = locals()
-        for name in names:
-            value = float(values[name])
+        # Stored as plain float attributes under the option names: snapshots pickle this __dict__.
+        given = locals()
+        for name in _OPTION_NAMES:
+            value = float(given[name])
             if not (value >= 0 and np.isfinite(value)):
-                raise ValueError(f'AugmentPipe: {name} must be a finite number >= 0, got {values[name]!r}')
+                raise ValueError(f'AugmentPipe: {name} must be a finite number >= 0, got {given[name]!r}')
             setattr(self, name, value)
 
     def __call__(self, images: torch.Tensor):
-        N, C, H, W = images.shape
+        N = images.shape[0]
+        labels = [torch.zeros([N, 0], device=images.device)]  # so that torch.cat works with nothing enabled
+        images = self._blit(images, labels)
+        images = self._geometric(images, labels)
+        images = self._color(images, labels)
+        return images, torch.cat([part.to(torch.float32).reshape(N, -1) for part in labels], dim=1)
+
+    # -- Stage 1: integer transforms (no resampling). --------------------------------------------
+
+    def _blit(self, images: torch.Tensor, labels: list) -> torch.Tensor:
+        N, _C, H, W = images.shape
         device = images.device
-        labels = [torch.zeros([N, 0], device=device)]
+        per_image = [N, 1, 1, 1]
 
-        # ---- Pixel blitting: exact integer transforms, no resampling. -------------------------
-        if self.xflip > 0:
-            w = torch.randint(2, [N, 1, 1, 1], device=device)
-            w = _gate(w, self.xflip * self.p, [N, 1, 1, 1])
-            images = torch.where(w == 1, images.flip(3), images)
-            labels += [w]
-
-        if self.yflip > 0:
-            w = torch.randint(2, [N, 1, 1, 1], device=device)
-            w = _gate(w, self.yflip * self.p, [N, 1, 1, 1])
-            images = torch.where(w == 1, images.flip(2), images)
-            labels += [w]
+        for strength, axis in ((self.xflip, 3), (self.yflip, 2)):
+            if strength > 0:
+                flip = _maybe(torch.randint(2, per_image, device=device), strength * self.p, per_image)
+                images = torch.where(flip == 1, images.flip(axis), images)
+                labels.append(flip)
 
         if self.rotate_int > 0:
-            # w quarter turns, built from an x-flip, a y-flip and a transpose (square images).
             if H != W:
                 raise ValueError(f'AugmentPipe: rotate_int needs square images, got {H}x{W}; set rotate_int=0')
-            w = torch.randint(4, [N, 1, 1, 1], device=device)
-            w = _gate(w, self.rotate_int * self.p, [N, 1, 1, 1])
-            images = torch.where((w == 1) | (w == 2), images.flip(3), images)
-            images = torch.where((w == 2) | (w == 3), images.flip(2), images)
-            images = torch.where((w == 1) | (w == 3), images.transpose(2, 3), images)
-            labels += [(w == 1) | (w == 2), (w == 2) | (w == 3)]
+            quarter_turns = _maybe(torch.randint(4, per_image, device=device), self.rotate_int * self.p, per_image)
+            # A rotation by k quarter turns = optional x-flip, optional y-flip, optional transpose.
+            flip_x = (quarter_turns == 1) | (quarter_turns == 2)
+            flip_y = (quarter_turns == 2) | (quarter_turns == 3)
+            swap_axes = (quarter_turns == 1) | (quarter_turns == 3)
+            images = torch.where(flip_x, images.flip(3), images)
+            images = torch.where(flip_y, images.flip(2), images)
+            images = torch.where(swap_axes, images.transpose(2, 3), images)
+            labels += [flip_x, flip_y]
 
         if self.translate_int > 0:
-            w = torch.rand([2, N, 1, 1, 1], device=device) * 2 - 1
-            w = _gate(w, self.translate_int * self.p, [1, N, 1, 1, 1])
-            tx = w[0].mul(W * self.translate_int_max).round().to(torch.int64)
-            ty = w[1].mul(H * self.translate_int_max).round().to(torch.int64)
-            # Gather with reflection at the borders (period 2*(size-1), edge pixels not repeated).
-            b, c, y, x = torch.meshgrid(*(torch.arange(s, device=device) for s in images.shape), indexing='ij')
-            x = W - 1 - (W - 1 - (x - tx) % (W * 2 - 2)).abs()
-            y = H - 1 - (H - 1 - (y + ty) % (H * 2 - 2)).abs()
-            images = images.flatten()[(((b * C) + c) * H + y) * W + x]
-            labels += [tx.div(W * self.translate_int_max), ty.div(H * self.translate_int_max)]
+            offset = _maybe(_signed_uniform([2, *per_image], device), self.translate_int * self.p, [1, *per_image])
+            max_x, max_y = W * self.translate_int_max, H * self.translate_int_max
+            shift_x = offset[0].mul(max_x).round().to(torch.int64)
+            shift_y = offset[1].mul(max_y).round().to(torch.int64)
+            images = _shift_with_reflection(images, shift_x, shift_y)
+            labels += [shift_x.div(max_x), shift_y.div(max_y)]
 
-        # ---- General geometric transforms, composed into one inverse affine map G_inv. --------
-        I_3 = torch.eye(3, device=device)
-        G_inv = I_3
+        return images
+
+    # -- Stage 2: geometric transforms, composed into one output->input map. ---------------------
+
+    def _geometric(self, images: torch.Tensor, labels: list) -> torch.Tensor:
+        N, _C, H, W = images.shape
+        device = images.device
+        inv_map = None
 
         if self.scale > 0:
-            w = torch.randn([N], device=device)
-            w = _gate(w, self.scale * self.p, [N])
-            s = w.mul(self.scale_std).exp2()
-            G_inv = G_inv @ scale2d_inv(s, s)
-            labels += [w]
+            log2_scale = _maybe(torch.randn([N], device=device), self.scale * self.p, [N])
+            factor = log2_scale.mul(self.scale_std).exp2()
+            inv_map = _chain(inv_map, _scaling(1 / factor, 1 / factor))
+            labels.append(log2_scale)
 
         if self.rotate_frac > 0:
-            w = (torch.rand([N], device=device) * 2 - 1) * (np.pi * self.rotate_frac_max)
-            w = _gate(w, self.rotate_frac * self.p, [N])
-            G_inv = G_inv @ rotate2d_inv(-w)
-            labels += [w.cos() - 1, w.sin()]
+            angle = _signed_uniform([N], device) * (np.pi * self.rotate_frac_max)
+            angle = _maybe(angle, self.rotate_frac * self.p, [N])
+            inv_map = _chain(inv_map, _rotation(angle))
+            labels += [angle.cos() - 1, angle.sin()]
 
         if self.aniso > 0:
-            w = torch.randn([N], device=device)
-            r = (torch.rand([N], device=device) * 2 - 1) * np.pi
-            w = _gate(w, self.aniso * self.p, [N])
-            r = _gate(r, self.aniso_rotate_prob, [N])
-            s = w.mul(self.aniso_std).exp2()
-            G_inv = G_inv @ rotate2d_inv(r) @ scale2d_inv(s, 1 / s) @ rotate2d_inv(-r)
-            labels += [w * r.cos(), w * r.sin()]
+            log2_squeeze = torch.randn([N], device=device)
+            axis_angle = _signed_uniform([N], device) * np.pi
+            log2_squeeze = _maybe(log2_squeeze, self.aniso * self.p, [N])
+            axis_angle = _maybe(axis_angle, self.aniso_rotate_prob, [N])
+            factor = log2_squeeze.mul(self.aniso_std).exp2()
+            # Stretch by f along an axis at `axis_angle` and by 1/f across it: inverse = rotate into the
+            # axis frame, scale by (1/f, f), rotate back.
+            inv_x = 1 / factor
+            for step in (_rotation(-axis_angle), _scaling(inv_x, 1 / inv_x), _rotation(axis_angle)):
+                inv_map = _chain(inv_map, step)  # one factor at a time: keeps the float rounding order
+            labels += [log2_squeeze * axis_angle.cos(), log2_squeeze * axis_angle.sin()]
 
         if self.translate_frac > 0:
-            w = torch.randn([2, N], device=device)
-            w = _gate(w, self.translate_frac * self.p, [1, N])
-            G_inv = G_inv @ translate2d_inv(w[0].mul(W * self.translate_frac_std), w[1].mul(H * self.translate_frac_std))
-            labels += [w[0], w[1]]
+            offset = _maybe(torch.randn([2, N], device=device), self.translate_frac * self.p, [1, N])
+            shift_x = offset[0].mul(W * self.translate_frac_std)
+            shift_y = offset[1].mul(H * self.translate_frac_std)
+            inv_map = _chain(inv_map, _translation(-shift_x, -shift_y))
+            labels += [offset[0], offset[1]]
 
-        if G_inv is not I_3:
-            images = self._apply_affine(images, G_inv)
+        return images if inv_map is None else _resample_affine(images, inv_map)
 
-        # ---- Color transforms, composed into one 4x4 matrix M acting on (r, g, b, 1). -----------
-        I_4 = torch.eye(4, device=device)
-        M = I_4
-        luma_axis = torch.tensor(np.asarray([1, 1, 1, 0]) / np.sqrt(3), dtype=torch.float32, device=device)
-        luma_proj = torch.outer(luma_axis, luma_axis)
+    # -- Stage 3: colour transforms, composed into one 4x4 matrix on (r, g, b, 1). ---------------
+
+    def _color(self, images: torch.Tensor, labels: list) -> torch.Tensor:
+        N = images.shape[0]
+        device = images.device
+        matrix = None
+        identity = torch.eye(4, device=device)
+        gray_axis = torch.tensor(np.asarray([1, 1, 1, 0]) / np.sqrt(3), dtype=torch.float32, device=device)
+        onto_gray = torch.outer(gray_axis, gray_axis)  # projector onto the luma direction
 
         if self.brightness > 0:
-            w = torch.randn([N], device=device)
-            w = _gate(w, self.brightness * self.p, [N])
-            b = w * self.brightness_std
-            M = translate3d(b, b, b) @ M
-            labels += [w]
+            level = _maybe(torch.randn([N], device=device), self.brightness * self.p, [N])
+            offset = level * self.brightness_std
+            matrix = _chain(matrix, _color_offset(offset), left=True)
+            labels.append(level)
 
         if self.contrast > 0:
-            w = torch.randn([N], device=device)
-            w = _gate(w, self.contrast * self.p, [N])
-            c = w.mul(self.contrast_std).exp2()
-            M = scale3d(c, c, c) @ M
-            labels += [w]
+            log2_gain = _maybe(torch.randn([N], device=device), self.contrast * self.p, [N])
+            gain = log2_gain.mul(self.contrast_std).exp2()
+            matrix = _chain(matrix, _color_gain(gain), left=True)
+            labels.append(log2_gain)
 
         if self.lumaflip > 0:
-            w = torch.randint(2, [N, 1, 1], device=device)
-            w = _gate(w, self.lumaflip * self.p, [N, 1, 1])
-            M = (I_4 - 2 * luma_proj * w) @ M  # Householder reflection of the luma component.
-            labels += [w]
+            flip = _maybe(torch.randint(2, [N, 1, 1], device=device), self.lumaflip * self.p, [N, 1, 1])
+            matrix = _chain(matrix, identity - 2 * onto_gray * flip, left=True)  # Householder reflection
+            labels.append(flip)
 
         if self.hue > 0:
-            w = (torch.rand([N], device=device) * 2 - 1) * (np.pi * self.hue_max)
-            w = _gate(w, self.hue * self.p, [N])
-            M = rotate3d(luma_axis, w) @ M  # Rotation about the luma (gray) axis.
-            labels += [w.cos() - 1, w.sin()]
+            angle = _signed_uniform([N], device) * (np.pi * self.hue_max)
+            angle = _maybe(angle, self.hue * self.p, [N])
+            matrix = _chain(matrix, _rotation_about(gray_axis, angle), left=True)
+            labels += [angle.cos() - 1, angle.sin()]
 
         if self.saturation > 0:
-            w = torch.randn([N, 1, 1], device=device)
-            w = _gate(w, self.saturation * self.p, [N, 1, 1])
-            M = (luma_proj + (I_4 - luma_proj) * w.mul(self.saturation_std).exp2()) @ M
-            labels += [w]
+            log2_sat = _maybe(torch.randn([N, 1, 1], device=device), self.saturation * self.p, [N, 1, 1])
+            # Keep the gray component, scale the chroma (orthogonal complement) by 2^(std * z).
+            matrix = _chain(matrix, onto_gray + (identity - onto_gray) * log2_sat.mul(self.saturation_std).exp2(), left=True)
+            labels.append(log2_sat)
 
-        if M is not I_4:
-            images = images.reshape([N, C, H * W])
-            if C == 3:
-                images = M[:, :3, :3] @ images + M[:, :3, 3:]
-            elif C == 1:
-                M = M[:, :3, :].mean(dim=1, keepdim=True)
-                images = images * M[:, :, :3].sum(dim=2, keepdim=True) + M[:, :, 3:]
-            else:
-                raise ValueError(f'AugmentPipe: color transforms need 1 or 3 channels, got {C}; disable brightness/contrast/lumaflip/hue/saturation')
-            images = images.reshape([N, C, H, W])
-
-        labels = torch.cat([x.to(torch.float32).reshape(N, -1) for x in labels], dim=1)
-        return images, labels
-
-    @staticmethod
-    def _apply_affine(images: torch.Tensor, G_inv: torch.Tensor) -> torch.Tensor:
-        """Resample `images` through the inverse map G_inv ([N,3,3], pixel coordinates centred on
-        the image): reflect-pad just enough to cover the source region, 2x upsample with sym6,
-        bilinear grid_sample at 2x, 2x downsample with sym6, crop."""
-        N, C, H, W = images.shape
-        device = images.device
-        Hz = np.asarray(SYM6, dtype=np.float32)
-        Hz_pad = len(Hz) // 4
-
-        # Padding: the bounding box of the transformed output corners plus the filter support.
-        cx = (W - 1) / 2
-        cy = (H - 1) / 2
-        cp = _matrix([-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1], device=device)  # [corner, xyz]
-        cp = G_inv @ cp.t()                                                                   # [N, xyz, corner]
-        margin = cp[:, :2, :].permute(1, 0, 2).flatten(1)                                     # [xy, N*corner]
-        margin = torch.cat([-margin, margin]).max(dim=1).values                               # [x0, y0, x1, y1]
-        margin = margin + torch.tensor([Hz_pad * 2 - cx, Hz_pad * 2 - cy] * 2, dtype=torch.float32, device=device)
-        margin = margin.max(torch.tensor([0, 0] * 2, dtype=torch.float32, device=device))
-        margin = margin.min(torch.tensor([W - 1, H - 1] * 2, dtype=torch.float32, device=device))
-        mx0, my0, mx1, my1 = margin.ceil().to(torch.int32).tolist()
-
-        images = torch.nn.functional.pad(input=images, pad=[mx0, mx1, my0, my1], mode='reflect')
-        G_inv = translate2d((mx0 - mx1) / 2, (my0 - my1) / 2, device=device) @ G_inv
-
-        # 2x upsample: zero-stuff, then convolve with the (flipped, i.e. true-convolution) filter.
-        weight = torch.tensor(Hz[None, None, ::-1].copy(), dtype=images.dtype, device=device).tile([C, 1, 1])
-        pad = (len(Hz) + 1) // 2
-        images = torch.stack([images, torch.zeros_like(images)], dim=4).reshape(N, C, images.shape[2], -1)[:, :, :, :-1]
-        images = torch.nn.functional.conv2d(images, weight.unsqueeze(2), groups=C, padding=[0, pad])
-        images = torch.stack([images, torch.zeros_like(images)], dim=3).reshape(N, C, -1, images.shape[3])[:, :, :-1, :]
-        images = torch.nn.functional.conv2d(images, weight.unsqueeze(3), groups=C, padding=[pad, 0])
-        G_inv = scale2d(2, 2, device=device) @ G_inv @ scale2d_inv(2, 2, device=device)
-        G_inv = translate2d(-0.5, -0.5, device=device) @ G_inv @ translate2d_inv(-0.5, -0.5, device=device)
-
-        # Resample at 2x; G_inv converted to grid_sample's normalised [-1, 1] coordinates.
-        shape = [N, C, (H + Hz_pad * 2) * 2, (W + Hz_pad * 2) * 2]
-        G_inv = (scale2d(2 / images.shape[3], 2 / images.shape[2], device=device) @ G_inv
-                 @ scale2d_inv(2 / shape[3], 2 / shape[2], device=device))
-        grid = torch.nn.functional.affine_grid(theta=G_inv[:, :2, :], size=shape, align_corners=False)
-        images = torch.nn.functional.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
-
-        # 2x downsample and crop the filter margin.
-        weight = torch.tensor(Hz[None, None, :], dtype=images.dtype, device=device).tile([C, 1, 1])
-        pad = (len(Hz) - 1) // 2
-        images = torch.nn.functional.conv2d(images, weight.unsqueeze(2), groups=C, stride=[1, 2], padding=[0, pad])[:, :, :, Hz_pad : -Hz_pad]
-        images = torch.nn.functional.conv2d(images, weight.unsqueeze(3), groups=C, stride=[2, 1], padding=[pad, 0])[:, :, Hz_pad : -Hz_pad, :]
-        return images
+        return images if matrix is None else _apply_color_matrix(images, matrix)

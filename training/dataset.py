@@ -32,72 +32,108 @@ def _get_pyspng():
             _pyspng = False
     return _pyspng or None
 
+
+def _subset_indices(num_images: int, max_size: Optional[int], seed: int) -> np.ndarray:
+    """Raw indices kept when the dataset is capped at `max_size` images.
+
+    A seeded shuffle picks which images survive (the same seed always gives the same subset, which is
+    what makes `fid.py calc --num/--seed` reproducible); they are then read in ascending order,
+    which keeps zip access sequential.
+    """
+    indices = np.arange(num_images, dtype=np.int64)
+    if max_size is None or num_images <= max_size:
+        return indices
+    np.random.RandomState(seed % (1 << 31)).shuffle(indices)
+    return np.sort(indices[:max_size])
+
+
+def _check_raw_labels(labels, num_images: int) -> None:
+    """What `_load_raw_labels()` may return: [N] non-negative int64 classes or [N, ...] float32 vectors."""
+    assert isinstance(labels, np.ndarray)
+    assert labels.shape[0] == num_images
+    assert labels.dtype in [np.float32, np.int64]
+    if labels.dtype == np.int64:
+        assert labels.ndim == 1
+        assert np.all(labels >= 0)
+
 # ----------------------------------------------------------------------------
 
 
 class Dataset(torch.utils.data.Dataset):
-    """Abstract base: subclasses provide `_load_raw_image(raw_idx)` (uint8 CHW) and `_load_raw_labels()`
-    (int64 [N] class indices, float32 [N, D] vectors, or None).
+    """Base class of the training datasets.
 
-    `max_size` keeps a fixed random subset (same seed -> same subset, in ascending raw order);
-    `xflip` appends a horizontally mirrored copy of every image (len doubles); `cache` keeps decoded
-    images in memory (per process).
+    Args:
+        name: human-readable name (used in messages and snapshots).
+        raw_shape: [N, C, H, W] of the stored images.
+        max_size: keep only this many images, a fixed random subset chosen by `random_seed`
+            (None = all of them).
+        use_labels: return the stored labels; False gives empty (0-dimensional) labels.
+        xflip: append a horizontally mirrored copy of every image, doubling the length.
+        random_seed: seed of the `max_size` subset.
+        cache: keep decoded images in memory (per process).
+
+    Subclasses implement `_load_raw_image(raw_idx)` -> uint8 CHW array and `_load_raw_labels()` ->
+    int64 [N] class indices, float32 [N, D] vectors, or None; `close()` releases file handles.
     """
 
-    def __init__(self,
-        name: str,                      # Name of the dataset.
-        raw_shape: list,                # Shape of the raw image data (NCHW).
-        max_size: Optional[int] = None, # Artificially limit the size of the dataset. None = no limit.
-        use_labels: bool = False,       # Enable conditioning labels? False = label dimension is zero.
-        xflip: bool = False,            # Artificially double the size of the dataset via x-flips.
-        random_seed: int = 0,           # Random seed to use when applying max_size.
-        cache: bool = False,            # Cache images in CPU memory?
-    ):
+    def __init__(self, name: str, raw_shape: list, max_size: Optional[int] = None, use_labels: bool = False,
+                 xflip: bool = False, random_seed: int = 0, cache: bool = False):
         self._name = name
-        self._raw_shape = list(raw_shape)
+        self._stored_shape = list(raw_shape)
         self._use_labels = use_labels
         self._cache = cache
-        self._cached_images = dict()  # {raw_idx: np.ndarray}
-        self._raw_labels = None
-        self._label_shape = None
+        self._cached_images = dict()  # raw index -> decoded image
+        self._labels_cache = None     # loaded on first use (and again in each worker process)
+        self._label_shape_cache = None
 
-        # max_size: a seeded shuffle then the first max_size indices, sorted for sequential reads.
-        self._raw_idx = np.arange(self._raw_shape[0], dtype=np.int64)
-        if (max_size is not None) and (self._raw_idx.size > max_size):
-            np.random.RandomState(random_seed % (1 << 31)).shuffle(self._raw_idx)
-            self._raw_idx = np.sort(self._raw_idx[:max_size])
-
-        # xflip: the second half repeats the indices with the mirror flag set.
-        self._xflip = np.zeros(self._raw_idx.size, dtype=np.uint8)
+        # Item i shows raw image self._item_source[i], mirrored when self._item_mirrored[i] is set.
+        kept = _subset_indices(self._stored_shape[0], max_size, random_seed)
+        mirrored = np.zeros(kept.size, dtype=np.uint8)
         if xflip:
-            self._raw_idx = np.tile(self._raw_idx, 2)
-            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+            kept = np.concatenate([kept, kept])
+            mirrored = np.concatenate([mirrored, np.ones_like(mirrored)])
+        self._item_source = kept
+        self._item_mirrored = mirrored
 
-    def _get_raw_labels(self) -> np.ndarray:
-        if self._raw_labels is None:
-            self._raw_labels = self._load_raw_labels() if self._use_labels else None
-            if self._raw_labels is None:
-                self._raw_labels = np.zeros([self._raw_shape[0], 0], dtype=np.float32)
-            assert isinstance(self._raw_labels, np.ndarray)
-            assert self._raw_labels.shape[0] == self._raw_shape[0]
-            assert self._raw_labels.dtype in [np.float32, np.int64]
-            if self._raw_labels.dtype == np.int64:
-                assert self._raw_labels.ndim == 1
-                assert np.all(self._raw_labels >= 0)
-        return self._raw_labels
+    # -- Hooks for subclasses. ------------------------------------------------------------------
 
-    def close(self):  # To be overridden by subclass.
+    def close(self):
         pass
 
-    def _load_raw_image(self, raw_idx: int) -> np.ndarray:  # To be overridden by subclass.
+    def _load_raw_image(self, raw_idx: int) -> np.ndarray:
         raise NotImplementedError
 
-    def _load_raw_labels(self) -> Optional[np.ndarray]:  # To be overridden by subclass.
+    def _load_raw_labels(self) -> Optional[np.ndarray]:
         raise NotImplementedError
+
+    def _describe(self, raw_idx: int) -> str:
+        """Where raw image `raw_idx` comes from, for error messages."""
+        return f'{self._name}[{raw_idx}]'
+
+    # -- Labels. --------------------------------------------------------------------------------
+
+    def _all_labels(self) -> np.ndarray:
+        if self._labels_cache is None:
+            labels = self._load_raw_labels() if self._use_labels else None
+            if labels is None:
+                labels = np.zeros([self._stored_shape[0], 0], dtype=np.float32)
+            _check_raw_labels(labels, self._stored_shape[0])
+            self._labels_cache = labels
+        return self._labels_cache
+
+    def get_label(self, idx: int) -> np.ndarray:
+        label = self._all_labels()[self._item_source[idx]]
+        if label.dtype != np.int64:
+            return label.copy()
+        onehot = np.zeros(self.label_shape, dtype=np.float32)
+        onehot[label] = 1
+        return onehot
+
+    # -- Pickling / lifetime. -------------------------------------------------------------------
 
     def __getstate__(self):
         # Labels are re-read lazily in each worker instead of being pickled along.
-        return dict(self.__dict__, _raw_labels=None)
+        return dict(self.__dict__, _labels_cache=None)
 
     def __del__(self):
         try:
@@ -105,12 +141,13 @@ class Dataset(torch.utils.data.Dataset):
         except Exception:
             pass
 
-    def __len__(self) -> int:
-        return self._raw_idx.size
+    # -- Items. ---------------------------------------------------------------------------------
 
-    def __getitem__(self, idx: int):
-        raw_idx = int(self._raw_idx[idx])
-        image = self._cached_images.get(raw_idx, None)
+    def __len__(self) -> int:
+        return self._item_source.size
+
+    def _decoded_image(self, raw_idx: int) -> np.ndarray:
+        image = self._cached_images.get(raw_idx)
         if image is None:
             image = self._load_raw_image(raw_idx)
             if self._cache:
@@ -119,57 +156,50 @@ class Dataset(torch.utils.data.Dataset):
         if list(image.shape) != self.image_shape or image.dtype != np.uint8:
             raise ValueError(f'{self._describe(raw_idx)}: image is {image.dtype} {list(image.shape)} (CHW), '
                              f'but the dataset is uint8 {self.image_shape}; re-create it with dataset_tool.py')
-        if self._xflip[idx]:
-            assert image.ndim == 3  # CHW
-            image = image[:, :, ::-1]
+        return image
+
+    def __getitem__(self, idx: int):
+        image = self._decoded_image(int(self._item_source[idx]))
+        if self._item_mirrored[idx]:
+            image = image[:, :, ::-1]  # CHW: mirror the width axis
+        # Always hand out a copy: callers may modify it, and the cache must stay intact.
         return image.copy(), self.get_label(idx)
 
-    def _describe(self, raw_idx: int) -> str:
-        return f'{self._name}[{raw_idx}]'
-
-    def get_label(self, idx: int) -> np.ndarray:
-        label = self._get_raw_labels()[self._raw_idx[idx]]
-        if label.dtype == np.int64:
-            onehot = np.zeros(self.label_shape, dtype=np.float32)
-            onehot[label] = 1
-            label = onehot
-        return label.copy()
-
     def get_details(self, idx: int) -> dnnlib.EasyDict:
-        d = dnnlib.EasyDict()
-        d.raw_idx = int(self._raw_idx[idx])
-        d.xflip = (int(self._xflip[idx]) != 0)
-        d.raw_label = self._get_raw_labels()[d.raw_idx].copy()
-        return d
+        raw_idx = int(self._item_source[idx])
+        return dnnlib.EasyDict(raw_idx=raw_idx, xflip=(int(self._item_mirrored[idx]) != 0),
+                               raw_label=self._all_labels()[raw_idx].copy())
+
+    # -- Shape information. ---------------------------------------------------------------------
 
     @property
     def name(self) -> str:
         return self._name
 
     @property
-    def image_shape(self) -> list:  # [CHW]
-        return list(self._raw_shape[1:])
+    def image_shape(self) -> list:
+        """[C, H, W]."""
+        return list(self._stored_shape[1:])
 
     @property
     def num_channels(self) -> int:
-        assert len(self.image_shape) == 3  # CHW
+        assert len(self.image_shape) == 3
         return self.image_shape[0]
 
     @property
     def resolution(self) -> int:
-        assert len(self.image_shape) == 3  # CHW
-        assert self.image_shape[1] == self.image_shape[2], f'{self._name}: images are not square'
-        return self.image_shape[1]
+        assert len(self.image_shape) == 3
+        _channels, height, width = self.image_shape
+        assert height == width, f'{self._name}: images are not square'
+        return height
 
     @property
     def label_shape(self) -> list:
-        if self._label_shape is None:
-            raw_labels = self._get_raw_labels()
-            if raw_labels.dtype == np.int64:
-                self._label_shape = [int(np.max(raw_labels)) + 1]
-            else:
-                self._label_shape = raw_labels.shape[1:]
-        return list(self._label_shape)
+        if self._label_shape_cache is None:
+            labels = self._all_labels()
+            # Integer classes become one-hot vectors as long as the largest class index + 1.
+            self._label_shape_cache = [int(np.max(labels)) + 1] if labels.dtype == np.int64 else labels.shape[1:]
+        return list(self._label_shape_cache)
 
     @property
     def label_dim(self) -> int:
@@ -178,11 +208,11 @@ class Dataset(torch.utils.data.Dataset):
 
     @property
     def has_labels(self) -> bool:
-        return any(x != 0 for x in self.label_shape)
+        return any(dim != 0 for dim in self.label_shape)
 
     @property
     def has_onehot_labels(self) -> bool:
-        return self._get_raw_labels().dtype == np.int64
+        return self._all_labels().dtype == np.int64
 
 # ----------------------------------------------------------------------------
 
@@ -196,54 +226,59 @@ def _image_array(img: PIL.Image.Image) -> np.ndarray:
     return np.asarray(img.convert('RGB'))
 
 
-class ImageFolderDataset(Dataset):
-    """Dataset for a folder or zip of images (as written by dataset_tool.py), in sorted-name order."""
+def _extension(fname: str) -> str:
+    return os.path.splitext(fname)[1].lower()
 
-    def __init__(self,
-        path: str,                      # Path to directory or zip.
-        resolution: Optional[int] = None, # Ensure specific resolution, None = highest available.
-        use_pyspng: bool = True,        # Use pyspng if available?
-        **super_kwargs,                 # Additional arguments for the Dataset base class.
-    ):
+
+class ImageFolderDataset(Dataset):
+    """Images in a folder (searched recursively) or a zip, as written by dataset_tool.py, in sorted-name
+    order, with optional labels from its `dataset.json`.
+
+    Args:
+        path: the folder or `.zip` file.
+        resolution: expected image size; a mismatch is an error (None = accept what is stored).
+        use_pyspng: decode PNGs with pyspng when it is installed (faster than Pillow).
+        **super_kwargs: passed to `Dataset` (max_size, use_labels, xflip, random_seed, cache).
+    """
+
+    def __init__(self, path: str, resolution: Optional[int] = None, use_pyspng: bool = True, **super_kwargs):
         self._path = str(path)
         self._use_pyspng = use_pyspng
         self._zipfile = None
-        self._zipfile_pid = None
+        self._zipfile_pid = None  # process that opened self._zipfile
 
-        if os.path.isdir(self._path):
-            self._type = 'dir'
-            self._all_fnames = {os.path.relpath(os.path.join(root, fname), start=self._path).replace(os.sep, '/')
-                                for root, _dirs, files in os.walk(self._path) for fname in files}
-        elif self._file_ext(self._path) == '.zip':
-            if not os.path.isfile(self._path):
-                raise IOError(f'{self._path}: dataset not found; create it with dataset_tool.py')
-            self._type = 'zip'
-            try:
-                self._all_fnames = set(self._get_zipfile().namelist())
-            except zipfile.BadZipFile as e:
-                raise IOError(f'{self._path}: not a valid zip file ({e})') from e
-        else:
-            raise IOError(f'{self._path}: path must point to a directory or a .zip (made by dataset_tool.py)')
-
+        self._kind, self._members = self._scan()
         PIL.Image.init()
-        self._image_fnames = sorted(fname for fname in self._all_fnames if self._file_ext(fname) in PIL.Image.EXTENSION)
-        if len(self._image_fnames) == 0:
+        self._image_names = sorted(f for f in self._members if _extension(f) in PIL.Image.EXTENSION)
+        if not self._image_names:
             raise IOError(f'{self._path}: no image files found')
 
-        name = os.path.splitext(os.path.basename(self._path.rstrip('/\\')))[0]
-        raw_shape = [len(self._image_fnames)] + list(self._load_raw_image(0).shape)
+        # The first image fixes the shape every other image is checked against.
+        raw_shape = [len(self._image_names)] + list(self._load_raw_image(0).shape)
         if resolution is not None and (raw_shape[2] != resolution or raw_shape[3] != resolution):
             raise IOError(f'{self._path}: images are {raw_shape[3]}x{raw_shape[2]}, but resolution={resolution} '
                           f'was requested; use a dataset made with dataset_tool.py --resolution='
                           f'{resolution}x{resolution}, or leave resolution unset')
+        name = os.path.splitext(os.path.basename(self._path.rstrip('/\\')))[0]
         super().__init__(name=name, raw_shape=raw_shape, **super_kwargs)
 
-    @staticmethod
-    def _file_ext(fname: str) -> str:
-        return os.path.splitext(fname)[1].lower()
+    def _scan(self) -> tuple[str, set]:
+        """('dir' | 'zip', set of member names with '/' separators)."""
+        if os.path.isdir(self._path):
+            return 'dir', {os.path.relpath(os.path.join(root, fname), start=self._path).replace(os.sep, '/')
+                           for root, _dirs, files in os.walk(self._path) for fname in files}
+        if _extension(self._path) != '.zip':
+            raise IOError(f'{self._path}: path must point to a directory or a .zip (made by dataset_tool.py)')
+        if not os.path.isfile(self._path):
+            raise IOError(f'{self._path}: dataset not found; create it with dataset_tool.py')
+        self._kind = 'zip'
+        try:
+            return 'zip', set(self._zip().namelist())
+        except zipfile.BadZipFile as e:
+            raise IOError(f'{self._path}: not a valid zip file ({e})') from e
 
-    def _get_zipfile(self) -> zipfile.ZipFile:
-        assert self._type == 'zip'
+    def _zip(self) -> zipfile.ZipFile:
+        assert self._kind == 'zip'
         # A ZipFile inherited through fork shares its OS file offset with the parent and siblings, so
         # concurrent reads would interleave: each process opens its own handle on first use.
         if self._zipfile is None or self._zipfile_pid != os.getpid():
@@ -251,12 +286,10 @@ class ImageFolderDataset(Dataset):
             self._zipfile_pid = os.getpid()
         return self._zipfile
 
-    def _open_file(self, fname: str):
-        if self._type == 'dir':
+    def _open_member(self, fname: str):
+        if self._kind == 'dir':
             return open(os.path.join(self._path, fname), 'rb')
-        if self._type == 'zip':
-            return self._get_zipfile().open(fname, 'r')
-        return None
+        return self._zip().open(fname, 'r')
 
     def close(self):
         try:
@@ -270,38 +303,39 @@ class ImageFolderDataset(Dataset):
         return dict(super().__getstate__(), _zipfile=None, _zipfile_pid=None)
 
     def _describe(self, raw_idx: int) -> str:
-        return f'{self._path}:{self._image_fnames[raw_idx]}'
+        return f'{self._path}:{self._image_names[raw_idx]}'
+
+    def _decode(self, fname: str) -> np.ndarray:
+        with self._open_member(fname) as f:
+            if self._use_pyspng and _extension(fname) == '.png' and _get_pyspng() is not None:
+                return _get_pyspng().load(f.read())
+            with PIL.Image.open(f) as img:
+                return _image_array(img)
 
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
-        fname = self._image_fnames[raw_idx]
+        fname = self._image_names[raw_idx]
         try:
-            with self._open_file(fname) as f:
-                if self._use_pyspng and self._file_ext(fname) == '.png' and _get_pyspng() is not None:
-                    image = _get_pyspng().load(f.read())
-                else:
-                    with PIL.Image.open(f) as img:
-                        image = _image_array(img)
+            pixels = self._decode(fname)
         except (OSError, SyntaxError, ValueError, zipfile.BadZipFile) as e:
             raise IOError(f'{self._path}:{fname}: cannot read image ({e})') from e
-        if image.ndim == 2:
-            image = image[:, :, np.newaxis]  # HW => HWC
-        return image.transpose(2, 0, 1)  # HWC => CHW
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, np.newaxis]  # grayscale: add the channel axis
+        return pixels.transpose(2, 0, 1)  # HWC -> CHW
 
     def _load_raw_labels(self) -> Optional[np.ndarray]:
-        fname = 'dataset.json'
-        if fname not in self._all_fnames:
+        if 'dataset.json' not in self._members:
             return None
-        with self._open_file(fname) as f:
-            labels = json.load(f)['labels']
-        if labels is None:
+        with self._open_member('dataset.json') as f:
+            pairs = json.load(f)['labels']
+        if pairs is None:
             return None
-        labels = dict(labels)
-        missing = [fname for fname in self._image_fnames if fname not in labels]
+        by_name = dict(pairs)
+        missing = [fname for fname in self._image_names if fname not in by_name]
         if missing:
             raise IOError(f'{self._path}: dataset.json has no label for {missing[0]} ({len(missing)} image(s) '
                           f'unlabelled); fix dataset.json or train without labels')
-        labels = np.array([labels[fname] for fname in self._image_fnames])
-        labels = labels.astype({1: np.int64, 2: np.float32}[labels.ndim])
-        return labels
+        labels = np.array([by_name[fname] for fname in self._image_names])
+        # Scalars are class indices (one-hot later); lists are label vectors used as they are.
+        return labels.astype({1: np.int64, 2: np.float32}[labels.ndim])
 
 # ----------------------------------------------------------------------------

@@ -42,55 +42,68 @@ def edm_weight(sigma, sigma_data=0.5):
 #----------------------------------------------------------------------------
 
 def _denoising_loss(net, images, sigma, weight, labels, augment_pipe):
-    """Shared tail of every loss: augment, add noise, denoise, weight the squared error."""
-    y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
-    n = torch.randn_like(y) * sigma
-    D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)
-    return weight * ((D_yn - y) ** 2)
+    """The part every loss shares (Eq. 2 / Table 1): optionally augment the clean images, corrupt them
+    with Gaussian noise of std `sigma`, denoise, and return the weighted squared error per pixel."""
+    if augment_pipe is None:
+        clean, augment_labels = images, None
+    else:
+        clean, augment_labels = augment_pipe(images)
+    noise = torch.randn_like(clean) * sigma
+    denoised = net(clean + noise, sigma, labels, augment_labels=augment_labels)
+    return weight * ((denoised - clean) ** 2)
+
+
+def _per_image(draw, images):
+    """One random number per image, shaped to broadcast over C, H, W."""
+    return draw([images.shape[0], 1, 1, 1], device=images.device)
 
 #----------------------------------------------------------------------------
-# VP (Song et al. 2021, "DDPM++ cont. (VP)"): t ~ U(epsilon_t, 1), sigma = sigma_vp(t), weight 1/sigma^2.
 
 @persistence.persistent_class
 class VPLoss:
+    """Variance preserving loss of Song et al. 2021 ("DDPM++ cont. (VP)"): t ~ U(epsilon_t, 1),
+    sigma = sigma_vp(t; beta_d, beta_min), weight 1/sigma^2."""
+
     def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5):
         self.beta_d = beta_d
         self.beta_min = beta_min
         self.epsilon_t = epsilon_t
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        rnd_uniform = torch.rand([images.shape[0], 1, 1, 1], device=images.device)
-        sigma = self.sigma(vp_t_from_uniform(rnd_uniform, self.epsilon_t))
+        t = vp_t_from_uniform(_per_image(torch.rand, images), self.epsilon_t)
+        sigma = self.sigma(t)
         return _denoising_loss(net, images, sigma, snr_weight(sigma), labels, augment_pipe)
 
     def sigma(self, t):
         return vp_sigma(t, self.beta_d, self.beta_min)
 
 #----------------------------------------------------------------------------
-# VE (Song et al. 2021, "NCSN++ cont. (VE)"): log-uniform sigma in [sigma_min, sigma_max], weight 1/sigma^2.
 
 @persistence.persistent_class
 class VELoss:
+    """Variance exploding loss of Song et al. 2021 ("NCSN++ cont. (VE)"): sigma log-uniform in
+    [sigma_min, sigma_max], weight 1/sigma^2."""
+
     def __init__(self, sigma_min=0.02, sigma_max=100):
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        rnd_uniform = torch.rand([images.shape[0], 1, 1, 1], device=images.device)
-        sigma = ve_sigma_from_uniform(rnd_uniform, self.sigma_min, self.sigma_max)
+        sigma = ve_sigma_from_uniform(_per_image(torch.rand, images), self.sigma_min, self.sigma_max)
         return _denoising_loss(net, images, sigma, snr_weight(sigma), labels, augment_pipe)
 
 #----------------------------------------------------------------------------
-# EDM (Section 5): ln(sigma) ~ N(P_mean, P_std^2), weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
 
 @persistence.persistent_class
 class EDMLoss:
+    """The paper's loss (Section 5, Table 1): ln(sigma) ~ N(P_mean, P_std^2) and
+    lambda(sigma) = 1 / c_out(sigma)^2 for data standard deviation sigma_data."""
+
     def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
         self.P_mean = P_mean
         self.P_std = P_std
         self.sigma_data = sigma_data
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        rnd_normal = torch.randn([images.shape[0], 1, 1, 1], device=images.device)
-        sigma = edm_sigma_from_normal(rnd_normal, self.P_mean, self.P_std)
+        sigma = edm_sigma_from_normal(_per_image(torch.randn, images), self.P_mean, self.P_std)
         return _denoising_loss(net, images, sigma, edm_weight(sigma, self.sigma_data), labels, augment_pipe)

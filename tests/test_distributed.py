@@ -1,6 +1,5 @@
 """torch_utils.distributed: a process group exists after init(), with or without torchrun."""
 
-import os
 import socket
 import subprocess
 import sys

@@ -4,17 +4,14 @@ identical weights, SIGKILL + --resume=<run folder> reproduces the uninterrupted 
 
 import glob
 import inspect
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import zipfile
 
 import numpy as np
-import PIL.Image
 import psutil
 import pytest
 import torch
@@ -22,6 +19,7 @@ from click.testing import CliRunner
 
 import dnnlib
 import train
+from tinydata import make_dataset_zip
 
 
 @pytest.fixture(autouse=True)
@@ -32,22 +30,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
-
-
-def make_dataset_zip(path, num_images=64, resolution=8, num_classes=4, labels=True, seed=0):
-    """A dataset in dataset_tool.py's layout: 00000/img00000000.png ... + dataset.json."""
-    rnd = np.random.RandomState(seed)
-    entries = []
-    with zipfile.ZipFile(path, 'w') as z:
-        for i in range(num_images):
-            img = rnd.randint(0, 256, size=[resolution, resolution, 3], dtype=np.uint8)
-            buf = io.BytesIO()
-            PIL.Image.fromarray(img).save(buf, format='png')
-            name = f'{i // 1000:05d}/img{i:08d}.png'
-            z.writestr(name, buf.getvalue())
-            entries.append([name, i % num_classes])
-        z.writestr('dataset.json', json.dumps(dict(labels=entries if labels else None)))
-    return str(path)
 
 
 @pytest.fixture(scope='module')

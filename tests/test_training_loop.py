@@ -2,21 +2,19 @@
 sanitising, the files a run writes, exact resume, preemption by SIGTERM, and checkpoint errors.
 All runs are in-process on CPU with a tiny network on a tiny 8x8 dataset built here."""
 
-import io
 import json
 import os
 import signal
 import threading
 import time
-import zipfile
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 from training import training_loop as tl
 from training.training_loop import ema_beta, learning_rate
+from tinydata import make_dataset_zip
 
 
 @pytest.fixture(autouse=True)
@@ -27,22 +25,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
-
-
-def make_dataset_zip(path, num_images=64, resolution=8, num_classes=4, seed=0):
-    """A dataset in dataset_tool.py's layout: 00000/img00000000.png ... + dataset.json with labels."""
-    rnd = np.random.RandomState(seed)
-    labels = []
-    with zipfile.ZipFile(path, 'w') as z:
-        for i in range(num_images):
-            img = rnd.randint(0, 256, size=[resolution, resolution, 3], dtype=np.uint8)
-            buf = io.BytesIO()
-            PIL.Image.fromarray(img).save(buf, format='png')
-            name = f'{i // 1000:05d}/img{i:08d}.png'
-            z.writestr(name, buf.getvalue())
-            labels.append([name, i % num_classes])
-        z.writestr('dataset.json', json.dumps(dict(labels=labels)))
-    return str(path)
 
 
 # ---------------------------------------------------------------------------- schedules as formulas

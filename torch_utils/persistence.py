@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
 import importlib
 import inspect
 import io
@@ -37,86 +38,112 @@ from typing import Any
 
 import torch
 
-_version = 6                 # Pickle layout version of the paper's code.
+_version = 6                 # Record version of the paper's layout; its loader rejects any other value.
 PLAIN_FORMAT = 'edm-plain-v1'
 
 # Modules whose persistent classes may be rebuilt from a checkpoint (imported lazily, by name).
 SAFE_MODULES = ('training.networks', 'training.loss', 'training.augment')
 
-_decorators: list[type] = []          # Every decorated class, in registration order.
-_module_src_cache: dict[str, str] = {}
+_persistent_classes: list[type] = []  # Classes produced by @persistent_class, oldest first.
 
 class CheckpointError(ValueError):
     """A checkpoint could not be loaded; the message is one line and names the file."""
 
 #----------------------------------------------------------------------------
-# Decorator.
+# Writing side: the @persistent_class decorator.
+#
+# A decorated class is replaced by a thin subclass with the same name, module and docstring. Its instances
+# keep deep copies of their constructor arguments (`_init_args`, `_init_kwargs`: these attribute names are
+# part of the pickled state, and the paper's code reads them) and pickle as a call to
+# `_reconstruct_persistent_obj(record)`. The record also embeds the defining module's source text, because
+# the paper's loader rebuilds classes from it; our loader only uses it to tell apart same-named classes.
 
-def _easydict(d: dict) -> dict:
+def _easydict_class() -> type:
+    """dnnlib.EasyDict when the dnnlib package is importable, else plain dict."""
     try:
         import dnnlib
-        return dnnlib.EasyDict(d)
     except ImportError:
-        return dict(d)
+        return dict
+    return dnnlib.EasyDict
 
-def _module_src(module_name: str) -> str | None:
-    """Source text of a module (cached); None when unavailable (e.g. interactive code)."""
-    if module_name not in _module_src_cache:
-        try:
-            _module_src_cache[module_name] = inspect.getsource(sys.modules[module_name])
-        except (OSError, TypeError, KeyError):
-            _module_src_cache[module_name] = None
-    return _module_src_cache[module_name]
+@functools.lru_cache(maxsize=None)
+def _source_of_module(module_name: str) -> str | None:
+    """Source text of an imported module, read once; None when Python cannot find it (e.g. a class
+    defined in an interactive session or in generated code)."""
+    module = sys.modules.get(module_name)
+    if module is None:
+        return None
+    try:
+        return inspect.getsource(module)
+    except (OSError, TypeError):
+        return None
+
+def _origin(cls: type) -> tuple[str, str]:
+    """(module name, class name) of the class a persistent class was made from."""
+    return cls._persistent_origin
+
+def _pickled_state(obj: Any) -> dict:
+    """What pickle would store for `obj` by default (nn.Module's __getstate__ returns a copy of __dict__)."""
+    getstate = getattr(obj, '__getstate__', None)
+    return getstate() if getstate is not None else obj.__dict__
+
+def _persistent_reduce(self):
+    module_name, class_name = _origin(type(self))
+    record = dict(type='class', version=_version, module_src=_source_of_module(module_name) or '',
+                  class_name=class_name, state=_pickled_state(self))
+    return _reconstruct_persistent_obj, (record,)
+
+def _init_args_copy(self) -> tuple:
+    """Positional constructor arguments (a copy, safe to modify)."""
+    return copy.deepcopy(self._init_args)
+
+def _init_kwargs_copy(self) -> dict:
+    """Keyword constructor arguments as an EasyDict (a copy, safe to modify)."""
+    return _easydict_class()(copy.deepcopy(self._init_kwargs))
 
 def persistent_class(orig_class: type) -> type:
     """Class decorator: instances remember `init_args`/`init_kwargs` and pickle in the paper's layout."""
-    assert isinstance(orig_class, type), 'persistent_class decorates classes'
+    if not isinstance(orig_class, type):
+        raise AssertionError(f'persistent_class decorates classes, got {type(orig_class).__name__}')
     if is_persistent(orig_class):
         return orig_class
 
-    class Decorator(orig_class):
-        _orig_module_name = orig_class.__module__
-        _orig_class_name = orig_class.__name__
+    def __init__(self, *args, **kwargs):
+        super(persistent, self).__init__(*args, **kwargs)
+        # Copied after construction so neither the constructor nor the caller can alter the record later.
+        self._init_args = copy.deepcopy(args)
+        self._init_kwargs = copy.deepcopy(kwargs)
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._init_args = copy.deepcopy(args)
-            self._init_kwargs = copy.deepcopy(kwargs)
-
-        @property
-        def init_args(self):
-            return copy.deepcopy(self._init_args)
-
-        @property
-        def init_kwargs(self):
-            return _easydict(copy.deepcopy(self._init_kwargs))
-
-        def __reduce__(self):
-            state = self.__getstate__() if hasattr(self, '__getstate__') else self.__dict__
-            meta = dict(type='class', version=_version, module_src=_module_src(self._orig_module_name) or '',
-                        class_name=self._orig_class_name, state=state)
-            return (_reconstruct_persistent_obj, (meta,))
-
-    Decorator.__name__ = orig_class.__name__
-    Decorator.__qualname__ = orig_class.__qualname__
-    Decorator.__module__ = orig_class.__module__
-    Decorator.__doc__ = orig_class.__doc__
-    _decorators.append(Decorator)
-    return Decorator
+    namespace = {
+        '__init__': __init__,
+        '__reduce__': _persistent_reduce,
+        'init_args': property(_init_args_copy),
+        'init_kwargs': property(_init_kwargs_copy),
+        '_persistent_origin': (orig_class.__module__, orig_class.__name__),
+        '__module__': orig_class.__module__,
+        '__qualname__': orig_class.__qualname__,
+        '__doc__': orig_class.__doc__,
+    }
+    persistent = type(orig_class)(orig_class.__name__, (orig_class,), namespace)
+    _persistent_classes.append(persistent)
+    return persistent
 
 def is_persistent(obj: Any) -> bool:
     """True for decorated classes and their instances."""
-    return (isinstance(obj, type) and obj in _decorators) or type(obj) in _decorators
+    cls = obj if isinstance(obj, type) else type(obj)
+    return cls in _persistent_classes
 
 #----------------------------------------------------------------------------
-# Class lookup. Never executes module_src: classes come from already importable modules.
+# Reading side, shared by pickle.load, copy.deepcopy and the safe loader. Classes are only ever taken from
+# modules that are already imported or importable by name; module_src is never executed.
 
 def _class_for_meta(class_name: str, module_src: str | None, allowed_modules) -> type | None:
     # 1) Exact source match with a module we already imported (our own pickles / deepcopy).
     if module_src:
-        for cls in reversed(_decorators):
-            if cls._orig_class_name == class_name and _module_src(cls._orig_module_name) == module_src:
-                if allowed_modules is None or cls._orig_module_name in allowed_modules:
+        for cls in reversed(_persistent_classes):
+            module_name, name = _origin(cls)
+            if name == class_name and _source_of_module(module_name) == module_src:
+                if allowed_modules is None or module_name in allowed_modules:
                     return cls
     # 2) By name in the allowed modules (the paper's pickles carry the paper's source).
     for module_name in (SAFE_MODULES if allowed_modules is None else allowed_modules):
@@ -125,33 +152,37 @@ def _class_for_meta(class_name: str, module_src: str | None, allowed_modules) ->
         except ImportError:
             continue
         cls = getattr(module, class_name, None)
-        if isinstance(cls, type) and cls in _decorators:
+        if isinstance(cls, type) and cls in _persistent_classes:
             return cls
     # 3) Unrestricted path only (deepcopy / plain pickle.load of classes whose source is unavailable,
     #    e.g. defined interactively): any already-defined persistent class of that name.
     if allowed_modules is None:
-        for cls in reversed(_decorators):
-            if cls._orig_class_name == class_name:
+        for cls in reversed(_persistent_classes):
+            if _origin(cls)[1] == class_name:
                 return cls
     return None
 
-def _reconstruct_persistent_obj(meta: dict) -> Any:
-    """Unpickling hook of the paper's layout (also used by copy.deepcopy). Rebuilds our class by name
-    and restores its state; the embedded module source is ignored, never executed."""
-    meta = dict(meta)
-    if meta.get('type') != 'class':
-        raise pickle.UnpicklingError(f'unsupported persistent object type {meta.get("type")!r}')
-    cls = _class_for_meta(meta.get('class_name'), meta.get('module_src'), allowed_modules=None)
-    if cls is None:
-        raise pickle.UnpicklingError(f'no known persistent class named {meta.get("class_name")!r} '
-                                     f'(allowed modules: {", ".join(SAFE_MODULES)})')
-    obj = cls.__new__(cls)
-    state = meta.get('state') or {}
-    setstate = getattr(obj, '__setstate__', None)
-    if callable(setstate):
-        setstate(state)
+def _restore_state(obj: Any, state: dict) -> None:
+    """Put pickled attributes back, through the class's __setstate__ when it has one (nn.Module's fills
+    in attributes that newer torch versions added)."""
+    if hasattr(type(obj), '__setstate__'):
+        obj.__setstate__(state)
     else:
         obj.__dict__.update(state)
+
+def _reconstruct_persistent_obj(meta: dict) -> Any:
+    """Target of every persistent-object record (the paper's layout fixes this import path). Rebuilds the
+    object from one of our classes, chosen by name (see _class_for_meta), and its pickled state."""
+    record = dict(meta)
+    if record.get('type') != 'class':
+        raise pickle.UnpicklingError(f'unsupported persistent object type {record.get("type")!r}')
+    class_name = record.get('class_name')
+    cls = _class_for_meta(class_name, record.get('module_src'), allowed_modules=None)
+    if cls is None:
+        raise pickle.UnpicklingError(f'no known persistent class named {class_name!r} '
+                                     f'(allowed modules: {", ".join(SAFE_MODULES)})')
+    obj = cls.__new__(cls)
+    _restore_state(obj, record.get('state') or {})
     return obj
 
 #----------------------------------------------------------------------------
@@ -192,13 +223,6 @@ def _safe_latin1_encode(text, encoding='utf-8'):
         raise CheckpointError(f'disallowed text encoding {encoding!r}')
     return text.encode('latin-1')
 
-def _safe_easydict():
-    try:
-        import dnnlib
-        return dnnlib.EasyDict
-    except ImportError:
-        return dict
-
 _CONTAINER_CLASSES = ('ModuleDict', 'ModuleList', 'Sequential', 'ParameterDict', 'ParameterList', 'Identity')
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -219,7 +243,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) == ('collections', 'OrderedDict'):
             return collections.OrderedDict
         if (module, name) == ('dnnlib.util', 'EasyDict'):
-            return _safe_easydict()
+            return _easydict_class()
         if module in ('builtins', '__builtin__') and name in ('set', 'frozenset', 'object', 'complex', 'slice'):
             return getattr(__import__('builtins'), name)
         if (module, name) == ('_codecs', 'encode'):     # protocol <= 2 stores bytes as latin-1 text
@@ -345,7 +369,7 @@ def _json_default(o):
 def _to_plain_entry(value) -> dict:
     if is_persistent(value):
         cls = type(value)
-        entry = dict(kind='object', cls=f'{cls._orig_module_name}.{cls._orig_class_name}',
+        entry = dict(kind='object', cls='.'.join(_origin(cls)),
                      init_args=json.dumps(list(value._init_args), default=_json_default),
                      init_kwargs=json.dumps(dict(value._init_kwargs), default=_json_default))
         if isinstance(value, torch.nn.Module):

@@ -2,6 +2,12 @@
 
     python benchmarks/bench_networks.py                      # DDPM++ CIFAR-10 (EDM), batch 16, fp32
     python benchmarks/bench_networks.py --config adm --batch 4 --channels-last --threads 2
+    python benchmarks/bench_networks.py --batch 8 --threads 1 --before-after --clock cpu --no-attn-compare
+
+--before-after also times the network with the speed options of training/networks.py switched off
+(FUSED_CONV_BIAS, INPLACE_OPS: "before") and one at a time. --clock cpu measures the process's CPU
+time instead of wall time: steadier on a shared machine (it excludes waiting for a core) but it also
+counts idle-spinning OpenMP threads, so compare it only between runs with the same --threads.
 
 FLOPs are counted once with torch.utils.flop_counter.FlopCounterMode (matmul/conv/attention only;
 2 FLOPs per multiply-add). Also compares torch's fused SDPA attention against our default (explicit fp32-softmax on CPU).
@@ -42,13 +48,15 @@ class Variant:
         self.setup, self.teardown = setup or (lambda: None), teardown or (lambda: None)
         self.times = []
 
+    clock = time.perf_counter  # or time.process_time (--clock cpu)
+
     def __call__(self):
         self.setup()
         try:
             with torch.no_grad():
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 self.net(*self.inputs)
-                return time.perf_counter() - t0
+                return self.clock() - t0
         finally:
             self.teardown()
 
@@ -85,7 +93,12 @@ def main():
     p.add_argument('--channels-last', action='store_true', help='also time channels_last memory format')
     p.add_argument('--no-attn-compare', action='store_true', help="skip the SDPA-attention comparison")
     p.add_argument('--attn-only', action='store_true', help='only the attention micro-benchmark')
+    p.add_argument('--before-after', action='store_true',
+                   help='also time with FUSED_CONV_BIAS / INPLACE_OPS switched off (all, and one at a time)')
+    p.add_argument('--no-bf16', action='store_true', help='skip the bf16 variant')
+    p.add_argument('--clock', choices=['wall', 'cpu'], default='wall', help='wall time or process CPU time')
     args = p.parse_args()
+    Variant.clock = staticmethod(time.process_time if args.clock == 'cpu' else time.perf_counter)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.no_attn_compare:
@@ -115,26 +128,37 @@ def main():
     params = sum(t.numel() for t in net.parameters())
     load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
     print(f'config={args.config} params={params/1e6:.1f}M batch={args.batch} threads={torch.get_num_threads()} '
-          f'cpus={os.cpu_count()} loadavg={load:.2f} torch={torch.__version__}')
+          f'cpus={os.cpu_count()} loadavg={load:.2f} torch={torch.__version__} clock={args.clock}')
     print(f'FLOPs per forward: {flops/1e9:.2f} GFLOP ({flops/args.batch/1e9:.2f} GFLOP/image)')
 
     def set_attn(impl):
         return lambda: setattr(networks, 'ATTENTION_IMPL', impl)
     def set_bf16(flag):
         return lambda: setattr(net, 'use_bf16', flag)
-    variants = [Variant('fp32 (default attention)', net, inputs)]
+    def set_options(**options):
+        def apply(values):
+            for name, value in values.items():
+                setattr(networks, name, value)
+        defaults = {name: getattr(networks, name) for name in options}
+        return lambda: apply(options), lambda: apply(defaults)
+    variants = [Variant('fp32 (default)', net, inputs)]
+    if args.before_after:
+        variants.append(Variant('fp32 before (options off)', net, inputs, *set_options(FUSED_CONV_BIAS=False, INPLACE_OPS=False)))
+        variants.append(Variant('fp32 FUSED_CONV_BIAS off', net, inputs, *set_options(FUSED_CONV_BIAS=False)))
+        variants.append(Variant('fp32 INPLACE_OPS off', net, inputs, *set_options(INPLACE_OPS=False)))
     if not args.no_attn_compare:
         variants.append(Variant('fp32 SDPA attention', net, inputs, setup=set_attn('sdpa'), teardown=set_attn('auto')))
     if args.channels_last:
         net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
         variants.append(Variant('fp32 channels_last', net_cl, (x.to(memory_format=torch.channels_last), sigma, labels)))
-    variants.append(Variant('bf16 (use_bf16=True)', net, inputs, setup=set_bf16(True), teardown=set_bf16(False)))
+    if not args.no_bf16:
+        variants.append(Variant('bf16 (use_bf16=True)', net, inputs, setup=set_bf16(True), teardown=set_bf16(False)))
     time_interleaved(variants, args.reps, args.warmup)
 
     base = statistics.median(variants[0].times)
     for v in variants:
         med = statistics.median(v.times)
-        print(f'{v.label:<28} median {med*1e3:9.1f} ms  ({args.batch/med:7.1f} img/s, {flops/med/1e9:6.1f} GFLOP/s)  '
+        print(f'{v.label:<30} median {med*1e3:9.1f} ms  ({args.batch/med:7.1f} img/s, {flops/med/1e9:6.1f} GFLOP/s)  '
               f'min {min(v.times)*1e3:.1f} max {max(v.times)*1e3:.1f}  speed vs default {base/med:.2f}x')
 
 if __name__ == '__main__':

@@ -5,6 +5,13 @@ Default: Heun, 18 steps (NFE = 35), the paper's DDPM++ CIFAR-10 network (EDMPrec
 
     python benchmarks/bench_sampling.py --batch 8 --repeats 3
     python benchmarks/bench_sampling.py --config ncsnpp-cifar10 --device cuda --batch 64 --fp16
+
+Before/after: every speed option has a switch, so run the script alternately with and without one
+(separate processes: the allocator setting cannot be undone in-process), e.g.
+    python benchmarks/bench_sampling.py --batch 4 --no-malloc-tuning --no-fused-bias --no-inplace  # before
+    python benchmarks/bench_sampling.py --batch 4                                                  # after
+    python benchmarks/bench_sampling.py --batch 4 --bf16       # outputs differ slightly from fp32
+Timings on a shared machine are noisy: interleave A/B runs, repeat, compare medians.
 """
 
 from __future__ import annotations
@@ -53,6 +60,15 @@ class CountingNet(torch.nn.Module):
         return self.net(*args, **kwargs)
 
 
+def _minor_faults() -> int:
+    """Page faults so far (each one = the kernel zero-filling a 4 KiB page the allocator had given back)."""
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except ImportError:  # not on Windows
+        return -1
+
+
 def sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -80,8 +96,21 @@ def flops_per_eval(net, latents, class_labels) -> float | None:
 @click.option('--repeats', type=click.IntRange(min=1), default=3, show_default=True, help='timed runs (median)')
 @click.option('--threads', type=click.IntRange(min=1), default=None, help='torch CPU threads [default: torch]')
 @click.option('--fp16', is_flag=True, help='use_fp16 (CUDA only)')
-def main(config, extra_kwargs, device, batch, steps, S_churn, repeats, threads, fp16):
+@click.option('--bf16', is_flag=True, help='use_bf16 (any device; outputs differ slightly from fp32)')
+@click.option('--channels-last', is_flag=True, help='channels_last memory format for weights and latents')
+@click.option('--malloc-tuning/--no-malloc-tuning', default=True, show_default=True,
+              help='torch_utils.misc.set_malloc_thresholds() (what generate.py does)')
+@click.option('--fused-bias/--no-fused-bias', default=True, show_default=True, help='networks.FUSED_CONV_BIAS')
+@click.option('--inplace/--no-inplace', default=True, show_default=True, help='networks.INPLACE_OPS')
+@click.option('--grad-mode', type=click.Choice(['no_grad', 'inference_mode']), default='no_grad', show_default=True)
+def main(config, extra_kwargs, device, batch, steps, S_churn, repeats, threads, fp16, bf16, channels_last,
+         malloc_tuning, fused_bias, inplace, grad_mode):
+    from torch_utils import misc
     from training import networks
+    malloc_applied = misc.set_malloc_thresholds() if malloc_tuning else False
+    networks.FUSED_CONV_BIAS = fused_bias
+    networks.INPLACE_OPS = inplace
+    grad_ctx = torch.inference_mode if grad_mode == 'inference_mode' else torch.no_grad
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
@@ -89,13 +118,18 @@ def main(config, extra_kwargs, device, batch, steps, S_churn, repeats, threads, 
     precond = kwargs.pop('precond')
     if fp16:
         kwargs['use_fp16'] = True
+    if bf16:
+        kwargs['use_bf16'] = True
     torch.manual_seed(0)
     net = CountingNet(getattr(networks, precond)(**kwargs).eval().requires_grad_(False).to(device))
     num_params = sum(p.numel() for p in net.parameters())
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    net.to(memory_format=memory_format)
 
     seeds = list(range(batch))
     rnd = generate.StackedRandomGenerator(device, seeds)
     latents = rnd.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    latents = latents.contiguous(memory_format=memory_format)
     class_labels = None
     if net.label_dim:
         class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[batch], device=device)]
@@ -104,22 +138,30 @@ def main(config, extra_kwargs, device, batch, steps, S_churn, repeats, threads, 
     def run():
         net.nfe = 0
         sync(device)
-        start = time.perf_counter()
-        with torch.no_grad():
+        faults_start = _minor_faults()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with grad_ctx():
             generate.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps, S_churn=S_churn)
         sync(device)
-        return time.perf_counter() - start, net.nfe
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        return seconds, cpu_seconds, _minor_faults() - faults_start, net.nfe
 
     print(f'{config}: {precond} {num_params / 1e6:.2f} M params, batch {batch}, {steps} steps, device {device}, '
-          f'threads {torch.get_num_threads()}')
+          f'threads {torch.get_num_threads()}, loadavg {os.getloadavg()[0]:.2f}')
+    print(f'options: malloc_tuning={malloc_applied} fused_bias={fused_bias} inplace={inplace} bf16={bf16} '
+          f'channels_last={channels_last} grad_mode={grad_mode}')
     run()  # warm-up (allocator, kernels)
-    times = []
+    times, cpu_times = [], []
     for r in range(repeats):
-        seconds, nfe = run()
+        seconds, cpu_seconds, faults, nfe = run()
         times.append(seconds)
-        print(f'  run {r}: {seconds:.2f} s, NFE {nfe}')
+        cpu_times.append(cpu_seconds)
+        print(f'  run {r}: {seconds:.2f} s wall, {cpu_seconds:.2f} s CPU, {faults} page faults, NFE {nfe}')
     t = statistics.median(times)
-    print(f'median: {batch / t:.3f} images/s | {t / nfe:.4f} s per network evaluation (batch {batch}) | '
+    # On a shared machine the process's CPU time is the steadier number (it excludes time spent waiting
+    # for a core), but it also counts idle-spinning OpenMP threads; compare like with like.
+    print(f'median CPU time: {statistics.median(cpu_times):.2f} s')
+    print(f'median: {t:.2f} s | {batch / t:.3f} images/s | {t / nfe:.4f} s per network evaluation (batch {batch}) | '
           f'{t / nfe / batch * 1e3:.2f} ms per image-evaluation | NFE {nfe}')
     if flops:
         print(f'FLOPs per evaluation: {flops / 1e9:.2f} G ({flops / batch / 1e9:.2f} G/image) -> '

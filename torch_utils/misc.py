@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import warnings
 from typing import Any, Iterator, Optional, Sequence
@@ -11,33 +12,42 @@ import numpy as np
 import torch
 
 # ----------------------------------------------------------------------------
-# Cached constant tensors: avoids re-creating small tensors on every forward pass.
+# Memoised small tensors. Layers such as the Fourier embedding or the resampling filters need the same
+# few literal tensors on every call; building them once per (value, layout, device) saves the host->device
+# copy and keeps them out of the autograd graph.
 
-_constant_cache: dict = dict()
+_memoised_constants: dict = {}
+
+
+def _constant_fingerprint(array: np.ndarray, shape, dtype, device, memory_format) -> tuple:
+    """Everything that makes two requested constants different; the raw bytes stand in for the value."""
+    return (array.dtype.str, array.shape, array.tobytes(), shape, dtype, device, memory_format)
 
 
 def constant(value: Any, shape: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None,
              device: Optional[torch.device] = None, memory_format: Optional[torch.memory_format] = None
              ) -> torch.Tensor:
-    """A (cached, read-only by convention) tensor holding `value`, broadcast to `shape` if given."""
-    value = np.asarray(value)
-    if shape is not None:
-        shape = tuple(shape)
-    if dtype is None:
-        dtype = torch.get_default_dtype()
-    if device is None:
-        device = torch.device('cpu')
-    if memory_format is None:
-        memory_format = torch.contiguous_format
-    key = (value.shape, value.dtype, value.tobytes(), shape, dtype, device, memory_format)
-    tensor = _constant_cache.get(key, None)
-    if tensor is None:
-        tensor = torch.as_tensor(value.copy(), dtype=dtype, device=device)
-        if shape is not None:
-            tensor, _ = torch.broadcast_tensors(tensor, torch.empty(shape))
-        tensor = tensor.contiguous(memory_format=memory_format)
-        _constant_cache[key] = tensor
-    return tensor
+    """Tensor holding `value` (broadcast to `shape` when given), memoised per value/shape/dtype/device.
+
+    The same object is returned for repeated requests, so callers must treat it as read-only.
+    Defaults: the current default float dtype, the CPU, contiguous layout.
+    """
+    array = np.array(value)  # private copy: later changes to a caller's array cannot reach the memo
+    target_shape = None if shape is None else tuple(shape)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    device = torch.device('cpu') if device is None else device
+    memory_format = torch.contiguous_format if memory_format is None else memory_format
+
+    fingerprint = _constant_fingerprint(array, target_shape, dtype, device, memory_format)
+    cached = _memoised_constants.get(fingerprint)
+    if cached is not None:
+        return cached
+    result = torch.as_tensor(array, dtype=dtype, device=device)
+    if target_shape is not None:
+        result = result.expand(torch.broadcast_shapes(result.shape, target_shape))
+    result = result.contiguous(memory_format=memory_format)  # also materialises the expanded view
+    _memoised_constants[fingerprint] = result
+    return result
 
 
 def nan_to_num(input: torch.Tensor, nan: float = 0.0, posinf: Optional[float] = None,
@@ -51,48 +61,132 @@ def nan_to_num(input: torch.Tensor, nan: float = 0.0, posinf: Optional[float] = 
 
 @contextlib.contextmanager
 def suppress_tracer_warnings():
-    """Silence torch.jit.TracerWarning inside the block (shape asserts are intentional)."""
+    """Context in which torch.jit.TracerWarning is not shown. Shape checks compare traced sizes on
+    purpose, and the tracer would otherwise warn that the comparison is baked into the graph."""
     with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)
         yield
 
 
+def _dimension_matches(actual, expected) -> bool:
+    """Compare one dimension. While tracing either side may be a 0-d tensor; comparing as tensors keeps
+    the check valid for the traced graph instead of freezing today's value into it."""
+    if isinstance(actual, torch.Tensor) or isinstance(expected, torch.Tensor):
+        with suppress_tracer_warnings():
+            return bool(torch.equal(torch.as_tensor(actual), torch.as_tensor(expected)))
+    return actual == expected
+
+
 def assert_shape(tensor: torch.Tensor, ref_shape: Sequence[Optional[int]]) -> None:
-    """Raise AssertionError unless `tensor.shape` matches `ref_shape` (None entries match anything;
-    tensor entries are compared symbolically so the check survives tracing)."""
+    """Raise AssertionError unless `tensor.shape` equals `ref_shape`; a None entry accepts any size."""
     if tensor.ndim != len(ref_shape):
-        raise AssertionError(f'Wrong number of dimensions: got {tensor.ndim}, expected {len(ref_shape)}')
-    for idx, (size, ref_size) in enumerate(zip(tensor.shape, ref_shape)):
-        if ref_size is None:
-            continue
-        if isinstance(ref_size, torch.Tensor):
-            with suppress_tracer_warnings():
-                torch._assert(torch.equal(torch.as_tensor(size), ref_size), f'Wrong size for dimension {idx}')
-        elif isinstance(size, torch.Tensor):
-            with suppress_tracer_warnings():
-                torch._assert(torch.equal(size, torch.as_tensor(ref_size)),
-                              f'Wrong size for dimension {idx}: expected {ref_size}')
-        elif size != ref_size:
-            raise AssertionError(f'Wrong size for dimension {idx}: got {size}, expected {ref_size}')
+        raise AssertionError(f'assert_shape: tensor has {tensor.ndim} dimensions, expected {len(ref_shape)} '
+                             f'(shape {list(tensor.shape)} vs {list(ref_shape)})')
+    for dim, (actual, expected) in enumerate(zip(tensor.shape, ref_shape)):
+        if expected is not None and not _dimension_matches(actual, expected):
+            raise AssertionError(f'assert_shape: dimension {dim} is {actual}, expected {expected} '
+                                 f'(shape {list(tensor.shape)} vs {list(ref_shape)})')
 
 
 def profiled_function(fn):
-    """Decorator: label the function in torch.autograd.profiler traces."""
-    def decorator(*args, **kwargs):
-        with torch.autograd.profiler.record_function(fn.__name__):
+    """Decorator that makes every call of `fn` show up as a named range in torch.profiler traces."""
+    @functools.wraps(fn)
+    def with_profiler_range(*args, **kwargs):
+        with torch.profiler.record_function(fn.__name__):
             return fn(*args, **kwargs)
-    decorator.__name__ = fn.__name__
-    decorator.__doc__ = fn.__doc__
-    return decorator
+    return with_profiler_range
 
 
 # ----------------------------------------------------------------------------
-# Sampler that loops over the dataset forever, with a sliding-window reshuffle so the order keeps
-# changing between passes without epoch boundaries. All ranks walk the same global sequence; rank r
-# keeps every num_replicas-th element. The walk is a pure function of (seed, global position), and
-# state_dict()/advance() let the training loop checkpoint it exactly.
+# Endless, reshuffling data order for training.
+#
+# All ranks walk one global stream of dataset indices; rank r keeps the items at global positions
+# r, r + num_replicas, r + 2 * num_replicas, ... The stream starts from a seeded permutation. Each time an
+# item has been visited it trades places with a random slot up to `window - 1` places behind it (cyclically),
+# so later passes keep getting re-mixed without epoch boundaries or reseeding. The stream is a pure function
+# of (seed, global position), which is what lets a resumed run continue it bit-exactly.
+
+def _rng_to_state(rng: Optional[np.random.RandomState]) -> Optional[dict]:
+    """numpy RandomState as tensors and plain values (readable by torch.load(weights_only=True))."""
+    if rng is None:
+        return None
+    name, key, pos, has_gauss, cached_gaussian = rng.get_state(legacy=True)
+    return dict(name=str(name), key=torch.from_numpy(key.astype(np.int64)), pos=int(pos),
+                has_gauss=int(has_gauss), cached_gaussian=float(cached_gaussian))
+
+
+def _rng_from_state(state: Optional[dict]) -> Optional[np.random.RandomState]:
+    """Inverse of _rng_to_state()."""
+    if state is None:
+        return None
+    rng = np.random.RandomState()
+    key = state['key'].cpu().numpy().astype(np.uint32)
+    rng.set_state((state['name'], key, int(state['pos']), int(state['has_gauss']), float(state['cached_gaussian'])))
+    return rng
+
+
+class SamplerCursor:
+    """A position in InfiniteSampler's global stream together with everything needed to continue it:
+    the current permutation, the RNG driving the swaps and the swap window. InfiniteSampler generates its
+    items with one of these; the training loop keeps another one in step with the batches it has actually
+    consumed (the DataLoader prefetches ahead) and saves its state_dict() for exact resume."""
+
+    def __init__(self, permutation: np.ndarray, rng: Optional[np.random.RandomState], window: int, position: int):
+        self.permutation = permutation
+        self.rng = rng
+        self.window = window
+        self.position = position
+
+    @property
+    def reshuffles(self) -> bool:
+        return self.window >= 2  # a window of one slot could only swap an item with itself
+
+    def current(self) -> int:
+        """Dataset index at the current global position."""
+        return int(self.permutation[self.position % self.permutation.size])
+
+    def step(self) -> None:
+        """Move past the current position, first swapping its item into a random slot of the window."""
+        if self.reshuffles:
+            size = self.permutation.size
+            slot = self.position % size
+            partner = (slot - self.rng.randint(self.window)) % size
+            self.permutation[[slot, partner]] = self.permutation[[partner, slot]]
+        self.position += 1
+
+    def advance(self, num_global: int) -> None:
+        """Skip `num_global` global positions (the items consumed by all ranks together)."""
+        if not self.reshuffles:  # the permutation never changes: only the position moves
+            self.position += int(num_global)
+            return
+        for _ in range(int(num_global)):
+            self.step()
+
+    def copy(self) -> 'SamplerCursor':
+        return SamplerCursor(self.permutation.copy(), _rng_from_state(_rng_to_state(self.rng)), self.window,
+                             self.position)
+
+    def state_dict(self) -> dict:
+        """Tensors and plain values only, so torch.load(weights_only=True) can read it back.
+        The key names are part of the training-state format: keep them."""
+        return dict(idx=int(self.position), window=int(self.window),
+                    order=torch.from_numpy(self.permutation.copy()), rnd=_rng_to_state(self.rng))
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> 'SamplerCursor':
+        return cls(state['order'].cpu().numpy().astype(np.int64), _rng_from_state(state.get('rnd')),
+                   int(state['window']), int(state['idx']))
+
 
 class InfiniteSampler(torch.utils.data.Sampler):
+    """Yields this rank's share of an endless, seeded, sliding-window-reshuffled stream of dataset indices.
+
+    `window_size` is the swap window as a fraction of the dataset size; `shuffle=False` walks
+    0, 1, 2, ... forever. `cursor()`, `load_state_dict()` support exact checkpoint/resume.
+    """
+
+    Cursor = SamplerCursor  # older name of the cursor type
+
     def __init__(self, dataset, rank: int = 0, num_replicas: int = 1, shuffle: bool = True, seed: int = 0,
                  window_size: float = 0.5):
         if len(dataset) <= 0:
@@ -105,7 +199,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
             raise ValueError(f'InfiniteSampler: window_size must be in [0, 1], got {window_size}')
         try:
             super().__init__()
-        except TypeError:  # older torch wanted a data_source argument
+        except TypeError:  # torch < 2.2 requires a data_source argument
             super().__init__(dataset)
         self.dataset = dataset
         self.dataset_size = len(dataset)
@@ -114,121 +208,82 @@ class InfiniteSampler(torch.utils.data.Sampler):
         self.shuffle = shuffle
         self.seed = seed
         self.window_size = window_size
-        self._resume_state = None  # set by load_state_dict(): where the next __iter__ starts
+        self._resume_point: Optional[SamplerCursor] = None  # set by load_state_dict()
 
-    def _initial_state(self):
-        order = np.arange(self.dataset_size)
-        rnd = None
-        window = 0
-        if self.shuffle:
-            rnd = np.random.RandomState(self.seed)
-            rnd.shuffle(order)
-            window = int(np.rint(order.size * self.window_size))
-        return order, rnd, window, 0
+    def _stream_start(self) -> SamplerCursor:
+        """Global position 0: the seeded permutation (or the identity when not shuffling)."""
+        permutation = np.arange(self.dataset_size)
+        if not self.shuffle:
+            return SamplerCursor(permutation, None, 0, 0)
+        rng = np.random.RandomState(self.seed)
+        rng.shuffle(permutation)
+        window = int(np.rint(self.window_size * permutation.size))
+        return SamplerCursor(permutation, rng, window, 0)
 
-    def _start(self):
-        if self._resume_state is None:
-            return self._initial_state()
-        order, rnd, window, idx = self._resume_state
-        return order.copy(), _copy_random_state(rnd), window, idx
+    def cursor(self) -> SamplerCursor:
+        """A new, independent cursor at the position where the next __iter__() starts."""
+        if self._resume_point is not None:
+            return self._resume_point.copy()
+        return self._stream_start()
 
     def __iter__(self) -> Iterator[int]:
-        order, rnd, window, idx = self._start()
+        walker = self.cursor()
         while True:
-            i = idx % order.size
-            if idx % self.num_replicas == self.rank:
-                yield int(order[i])
-            if window >= 2:  # swap the current element with a random one from the window behind it
-                j = (i - rnd.randint(window)) % order.size
-                order[i], order[j] = order[j], order[i]
-            idx += 1
-
-    # --- exact checkpointing -------------------------------------------------------------------
-
-    class Cursor:
-        """The sampler's walk at a given global position, advanced without yielding anything."""
-
-        def __init__(self, order, rnd, window, idx):
-            self.order, self.rnd, self.window, self.idx = order, rnd, window, idx
-
-        def advance(self, num_global: int) -> None:
-            """Move `num_global` global positions forward (= elements consumed by all ranks together)."""
-            order, rnd, window, n = self.order, self.rnd, self.window, self.order.size
-            if window < 2:  # no reshuffling: the position is all there is
-                self.idx += int(num_global)
-                return
-            for _ in range(int(num_global)):  # replay the swaps __iter__ performs
-                i = self.idx % n
-                j = (i - rnd.randint(window)) % n
-                order[i], order[j] = order[j], order[i]
-                self.idx += 1
-
-        def state_dict(self) -> dict:
-            """Tensors and plain data only, so torch.load(weights_only=True) can read it back."""
-            state = dict(idx=int(self.idx), window=int(self.window), order=torch.from_numpy(self.order.copy()),
-                         rnd=None)
-            if self.rnd is not None:
-                name, key, pos, has_gauss, cached_gaussian = self.rnd.get_state()
-                state['rnd'] = dict(name=str(name), key=torch.from_numpy(key.astype(np.int64)), pos=int(pos),
-                                    has_gauss=int(has_gauss), cached_gaussian=float(cached_gaussian))
-            return state
-
-    def cursor(self):
-        """A Cursor at the position where the next __iter__() would start."""
-        return InfiniteSampler.Cursor(*self._start())
+            if walker.position % self.num_replicas == self.rank:
+                yield walker.current()
+            walker.step()
 
     def load_state_dict(self, state: dict) -> None:
-        """Make the next __iter__() continue from a Cursor.state_dict()."""
-        order = state['order'].cpu().numpy().astype(np.int64)
-        if order.size != self.dataset_size:
-            raise ValueError(f'InfiniteSampler: saved state is for a dataset of {order.size} items, '
-                             f'this one has {self.dataset_size}')
-        rnd = None
-        if state.get('rnd') is not None:
-            s = state['rnd']
-            rnd = np.random.RandomState()
-            rnd.set_state((s['name'], s['key'].cpu().numpy().astype(np.uint32), int(s['pos']),
-                           int(s['has_gauss']), float(s['cached_gaussian'])))
-        self._resume_state = (order, rnd, int(state['window']), int(state['idx']))
-
-
-def _copy_random_state(rnd: Optional[np.random.RandomState]) -> Optional[np.random.RandomState]:
-    if rnd is None:
-        return None
-    out = np.random.RandomState()
-    out.set_state(rnd.get_state())
-    return out
+        """Make every later __iter__()/cursor() continue from a SamplerCursor.state_dict()."""
+        resume_point = SamplerCursor.from_state_dict(state)
+        if resume_point.permutation.size != self.dataset_size:
+            raise ValueError(f'InfiniteSampler: the saved state is for a dataset of {resume_point.permutation.size} '
+                             f'items, but this dataset has {self.dataset_size}')
+        self._resume_point = resume_point
 
 
 # ----------------------------------------------------------------------------
 # Parameters and buffers.
 
+def _require_module(obj: Any, caller: str) -> None:
+    if not isinstance(obj, torch.nn.Module):
+        raise AssertionError(f'{caller}: expected a torch.nn.Module, got {type(obj).__name__}')
+
+
 def params_and_buffers(module: torch.nn.Module) -> list:
-    assert isinstance(module, torch.nn.Module)
-    return list(module.parameters()) + list(module.buffers())
+    """All parameters followed by all buffers of `module` (recursively)."""
+    _require_module(module, 'params_and_buffers')
+    return [*module.parameters(), *module.buffers()]
 
 
 def named_params_and_buffers(module: torch.nn.Module) -> list:
-    assert isinstance(module, torch.nn.Module)
-    return list(module.named_parameters()) + list(module.named_buffers())
+    """(dotted name, tensor) pairs: all parameters, then all buffers, as in state_dict naming."""
+    _require_module(module, 'named_params_and_buffers')
+    return [*module.named_parameters(), *module.named_buffers()]
 
 
 @torch.no_grad()
 def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Module,
                             require_all: bool = False) -> None:
-    """Copy same-named tensors from src to dst (in place, keeping dst's device, dtype and requires_grad)."""
-    assert isinstance(src_module, torch.nn.Module)
-    assert isinstance(dst_module, torch.nn.Module)
-    src_tensors = dict(named_params_and_buffers(src_module))
-    for name, tensor in named_params_and_buffers(dst_module):
-        if name in src_tensors:
-            src = src_tensors[name]
-            if src.shape != tensor.shape:
-                raise ValueError(f'copy_params_and_buffers: shape mismatch for "{name}": '
-                                 f'{tuple(src.shape)} vs {tuple(tensor.shape)}')
-            tensor.copy_(src.detach()).requires_grad_(tensor.requires_grad)
-        elif require_all:
-            raise ValueError(f'copy_params_and_buffers: "{name}" is missing from the source module')
+    """Overwrite dst's tensors in place with the same-named tensors of src.
+
+    Writing in place (rather than load_state_dict's replacement semantics) keeps dst's device, dtype,
+    requires_grad flags and storage, so optimizers and DDP wrappers that hold dst's tensors stay valid.
+    Names missing from src are left alone unless `require_all`; a size disagreement is always an error.
+    """
+    _require_module(src_module, 'copy_params_and_buffers')
+    _require_module(dst_module, 'copy_params_and_buffers')
+    available = dict(named_params_and_buffers(src_module))
+    for name, target in named_params_and_buffers(dst_module):
+        source = available.get(name)
+        if source is None:
+            if require_all:
+                raise ValueError(f'copy_params_and_buffers: "{name}" is missing from the source module')
+            continue
+        if source.shape != target.shape:
+            raise ValueError(f'copy_params_and_buffers: shape mismatch for "{name}": '
+                             f'source {tuple(source.shape)}, destination {tuple(target.shape)}')
+        target.copy_(source)  # no_grad: requires_grad of target is untouched
 
 
 # ----------------------------------------------------------------------------
@@ -236,106 +291,179 @@ def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Mo
 
 @contextlib.contextmanager
 def ddp_sync(module: torch.nn.Module, sync: bool):
-    """Gradient accumulation: inside `ddp_sync(ddp, False)` DDP skips its all-reduce; the last
-    accumulation round runs with sync=True and reduces the summed gradients once."""
-    assert isinstance(module, torch.nn.Module)
-    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+    """Context for one gradient-accumulation round. With sync=False a DDP module skips its gradient
+    all-reduce (gradients just accumulate locally); the final round uses sync=True so the summed
+    gradients are averaged across ranks once. Plain modules are unaffected."""
+    _require_module(module, 'ddp_sync')
+    skip_allreduce = not sync and isinstance(module, torch.nn.parallel.DistributedDataParallel)
+    with (module.no_sync() if skip_allreduce else contextlib.nullcontext()):
         yield
-    else:
-        with module.no_sync():
-            yield
+
+
+def _distributed_peers() -> int:
+    """Number of ranks in the default process group (1 when not running distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _value_on_rank0(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's version of `tensor` (a collective: every rank must call it in the same order)."""
+    received = tensor.clone()
+    torch.distributed.broadcast(received, src=0)
+    return received
 
 
 def check_ddp_consistency(module: torch.nn.Module, ignore_regex: Optional[str] = None) -> None:
-    """Raise RuntimeError if any parameter or buffer differs from rank 0's copy (NaNs compare equal)."""
-    assert isinstance(module, torch.nn.Module)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if torch.distributed.get_world_size() == 1:
+    """Verify that every parameter and buffer equals rank 0's copy; raise RuntimeError naming the first
+    one that does not. Tensors are identified as '<ModuleClass>.<dotted name>' for `ignore_regex`
+    (full match). NaN and infinities are mapped to finite values first, so NaN on all ranks agrees."""
+    _require_module(module, 'check_ddp_consistency')
+    if _distributed_peers() == 1:
         return
     for name, tensor in named_params_and_buffers(module):
-        fullname = type(module).__name__ + '.' + name
-        if ignore_regex is not None and re.fullmatch(ignore_regex, fullname):
+        label = f'{type(module).__name__}.{name}'
+        if ignore_regex is not None and re.fullmatch(ignore_regex, label):
             continue
-        tensor = tensor.detach()
-        if tensor.is_floating_point():
-            tensor = torch.nan_to_num(tensor)
-        other = tensor.clone()
-        torch.distributed.broadcast(tensor=other, src=0)
-        if not torch.equal(tensor, other):
-            raise RuntimeError(f'check_ddp_consistency: {fullname} differs between ranks '
-                               f'(rank {torch.distributed.get_rank()} vs rank 0)')
+        local = tensor.detach()
+        if local.is_floating_point():
+            local = torch.nan_to_num(local)
+        if not torch.equal(local, _value_on_rank0(local)):
+            raise RuntimeError(f'check_ddp_consistency: {label} on rank {torch.distributed.get_rank()} differs '
+                               f'from rank 0 (were the ranks initialised or updated differently?)')
 
 
 # ----------------------------------------------------------------------------
-# Human-readable summary of a module: one row per submodule with its parameters, buffers and output.
+# Module summary: one forward pass with hooks on every submodule, then a table listing, per recorded call,
+# the parameters and buffers it owns and the shape/dtype of what it returned. Printed at the start of
+# training so a misconfigured network is obvious before any compute is spent.
+
+def _output_tensors(outputs: Any) -> list:
+    """The tensors among a forward()'s return value (one tensor, or the tensors of a tuple/list)."""
+    candidates = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+    return [value for value in candidates if isinstance(value, torch.Tensor)]
+
+
+class _ForwardRecorder:
+    """Records the forward calls of `root` and its submodules that happen at most `max_depth` levels
+    below the outermost call, in completion order (a module is recorded after the modules it calls)."""
+
+    def __init__(self, root: torch.nn.Module, max_depth: int):
+        self.root = root
+        self.max_depth = max_depth
+        self.depth = 0          # number of forward calls currently in progress
+        self.calls = []         # (module, output tensors)
+
+    def _entering(self, _module, _inputs):
+        self.depth += 1
+
+    def _leaving(self, module, _inputs, outputs):
+        self.depth -= 1
+        if self.depth <= self.max_depth:
+            self.calls.append((module, _output_tensors(outputs)))
+
+    @contextlib.contextmanager
+    def hooked(self):
+        handles = []
+        try:
+            for submodule in self.root.modules():
+                handles.append(submodule.register_forward_pre_hook(self._entering))
+                handles.append(submodule.register_forward_hook(self._leaving))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _assign_tensors_once(calls: list) -> list:
+    """Give each parameter, buffer and output tensor to the first recorded call that has it, so that a
+    parent module does not count its children's tensors again. Returns (module, params, buffers, outputs)."""
+    claimed: set = set()
+    result = []
+    for module, outputs in calls:
+        params = [t for t in module.parameters() if id(t) not in claimed]
+        buffers = [t for t in module.buffers() if id(t) not in claimed]
+        outputs = [t for t in outputs if id(t) not in claimed]
+        claimed.update(id(t) for t in params + buffers + outputs)
+        result.append((module, params, buffers, outputs))
+    return result
+
+
+def _count_or_dash(count: int) -> str:
+    return str(count) if count else '-'
+
+
+def _format_columns(rows: list) -> str:
+    """Left-aligned columns separated by two spaces."""
+    widths = [max(len(cell) for cell in column) for column in zip(*rows)]
+    return '\n'.join('  '.join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows)
+
 
 def print_module_summary(module: torch.nn.Module, inputs: Sequence[Any], max_nesting: int = 3,
                          skip_redundant: bool = True) -> Any:
-    """Run `module(*inputs)` once, print a table of submodules, and return the outputs."""
-    assert isinstance(module, torch.nn.Module)
-    assert not isinstance(module, torch.jit.ScriptModule)
-    assert isinstance(inputs, (tuple, list))
+    """Call `module(*inputs)` once, print a table of its submodules (parameter and buffer counts, output
+    shapes and dtypes) down to `max_nesting` levels, and return the call's outputs. With `skip_redundant`,
+    rows without any tensor of their own are left out."""
+    _require_module(module, 'print_module_summary')
+    if isinstance(module, torch.jit.ScriptModule):
+        raise AssertionError('print_module_summary: scripted modules cannot be hooked')
+    if not isinstance(inputs, (tuple, list)):
+        raise AssertionError('print_module_summary: inputs must be a tuple or list of positional arguments')
 
-    entries = []
-    nesting = [0]
-
-    def pre_hook(_mod, _inputs):
-        nesting[0] += 1
-
-    def post_hook(mod, _inputs, outputs):
-        nesting[0] -= 1
-        if nesting[0] <= max_nesting:
-            outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-            outputs = [t for t in outputs if isinstance(t, torch.Tensor)]
-            entries.append(dict(mod=mod, outputs=outputs))
-
-    hooks = [m.register_forward_pre_hook(pre_hook) for m in module.modules()]
-    hooks += [m.register_forward_hook(post_hook) for m in module.modules()]
-    try:
+    recorder = _ForwardRecorder(module, max_nesting)
+    with recorder.hooked():
         outputs = module(*inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-    # Tensors that belong to each entry, counted once (the first, innermost, owner keeps them).
-    tensors_seen = set()
-    for e in entries:
-        e['params'] = [t for t in e['mod'].parameters() if id(t) not in tensors_seen]
-        e['buffers'] = [t for t in e['mod'].buffers() if id(t) not in tensors_seen]
-        e['outputs'] = [t for t in e['outputs'] if id(t) not in tensors_seen]
-        tensors_seen |= {id(t) for t in e['params'] + e['buffers'] + e['outputs']}
+    records = _assign_tensors_once(recorder.calls)
     if skip_redundant:
-        entries = [e for e in entries if len(e['params']) or len(e['buffers']) or len(e['outputs'])]
+        records = [r for r in records if r[1] or r[2] or r[3]]
 
-    rows = [[type(module).__name__, 'Parameters', 'Buffers', 'Output shape', 'Datatype']]
-    rows += [['---'] * len(rows[0])]
-    param_total = 0
-    buffer_total = 0
-    submodule_names = {mod: name for name, mod in module.named_modules()}
-    for e in entries:
-        name = '<top-level>' if e['mod'] is module else submodule_names[e['mod']]
-        param_size = sum(t.numel() for t in e['params'])
-        buffer_size = sum(t.numel() for t in e['buffers'])
-        output_shapes = [str(list(t.shape)) for t in e['outputs']]
-        output_dtypes = [str(t.dtype).split('.')[-1] for t in e['outputs']]
-        rows += [[
-            name + (':0' if len(e['outputs']) >= 2 else ''),
-            str(param_size) if param_size else '-',
-            str(buffer_size) if buffer_size else '-',
-            (output_shapes + ['-'])[0],
-            (output_dtypes + ['-'])[0],
-        ]]
-        for idx in range(1, len(e['outputs'])):
-            rows += [[name + f':{idx}', '-', '-', output_shapes[idx], output_dtypes[idx]]]
-        param_total += param_size
-        buffer_total += buffer_size
-    rows += [['---'] * len(rows[0])]
-    rows += [['Total', str(param_total), str(buffer_total), '-', '-']]
+    module_names = {submodule: name for name, submodule in module.named_modules()}
+    separator = ['---'] * 5
+    table = [[type(module).__name__, 'Parameters', 'Buffers', 'Output shape', 'Datatype'], separator]
+    total_params = total_buffers = 0
+    for submodule, params, buffers, outs in records:
+        name = '<top-level>' if submodule is module else module_names[submodule]
+        num_params = sum(t.numel() for t in params)
+        num_buffers = sum(t.numel() for t in buffers)
+        total_params += num_params
+        total_buffers += num_buffers
+        shapes = [str(list(t.shape)) for t in outs] or ['-']
+        dtypes = [str(t.dtype).rsplit('.', 1)[-1] for t in outs] or ['-']
+        # One line per output tensor; counts go on the first, and names get ':k' suffixes when there are several.
+        for k in range(max(len(outs), 1)):
+            label = f'{name}:{k}' if len(outs) > 1 else name
+            counts = [_count_or_dash(num_params), _count_or_dash(num_buffers)] if k == 0 else ['-', '-']
+            table.append([label, *counts, shapes[k], dtypes[k]])
+    table += [separator, ['Total', str(total_params), str(total_buffers), '-', '-']]
 
-    widths = [max(len(cell) for cell in column) for column in zip(*rows)]
     print()
-    for row in rows:
-        print('  '.join(cell + ' ' * (width - len(cell)) for cell, width in zip(row, widths)))
+    print(_format_columns(table))
     print()
     return outputs
+
+#----------------------------------------------------------------------------
+# Allocator tuning. glibc hands freed blocks above M_MMAP_THRESHOLD back to the OS (munmap) and
+# trims the top of the heap above M_TRIM_THRESHOLD. A diffusion network allocates and frees the same
+# 1-30 MB activation buffers on every evaluation, so by default each one is page-faulted in again;
+# raising both thresholds keeps them in the heap for reuse (measured: benchmarks/bench_sampling.py).
+
+def set_malloc_thresholds(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Keep freed blocks up to `mmap_threshold` bytes (glibc caps it at 32 MiB on 64-bit) in the heap and
+    trim it only when more than `trim_threshold` bytes are free at its top. Call once, early, in a CLI's
+    main. Returns True if applied; a no-op returning False off Linux/glibc. Never raises."""
+    import ctypes
+    import sys
+    if not sys.platform.startswith('linux'):
+        return False
+    try:
+        libc = ctypes.CDLL(None)  # the C library this process already uses
+        if not hasattr(libc, 'gnu_get_libc_version'):  # e.g. musl: different mallopt constants
+            return False
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's <malloc.h>
+        ok_mmap = libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(min(int(mmap_threshold), 32 << 20))) == 1
+        ok_trim = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(min(int(trim_threshold), 2**31 - 1))) == 1
+        return ok_mmap and ok_trim
+    except Exception:  # optional tuning must never break a run
+        return False
+
+#----------------------------------------------------------------------------

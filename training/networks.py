@@ -64,18 +64,36 @@ def _init_param(shape, mode, fan_in, fan_out, scale) -> torch.Tensor:
     return weight_init(shape, mode, fan_in, fan_out) * scale
 
 #----------------------------------------------------------------------------
+# Speed options. Each one was measured to help on CPU (benchmarks/bench_networks.py toggles them
+# for before/after numbers); none changes what is computed beyond float rounding.
+
+FUSED_CONV_BIAS = True  # add the bias inside F.conv2d (one pass over the activations fewer)
+INPLACE_OPS = True      # SiLU in place when no autograd graph needs its input (eval, no_grad,
+                        # inference_mode); skip-connection scaling in place (autograd-safe)
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU; overwrites x when nothing needs it for backward. Callers pass fresh intermediates only."""
+    return F.silu(x, inplace=INPLACE_OPS and not x.requires_grad)
+
+#----------------------------------------------------------------------------
 # Fully-connected layer. Weights are cast to the input dtype so one fp32 master
 # copy serves fp32, fp16 and bf16 forward passes.
 
 @persistence.persistent_class
 class Linear(torch.nn.Module):
+    """Fully-connected layer y = x W^T + b with selectable initialisation.
+
+    init_mode -- a `weight_init` mode; fan-in / fan-out are the feature counts.
+    init_weight, init_bias -- gains on the random draws. A gain of 0 gives an all-zero start, but
+      the numbers are still drawn so the random stream matches the reference layout.
+    """
     def __init__(self, in_features, out_features, bias=True, init_mode='kaiming_normal', init_weight=1, init_bias=0):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        init_kwargs = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
-        self.weight = torch.nn.Parameter(_init_param([out_features, in_features], scale=init_weight, **init_kwargs))
-        self.bias = torch.nn.Parameter(_init_param([out_features], scale=init_bias, **init_kwargs)) if bias else None
+        fans = dict(fan_in=in_features, fan_out=out_features)
+        self.weight = torch.nn.Parameter(_init_param([out_features, in_features], init_mode, scale=init_weight, **fans))
+        self.bias = torch.nn.Parameter(_init_param([out_features], init_mode, scale=init_bias, **fans)) if bias else None
 
     def forward(self, x):
         x = x @ self.weight.to(x.dtype).t()
@@ -94,10 +112,19 @@ def make_resample_filter(resample_filter) -> torch.Tensor:
 
 @persistence.persistent_class
 class Conv2d(torch.nn.Module):
-    def __init__(self,
-        in_channels, out_channels, kernel, bias=True, up=False, down=False,
-        resample_filter=[1,1], fused_resample=False, init_mode='kaiming_normal', init_weight=1, init_bias=0,
-    ):
+    """Square-kernel 2-D convolution (size-preserving padding), optionally with 2x resampling.
+
+    kernel -- kernel size; 0 means no weights, i.e. a pure up/down-sampling layer.
+    bias -- learn a per-channel bias (only when kernel > 0).
+    up, down -- resample by 2 (at most one of them) with the normalised FIR filter built from
+      the `resample_filter` taps ([1,1] box, [1,3,3,1] bilinear).
+    fused_resample -- fold resampling and convolution into one padded pass (different border
+      handling from the separate path); NCSN++'s 'residual' input pyramid uses it.
+    init_mode, init_weight, init_bias -- as in `Linear`, with fans = channels * kernel**2.
+    """
+    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
+                 resample_filter=[1,1], fused_resample=False, init_mode='kaiming_normal',
+                 init_weight=1, init_bias=0):
         assert not (up and down), 'Conv2d cannot both upsample and downsample'
         super().__init__()
         self.in_channels = in_channels
@@ -105,9 +132,10 @@ class Conv2d(torch.nn.Module):
         self.up = up
         self.down = down
         self.fused_resample = fused_resample
-        init_kwargs = dict(mode=init_mode, fan_in=in_channels*kernel*kernel, fan_out=out_channels*kernel*kernel)
-        self.weight = torch.nn.Parameter(_init_param([out_channels, in_channels, kernel, kernel], scale=init_weight, **init_kwargs)) if kernel else None
-        self.bias = torch.nn.Parameter(_init_param([out_channels], scale=init_bias, **init_kwargs)) if kernel and bias else None
+        taps = kernel * kernel
+        fans = dict(fan_in=in_channels * taps, fan_out=out_channels * taps)
+        self.weight = torch.nn.Parameter(_init_param([out_channels, in_channels, kernel, kernel], init_mode, scale=init_weight, **fans)) if kernel else None
+        self.bias = torch.nn.Parameter(_init_param([out_channels], init_mode, scale=init_bias, **fans)) if kernel and bias else None
         self.register_buffer('resample_filter', make_resample_filter(resample_filter) if up or down else None)
 
     def forward(self, x):
@@ -120,7 +148,8 @@ class Conv2d(torch.nn.Module):
         if self.fused_resample and self.up and w is not None:
             # Upsample without cropping, then a valid-ish convolution: one fewer padding pass.
             x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=max(f_pad - w_pad, 0))
-            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
+            x = F.conv2d(x, w, b if FUSED_CONV_BIAS else None, padding=max(w_pad - f_pad, 0))
+            b = b if not FUSED_CONV_BIAS else None
         elif self.fused_resample and self.down and w is not None:
             # Convolve at full resolution with extra padding, then filter + decimate.
             x = F.conv2d(x, w, padding=w_pad + f_pad)
@@ -131,7 +160,8 @@ class Conv2d(torch.nn.Module):
             if self.down:
                 x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
             if w is not None:
-                x = F.conv2d(x, w, padding=w_pad)
+                x = F.conv2d(x, w, b if FUSED_CONV_BIAS else None, padding=w_pad)
+                b = b if not FUSED_CONV_BIAS else None
         if b is not None:
             x = x.add_(b.reshape(1, -1, 1, 1))
         return x
@@ -141,6 +171,11 @@ class Conv2d(torch.nn.Module):
 
 @persistence.persistent_class
 class GroupNorm(torch.nn.Module):
+    """Group normalisation with a learned per-channel affine.
+
+    Uses min(num_groups, num_channels // min_channels_per_group) groups, so narrow layers keep at
+    least `min_channels_per_group` channels in every group.
+    """
     def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
         super().__init__()
         self.num_groups = min(num_groups, num_channels // min_channels_per_group)
@@ -196,62 +231,92 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str | Non
 
 @persistence.persistent_class
 class UNetBlock(torch.nn.Module):
-    def __init__(self,
-        in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
-        num_heads=None, channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5,
-        resample_filter=[1,1], resample_proj=False, adaptive_scale=True,
-        init=dict(), init_zero=dict(init_weight=0), init_attn=None,
-    ):
+    """Residual block shared by both U-Nets, optionally followed by self-attention.
+
+    in_channels, out_channels -- widths of the block's input and output.
+    emb_channels -- width of the conditioning vector `emb`.
+    up, down -- resample by 2 inside the block (first conv and skip path).
+    attention -- append self-attention, with `num_heads` heads if given, otherwise
+      out_channels // channels_per_head heads.
+    dropout -- rate applied just before the second conv.
+    skip_scale -- factor on every residual sum (sqrt(1/2) for DDPM++/NCSN++, 1 for ADM).
+    eps -- GroupNorm epsilon.
+    resample_filter -- FIR taps used for resampling (see `Conv2d`).
+    resample_proj -- give a resampling skip path a 1x1 conv even when the width is unchanged.
+    adaptive_scale -- condition as norm(h) * (1 + scale) + shift (ADM); otherwise `emb` is just
+      added before the second norm (DDPM++/NCSN++).
+    init -- init kwargs for ordinary layers; init_zero -- for conv1 and proj, which write into
+      the residual sum; init_attn -- for qkv (falls back to `init`).
+    """
+    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False,
+                 attention=False, num_heads=None, channels_per_head=64, dropout=0, skip_scale=1,
+                 eps=1e-5, resample_filter=[1,1], resample_proj=False, adaptive_scale=True,
+                 init=dict(), init_zero=dict(init_weight=0), init_attn=None):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.emb_channels = emb_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        if not attention:
+            self.num_heads = 0
+        elif num_heads is not None:
+            self.num_heads = num_heads
+        else:
+            self.num_heads = out_channels // channels_per_head
         self.dropout = dropout
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale
+        # `affine` maps emb to a (scale, shift) pair, or to a shift only.
+        cond_width = 2 * out_channels if adaptive_scale else out_channels
 
         self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
-        self.affine = Linear(in_features=emb_channels, out_features=out_channels*(2 if adaptive_scale else 1), **init)
+        self.affine = Linear(in_features=emb_channels, out_features=cond_width, **init)
         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
         self.conv1 = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=3, **init_zero)
 
+        # Identity skip unless the shape changes; then a 1x1 projection when the width changes
+        # (or resample_proj asks for one), else a weightless resampler.
         self.skip = None
         if out_channels != in_channels or up or down:
-            kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init)
+            project = resample_proj or out_channels != in_channels
+            self.skip = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=(1 if project else 0), up=up, down=down, resample_filter=resample_filter, **init)
 
         if self.num_heads:
             self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
-            self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels*3, kernel=1, **(init_attn if init_attn is not None else init))
+            self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels*3, kernel=1, **(init if init_attn is None else init_attn))
             self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
 
     def forward(self, x, emb):
         orig = x
-        x = self.conv0(F.silu(self.norm0(x)))
+        x = self.conv0(silu(self.norm0(x)))
 
         params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(chunks=2, dim=1)
-            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+            x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
-            x = F.silu(self.norm1(x.add_(params)))
+            x = silu(self.norm1(x.add_(params)))
 
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
         x = x.add_(self.skip(orig) if self.skip is not None else orig)
-        x = x * self.skip_scale
+        x = self._scale(x)
 
         if self.num_heads:
             # qkv channels are laid out as [heads, C/heads, 3].
             q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0] * self.num_heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
             a = attention(q, k, v)
             x = self.proj(a.reshape(*x.shape)).add_(x)
-            x = x * self.skip_scale
+            x = self._scale(x)
         return x
 
+    def _scale(self, x):
+        # x is a fresh sum here; scaling by a constant needs nothing saved, so in place is autograd-safe.
+        if not INPLACE_OPS:
+            return x * self.skip_scale
+        return x if self.skip_scale == 1 else x.mul_(self.skip_scale)
+
 #----------------------------------------------------------------------------
-# Timestep embeddings.
+# Noise-level encodings: sinusoidal (DDPM++, ADM) or random Fourier features (NCSN++).
 
 @persistence.persistent_class
 class PositionalEmbedding(torch.nn.Module):
@@ -298,27 +363,43 @@ def drop_labels(class_labels: torch.Tensor, p: float, training: bool, batch_size
 
 @persistence.persistent_class
 class SongUNet(torch.nn.Module):
-    def __init__(self,
-        img_resolution,                     # Image resolution at input/output.
-        in_channels,                        # Number of color channels at input.
-        out_channels,                       # Number of color channels at output.
-        label_dim           = 0,            # Number of class labels, 0 = unconditional.
-        augment_dim         = 0,            # Augmentation label dimensionality, 0 = no augmentation.
+    """U-Net backbone of DDPM++ and NCSN++ (Song et al. 2021), configured per Table 7 of EDM.
 
-        model_channels      = 128,          # Base multiplier for the number of channels.
-        channel_mult        = [1,2,2,2],    # Per-resolution multipliers for the number of channels.
-        channel_mult_emb    = 4,            # Multiplier for the dimensionality of the embedding vector.
-        num_blocks          = 4,            # Number of residual blocks per resolution.
-        attn_resolutions    = [16],         # List of resolutions with self-attention.
-        dropout             = 0.10,         # Dropout probability of intermediate activations.
-        label_dropout       = 0,            # Dropout probability of class labels for classifier-free guidance.
+    Input/output:
+      img_resolution -- side length of the square images the network consumes and produces.
+      in_channels, out_channels -- channels of the input tensor and of the prediction.
+      label_dim -- size of the one-hot class vector; 0 builds an unconditional network.
+      augment_dim -- size of the augmentation-parameter vector produced by `AugmentPipe`
+        (non-leaking augmentation, EDM Appendix); 0 turns that conditioning off.
 
-        embedding_type      = 'positional', # Timestep embedding type: 'positional' for DDPM++, 'fourier' for NCSN++.
-        channel_mult_noise  = 1,            # Timestep embedding size: 1 for DDPM++, 2 for NCSN++.
-        encoder_type        = 'standard',   # Encoder architecture: 'standard' for DDPM++, 'residual' for NCSN++.
-        decoder_type        = 'standard',   # Decoder architecture: 'standard' for both DDPM++ and NCSN++.
-        resample_filter     = [1,1],        # Resampling filter: [1,1] for DDPM++, [1,3,3,1] for NCSN++.
-    ):
+    Capacity:
+      model_channels -- width at full resolution; each level's width is this times its
+        `channel_mult` entry.
+      channel_mult -- one width factor per level; level i runs at img_resolution / 2**i.
+      channel_mult_emb -- width of the conditioning vector given to every block, in units of
+        `model_channels`.
+      num_blocks -- residual blocks per level in the encoder (the decoder uses one more).
+      attn_resolutions -- side lengths at which blocks also apply self-attention.
+      dropout -- dropout rate inside every residual block (before its second conv).
+      label_dropout -- training-time probability of blanking a sample's class label, so one
+        network also learns the unconditional score (classifier-free guidance).
+
+    DDPM++ vs. NCSN++ (the two columns of Table 7):
+      embedding_type -- noise-level encoding: 'positional' sinusoids (DDPM++) or random
+        'fourier' features (NCSN++).
+      channel_mult_noise -- width of that encoding in units of `model_channels` (1 / 2).
+      encoder_type -- 'standard' (DDPM++); 'skip' injects a downsampled copy of the input at
+        every level; 'residual' (NCSN++) runs a strided-conv input pyramid merged into the main
+        path at every level.
+      decoder_type -- 'standard' (both) predicts from the finest level only; 'skip' sums
+        upsampled predictions from all levels.
+      resample_filter -- 1-D FIR taps for up/down-sampling: [1,1] (DDPM++), [1,3,3,1] (NCSN++).
+    """
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+                 model_channels=128, channel_mult=[1,2,2,2], channel_mult_emb=4, num_blocks=4,
+                 attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type='positional',
+                 channel_mult_noise=1, encoder_type='standard', decoder_type='standard',
+                 resample_filter=[1,1]):
         assert embedding_type in ['fourier', 'positional'], f'invalid embedding_type {embedding_type!r}'
         assert encoder_type in ['standard', 'skip', 'residual'], f'invalid encoder_type {encoder_type!r}'
         assert decoder_type in ['standard', 'skip'], f'invalid decoder_type {decoder_type!r}'
@@ -327,66 +408,73 @@ class SongUNet(torch.nn.Module):
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
-        init = dict(init_mode='xavier_uniform')
-        init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
-        init_attn = dict(init_mode='xavier_uniform', init_weight=np.sqrt(0.2))
-        block_kwargs = dict(
+        # Xavier-uniform everywhere; layers that write into the residual stream start near zero,
+        # attention's qkv projection at sqrt(0.2) gain.
+        init_std = dict(init_mode='xavier_uniform')
+        init_out = dict(init_mode='xavier_uniform', init_weight=1e-5)
+        init_qkv = dict(init_mode='xavier_uniform', init_weight=np.sqrt(0.2))
+        block_cfg = dict(
             emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5), eps=1e-6,
             resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-            init=init, init_zero=init_zero, init_attn=init_attn,
+            init=init_std, init_zero=init_out, init_attn=init_qkv,
         )
 
-        # Mapping: noise level (+ class label + augmentation labels) -> embedding.
+        # Conditioning MLP: noise-level features (+ class, + augmentation terms) -> emb_channels.
         self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True) if embedding_type == 'positional' else FourierEmbedding(num_channels=noise_channels)
-        self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **init) if label_dim else None
-        self.map_augment = Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **init) if augment_dim else None
-        self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **init)
-        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **init_std) if label_dim else None
+        self.map_augment = Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **init_std) if augment_dim else None
+        self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **init_std)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init_std)
 
-        # Encoder.
+        # Contracting path, finest level first. Level 0 opens with a 3x3 conv to model_channels;
+        # every later level opens with a strided block (plus the optional input-pyramid layers).
+        # `ch` tracks the main path's width, `ch_img` the width of the input pyramid.
         self.enc = torch.nn.ModuleDict()
-        cout = in_channels
-        caux = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin = cout
-                cout = model_channels
-                self.enc[f'{res}x{res}_conv'] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
+        ch = in_channels
+        ch_img = in_channels
+        for lvl, factor in enumerate(channel_mult):
+            r = img_resolution >> lvl
+            tag = f'{r}x{r}'
+            if lvl == 0:
+                self.enc[f'{tag}_conv'] = Conv2d(in_channels=ch, out_channels=model_channels, kernel=3, **init_std)
+                ch = model_channels
             else:
-                self.enc[f'{res}x{res}_down'] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
+                self.enc[f'{tag}_down'] = UNetBlock(in_channels=ch, out_channels=ch, down=True, **block_cfg)
                 if encoder_type == 'skip':
-                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(in_channels=caux, out_channels=caux, kernel=0, down=True, resample_filter=resample_filter)
-                    self.enc[f'{res}x{res}_aux_skip'] = Conv2d(in_channels=caux, out_channels=cout, kernel=1, **init)
+                    self.enc[f'{tag}_aux_down'] = Conv2d(in_channels=ch_img, out_channels=ch_img, kernel=0, down=True, resample_filter=resample_filter)
+                    self.enc[f'{tag}_aux_skip'] = Conv2d(in_channels=ch_img, out_channels=ch, kernel=1, **init_std)
                 if encoder_type == 'residual':
-                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(in_channels=caux, out_channels=cout, kernel=3, down=True, resample_filter=resample_filter, fused_resample=True, **init)
-                    caux = cout
-            for idx in range(num_blocks):
-                cin = cout
-                cout = model_channels * mult
-                attn = (res in attn_resolutions)
-                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=attn, **block_kwargs)
-        skips = [block.out_channels for name, block in self.enc.items() if 'aux' not in name]
+                    self.enc[f'{tag}_aux_residual'] = Conv2d(in_channels=ch_img, out_channels=ch, kernel=3, down=True, resample_filter=resample_filter, fused_resample=True, **init_std)
+                    ch_img = ch
+            width = model_channels * factor
+            for i in range(num_blocks):
+                self.enc[f'{tag}_block{i}'] = UNetBlock(in_channels=ch, out_channels=width, attention=(r in attn_resolutions), **block_cfg)
+                ch = width
+        # Widths of the activations the encoder hands to the decoder (input-pyramid layers excluded).
+        saved_widths = [m.out_channels for key, m in self.enc.items() if 'aux' not in key]
 
-        # Decoder.
+        # Expanding path, coarsest level first. Each level concatenates one saved activation per
+        # block; the finest level (or every level, for decoder_type='skip') emits an image.
         self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(in_channels=cout, out_channels=cout, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
+        coarsest = len(channel_mult) - 1
+        for lvl in range(coarsest, -1, -1):
+            r = img_resolution >> lvl
+            tag = f'{r}x{r}'
+            if lvl == coarsest:
+                self.dec[f'{tag}_in0'] = UNetBlock(in_channels=ch, out_channels=ch, attention=True, **block_cfg)
+                self.dec[f'{tag}_in1'] = UNetBlock(in_channels=ch, out_channels=ch, **block_cfg)
             else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin = cout + skips.pop()
-                cout = model_channels * mult
-                attn = (idx == num_blocks and res in attn_resolutions)
-                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=attn, **block_kwargs)
-            if decoder_type == 'skip' or level == 0:
-                if decoder_type == 'skip' and level < len(channel_mult) - 1:
-                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=0, up=True, resample_filter=resample_filter)
-                self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(num_channels=cout, eps=1e-6)
-                self.dec[f'{res}x{res}_aux_conv'] = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
+                self.dec[f'{tag}_up'] = UNetBlock(in_channels=ch, out_channels=ch, up=True, **block_cfg)
+            width = model_channels * channel_mult[lvl]
+            for i in range(num_blocks + 1):
+                use_attn = i == num_blocks and r in attn_resolutions
+                self.dec[f'{tag}_block{i}'] = UNetBlock(in_channels=ch + saved_widths.pop(), out_channels=width, attention=use_attn, **block_cfg)
+                ch = width
+            if decoder_type == 'skip' or lvl == 0:
+                if decoder_type == 'skip' and lvl < coarsest:
+                    self.dec[f'{tag}_aux_up'] = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=0, up=True, resample_filter=resample_filter)
+                self.dec[f'{tag}_aux_norm'] = GroupNorm(num_channels=ch, eps=1e-6)
+                self.dec[f'{tag}_aux_conv'] = Conv2d(in_channels=ch, out_channels=out_channels, kernel=3, **init_out)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
         # Mapping.
@@ -397,8 +485,8 @@ class SongUNet(torch.nn.Module):
             emb = emb + self.map_label(tmp * np.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
-        emb = F.silu(self.map_layer0(emb))
-        emb = F.silu(self.map_layer1(emb))
+        emb = silu(self.map_layer0(emb))
+        emb = silu(self.map_layer1(emb))
 
         # Encoder.
         skips = []
@@ -423,7 +511,7 @@ class SongUNet(torch.nn.Module):
             elif 'aux_norm' in name:
                 tmp = block(x)
             elif 'aux_conv' in name:
-                tmp = block(F.silu(tmp))
+                tmp = block(silu(tmp))
                 aux = tmp if aux is None else tmp + aux
             else:
                 if x.shape[1] != block.in_channels:
@@ -436,79 +524,96 @@ class SongUNet(torch.nn.Module):
 
 @persistence.persistent_class
 class DhariwalUNet(torch.nn.Module):
-    def __init__(self,
-        img_resolution,                     # Image resolution at input/output.
-        in_channels,                        # Number of color channels at input.
-        out_channels,                       # Number of color channels at output.
-        label_dim           = 0,            # Number of class labels, 0 = unconditional.
-        augment_dim         = 0,            # Augmentation label dimensionality, 0 = no augmentation.
+    """ADM U-Net (Dhariwal & Nichol 2021), the backbone EDM uses for ImageNet-64 (Table 7).
 
-        model_channels      = 192,          # Base multiplier for the number of channels.
-        channel_mult        = [1,2,3,4],    # Per-resolution multipliers for the number of channels.
-        channel_mult_emb    = 4,            # Multiplier for the dimensionality of the embedding vector.
-        num_blocks          = 3,            # Number of residual blocks per resolution.
-        attn_resolutions    = [32,16,8],    # List of resolutions with self-attention.
-        dropout             = 0.10,         # Dropout probability of intermediate activations.
-        label_dropout       = 0,            # Dropout probability of class labels for classifier-free guidance.
-    ):
+    Input/output:
+      img_resolution -- side length of the square images the network consumes and produces.
+      in_channels, out_channels -- channels of the input tensor and of the prediction
+        (iDDPMPrecond asks for twice the image channels: mean and variance outputs).
+      label_dim -- size of the one-hot class vector; 0 builds an unconditional network.
+      augment_dim -- size of the `AugmentPipe` parameter vector; 0 turns that conditioning off.
+
+    Capacity:
+      model_channels -- base width; level i is `model_channels * channel_mult[i]` wide and the
+        sinusoidal noise encoding has this many features.
+      channel_mult -- one width factor per level; level i runs at img_resolution / 2**i.
+      channel_mult_emb -- width of the conditioning vector given to every block, in units of
+        `model_channels`.
+      num_blocks -- residual blocks per level in the encoder (the decoder uses one more).
+      attn_resolutions -- side lengths whose blocks (encoder and decoder) add self-attention
+        with 64 channels per head.
+      dropout -- dropout rate inside every residual block (before its second conv).
+      label_dropout -- training-time probability of blanking a sample's class label
+        (classifier-free guidance).
+    """
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+                 model_channels=192, channel_mult=[1,2,3,4], channel_mult_emb=4, num_blocks=3,
+                 attn_resolutions=[32,16,8], dropout=0.10, label_dropout=0):
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
-        init = dict(init_mode='kaiming_uniform', init_weight=np.sqrt(1/3), init_bias=np.sqrt(1/3))
-        init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
-        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
+        # Kaiming-uniform with gain sqrt(1/3) (torch's default layer init); layers that write into
+        # the residual stream, and the augmentation mapping, start at exactly zero.
+        init_std = dict(init_mode='kaiming_uniform', init_weight=np.sqrt(1/3), init_bias=np.sqrt(1/3))
+        init_out = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
+        block_cfg = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init_std, init_zero=init_out)
 
-        # Mapping.
+        # Conditioning MLP: sinusoidal noise features (+ augmentation) -> emb_channels; the class
+        # embedding is added after the MLP (see forward).
         self.map_noise = PositionalEmbedding(num_channels=model_channels)
-        self.map_augment = Linear(in_features=augment_dim, out_features=model_channels, bias=False, **init_zero) if augment_dim else None
-        self.map_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **init)
-        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        self.map_augment = Linear(in_features=augment_dim, out_features=model_channels, bias=False, **init_out) if augment_dim else None
+        self.map_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **init_std)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init_std)
         self.map_label = Linear(in_features=label_dim, out_features=emb_channels, bias=False, init_mode='kaiming_normal', init_weight=np.sqrt(label_dim)) if label_dim else None
 
-        # Encoder.
+        # Contracting path, finest level first: a 3x3 input conv at level 0, a strided block at
+        # every later level, then num_blocks residual blocks. `ch` tracks the current width.
         self.enc = torch.nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin = cout
-                cout = model_channels * mult
-                self.enc[f'{res}x{res}_conv'] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
+        ch = in_channels
+        for lvl, factor in enumerate(channel_mult):
+            r = img_resolution >> lvl
+            tag = f'{r}x{r}'
+            width = model_channels * factor
+            if lvl == 0:
+                self.enc[f'{tag}_conv'] = Conv2d(in_channels=ch, out_channels=width, kernel=3, **init_std)
+                ch = width
             else:
-                self.enc[f'{res}x{res}_down'] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
-            for idx in range(num_blocks):
-                cin = cout
-                cout = model_channels * mult
-                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=(res in attn_resolutions), **block_kwargs)
-        skips = [block.out_channels for block in self.enc.values()]
+                self.enc[f'{tag}_down'] = UNetBlock(in_channels=ch, out_channels=ch, down=True, **block_cfg)
+            for i in range(num_blocks):
+                self.enc[f'{tag}_block{i}'] = UNetBlock(in_channels=ch, out_channels=width, attention=(r in attn_resolutions), **block_cfg)
+                ch = width
+        # Every encoder output is handed to the decoder; remember their widths.
+        saved_widths = [m.out_channels for m in self.enc.values()]
 
-        # Decoder.
+        # Expanding path, coarsest level first; each block concatenates one saved activation.
         self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(in_channels=cout, out_channels=cout, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
+        coarsest = len(channel_mult) - 1
+        for lvl in range(coarsest, -1, -1):
+            r = img_resolution >> lvl
+            tag = f'{r}x{r}'
+            if lvl == coarsest:
+                self.dec[f'{tag}_in0'] = UNetBlock(in_channels=ch, out_channels=ch, attention=True, **block_cfg)
+                self.dec[f'{tag}_in1'] = UNetBlock(in_channels=ch, out_channels=ch, **block_cfg)
             else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin = cout + skips.pop()
-                cout = model_channels * mult
-                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(in_channels=cin, out_channels=cout, attention=(res in attn_resolutions), **block_kwargs)
-        self.out_norm = GroupNorm(num_channels=cout)
-        self.out_conv = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
+                self.dec[f'{tag}_up'] = UNetBlock(in_channels=ch, out_channels=ch, up=True, **block_cfg)
+            width = model_channels * channel_mult[lvl]
+            for i in range(num_blocks + 1):
+                self.dec[f'{tag}_block{i}'] = UNetBlock(in_channels=ch + saved_widths.pop(), out_channels=width, attention=(r in attn_resolutions), **block_cfg)
+                ch = width
+        self.out_norm = GroupNorm(num_channels=ch)
+        self.out_conv = Conv2d(in_channels=ch, out_channels=out_channels, kernel=3, **init_out)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
         # Mapping.
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
-        emb = F.silu(self.map_layer0(emb))
+        emb = silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
             tmp = drop_labels(class_labels, self.label_dropout, self.training, batch_size=x.shape[0])
             emb = emb + self.map_label(tmp)
-        emb = F.silu(emb)
+        emb = silu(emb)
 
         # Encoder.
         skips = []
@@ -521,7 +626,7 @@ class DhariwalUNet(torch.nn.Module):
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
-        x = self.out_conv(F.silu(self.out_norm(x)))
+        x = self.out_conv(silu(self.out_norm(x)))
         return x
 
 #----------------------------------------------------------------------------
@@ -631,19 +736,23 @@ def _make_model(model_type, **kwargs):
 
 @persistence.persistent_class
 class VPPrecond(torch.nn.Module):
-    def __init__(self,
-        img_resolution,                 # Image resolution.
-        img_channels,                   # Number of color channels.
-        label_dim       = 0,            # Number of class labels, 0 = unconditional.
-        use_fp16        = False,        # Execute the underlying model at FP16 precision (CUDA only)?
-        beta_d          = 19.9,         # Extent of the noise level schedule.
-        beta_min        = 0.1,          # Initial slope of the noise level schedule.
-        M               = 1000,         # Original number of timesteps in the DDPM formulation.
-        epsilon_t       = 1e-5,         # Minimum t-value used during training.
-        model_type      = 'SongUNet',   # Class name of the underlying model.
-        use_bf16        = False,        # Execute the underlying model at bfloat16 precision (any device)?
-        **model_kwargs,                 # Keyword arguments for the underlying model.
-    ):
+    """Variance-preserving preconditioning (Song et al. 2021; 'VP' column of EDM Table 1).
+
+    img_resolution, img_channels -- image size and channel count (the backbone maps
+      img_channels -> img_channels).
+    label_dim -- class-vector size, 0 for an unconditional model.
+    use_fp16 -- run the backbone in float16; honoured on CUDA only, ignored on CPU.
+    beta_d, beta_min -- the VP schedule sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1):
+      beta_d sets its overall extent, beta_min its slope at t = 0.
+    M -- number of discrete DDPM steps; c_noise = (M - 1) t rescales t to that range.
+    epsilon_t -- smallest t seen in training; sigma(epsilon_t) becomes `sigma_min`.
+    model_type -- backbone class name ('SongUNet' or 'DhariwalUNet').
+    use_bf16 -- (our addition) run the backbone in bfloat16 on any device.
+    **model_kwargs -- forwarded to the backbone constructor.
+    """
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, beta_d=19.9,
+                 beta_min=0.1, M=1000, epsilon_t=1e-5, model_type='SongUNet', use_bf16=False,
+                 **model_kwargs):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -684,17 +793,18 @@ class VPPrecond(torch.nn.Module):
 
 @persistence.persistent_class
 class VEPrecond(torch.nn.Module):
-    def __init__(self,
-        img_resolution,                 # Image resolution.
-        img_channels,                   # Number of color channels.
-        label_dim       = 0,            # Number of class labels, 0 = unconditional.
-        use_fp16        = False,        # Execute the underlying model at FP16 precision (CUDA only)?
-        sigma_min       = 0.02,         # Minimum supported noise level.
-        sigma_max       = 100,          # Maximum supported noise level.
-        model_type      = 'SongUNet',   # Class name of the underlying model.
-        use_bf16        = False,        # Execute the underlying model at bfloat16 precision (any device)?
-        **model_kwargs,                 # Keyword arguments for the underlying model.
-    ):
+    """Variance-exploding preconditioning (Song et al. 2021; 'VE' column of EDM Table 1).
+
+    img_resolution, img_channels -- image size and channel count.
+    label_dim -- class-vector size, 0 for an unconditional model.
+    use_fp16 -- run the backbone in float16; honoured on CUDA only, ignored on CPU.
+    sigma_min, sigma_max -- noise-level range the model was trained for (samplers read them).
+    model_type -- backbone class name ('SongUNet' or 'DhariwalUNet').
+    use_bf16 -- (our addition) run the backbone in bfloat16 on any device.
+    **model_kwargs -- forwarded to the backbone constructor.
+    """
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0.02,
+                 sigma_max=100, model_type='SongUNet', use_bf16=False, **model_kwargs):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -722,18 +832,23 @@ class VEPrecond(torch.nn.Module):
 
 @persistence.persistent_class
 class iDDPMPrecond(torch.nn.Module):
-    def __init__(self,
-        img_resolution,                     # Image resolution.
-        img_channels,                       # Number of color channels.
-        label_dim       = 0,                # Number of class labels, 0 = unconditional.
-        use_fp16        = False,            # Execute the underlying model at FP16 precision (CUDA only)?
-        C_1             = 0.001,            # Timestep adjustment at low noise levels.
-        C_2             = 0.008,            # Timestep adjustment at high noise levels.
-        M               = 1000,             # Original number of timesteps in the DDPM formulation.
-        model_type      = 'DhariwalUNet',   # Class name of the underlying model.
-        use_bf16        = False,            # Execute the underlying model at bfloat16 precision (any device)?
-        **model_kwargs,                     # Keyword arguments for the underlying model.
-    ):
+    """Improved-DDPM preconditioning (Nichol & Dhariwal 2021; 'iDDPM' column of EDM Table 1).
+
+    img_resolution, img_channels -- image size and channel count (the backbone outputs twice as
+      many channels; the variance half is ignored).
+    label_dim -- class-vector size, 0 for an unconditional model.
+    use_fp16 -- run the backbone in float16; honoured on CUDA only, ignored on CPU.
+    C_1 -- lower clamp on alpha_bar(j-1) / alpha_bar(j) in the recursion that builds the sigma
+      table u_j; it caps how fast u grows per step at the noisy end.
+    C_2 -- the cosine schedule's offset s: alpha_bar(j) = sin^2(pi/2 * j / (M (C_2 + 1))); it
+      keeps the lowest noise levels from collapsing to zero.
+    M -- number of discrete steps; sigma is snapped to the nearest entry of the table u.
+    model_type -- backbone class name ('DhariwalUNet' or 'SongUNet').
+    use_bf16 -- (our addition) run the backbone in bfloat16 on any device.
+    **model_kwargs -- forwarded to the backbone constructor.
+    """
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, C_1=0.001,
+                 C_2=0.008, M=1000, model_type='DhariwalUNet', use_bf16=False, **model_kwargs):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -777,18 +892,20 @@ class iDDPMPrecond(torch.nn.Module):
 
 @persistence.persistent_class
 class EDMPrecond(torch.nn.Module):
-    def __init__(self,
-        img_resolution,                     # Image resolution.
-        img_channels,                       # Number of color channels.
-        label_dim       = 0,                # Number of class labels, 0 = unconditional.
-        use_fp16        = False,            # Execute the underlying model at FP16 precision (CUDA only)?
-        sigma_min       = 0,                # Minimum supported noise level.
-        sigma_max       = float('inf'),     # Maximum supported noise level.
-        sigma_data      = 0.5,              # Expected standard deviation of the training data.
-        model_type      = 'DhariwalUNet',   # Class name of the underlying model.
-        use_bf16        = False,            # Execute the underlying model at bfloat16 precision (any device)?
-        **model_kwargs,                     # Keyword arguments for the underlying model.
-    ):
+    """EDM preconditioning (Karras et al. 2022, Sec. 5; 'Ours' column of Table 1).
+
+    img_resolution, img_channels -- image size and channel count.
+    label_dim -- class-vector size, 0 for an unconditional model.
+    use_fp16 -- run the backbone in float16; honoured on CUDA only, ignored on CPU.
+    sigma_min, sigma_max -- noise-level range the model supports (default: unrestricted).
+    sigma_data -- standard deviation of the data distribution, which sets c_skip, c_out and c_in.
+    model_type -- backbone class name ('DhariwalUNet' or 'SongUNet').
+    use_bf16 -- (our addition) run the backbone in bfloat16 on any device.
+    **model_kwargs -- forwarded to the backbone constructor.
+    """
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0,
+                 sigma_max=float('inf'), sigma_data=0.5, model_type='DhariwalUNet', use_bf16=False,
+                 **model_kwargs):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels

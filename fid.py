@@ -41,7 +41,9 @@ import torch
 import tqdm
 
 import dnnlib
+import generate
 from torch_utils import distributed as dist
+from torch_utils import misc
 
 DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
                 'inception-2015-12-05.pkl')
@@ -447,6 +449,7 @@ def _fid_against(stats: FeatureStats, ref: dict, ref_path: str) -> float:
 
 
 def _start(workers: int) -> None:
+    misc.set_malloc_thresholds()  # reuse activation buffers instead of returning them to the OS per batch
     if torch.cuda.is_available() and workers > 0:
         try:  # CUDA in forked DataLoader workers is unsafe.
             torch.multiprocessing.set_start_method('spawn')
@@ -574,28 +577,11 @@ def _parse_seeds(s: str) -> list[int]:
               type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1),
               default=64, show_default=True)
-@click.option('--steps', 'num_steps', help='Number of sampling steps  [default: 18]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT',
-              type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT',
-              type=click.FloatRange(min=0, min_open=True))
-@click.option('--rho', help='Time step exponent  [default: 7]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--S_churn', 'S_churn', help='Stochasticity strength  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_min', 'S_min', help='Stoch. min noise level  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_max', 'S_max', help='Stoch. max noise level  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation  [default: 1]', metavar='FLOAT', type=float)
-@click.option('--solver', help='Ablate ODE solver', metavar='euler|heun', type=click.Choice(['euler', 'heun']))
-@click.option('--disc', 'discretization', help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm',
-              type=click.Choice(['vp', 've', 'iddpm', 'edm']))
-@click.option('--schedule', help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear',
-              type=click.Choice(['vp', 've', 'linear']))
-@click.option('--scaling', help='Ablate signal scaling s(t)', metavar='vp|none', type=click.Choice(['vp', 'none']))
+@generate.sampler_options
 @detector_options
 def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detector, trust_pickle,
         **sampler_kwargs):
     """FID of a network on --repeats disjoint seed ranges, images generated in memory; reports the minimum."""
-    import generate  # Imported here so that calc/ref work without the sampling code.
-    from torch_utils import persistence
     seeds = _parse_seeds(seeds)
     sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
     _start(0)
@@ -607,13 +593,7 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
     detector_net = load_detector(detector, device=device, trust_pickle=trust_pickle,
                                  verbose=(dist.get_rank() == 0))
     dist.print0(f'Network: "{network_pkl}"')
-    if hasattr(generate, 'load_net'):  # generate.py's loader: URLs via the cache, one-line errors.
-        network = generate.load_net(network_pkl, device=device, verbose=(dist.get_rank() == 0))
-    else:
-        try:
-            network = persistence.load_network(network_pkl, device=device)
-        except (OSError, ValueError) as e:
-            raise click.ClickException(f'Could not load network {network_pkl}: {e}') from e
+    network = generate.load_net(network_pkl, device=device, verbose=(dist.get_rank() == 0))  # URLs, one-line errors
     if dist.get_rank() == 0:
         dist.barrier()
 

@@ -25,6 +25,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import misc
 from training import training_loop
 
 # DDP reports a layout mismatch for the gradients of 1x1 convolutions; it copies them correctly anyway.
@@ -216,6 +217,7 @@ def main(**kwargs):
     torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
         --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
     """
+    misc.set_malloc_thresholds()  # reuse activation buffers instead of returning them to the OS every step
     opts = dnnlib.EasyDict(kwargs)
     torch.multiprocessing.set_start_method('spawn', force=True)
     dist.init()

@@ -415,21 +415,18 @@ def test_net_repeats_on_disjoint_seed_ranges(folders, detector_file, tmp_path, m
             batch = list(seeds[i:i + max_batch_size])
             yield batch, torch.from_numpy(np.stack([_fake_images(s) for s in batch]))  # [N,H,W,C] uint8
 
-    fake_generate = types.ModuleType('generate')
-    fake_generate.generate_images = generate_images
-    fake_persistence = types.ModuleType('torch_utils.persistence')
-    fake_persistence.load_network = lambda path, key='ema', device='cpu': torch.nn.Identity()
-    import torch_utils
-    monkeypatch.setitem(sys.modules, 'generate', fake_generate)
-    monkeypatch.setitem(sys.modules, 'torch_utils.persistence', fake_persistence)
-    monkeypatch.setattr(torch_utils, 'persistence', fake_persistence, raising=False)
+    import generate
+    monkeypatch.setattr(generate, 'generate_images', generate_images)
+    monkeypatch.setattr(generate, 'load_net', lambda path, device, verbose=True: torch.nn.Identity())
 
     dest = tmp_path / 'ref.npz'
     run_cli(['ref', '--data', folders.a, '--dest', dest, '--workers', 0, '--detector', detector_file])
     res = run_cli(['net', '--network', 'net.pkl', '--ref', dest, '--seeds', '0-19', '--repeats', 3, '--batch', 8,
                    '--steps', 5, '--S_churn', 10, '--detector', detector_file])
     assert [c['seeds'] for c in calls] == [list(range(0, 20)), list(range(20, 40)), list(range(40, 60))]
-    assert all(c['kwargs'] == dict(num_steps=5, S_churn=10.0) and c['max_batch_size'] == 8 for c in calls)
+    # generate.py's sampler options and defaults; no ablation option set, so the EDM sampler is used.
+    expected_kwargs = dict(num_steps=5, rho=7, S_churn=10.0, S_min=0, S_max=float('inf'), S_noise=1)
+    assert all(c['kwargs'] == expected_kwargs and c['max_batch_size'] == 8 for c in calls)
 
     ref_stats = direct_stats(direct_features(folders.a_images))
     expected = [direct_fid(*direct_stats(direct_features(np.stack([_fake_images(s) for s in c['seeds']]))),

@@ -477,18 +477,19 @@ class SongUNet(torch.nn.Module):
                 self.dec[f'{tag}_aux_conv'] = Conv2d(in_channels=ch, out_channels=out_channels, kernel=3, **init_out)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        # Mapping.
+        # Conditioning vector: noise level, then class and augmentation labels, through a 2-layer MLP.
         emb = self.map_noise(noise_labels)
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape) # swap cos/sin halves
+        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # DDPM++ orders sin before cos
         if self.map_label is not None:
-            tmp = drop_labels(class_labels, self.label_dropout, self.training, batch_size=x.shape[0])
-            emb = emb + self.map_label(tmp * np.sqrt(self.map_label.in_features))
+            labels = drop_labels(class_labels, self.label_dropout, self.training, batch_size=x.shape[0])
+            emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = silu(self.map_layer0(emb))
         emb = silu(self.map_layer1(emb))
 
-        # Encoder.
+        # Contracting path; every block output is kept for the skip connections. `aux` carries the
+        # downsampled input image for the skip/residual encoders.
         skips = []
         aux = x
         for name, block in self.enc.items():
@@ -502,17 +503,18 @@ class SongUNet(torch.nn.Module):
                 x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
 
-        # Decoder.
+        # Expanding path; the image leaves through the aux_norm/aux_conv output heads (summed over
+        # resolutions, upsampled in between, for the skip decoder).
         aux = None
-        tmp = None
+        head = None
         for name, block in self.dec.items():
             if 'aux_up' in name:
                 aux = block(aux)
             elif 'aux_norm' in name:
-                tmp = block(x)
+                head = block(x)
             elif 'aux_conv' in name:
-                tmp = block(silu(tmp))
-                aux = tmp if aux is None else tmp + aux
+                head = block(silu(head))
+                aux = head if aux is None else head + aux
             else:
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
@@ -604,24 +606,24 @@ class DhariwalUNet(torch.nn.Module):
         self.out_conv = Conv2d(in_channels=ch, out_channels=out_channels, kernel=3, **init_out)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        # Mapping.
+        # Conditioning vector: noise level (+ augmentation labels) through the MLP, class labels added last.
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
-            tmp = drop_labels(class_labels, self.label_dropout, self.training, batch_size=x.shape[0])
-            emb = emb + self.map_label(tmp)
+            labels = drop_labels(class_labels, self.label_dropout, self.training, batch_size=x.shape[0])
+            emb = emb + self.map_label(labels)
         emb = silu(emb)
 
-        # Encoder.
+        # Contracting path, keeping every block output for the skip connections.
         skips = []
         for block in self.enc.values():
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
 
-        # Decoder.
+        # Expanding path: concatenate a skip whenever a block expects more channels than it gets.
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)

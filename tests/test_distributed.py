@@ -12,6 +12,7 @@ SCRIPT = textwrap.dedent('''
     t = torch.tensor([float(dist.get_rank() + 1)])
     torch.distributed.all_reduce(t)
     print(dist.get_rank(), dist.get_world_size(), int(t.item()), dist.default_device().type)
+    dist.barrier()
 ''')
 
 

@@ -6,6 +6,7 @@ not launched by torchrun) so DDP and all_reduce need no special cases for single
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -35,6 +36,9 @@ def init(backend: str | None = None, timeout_minutes: float = 30) -> None:
     else:
         dist.init_process_group(backend=backend, init_method=f'tcp://127.0.0.1:{_free_port()}',
                                 rank=0, world_size=1, timeout=timeout)
+    # Tear the group down before interpreter shutdown: a gloo/NCCL group left to the destructors can
+    # abort the process ('terminate called without an active exception') and fail a finished run.
+    atexit.register(shutdown)
 
 
 def is_initialized() -> bool:

@@ -74,7 +74,7 @@ def side_by_side(left: str, right: str, dest: str, gap: int = 8) -> None:
 @click.command()
 @click.option('--outdir', help='Where to put everything', default='quickstart-out', show_default=True)
 @click.option('--kimg', help='Training duration in thousands of images', type=click.FloatRange(min=0.1),
-              default=50, show_default=True)
+              default=40, show_default=True)
 @click.option('--steps', help='Sampling steps for both solvers', type=click.IntRange(min=1), default=18,
               show_default=True)
 def main(outdir: str, kimg: float, steps: int) -> None:

@@ -5,6 +5,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = ROOT.parent / 'shared' / 'golden'
@@ -47,3 +48,13 @@ def subprocess_env() -> dict:
     env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
     env.setdefault('OMP_NUM_THREADS', '1')
     return env
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for in-process training tests: on a busy 2-core machine two threads made
+    each tiny step ~50x slower (oversubscription)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

@@ -22,14 +22,7 @@ import train
 from tinydata import make_dataset_zip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process training on a shared 2-core machine: one intra-op thread avoids oversubscription
-    (with two threads each tiny step was ~50x slower here)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

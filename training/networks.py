@@ -727,6 +727,15 @@ def _prepare_inputs(x, sigma, class_labels, label_dim):
         class_labels = class_labels.to(torch.float32).reshape(-1, label_dim)
     return x, sigma, class_labels
 
+def _denoise(precond, x, sigma, class_labels, force_fp32, model_kwargs, coefficients):
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Eq. 7): the backbone runs in the chosen dtype, the
+    skip connection and output scaling in float32. Extra output channels (iDDPM's variances) are dropped."""
+    c_skip, c_out, c_in, c_noise = coefficients
+    dtype = _compute_dtype(x, precond.use_fp16, getattr(precond, 'use_bf16', False), force_fp32)
+    F_x = precond.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+    assert F_x.dtype == dtype
+    return c_skip * x + c_out * F_x[:, :precond.img_channels].to(torch.float32)
+
 def _make_model(model_type, **kwargs):
     models = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
     if model_type not in models:
@@ -771,12 +780,7 @@ class VPPrecond(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         x, sigma, class_labels = _prepare_inputs(x, sigma, class_labels, self.label_dim)
-        dtype = _compute_dtype(x, self.use_fp16, getattr(self, 'use_bf16', False), force_fp32)
-        c_skip, c_out, c_in, c_noise = vp_coefficients(sigma, self.M, self.beta_d, self.beta_min)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
-        return D_x
+        return _denoise(self, x, sigma, class_labels, force_fp32, model_kwargs, vp_coefficients(sigma, self.M, self.beta_d, self.beta_min))
 
     def sigma(self, t):
         return vp_sigma(t, self.beta_d, self.beta_min)
@@ -819,12 +823,7 @@ class VEPrecond(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         x, sigma, class_labels = _prepare_inputs(x, sigma, class_labels, self.label_dim)
-        dtype = _compute_dtype(x, self.use_fp16, getattr(self, 'use_bf16', False), force_fp32)
-        c_skip, c_out, c_in, c_noise = ve_coefficients(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
-        return D_x
+        return _denoise(self, x, sigma, class_labels, force_fp32, model_kwargs, ve_coefficients(sigma))
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
@@ -870,13 +869,8 @@ class iDDPMPrecond(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         x, sigma, class_labels = _prepare_inputs(x, sigma, class_labels, self.label_dim)
-        dtype = _compute_dtype(x, self.use_fp16, getattr(self, 'use_bf16', False), force_fp32)
         index = self.round_sigma(sigma, return_index=True).to(torch.float32)
-        c_skip, c_out, c_in, c_noise = iddpm_coefficients(sigma, index, self.M)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
-        D_x = c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
-        return D_x
+        return _denoise(self, x, sigma, class_labels, force_fp32, model_kwargs, iddpm_coefficients(sigma, index, self.M))
 
     def alpha_bar(self, j):
         return iddpm_alpha_bar(j, self.M, self.C_2)
@@ -921,12 +915,7 @@ class EDMPrecond(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         x, sigma, class_labels = _prepare_inputs(x, sigma, class_labels, self.label_dim)
-        dtype = _compute_dtype(x, self.use_fp16, getattr(self, 'use_bf16', False), force_fp32)
-        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
-        return D_x
+        return _denoise(self, x, sigma, class_labels, force_fp32, model_kwargs, edm_coefficients(sigma, self.sigma_data))
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)

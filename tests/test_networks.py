@@ -20,13 +20,7 @@ NET_CASES = ['net_edm_adm_cond', 'net_edm_ddpmpp_cond_aug', 'net_edm_ddpmpp_mnis
 FULLSIZE = ['cifar10-32x32-cond-vp', 'cifar10-32x32-uncond-ve', 'cifar10-32x32-cond-edm-ddpmpp', 'ffhq-64x64-uncond-vp',
             'afhqv2-64x64-uncond-ve', 'imagenet-64x64-cond-adm', 'baseline-imagenet-64x64-cond-adm-iddpm']
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # Tiny convolutions on a shared 2-core box: intra-op threads only add contention (~30x slower).
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny convolutions: extra threads only add contention
 
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

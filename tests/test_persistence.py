@@ -13,12 +13,7 @@ import torch
 from torch_utils import persistence
 from training import networks
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny convolutions: extra threads only add contention
 
 def make_net(cls=networks.EDMPrecond, **kw):
     torch.manual_seed(0)

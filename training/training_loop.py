@@ -43,6 +43,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
+from torch_utils.persistence import CheckpointError  # one error type for every unreadable checkpoint
 from torch_utils import training_stats
 
 STATE_FORMAT = 'edm-training-state'
@@ -152,10 +153,6 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
-
-
-class CheckpointError(ValueError):
-    """A checkpoint to resume from is unreadable or does not fit the current run (one-line message)."""
 
 
 def load_training_state(path: str) -> dict:

@@ -27,7 +27,6 @@ import hashlib
 import io
 import os
 import pickle
-import re
 import sys
 import tempfile
 import types
@@ -552,15 +551,10 @@ def _format_seeds(seeds: list[int]) -> str:
 
 
 def _parse_seeds(s: str) -> list[int]:
-    values = []
-    for part in s.split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*-\s*(\d+)\s*', part) or re.fullmatch(r'\s*(\d+)\s*', part)
-        if m is None:
-            raise click.BadParameter(f'"{part}" is not an integer or a range like 0-49999', param_hint='--seeds')
-        lo, hi = int(m.group(1)), int(m.group(m.lastindex))
-        if hi < lo:
-            raise click.BadParameter(f'empty range "{part}"', param_hint='--seeds')
-        values.extend(range(lo, hi + 1))
+    try:
+        values = dnnlib.util.parse_int_list(s)
+    except ValueError as e:
+        raise click.BadParameter(f'{e}; expected e.g. 0-49999', param_hint='--seeds') from None
     if len(values) < 2 or len(set(values)) != len(values):
         raise click.BadParameter('need at least 2 distinct seeds', param_hint='--seeds')
     return values

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from typing import Callable, Iterator, NamedTuple, Sequence
 
@@ -27,6 +26,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from dnnlib.util import parse_int_list
 from training.networks import iddpm_u, vp_sigma, vp_sigma_deriv, vp_sigma_inv  # Table 1 schedules, shared
 
 # ----------------------------------------------------------------------------
@@ -285,30 +285,6 @@ class StackedRandomGenerator:
     def randint(self, *args, size, **kwargs) -> torch.Tensor:
         size = self._check(size)
         return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
-
-
-_RANGE = re.compile(r'^\s*(-?\d+)\s*-\s*(-?\d+)\s*$')
-
-
-def parse_int_list(s) -> list[int]:
-    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]. Lists/ints pass through. Raises ValueError when malformed."""
-    if isinstance(s, int):
-        return [s]
-    if isinstance(s, (list, tuple)):
-        return [int(x) for x in s]
-    result = []
-    for part in str(s).split(','):
-        m = _RANGE.match(part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise ValueError(f'range {part.strip()!r} is empty (end < start)')
-            result.extend(range(lo, hi + 1))
-        elif re.fullmatch(r'\s*-?\d+\s*', part):
-            result.append(int(part))
-        else:
-            raise ValueError(f'{part.strip()!r} in {s!r} is not an integer or a range like 5-10')
-    return result
 
 
 # ----------------------------------------------------------------------------

@@ -33,21 +33,12 @@ warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides
 
 # ----------------------------------------------------------------------------
 
-_INT_SPAN = re.compile(r'(\d+)-(\d+)')
-
-
 def parse_int_list(s):
-    """Click type for --cres: '1,2,5-7' -> [1, 2, 5, 6, 7] (a span a-b includes both ends); lists pass through."""
-    if isinstance(s, list):
-        return s
-    values = []
-    for token in (part.strip() for part in s.split(',')):
-        span = _INT_SPAN.fullmatch(token)
-        try:
-            values += range(int(span[1]), int(span[2]) + 1) if span else [int(token)]
-        except ValueError:
-            raise click.BadParameter(f'"{s}" is not a comma-separated list of integers (e.g. 2,2,2)')
-    return values
+    """Click type for --cres: '1,2,5-7' -> [1, 2, 5, 6, 7] (dnnlib.util.parse_int_list); lists pass through."""
+    try:
+        return dnnlib.util.parse_int_list(s)
+    except ValueError:
+        raise click.BadParameter(f'"{s}" is not a comma-separated list of integers (e.g. 2,2,2)') from None
 
 
 # Architecture presets (Table 7 of the paper; channel counts for CIFAR-10 / ImageNet-64).

@@ -43,6 +43,30 @@ def format_time(seconds: float) -> str:
         return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
     return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
 
+_INT_RANGE = re.compile(r'^\s*(-?\d+)\s*-\s*(-?\d+)\s*$')
+
+
+def parse_int_list(s) -> list[int]:
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10] (seed lists, --cres). Lists/ints pass through; raises
+    ValueError when malformed or when a range is empty."""
+    if isinstance(s, int):
+        return [s]
+    if isinstance(s, (list, tuple)):
+        return [int(x) for x in s]
+    result = []
+    for part in str(s).split(','):
+        m = _INT_RANGE.match(part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise ValueError(f'range {part.strip()!r} is empty (end < start)')
+            result.extend(range(lo, hi + 1))
+        elif re.fullmatch(r'\s*-?\d+\s*', part):
+            result.append(int(part))
+        else:
+            raise ValueError(f'{part.strip()!r} in {s!r} is not an integer or a range like 5-10')
+    return result
+
 # ----------------------------------------------------------------------------
 # Objects by name: the configuration names classes ('training.networks.EDMPrecond').
 

@@ -1,9 +1,10 @@
 """torch_utils.distributed: a process group exists after init(), with or without torchrun."""
 
-import socket
 import subprocess
 import sys
 import textwrap
+
+from torch_utils import distributed as dist
 
 SCRIPT = textwrap.dedent('''
     import torch
@@ -28,9 +29,7 @@ def test_single_process_group(subprocess_env):
 
 
 def test_two_ranks_env_rendezvous(subprocess_env):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+    port = dist.free_port()
     procs = [_run(dict(WORLD_SIZE='2', RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR='127.0.0.1',
                        MASTER_PORT=str(port)), subprocess_env) for r in range(2)]
     outs = sorted(p.communicate(timeout=120)[0].split()[:3] for p in procs)

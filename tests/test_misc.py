@@ -2,13 +2,13 @@
 DDP helpers (2-rank gloo) and the module summary."""
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 
 from torch_utils import misc
+from torch_utils.distributed import free_port
 
 
 def _take(it, n):
@@ -135,12 +135,6 @@ def test_ddp_sync_is_noop_for_plain_modules():
 
 # ---------------------------------------------------------------------------- 2-rank gloo
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     torch.distributed.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
@@ -172,7 +166,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 
 def test_ddp_sync_and_consistency_two_ranks(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r = [torch.load(tmp_path / f'{i}.pt', weights_only=True) for i in range(2)]
     assert torch.allclose(r[0]['local'], torch.ones(1, 3)) and torch.allclose(r[1]['local'], 2 * torch.ones(1, 3))
     for i in range(2):  # synced gradient is the average over ranks

@@ -2,13 +2,13 @@
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 
 from torch_utils import training_stats
+from torch_utils.distributed import free_port
 
 
 def test_report_returns_value_and_collector_averages_between_updates():
@@ -61,12 +61,6 @@ def test_report0_counts_only_on_rank0():
     assert c.num('ts_r0') == 1 and c.mean('ts_r0') == 7.0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _stats_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     torch.distributed.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
@@ -90,7 +84,7 @@ def _stats_worker(rank, world, port, out_dir):
 
 
 def test_collector_reduces_across_two_ranks(tmp_path):
-    torch.multiprocessing.spawn(_stats_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_stats_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     res = [json.load(open(tmp_path / f'{r}.json')) for r in range(2)]
     values = np.array([0.0, 1.0, 10.0, 11.0, 12.0])
     for r in res:  # every rank sees the same global statistics

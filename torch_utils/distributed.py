@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A currently unused localhost TCP port (for a rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
@@ -34,7 +35,7 @@ def init(backend: str | None = None, timeout_minutes: float = 30) -> None:
             torch.cuda.set_device(get_local_rank())
         dist.init_process_group(backend=backend, init_method='env://', timeout=timeout)
     else:
-        dist.init_process_group(backend=backend, init_method=f'tcp://127.0.0.1:{_free_port()}',
+        dist.init_process_group(backend=backend, init_method=f'tcp://127.0.0.1:{free_port()}',
                                 rank=0, world_size=1, timeout=timeout)
     # Tear the group down before interpreter shutdown: a gloo/NCCL group left to the destructors can
     # abort the process ('terminate called without an active exception') and fail a finished run.

@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import pathlib
-import pickle
 import re
 import shutil
 import sys
@@ -33,6 +32,8 @@ import click
 import numpy as np
 import PIL.Image
 from tqdm import tqdm
+
+import dnnlib
 
 # ----------------------------------------------------------------------------
 # Errors.
@@ -204,21 +205,15 @@ def _labelled_arrays(images: np.ndarray, labels: np.ndarray, name: str) -> Itera
         yield dict(img=images[idx], label=int(labels[idx]), source=f'{name}[{idx}]')
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR-10 batches (dicts of lists, bytes and numpy arrays) and nothing else, so a
-    tampered tarball cannot run code."""
-    _allowed = {
-        ('numpy', 'ndarray'), ('numpy', 'dtype'),
-        ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-        ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
-        ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),
-        ('_codecs', 'encode'),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) in self._allowed:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f'unexpected object {module}.{name} in CIFAR-10 batch')
+# The CIFAR-10 batches are dicts of lists, bytes and numpy arrays; nothing else may be unpickled, so a
+# tampered tarball cannot run code.
+_CIFAR10_GLOBALS = dnnlib.util.allow_exactly([
+    ('numpy', 'ndarray'), ('numpy', 'dtype'),
+    ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+    ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),
+    ('_codecs', 'encode'),
+])
 
 
 def _batch_field(batch: dict, key: str):
@@ -232,7 +227,7 @@ def _cifar10_batch(tar: tarfile.TarFile, tarball: str, number: int) -> tuple[np.
         f = tar.extractfile(tar.getmember(member))
     except KeyError:
         _fail(f'{tarball}: member {member} not found; is this the official CIFAR-10 python tarball?')
-    batch = _NumpyOnlyUnpickler(f, encoding='latin1').load()
+    batch = dnnlib.util.RestrictedUnpickler(f, _CIFAR10_GLOBALS, what='CIFAR-10 batch', encoding='latin1').load()
     pixels = np.asarray(_batch_field(batch, 'data'), dtype=np.uint8)
     classes = np.asarray(_batch_field(batch, 'labels'), dtype=np.int64)
     if pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32 or classes.shape != (pixels.shape[0],):
@@ -477,9 +472,9 @@ class ZipDest:
         if os.path.isdir(dest):
             _fail(f'{dest}: --dest ends in .zip but is an existing folder')
         os.makedirs(parent, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=parent, prefix=f'.{os.path.basename(dest)}.', suffix='.tmp')
-        os.close(fd)
-        self.zf = zipfile.ZipFile(self.tmp, mode='w', compression=zipfile.ZIP_STORED)
+        self.file = dnnlib.util.AtomicFile(dest)
+        self.tmp = self.file.tmp
+        self.zf = zipfile.ZipFile(self.file.file, mode='w', compression=zipfile.ZIP_STORED)
 
     def write(self, fname: str, data: bytes):
         info = zipfile.ZipInfo(fname, date_time=(1980, 1, 1, 0, 0, 0))  # Fixed time: reproducible zips.
@@ -489,15 +484,13 @@ class ZipDest:
 
     def commit(self):
         self.zf.close()
-        os.chmod(self.tmp, 0o644 & ~_umask())
-        os.replace(self.tmp, self.dest)
+        self.file.commit()
 
     def abort(self):
         try:
             self.zf.close()
         finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
+            self.file.discard()
 
 
 class FolderDest:

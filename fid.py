@@ -28,7 +28,6 @@ import io
 import os
 import pickle
 import sys
-import tempfile
 import types
 import zipfile
 from typing import Iterable, Optional
@@ -41,6 +40,8 @@ import tqdm
 
 import dnnlib
 import generate
+from training.dataset import dataset_fingerprint
+from training.sampling import generate_images
 from torch_utils import distributed as dist
 from torch_utils import misc
 
@@ -88,17 +89,12 @@ class UntrustedPickleError(pickle.UnpicklingError):
 _ZIP_MAGIC = b'PK\x03\x04'
 
 # Globals a data-only pickle may reference: none of them can run caller-chosen code.
-_SAFE_GLOBALS = {
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('builtins', 'bytearray'): bytearray,
-    ('builtins', 'set'): set,
-    ('builtins', 'frozenset'): frozenset,
-    ('_codecs', 'encode'): None,                  # how protocol-2 pickles store bytes
-    ('numpy.core.multiarray', '_reconstruct'): None,
-    ('numpy._core.multiarray', '_reconstruct'): None,
-    ('numpy', 'ndarray'): np.ndarray,
-    ('numpy', 'dtype'): np.dtype,
-}
+_SAFE_GLOBALS = dnnlib.util.allow_exactly([
+    ('collections', 'OrderedDict'), ('builtins', 'bytearray'), ('builtins', 'set'), ('builtins', 'frozenset'),
+    ('_codecs', 'encode'),  # how protocol-2 pickles store bytes
+    ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy', 'ndarray'), ('numpy', 'dtype'),
+])
 
 
 def _find_torchscript(obj, depth: int = 0) -> Optional[torch.jit.ScriptModule]:
@@ -139,13 +135,11 @@ def _reconstruct_detector_safely(meta):
     return found
 
 
-class _SafeDetectorUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if module == 'torch_utils.persistence' and name == '_reconstruct_persistent_obj':
-            return _reconstruct_detector_safely
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise UntrustedPickleError(f'it references {module}.{name}')
+def _safe_detector_global(module: str, name: str):
+    """Allowlist for reading a detector pickle without running its code (dnnlib.util.RestrictedUnpickler)."""
+    if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
+        return _reconstruct_detector_safely
+    return _SAFE_GLOBALS(module, name)
 
 
 def _reconstruct_with_source(meta):
@@ -168,11 +162,11 @@ def _reconstruct_with_source(meta):
     return obj
 
 
-class _TrustedDetectorUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if module == 'torch_utils.persistence' and name == '_reconstruct_persistent_obj':
-            return _reconstruct_with_source  # Our persistence module never runs embedded source.
-        return super().find_class(module, name)
+def _trusted_detector_global(module: str, name: str):
+    """Everything, as plain pickle would, with persistent objects rebuilt from their embedded source."""
+    if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
+        return _reconstruct_with_source  # our persistence module never runs embedded source
+    return True
 
 
 def _load_detector_bytes(data: bytes, source: str, trusted: bool) -> torch.nn.Module:
@@ -183,14 +177,14 @@ def _load_detector_bytes(data: bytes, source: str, trusted: bool) -> torch.nn.Mo
             raise click.ClickException(f'Detector {source} is a zip archive but not a TorchScript module '
                                        f'(save one with torch.jit.save): {e}') from e
     try:
-        obj = _SafeDetectorUnpickler(io.BytesIO(data)).load()
-    except UntrustedPickleError as e:
+        obj = dnnlib.util.RestrictedUnpickler(io.BytesIO(data), _safe_detector_global, what='detector pickle').load()
+    except (UntrustedPickleError, dnnlib.util.DisallowedPickleError) as e:
         if not trusted:
             raise click.ClickException(
                 f'Detector {source} is a pickle that runs code when loaded ({e}). Pass --trust-pickle if you '
                 f'trust this file, or convert it once with torch.jit.save and pass the TorchScript file') from e
         try:  # Trusted: what the paper's pickle.load does, including the embedded source code.
-            obj = _TrustedDetectorUnpickler(io.BytesIO(data)).load()
+            obj = dnnlib.util.RestrictedUnpickler(io.BytesIO(data), _trusted_detector_global, what='trusted detector pickle').load()
         except Exception as e2:
             raise click.ClickException(f'Could not unpickle the detector {source}: {e2}') from e2
     except Exception as e:
@@ -339,15 +333,13 @@ def _dataset_feature_stats(image_path: str, num_expected: Optional[int] = None, 
                            max_batch_size: int = 64, num_workers: int = 3, prefetch_factor: int = 2,
                            device=None, detector=None, trust_pickle: bool = False) -> FeatureStats:
     device = torch.device(device) if device is not None else dist.default_device()
-    # Rank 0 first: it downloads the detector into the cache once, the others then read the cache.
-    if dist.get_rank() != 0:
-        dist.barrier()
-    dataset_obj = _open_dataset(image_path, num_expected, seed)  # Cheap checks before the download.
-    if not isinstance(detector, torch.nn.Module):
-        detector = load_detector(detector, device=device, trust_pickle=trust_pickle,
-                                 verbose=(dist.get_rank() == 0))
-    if dist.get_rank() == 0:
-        dist.barrier()
+
+    def open_data_and_detector():  # cheap dataset checks before the detector download
+        dataset_obj = _open_dataset(image_path, num_expected, seed)
+        det = detector if isinstance(detector, torch.nn.Module) else load_detector(
+            detector, device=device, trust_pickle=trust_pickle, verbose=(dist.get_rank() == 0))
+        return dataset_obj, det
+    dataset_obj, detector = _rank0_first(open_data_and_detector)
     dist.print0(f'Inception features of {len(dataset_obj)} images in "{image_path}"')
 
     if hasattr(os, 'sched_getaffinity'):
@@ -386,39 +378,12 @@ def calculate_inception_stats(image_path: str, num_expected: Optional[int] = Non
 # Reference statistics files.
 
 
-def dataset_sha256(path: str) -> str:
-    """sha256 of a dataset zip's bytes, or of a folder's files (sorted relative paths and contents)."""
-    h = hashlib.sha256()
-    if os.path.isdir(path):
-        for root, dirs, files in os.walk(path):
-            dirs.sort()
-            for name in sorted(files):
-                full = os.path.join(root, name)
-                h.update(os.path.relpath(full, path).replace(os.sep, '/').encode('utf-8') + b'\0')
-                with open(full, 'rb') as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b''):
-                        h.update(chunk)
-    else:
-        with open(path, 'rb') as f:
-            for chunk in iter(lambda: f.read(1 << 20), b''):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def save_reference(dest_path: str, stats: FeatureStats, **extra) -> None:
     """Atomically write mu, sigma (the paper's layout) plus extra keys such as num_images."""
-    dest_dir = os.path.dirname(dest_path) or '.'
-    os.makedirs(dest_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix='.tmp-', suffix='.npz')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.savez(f, mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images),
-                     **{k: np.asarray(v) for k, v in extra.items()})
-        os.replace(tmp, dest_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(dest_path) or '.', exist_ok=True)
+    with dnnlib.util.atomic_write(dest_path) as f:
+        np.savez(f, mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images),
+                 **{k: np.asarray(v) for k, v in extra.items()})
 
 
 def load_reference(ref_path: str) -> dict:
@@ -445,6 +410,13 @@ def _fid_against(stats: FeatureStats, ref: dict, ref_path: str) -> float:
 
 #----------------------------------------------------------------------------
 # Command line.
+
+
+def _rank0_first(fn):
+    """fn() on rank 0 first (it fills the download cache), then on the others; a failure on any rank
+    stops every rank with a one-line error instead of leaving the others in a collective until it times out."""
+    return dist.rank0_first(fn, other_error=lambda: click.ClickException('failed on another process (rank 0 '
+                                                                         'prints the reason)'))
 
 
 def _start(workers: int) -> None:
@@ -506,7 +478,7 @@ def calc(image_path, ref_path, num_expected, seed, batch, workers, detector, tru
     """Calculate FID for a given set of images."""
     _start(workers)
     dist.print0(f'Reference statistics: "{ref_path}"')
-    ref = load_reference(ref_path) if dist.get_rank() == 0 else None
+    ref = _rank0_first(lambda: load_reference(ref_path) if dist.get_rank() == 0 else None)
     stats = _dataset_feature_stats(image_path, num_expected=num_expected, seed=seed, max_batch_size=batch,
                                    num_workers=workers, detector=detector, trust_pickle=trust_pickle)
     if dist.get_rank() == 0:
@@ -533,7 +505,7 @@ def ref(dataset_path, dest_path, batch, workers, detector, trust_pickle):
         dest_path += '.npz'  # What np.savez(dest_path) did in the paper's code.
     dist.print0(f'Writing reference statistics ({stats.num_images} images) to "{dest_path}"')
     if dist.get_rank() == 0:
-        save_reference(dest_path, stats, dataset_sha256=dataset_sha256(dataset_path),
+        save_reference(dest_path, stats, dataset_sha256=dataset_fingerprint(dataset_path)['sha256'],
                        detector=(detector or DETECTOR_URL))
     dist.barrier()
 
@@ -577,24 +549,22 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
         **sampler_kwargs):
     """FID of a network on --repeats disjoint seed ranges, images generated in memory; reports the minimum."""
     seeds = _parse_seeds(seeds)
-    sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    sampler_kwargs = generate.sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs)
     _start(0)
     device = dist.default_device()
-    ref = load_reference(ref_path) if dist.get_rank() == 0 else None
+    verbose = dist.get_rank() == 0
 
-    if dist.get_rank() != 0:
-        dist.barrier()  # Rank 0 downloads first.
-    detector_net = load_detector(detector, device=device, trust_pickle=trust_pickle,
-                                 verbose=(dist.get_rank() == 0))
-    dist.print0(f'Network: "{network_pkl}"')
-    network = generate.load_net(network_pkl, device=device, verbose=(dist.get_rank() == 0))  # URLs, one-line errors
-    if dist.get_rank() == 0:
-        dist.barrier()
+    def load_all():
+        ref = load_reference(ref_path) if dist.get_rank() == 0 else None
+        detector_net = load_detector(detector, device=device, trust_pickle=trust_pickle, verbose=verbose)
+        dist.print0(f'Network: "{network_pkl}"')
+        return ref, detector_net, generate.load_net(network_pkl, device=device, verbose=verbose)
+    ref, detector_net, network = _rank0_first(load_all)
 
     fids = []
     for k, rep_seeds in enumerate(repeat_seeds(seeds, repeats)):
         batches = (images.permute(0, 3, 1, 2) for _batch_seeds, images in
-                   generate.generate_images(network, rep_seeds, max_batch_size=max_batch_size,
+                   generate_images(network, rep_seeds, max_batch_size=max_batch_size,
                                             class_idx=class_idx, device=device, **sampler_kwargs))
         stats = compute_feature_stats(detector_net, batches, len(rep_seeds), device=device,
                                       desc=f'repeat {k + 1}/{repeats}', source=network_pkl)

@@ -1,17 +1,11 @@
-"""Generate images with a trained EDM network.
-
-Implements the samplers of "Elucidating the Design Space of Diffusion-Based Generative Models"
-(Karras et al., NeurIPS 2022):
-  * `edm_sampler`      -- Algorithm 2 (Algorithm 1 when S_churn=0): Heun's 2nd-order method on the
-                          probability-flow ODE with sigma(t)=t, s(t)=1 and optional stochastic "churn".
-  * `ablation_sampler` -- the generalised sampler of Table 1: Euler/Heun, VP/VE/iDDPM/EDM time step
-                          discretisations, VP/VE/linear noise schedules, VP/no scaling.
-
-Randomness follows the paper's public protocol (one torch.Generator per seed), so the same seed gives
-the same image, independent of batch composition and of the number of processes.
+"""Generate images with a trained EDM network: the command line over training/sampling.py.
 
     python generate.py --network=net.pkl --outdir=out --seeds=0-63 --grid
     torchrun --standalone --nproc_per_node=2 generate.py --network=net.pkl --outdir=out --seeds=0-49999
+
+The samplers, time steps, per-seed random numbers and batched generation live in `training.sampling`.
+The names the paper's examples import from here (`edm_sampler`, `ablation_sampler`,
+`StackedRandomGenerator`, `parse_int_list`) stay importable, as do `generate_images` and `make_grid`.
 """
 
 from __future__ import annotations
@@ -19,351 +13,29 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Sequence
 
 import click
 import numpy as np
 import PIL.Image
 import torch
 
-from dnnlib.util import parse_int_list
-from training.networks import iddpm_u, vp_sigma, vp_sigma_deriv, vp_sigma_inv  # Table 1 schedules, shared
-
-# ----------------------------------------------------------------------------
-# Time step discretisations (Table 1, "time steps"): small pure functions returning the float64
-# noise levels sigma_0 > ... > sigma_{N-1} (sigma_N = 0 is appended by the samplers).
-
-
-def step_fraction(num_steps: int, device=None) -> torch.Tensor:
-    """i/(N-1) for i = 0..N-1. For N=1 this is [0] (start at sigma_max), not the 0/0 = NaN of the
-    plain formula, so that a single step is one Euler step from sigma_max to 0."""
-    if num_steps < 1:
-        raise ValueError(f'num_steps must be >= 1, got {num_steps}')
-    i = torch.arange(num_steps, dtype=torch.float64, device=device)
-    return i / (num_steps - 1) if num_steps > 1 else i
-
-
-def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7,
-                    device=None) -> torch.Tensor:
-    """EDM (Eq. 5): sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
-    f = step_fraction(num_steps, device)
-    return (sigma_max ** (1 / rho) + f * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-
-
-def vp_time_steps(num_steps: int, epsilon_s: float = 1e-3, device=None) -> torch.Tensor:
-    """VP (Song et al. 2021): t_i = 1 + i/(N-1) (epsilon_s - 1), uniform in t from 1 down to epsilon_s."""
-    return 1 + step_fraction(num_steps, device) * (epsilon_s - 1)
-
-
-def ve_sigma_steps(num_steps: int, sigma_min: float = 0.02, sigma_max: float = 100, device=None) -> torch.Tensor:
-    """VE (Song et al. 2021): t_i = sigma_max^2 (sigma_min^2/sigma_max^2)^(i/(N-1)) with sigma(t) = sqrt(t),
-    i.e. noise levels spaced geometrically."""
-    t = sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** step_fraction(num_steps, device)
-    return t.sqrt()
-
-
-def iddpm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 81, M: int = 1000,
-                      C_1: float = 0.001, C_2: float = 0.008, device=None) -> torch.Tensor:
-    """iDDPM/DDIM: N of the u_j inside [sigma_min, sigma_max], picked at evenly spaced indices.
-    (The default sigma_max=81 makes the first one u_8 = 80.2, i.e. j_0 = 8 as in the paper.)
-    Indices are rounded half-to-even like torch.round, matching the public implementation."""
-    u = iddpm_u(M, C_1, C_2, dtype=torch.float64, device=device)
-    u = u[(u >= sigma_min) & (u <= sigma_max)]
-    if len(u) == 0:
-        raise ValueError(f'no iDDPM noise level inside [sigma_min={sigma_min}, sigma_max={sigma_max}]')
-    index = ((len(u) - 1) * step_fraction(num_steps, device)).round().to(torch.int64)
-    return u[index]
-
-
-# ----------------------------------------------------------------------------
-# Noise schedules sigma(t) and scalings s(t) (Table 1). All functions take and return float64 tensors.
-
-
-def vp_betas(sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> tuple[float, float]:
-    """(beta_d, beta_min) such that vp_sigma(epsilon_s) = sigma_min and vp_sigma(1) = sigma_max; the VP
-    discretisation/schedule then spans exactly the requested noise range."""
-    log_min, log_max = math.log(sigma_min ** 2 + 1), math.log(sigma_max ** 2 + 1)
-    beta_d = 2 * (log_min / epsilon_s - log_max) / (epsilon_s - 1)
-    beta_min = log_max - 0.5 * beta_d
-    return beta_d, beta_min
-
-
-class Schedule(NamedTuple):
-    """sigma(t), its derivative and inverse; s(t) and its derivative."""
-    sigma: Callable
-    sigma_deriv: Callable
-    sigma_inv: Callable
-    s: Callable
-    s_deriv: Callable
-
-
-def make_schedule(schedule: str, scaling: str, beta_d: float = 19.9, beta_min: float = 0.1) -> Schedule:
-    if schedule == 'vp':
-        sigma = lambda t: vp_sigma(t, beta_d, beta_min)
-        sigma_deriv = lambda t: vp_sigma_deriv(t, beta_d, beta_min)
-        sigma_inv = lambda x: vp_sigma_inv(x, beta_d, beta_min)
-    elif schedule == 've':  # sigma(t) = sqrt(t)
-        sigma = lambda t: torch.as_tensor(t, dtype=torch.float64).sqrt()
-        sigma_deriv = lambda t: 0.5 / torch.as_tensor(t, dtype=torch.float64).sqrt()
-        sigma_inv = lambda x: torch.as_tensor(x, dtype=torch.float64) ** 2
-    elif schedule == 'linear':  # sigma(t) = t (EDM)
-        sigma = lambda t: torch.as_tensor(t, dtype=torch.float64)
-        sigma_deriv = lambda t: torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
-        sigma_inv = lambda x: torch.as_tensor(x, dtype=torch.float64)
-    else:
-        raise ValueError(f'unknown schedule {schedule!r}; expected vp|ve|linear')
-
-    if scaling == 'vp':  # s(t) = 1/sqrt(1 + sigma(t)^2), so that s(t) x has unit-ish variance
-        s = lambda t: 1 / (1 + sigma(t) ** 2).sqrt()
-        s_deriv = lambda t: -sigma(t) * sigma_deriv(t) * s(t) ** 3
-    elif scaling == 'none':
-        s = lambda t: torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
-        s_deriv = lambda t: torch.zeros_like(torch.as_tensor(t, dtype=torch.float64))
-    else:
-        raise ValueError(f'unknown scaling {scaling!r}; expected vp|none')
-    return Schedule(sigma, sigma_deriv, sigma_inv, s, s_deriv)
-
-
-def churn_gamma(sigma, num_steps: int, S_churn: float, S_min: float, S_max: float) -> float:
-    """gamma_i = min(S_churn/N, sqrt(2)-1) for S_min <= sigma_i <= S_max, else 0 (Algorithm 2)."""
-    return min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= float(sigma) <= S_max else 0.0
-
-
-def _noise_range(net, sigma_min: float, sigma_max: float) -> tuple[float, float]:
-    """Clamp the requested noise range to what the network supports."""
-    return max(sigma_min, float(net.sigma_min)), min(sigma_max, float(net.sigma_max))
-
-
-# ----------------------------------------------------------------------------
-# Samplers.
-
-
-def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
-                sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
-    """The paper's sampler (Algorithm 2; Algorithm 1 when S_churn=0). Returns float64 images.
-
-    Network evaluations: 2N-1 (Heun on every step except the last, which is an Euler step to sigma=0).
-    """
-    sigma_min, sigma_max = _noise_range(net, sigma_min, sigma_max)
-    t_steps = net.round_sigma(edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=latents.device))
-    t_steps = torch.as_tensor(t_steps, dtype=torch.float64)
-    t_steps = torch.cat([t_steps, t_steps.new_zeros(1)])  # t_N = 0
-
-    x_next = latents.to(torch.float64) * t_steps[0]
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):  # i = 0..N-1
-        x_cur = x_next
-
-        # Increase noise temporarily. Noise is drawn on every step whenever churn is on (even when
-        # gamma_i = 0) so the per-seed generators advance exactly as in the reference protocol.
-        gamma = churn_gamma(t_cur, num_steps, S_churn, S_min, S_max)
-        t_hat = torch.as_tensor(net.round_sigma(t_cur + gamma * t_cur), dtype=torch.float64)
-        x_hat = x_cur
-        if S_churn > 0:
-            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).clamp(min=0).sqrt() * S_noise * randn_like(x_cur)
-
-        # Euler step.
-        denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
-        d_cur = (x_hat - denoised) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
-
-        # 2nd-order correction (not on the last step: t_next = 0 would divide by zero).
-        if i < num_steps - 1:
-            denoised = net(x_next, t_next, class_labels).to(torch.float64)
-            d_prime = (x_next - denoised) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-    return x_next
-
-
-def ablation_sigma_steps(discretization: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7,
-                         epsilon_s: float = 1e-3, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000,
-                         device=None) -> torch.Tensor:
-    """Noise levels sigma_0..sigma_{N-1} of the chosen discretisation (before net.round_sigma)."""
-    if discretization == 'vp':
-        beta_d, beta_min = vp_betas(sigma_min, sigma_max, epsilon_s)
-        return vp_sigma(vp_time_steps(num_steps, epsilon_s, device), beta_d, beta_min)
-    if discretization == 've':
-        return ve_sigma_steps(num_steps, sigma_min, sigma_max, device)
-    if discretization == 'iddpm':
-        return iddpm_sigma_steps(num_steps, sigma_min, sigma_max, M, C_1, C_2, device)
-    if discretization == 'edm':
-        return edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device)
-    raise ValueError(f'unknown discretization {discretization!r}; expected vp|ve|iddpm|edm')
-
-
-# Default noise ranges per discretisation (Table 1); VP's follow from beta_d=19.9, beta_min=0.1, t in [eps_s, 1].
-def default_sigma_range(discretization: str, epsilon_s: float = 1e-3) -> tuple[float, float]:
-    return {
-        'vp': (float(vp_sigma(epsilon_s)), float(vp_sigma(1))),
-        've': (0.02, 100.0),
-        'iddpm': (0.002, 81.0),
-        'edm': (0.002, 80.0),
-    }[discretization]
-
-
-def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
-                     sigma_min=None, sigma_max=None, rho=7, solver='heun', discretization='edm',
-                     schedule='linear', scaling='none', epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1,
-                     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
-    """Generalised sampler of Table 1. Integrates the ODE (Eq. 4)
-        dx/dt = [sigma'(t)/sigma(t) + s'(t)/s(t)] x - sigma'(t) s(t)/sigma(t) D(x/s(t); sigma(t))
-    with Euler or 2nd-order Runge-Kutta (alpha=1: Heun), plus Algorithm 2's churn. Returns float64 images.
-    """
-    if solver not in ('euler', 'heun'):
-        raise ValueError(f'unknown solver {solver!r}; expected euler|heun')
-    if discretization not in ('vp', 've', 'iddpm', 'edm'):
-        raise ValueError(f'unknown discretization {discretization!r}; expected vp|ve|iddpm|edm')
-    if schedule not in ('vp', 've', 'linear'):
-        raise ValueError(f'unknown schedule {schedule!r}; expected vp|ve|linear')
-    if scaling not in ('vp', 'none'):
-        raise ValueError(f'unknown scaling {scaling!r}; expected vp|none')
-
-    default_min, default_max = default_sigma_range(discretization, epsilon_s)
-    sigma_min, sigma_max = _noise_range(net, default_min if sigma_min is None else sigma_min,
-                                        default_max if sigma_max is None else sigma_max)
-
-    # The VP schedule is re-fitted to the (clamped) noise range.
-    beta_d, beta_min = vp_betas(sigma_min, sigma_max, epsilon_s)
-    sigma, sigma_deriv, sigma_inv, s, s_deriv = make_schedule(schedule, scaling, beta_d, beta_min)
-
-    sigma_steps = ablation_sigma_steps(discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, C_1, C_2, M,
-                                       device=latents.device)
-    t_steps = sigma_inv(net.round_sigma(sigma_steps)).to(torch.float64)
-    t_steps = torch.cat([t_steps, t_steps.new_zeros(1)])  # t_N = 0
-
-    def ode_slope(x, t):  # dx/dt at (x, t); one network evaluation
-        denoised = net(x / s(t), sigma(t), class_labels).to(torch.float64)
-        return (sigma_deriv(t) / sigma(t) + s_deriv(t) / s(t)) * x - sigma_deriv(t) * s(t) / sigma(t) * denoised
-
-    x_next = latents.to(torch.float64) * (sigma(t_steps[0]) * s(t_steps[0]))
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):  # i = 0..N-1
-        x_cur = x_next
-
-        # Increase noise temporarily (drawn every step when churn is on; see edm_sampler).
-        gamma = churn_gamma(sigma(t_cur), num_steps, S_churn, S_min, S_max)
-        t_hat = sigma_inv(net.round_sigma(sigma(t_cur) + gamma * sigma(t_cur)))
-        x_hat = s(t_hat) / s(t_cur) * x_cur
-        if S_churn > 0:
-            x_hat = x_hat + ((sigma(t_hat) ** 2 - sigma(t_cur) ** 2).clamp(min=0).sqrt() * s(t_hat) * S_noise
-                             * randn_like(x_cur))
-
-        # Euler step.
-        h = t_next - t_hat
-        d_cur = ode_slope(x_hat, t_hat)
-        if solver == 'euler' or i == num_steps - 1:
-            x_next = x_hat + h * d_cur
-        else:  # 2nd-order Runge-Kutta: evaluate at t_hat + alpha h, then blend the slopes.
-            x_prime, t_prime = x_hat + alpha * h * d_cur, t_hat + alpha * h
-            d_prime = ode_slope(x_prime, t_prime)
-            x_next = x_hat + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
-    return x_next
-
-
-# ----------------------------------------------------------------------------
-# Random numbers and seeds.
-
-
-class StackedRandomGenerator:
-    """One torch.Generator per sample (seeded with seed % 2**32), so that every image depends only on its
-    own seed, whatever the batch size or the number of processes. A drop-in for torch.randn etc."""
-
-    def __init__(self, device, seeds: Sequence[int]):
-        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
-
-    def _check(self, size):
-        size = list(size)
-        if not size or size[0] != len(self.generators):
-            raise ValueError(f'leading dimension must equal the number of seeds ({len(self.generators)}), got {size}')
-        return size
-
-    def randn(self, size, **kwargs) -> torch.Tensor:
-        size = self._check(size)
-        return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
-
-    def randn_like(self, input: torch.Tensor) -> torch.Tensor:
-        return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
-
-    def randint(self, *args, size, **kwargs) -> torch.Tensor:
-        size = self._check(size)
-        return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
-
-
-# ----------------------------------------------------------------------------
-# Library entry point: sampling of this rank's share of the seeds.
-
-ABLATION_KWARGS = ('solver', 'discretization', 'schedule', 'scaling')
-SAMPLER_KWARGS = ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise') + ABLATION_KWARGS
-
-
-def seed_batches(seeds: Sequence[int], max_batch_size: int, world_size: int = 1) -> list[np.ndarray]:
-    """All batches, as the paper splits them: a multiple of world_size batches of <= max_batch_size seeds
-    (np.array_split: sizes differ by at most one, larger first, empties last). Rank r takes [r::world_size]."""
-    if len(seeds) == 0:
-        return [np.zeros([0], dtype=np.int64)] * world_size
-    num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
-    return np.array_split(np.asarray(seeds, dtype=np.int64), num_batches)
-
-
-def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] NCHW float -> uint8 NHWC on the CPU (the paper's mapping x*127.5+128, clipped, truncated)."""
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def generate_images(net, seeds: Sequence[int], max_batch_size: int = 64, class_idx: int | None = None,
-                    device=torch.device('cpu'), **sampler_kwargs) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (batch_seeds, uint8 images [N,H,W,C] on the CPU) for THIS rank's share of the seed batches.
-
-    sampler_kwargs use the CLI's names; None means "default". Any ablation option set (solver,
-    discretization, schedule, scaling) selects ablation_sampler, otherwise edm_sampler is used.
-    """
-    from torch_utils import distributed as dist
-
-    unknown = set(sampler_kwargs) - set(SAMPLER_KWARGS)
-    if unknown:
-        raise TypeError(f'unknown sampler options {sorted(unknown)}; expected some of {list(SAMPLER_KWARGS)}')
-    sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
-    sampler_fn = ablation_sampler if any(k in sampler_kwargs for k in ABLATION_KWARGS) else edm_sampler
-    if max_batch_size < 1:
-        raise ValueError(f'max_batch_size must be >= 1, got {max_batch_size}')
-    label_dim = int(net.label_dim)
-    if class_idx is not None and not 0 <= class_idx < label_dim:
-        raise ValueError(f'class {class_idx} is out of range: the network has '
-                         + (f'{label_dim} classes (0..{label_dim - 1})' if label_dim else 'no class labels'))
-    device = torch.device(device)
-
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    for batch_seeds in seed_batches(seeds, max_batch_size, world_size)[rank::world_size]:
-        batch_size = len(batch_seeds)
-        if batch_size == 0:
-            continue
-        rnd = StackedRandomGenerator(device, batch_seeds)
-        latents = rnd.randn([batch_size, net.img_channels, net.img_resolution, net.img_resolution], device=device)
-        class_labels = None
-        if label_dim:  # drawn even with a fixed class, so the noise stream matches the reference
-            class_labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[batch_size], device=device)]
-            if class_idx is not None:
-                class_labels[:, :] = 0
-                class_labels[:, class_idx] = 1
-        with torch.no_grad():
-            images = sampler_fn(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
-        yield [int(seed) for seed in batch_seeds], images_to_uint8(images)
-
+from dnnlib.util import parse_int_list  # noqa: F401 -- re-exported (the paper's generate.parse_int_list)
+from training.sampling import (  # noqa: F401 -- re-exported for scripts written against the paper's generate.py
+    SAMPLERS, StackedRandomGenerator, ablation_sampler, check_denoiser, edm_sampler, generate_images,
+    images_to_uint8, seed_batches)
 
 # ----------------------------------------------------------------------------
 # Output files.
 
 
 def save_png_atomic(image: np.ndarray, path: str) -> None:
-    """HWC uint8 -> PNG (grayscale as 'L'), written to a temporary name in the same folder, then renamed."""
+    """HWC uint8 -> PNG (grayscale as 'L'), written atomically."""
+    import dnnlib
     image = np.asarray(image)
     pil = PIL.Image.fromarray(image[:, :, 0], 'L') if image.shape[2] == 1 else PIL.Image.fromarray(image, 'RGB')
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f'.{name}.{os.getpid()}.tmp')
-    try:
-        pil.save(tmp, format='PNG')
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with dnnlib.util.atomic_write(path) as f:
+        pil.save(f, format='PNG')
 
 
 def image_path(outdir: str, seed: int, subdirs: bool) -> str:
@@ -389,43 +61,18 @@ def make_grid(images: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def load_net(network: str, device: torch.device, verbose: bool = True):
-    """Fetch (URLs through the dnnlib download cache) and load the 'ema' network. Raises ClickException."""
-    import dnnlib
+    """The CLI's network loader: persistence.load_network (URLs through the download cache) plus the
+    denoiser-interface check, with failures as one-line click errors."""
     from torch_utils import persistence
-
-    def first_line(e: BaseException) -> str:
-        text = str(e).strip()
-        return text.splitlines()[0] if text else type(e).__name__
-
-    path = network
-    if dnnlib.util.is_url(network, allow_file_urls=True):
-        try:
-            path = dnnlib.util.open_url(network, verbose=verbose, return_filename=True)
-        except (OSError, ValueError) as e:
-            raise click.ClickException(f'--network {network}: cannot fetch it ({first_line(e)})') from None
-    elif not os.path.isfile(network):
-        raise click.ClickException(f'--network {network}: no such file; pass a network pickle path or URL')
     try:
-        net = persistence.load_network(path, key='ema', device=device)
-    except ValueError as e:  # persistence.CheckpointError: already one line naming the file
-        raise click.ClickException(f'--network: {first_line(e)}') from None
-    except Exception as e:  # the checkpoint boundary: any failure becomes one line, not a traceback
-        raise click.ClickException(f'--network {network}: not a loadable network pickle ({first_line(e)})') from None
-    missing = [a for a in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma')
-               if not hasattr(net, a)]
-    if missing or not callable(net):
-        raise click.ClickException(f'--network {network}: the loaded object is not an EDM preconditioned network '
-                                   f'(missing {", ".join(missing) or "__call__"})')
+        net = persistence.load_network(network, key='ema', device=device, verbose=verbose)
+        check_denoiser(net, f'the "ema" object in {network}')
+    except ValueError as e:  # CheckpointError and the interface check: one line naming the file
+        raise click.ClickException(f'--network {e}') from None
+    except Exception as e:  # the checkpoint boundary: any other failure becomes one line, not a traceback
+        raise click.ClickException(f'--network {network}: not a loadable network pickle '
+                                   f'({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""})') from None
     return net
-
-
-def _all_ranks_ok(ok: bool, device: torch.device) -> bool:
-    """True iff every rank reports ok (so a failure on one rank stops all, instead of hanging a barrier)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
-    return ok
 
 
 def _parse_seeds(ctx, param, value):
@@ -440,6 +87,7 @@ def _parse_seeds(ctx, param, value):
 
 # Sampler options shared by generate.py and fid.py's `net` command (the paper's names and defaults).
 _SAMPLER_OPTIONS = [
+    click.option('--sampler', help='Sampler  [default: edm, or ablation when --solver/--disc/--schedule/--scaling is given]', metavar='|'.join(SAMPLERS), type=click.Choice(list(SAMPLERS))),
     click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True),
     click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True)),
     click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True)),
@@ -455,8 +103,33 @@ _SAMPLER_OPTIONS = [
 ]
 
 
+def sampler_kwargs_from_cli(ctx: click.Context, kwargs: dict) -> dict:
+    """The sampler options of a command line as generate_images kwargs (`sampler` plus its options).
+
+    Defaults the chosen sampler does not take are dropped; an option given explicitly that the sampler does
+    not take is a usage error (e.g. --S_churn with a sampler without churn)."""
+    from training.sampling import ABLATION_KWARGS, resolve_sampler, sampler_options_of
+    kwargs = dict(kwargs)
+    name = kwargs.pop('sampler', None)
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    explicit = {k for k in given if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    if name is None:
+        name = 'ablation' if explicit & set(ABLATION_KWARGS) else 'edm'
+    accepted = set(sampler_options_of(name))
+    given = {k: v for k, v in given.items() if k in accepted or k in explicit}
+    try:
+        name, given = resolve_sampler(name, given)
+    except (TypeError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    if given.get('sigma_min') is not None and given.get('sigma_max') is not None \
+            and given['sigma_min'] >= given['sigma_max']:
+        raise click.BadParameter('--sigma_min must be smaller than --sigma_max', param_hint='--sigma_min')
+    return dict(sampler=name, **given)
+
+
 def sampler_options(fn):
-    """Add the sampler's command-line options to a click command; they arrive as SAMPLER_KWARGS."""
+    """Add the sampler options to a click command; they arrive as keyword arguments of
+    training.sampling.generate_images (`sampler` plus that sampler's options, None = not given)."""
     for option in reversed(_SAMPLER_OPTIONS):
         fn = option(fn)
     return fn
@@ -488,9 +161,7 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, b
     from torch_utils import misc
 
     misc.set_malloc_thresholds()  # reuse activation buffers instead of page-faulting them in every step
-    if sampler_kwargs['sigma_min'] is not None and sampler_kwargs['sigma_max'] is not None \
-            and sampler_kwargs['sigma_min'] >= sampler_kwargs['sigma_max']:
-        raise click.BadParameter('--sigma_min must be smaller than --sigma_max', param_hint='--sigma_min')
+    sampler_kwargs = sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs)
 
     owns_process_group = not dist.is_initialized()  # e.g. fid.py or a test may have set one up already
     dist.init()
@@ -510,15 +181,8 @@ def _generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, gr
 
     # Rank 0 fetches the network first (filling the download cache); the others then read the cached copy.
     dist.print0(f'Loading network from "{network_pkl}"...')
-    net, error = None, None
-    for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
-            try:
-                net = load_net(network_pkl, device, verbose=(rank == 0))
-            except click.ClickException as e:
-                error = e
-        if not _all_ranks_ok(error is None, device):
-            raise error or click.ClickException('loading the network failed on another process')
+    net = dist.rank0_first(lambda: load_net(network_pkl, device, verbose=(rank == 0)),
+                           other_error=lambda: click.ClickException('loading the network failed on another process'))
     if bf16:
         net.use_bf16 = True  # the preconditioner runs its backbone in bfloat16; the sampler stays float64
 

@@ -9,7 +9,6 @@ checks them, names and creates the run folder, and starts training on every rank
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -18,7 +17,6 @@ import re
 import subprocess
 import sys
 import warnings
-import zipfile
 
 import click
 import torch
@@ -26,7 +24,8 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import training_loop
+from training import presets, training_loop
+from training.dataset import dataset_fingerprint
 
 # DDP reports a layout mismatch for the gradients of 1x1 convolutions; it copies them correctly anyway.
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
@@ -41,23 +40,8 @@ def parse_int_list(s):
         raise click.BadParameter(f'"{s}" is not a comma-separated list of integers (e.g. 2,2,2)') from None
 
 
-# Architecture presets (Table 7 of the paper; channel counts for CIFAR-10 / ImageNet-64).
-ARCH_PRESETS = {
-    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
-                   decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
-                   channel_mult=[2, 2, 2]),
-    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual',
-                   decoder_type='standard', channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
-                   channel_mult=[2, 2, 2]),
-    'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
-}
-
-# Preconditioning and the matching loss (Table 1).
-PRECOND_PRESETS = {
-    'vp': ('training.networks.VPPrecond', 'training.loss.VPLoss'),
-    've': ('training.networks.VEPrecond', 'training.loss.VELoss'),
-    'edm': ('training.networks.EDMPrecond', 'training.loss.EDMLoss'),
-}
+# The presets live in training/presets.py (benchmarks read them too); these names stay importable from here.
+ARCH_PRESETS, PRECOND_PRESETS = presets.ARCH_PRESETS, presets.PRECOND_PRESETS
 
 _STATE_RE = re.compile(r'training-state-(\d+)\.pt')
 
@@ -74,29 +58,6 @@ def find_resume_state(path: str) -> str:
         raise click.ClickException(f'--resume must point to a training-state-*.pt file or a run folder '
                                    f'from a previous training run; got "{path}"')
     return path
-
-
-def dataset_fingerprint(path: str) -> dict:
-    """A cheap content hash of the dataset: for a zip, sha256 over every member's name, size and CRC-32
-    (read from the central directory, no decompression); for a folder, over file names, sizes and the
-    bytes of dataset.json."""
-    h = hashlib.sha256()
-    if os.path.isfile(path) and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            for info in sorted(z.infolist(), key=lambda i: i.filename):
-                h.update(f'{info.filename}\0{info.file_size}\0{info.CRC:08x}\n'.encode())
-        method = 'sha256(zip names, sizes, crc32)'
-    else:
-        for root, _dirs, files in sorted(os.walk(path)):
-            for fname in sorted(files):
-                full = os.path.join(root, fname)
-                rel = os.path.relpath(full, path).replace(os.sep, '/')
-                h.update(f'{rel}\0{os.path.getsize(full)}\n'.encode())
-                if fname == 'dataset.json':
-                    with open(full, 'rb') as f:
-                        h.update(f.read())
-        method = 'sha256(file names, sizes, dataset.json)'
-    return dict(sha256=h.hexdigest(), method=method)
 
 
 def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict:
@@ -312,10 +273,8 @@ def _print_plan(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, world: int, precision
 def _create_run_dir(c: dnnlib.EasyDict) -> training_loop.Logger:
     """Rank 0: make the folder, record the options (atomically), and start teeing output into log.txt."""
     os.makedirs(c.run_dir, exist_ok=True)
-    tmp = os.path.join(c.run_dir, '.training_options.json.tmp')
-    with open(tmp, 'wt') as f:
+    with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
         json.dump(c, f, indent=2)
-    os.replace(tmp, os.path.join(c.run_dir, 'training_options.json'))
     return training_loop.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
 
 

@@ -25,21 +25,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from training import networks  # noqa: E402
+import dnnlib  # noqa: E402
+from training import networks, presets  # noqa: E402
 
-CONFIGS = {
-    # cifar10-32x32-cond-edm-ddpmpp (Table 7 of the paper), 55.7M parameters.
-    'ddpmpp': dict(img_resolution=32, img_channels=3, label_dim=10, augment_dim=9, model_type='SongUNet',
-                   embedding_type='positional', encoder_type='standard', decoder_type='standard',
-                   channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2]),
-    # cifar10 NCSN++ (VE architecture under EDM preconditioning), 56.4M parameters.
-    'ncsnpp': dict(img_resolution=32, img_channels=3, label_dim=0, augment_dim=9, model_type='SongUNet',
-                   embedding_type='fourier', encoder_type='residual', decoder_type='standard',
-                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
-    # imagenet-64x64-cond-adm, 296M parameters (slow on CPU: use a small batch).
-    'adm': dict(img_resolution=64, img_channels=3, label_dim=1000, model_type='DhariwalUNet',
-                model_channels=192, channel_mult=[1, 2, 3, 4]),
-}
+# Named networks from training/presets.py (EDMPrecond; the CIFAR-10 DDPM++/NCSN++ and ImageNet-64 ADM).
+CONFIGS = {'ddpmpp': 'ddpmpp-cifar10', 'ncsnpp': 'ncsnpp-cifar10', 'adm': 'adm-imagenet64'}
 
 class Variant:
     """One configuration to time; `setup`/`teardown` switch global options around each call."""
@@ -109,11 +99,11 @@ def main():
 
     torch.manual_seed(0)
     with networks.no_weight_init():
-        net = networks.EDMPrecond(**CONFIGS[args.config]).eval().requires_grad_(False)
+        net = dnnlib.util.construct_class_by_name(**presets.network_kwargs(CONFIGS[args.config])).eval().requires_grad_(False)
     with torch.no_grad():
         for t in net.parameters():
             t.normal_(0, 0.02)
-    kw = CONFIGS[args.config]
+    kw = presets.network_kwargs(CONFIGS[args.config])
     x = torch.randn(args.batch, kw['img_channels'], kw['img_resolution'], kw['img_resolution'])
     sigma = torch.full([args.batch], 1.0)
     labels = torch.eye(kw['label_dim'])[torch.randint(kw['label_dim'], [args.batch])] if kw['label_dim'] else None

@@ -26,21 +26,10 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import generate  # noqa: E402
+import dnnlib  # noqa: E402
+from training import presets, sampling  # noqa: E402
 
-# The paper's network configurations (constructor kwargs as in its training script).
-CONFIGS = {
-    'ddpmpp-cifar10': dict(precond='EDMPrecond', img_resolution=32, img_channels=3, label_dim=10, augment_dim=9,
-                           dropout=0.13, model_type='SongUNet', embedding_type='positional', encoder_type='standard',
-                           decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
-                           channel_mult=[2, 2, 2]),
-    'ncsnpp-cifar10': dict(precond='EDMPrecond', img_resolution=32, img_channels=3, label_dim=10, augment_dim=9,
-                           dropout=0.13, model_type='SongUNet', embedding_type='fourier', encoder_type='residual',
-                           decoder_type='standard', channel_mult_noise=2, resample_filter=[1, 3, 3, 1],
-                           model_channels=128, channel_mult=[2, 2, 2]),
-    'adm-imagenet64': dict(precond='EDMPrecond', img_resolution=64, img_channels=3, label_dim=1000, dropout=0.1,
-                           model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
-}
+CONFIGS = ('ddpmpp-cifar10', 'ncsnpp-cifar10', 'adm-imagenet64')  # named networks of training/presets.py
 
 
 class CountingNet(torch.nn.Module):
@@ -87,7 +76,7 @@ def flops_per_eval(net, latents, class_labels) -> float | None:
 
 
 @click.command()
-@click.option('--config', type=click.Choice(sorted(CONFIGS)), default='ddpmpp-cifar10', show_default=True)
+@click.option('--config', type=click.Choice(CONFIGS), default='ddpmpp-cifar10', show_default=True)
 @click.option('--kwargs', 'extra_kwargs', help='JSON overriding constructor kwargs', default='{}')
 @click.option('--device', default='cpu', show_default=True)
 @click.option('--batch', type=click.IntRange(min=1), default=8, show_default=True)
@@ -114,20 +103,20 @@ def main(config, extra_kwargs, device, batch, steps, S_churn, repeats, threads, 
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
-    kwargs = dict(CONFIGS[config], **json.loads(extra_kwargs))
-    precond = kwargs.pop('precond')
+    kwargs = presets.network_kwargs(config, **json.loads(extra_kwargs))
+    precond = kwargs['class_name'].rsplit('.', 1)[-1]
     if fp16:
         kwargs['use_fp16'] = True
     if bf16:
         kwargs['use_bf16'] = True
     torch.manual_seed(0)
-    net = CountingNet(getattr(networks, precond)(**kwargs).eval().requires_grad_(False).to(device))
+    net = CountingNet(dnnlib.util.construct_class_by_name(**kwargs).eval().requires_grad_(False).to(device))
     num_params = sum(p.numel() for p in net.parameters())
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     net.to(memory_format=memory_format)
 
     seeds = list(range(batch))
-    rnd = generate.StackedRandomGenerator(device, seeds)
+    rnd = sampling.StackedRandomGenerator(device, seeds)
     latents = rnd.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device)
     latents = latents.contiguous(memory_format=memory_format)
     class_labels = None
@@ -141,7 +130,7 @@ def main(config, extra_kwargs, device, batch, steps, S_churn, repeats, threads, 
         faults_start = _minor_faults()
         start, cpu_start = time.perf_counter(), time.process_time()
         with grad_ctx():
-            generate.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps, S_churn=S_churn)
+            sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps, S_churn=S_churn)
         sync(device)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         return seconds, cpu_seconds, _minor_faults() - faults_start, net.nfe

@@ -24,17 +24,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Named networks of training/presets.py and the batch each is timed at.
 CONFIGS = {
     # Paper: --arch=ddpmpp --precond=edm --cond=1 on CIFAR-10 (32x32, 10 classes), augment 0.12, dropout 0.13.
-    'ddpmpp-cifar10': dict(resolution=32, label_dim=10, batch=8, network_kwargs=dict(
-        class_name='training.networks.EDMPrecond', model_type='SongUNet', embedding_type='positional',
-        encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
-        model_channels=128, channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13, use_fp16=False)),
+    'ddpmpp-cifar10': dict(preset='ddpmpp-cifar10', batch=8),
     # Small: the same recipe with --cbase=32 --cres=1,2 on 16x16 images.
-    'small': dict(resolution=16, label_dim=10, batch=32, network_kwargs=dict(
-        class_name='training.networks.EDMPrecond', model_type='SongUNet', embedding_type='positional',
-        encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
-        model_channels=32, channel_mult=[1, 2], augment_dim=9, dropout=0.13, use_fp16=False)),
+    'small': dict(preset='small-16', batch=32),
 }
 
 
@@ -51,9 +46,10 @@ def run_one(name: str, batch: int, steps: int, warmup: int, threads: int) -> dic
     batch = batch or cfg['batch']
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     torch.manual_seed(0)
-    res, label_dim = cfg['resolution'], cfg['label_dim']
-    net = dnnlib.util.construct_class_by_name(**cfg['network_kwargs'], img_resolution=res, img_channels=3,
-                                              label_dim=label_dim).train().requires_grad_(True).to(device)
+    from training import presets
+    kwargs = presets.network_kwargs(cfg['preset'], use_fp16=False)
+    res, label_dim = kwargs['img_resolution'], kwargs['label_dim']
+    net = dnnlib.util.construct_class_by_name(**kwargs).train().requires_grad_(True).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     loss_fn = dnnlib.util.construct_class_by_name(class_name='training.loss.EDMLoss')
     augment_pipe = dnnlib.util.construct_class_by_name(class_name='training.augment.AugmentPipe', p=0.12,

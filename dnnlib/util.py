@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import io
 import os
+import pickle
 import re
 import tempfile
 import time
 import urllib.parse
 import urllib.request
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 # ----------------------------------------------------------------------------
 
@@ -66,6 +68,87 @@ def parse_int_list(s) -> list[int]:
         else:
             raise ValueError(f'{part.strip()!r} in {s!r} is not an integer or a range like 5-10')
     return result
+
+# ----------------------------------------------------------------------------
+# Atomic files: a reader never sees a half-written checkpoint, dataset, image or download.
+
+
+def _default_file_mode() -> int:
+    """0o666 minus the umask: what open() would create (mkstemp's own files are 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+class AtomicFile:
+    """A temporary file beside `path` (hidden, same folder, so the final rename stays on one file system).
+    `commit()` flushes, fsyncs and renames it over `path` with the usual permissions; `discard()` deletes it."""
+
+    def __init__(self, path: str | os.PathLike, mode: str = 'wb'):
+        if mode not in ('wb', 'w'):
+            raise ValueError(f'AtomicFile writes new files only (mode "wb" or "w"), got {mode!r}')
+        self.path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(self.path)}.', suffix='.tmp')
+        self.file = os.fdopen(fd, mode)
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.chmod(self.tmp, _default_file_mode())
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.file.close()
+        with contextlib.suppress(OSError):
+            os.remove(self.tmp)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = 'wb'):
+    """`with atomic_write(path) as f: torch.save(obj, f)`: `path` either keeps its old content or gets the
+    complete new one, also when the writer raises or the process is interrupted."""
+    af = AtomicFile(path, mode)
+    try:
+        yield af.file
+    except BaseException:
+        af.discard()
+        raise
+    af.commit()
+
+# ----------------------------------------------------------------------------
+# Restricted unpickling: the one unpickler for files we did not write (network and detector pickles,
+# the CIFAR-10 archive). Each caller passes its own allowlist.
+
+
+class DisallowedPickleError(pickle.UnpicklingError):
+    """The pickle references a global (class or function) that its allowlist does not admit."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves every global through `allow(module, name)`, which returns None to refuse,
+    True to import the named object as usual, or an object to use in its place (a safe stand-in).
+    Nothing outside the allowlist can be called while loading, so a crafted file cannot run code."""
+
+    def __init__(self, file, allow: Callable[[str, str], Any], what: str = 'pickle', **kwargs):
+        super().__init__(file, **kwargs)
+        self._allow, self._what = allow, what
+
+    def find_class(self, module: str, name: str):
+        found = self._allow(module, name)
+        if found is None or found is False:
+            raise DisallowedPickleError(f'refusing to load {module}.{name}, which is not allowed in a {self._what}')
+        return super().find_class(module, name) if found is True else found
+
+    def persistent_load(self, pid):
+        raise DisallowedPickleError(f'unexpected persistent id in a {self._what} (a torch.save archive inside a pickle?)')
+
+
+def allow_exactly(pairs) -> Callable[[str, str], Any]:
+    """An allowlist of exact (module, name) pairs, imported as usual."""
+    pairs = frozenset(pairs)
+    return lambda module, name: True if (module, name) in pairs else None
 
 # ----------------------------------------------------------------------------
 # Objects by name: the configuration names classes ('training.networks.EDMPrecond').
@@ -219,15 +302,8 @@ def open_url(url: str, cache_dir: Optional[str] = None, num_attempts: int = 10, 
     # Atomic write into the cache: a killed download never leaves a half file behind.
     if cache:
         os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix='.tmp-', suffix='.part')
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                f.write(data)
-            os.replace(tmp, cache_file)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_write(cache_file) as f:
+            f.write(data)
         if return_filename:
             return cache_file
     return io.BytesIO(data)

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import fid
+from training.dataset import dataset_fingerprint
 
 FEATURE_DIM = 8
 
@@ -159,7 +160,7 @@ def test_ref_then_calc_same_images_gives_zero(folders, detector_file, tmp_path):
     assert {'mu', 'sigma', 'num_images', 'dataset_sha256'} <= set(ref.files)
     assert ref['mu'].dtype == np.float64 and ref['mu'].shape == (FEATURE_DIM,)
     assert ref['sigma'].shape == (FEATURE_DIM, FEATURE_DIM) and int(ref['num_images']) == 40
-    assert str(ref['dataset_sha256']) == fid.dataset_sha256(str(folders.a)) and len(str(ref['dataset_sha256'])) == 64
+    assert str(ref['dataset_sha256']) == dataset_fingerprint(str(folders.a))['sha256'] and len(str(ref['dataset_sha256'])) == 64
     mu, sigma = direct_stats(direct_features(folders.a_images))
     np.testing.assert_allclose(ref['mu'], mu, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(ref['sigma'], sigma, rtol=1e-6, atol=1e-9)
@@ -416,7 +417,7 @@ def test_net_repeats_on_disjoint_seed_ranges(folders, detector_file, tmp_path, m
             yield batch, torch.from_numpy(np.stack([_fake_images(s) for s in batch]))  # [N,H,W,C] uint8
 
     import generate
-    monkeypatch.setattr(generate, 'generate_images', generate_images)
+    monkeypatch.setattr(fid, 'generate_images', generate_images)
     monkeypatch.setattr(generate, 'load_net', lambda path, device, verbose=True: torch.nn.Identity())
 
     dest = tmp_path / 'ref.npz'
@@ -425,7 +426,7 @@ def test_net_repeats_on_disjoint_seed_ranges(folders, detector_file, tmp_path, m
                    '--steps', 5, '--S_churn', 10, '--detector', detector_file])
     assert [c['seeds'] for c in calls] == [list(range(0, 20)), list(range(20, 40)), list(range(40, 60))]
     # generate.py's sampler options and defaults; no ablation option set, so the EDM sampler is used.
-    expected_kwargs = dict(num_steps=5, rho=7, S_churn=10.0, S_min=0, S_max=float('inf'), S_noise=1)
+    expected_kwargs = dict(sampler='edm', num_steps=5, rho=7, S_churn=10.0, S_min=0, S_max=float('inf'), S_noise=1)
     assert all(c['kwargs'] == expected_kwargs and c['max_batch_size'] == 8 for c in calls)
 
     ref_stats = direct_stats(direct_features(folders.a_images))

@@ -18,6 +18,7 @@ import torch
 from click.testing import CliRunner
 
 import generate
+from training import sampling
 from torch_utils import distributed as dist
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -74,29 +75,36 @@ def read_pngs(folder):
 def test_generate_images_batches_and_protocol():
     net = GaussianDenoiser(mu=torch.zeros([]), std=0.5, img_resolution=4)
     seeds = list(range(10, 17))
-    got = list(generate.generate_images(net, seeds, max_batch_size=3, num_steps=4))
+    got = list(sampling.generate_images(net, seeds, max_batch_size=3, num_steps=4))
     assert [s for batch, _ in got for s in batch] == seeds
     assert all(len(batch) <= 3 for batch, _ in got)
     for batch, images in got:
         assert images.dtype == torch.uint8 and images.shape == (len(batch), 4, 4, 3)
-        rnd = generate.StackedRandomGenerator('cpu', batch)
+        rnd = sampling.StackedRandomGenerator('cpu', batch)
         latents = rnd.randn([len(batch), 3, 4, 4])
-        ref = generate.images_to_uint8(generate.edm_sampler(net, latents, randn_like=rnd.randn_like, num_steps=4))
+        ref = sampling.images_to_uint8(sampling.edm_sampler(net, latents, randn_like=rnd.randn_like, num_steps=4))
         assert torch.equal(images, ref)
     # Each image depends only on its seed, not on the batching.
-    one_batch = torch.cat([img for _, img in generate.generate_images(net, seeds, max_batch_size=64, num_steps=4)])
+    one_batch = torch.cat([img for _, img in sampling.generate_images(net, seeds, max_batch_size=64, num_steps=4)])
     assert torch.equal(one_batch, torch.cat([img for _, img in got]))
 
 
 def test_generate_images_selects_sampler_and_ignores_none():
     net = GaussianDenoiser(mu=torch.zeros([]), std=0.5, img_resolution=2)
-    list(generate.generate_images(net, [0], num_steps=5, solver=None, sigma_min=None))
+    list(sampling.generate_images(net, [0], num_steps=5, solver=None, sigma_min=None))
     assert net.nfe == 2 * 5 - 1  # edm_sampler (Heun)
     net = GaussianDenoiser(mu=torch.zeros([]), std=0.5, img_resolution=2)
-    list(generate.generate_images(net, [0], num_steps=5, solver='euler'))
+    list(sampling.generate_images(net, [0], num_steps=5, solver='euler'))
     assert net.nfe == 5  # ablation_sampler (Euler)
-    with pytest.raises(TypeError):
-        list(generate.generate_images(net, [0], num_step=5))
+    with pytest.raises(TypeError, match='num_step'):
+        list(sampling.generate_images(net, [0], num_step=5))
+    net = GaussianDenoiser(mu=torch.zeros([]), std=0.5, img_resolution=2)
+    list(sampling.generate_images(net, [0], sampler='ablation', num_steps=5))
+    assert net.nfe == 2 * 5 - 1  # ablation_sampler by name, with its default solver (Heun)
+    with pytest.raises(TypeError, match="'edm' does not take solver"):
+        list(sampling.generate_images(net, [0], sampler='edm', solver='euler'))
+    with pytest.raises(ValueError, match='unknown sampler'):
+        list(sampling.generate_images(net, [0], sampler='nope'))
 
 
 def test_generate_images_class_labels():
@@ -108,15 +116,15 @@ def test_generate_images_class_labels():
             return super().forward(x, sigma)
 
     net = Recorder(mu=torch.zeros([]), std=0.5, img_resolution=2, label_dim=5)
-    list(generate.generate_images(net, [0, 1, 2], num_steps=1, class_idx=3))
+    list(sampling.generate_images(net, [0, 1, 2], num_steps=1, class_idx=3))
     assert torch.equal(seen[-1], torch.eye(5)[[3, 3, 3]])
-    list(generate.generate_images(net, [0, 1, 2], num_steps=1))  # random labels follow the seeds
-    rnd = generate.StackedRandomGenerator('cpu', [0, 1, 2])
+    list(sampling.generate_images(net, [0, 1, 2], num_steps=1))  # random labels follow the seeds
+    rnd = sampling.StackedRandomGenerator('cpu', [0, 1, 2])
     rnd.randn([3, 3, 2, 2])
     assert torch.equal(seen[-1], torch.eye(5)[rnd.randint(5, size=[3])])
     for bad in (5, -1):
         with pytest.raises(ValueError, match='out of range'):
-            list(generate.generate_images(net, [0], class_idx=bad))
+            list(sampling.generate_images(net, [0], class_idx=bad))
 
 
 @pytest.mark.parametrize('world_size,max_batch', [(2, 2), (3, 4), (4, 64)])
@@ -124,13 +132,13 @@ def test_generate_images_rank_shares(monkeypatch, world_size, max_batch):
     """Simulated ranks: shares are disjoint, cover every seed, and give the same images as one process."""
     net = GaussianDenoiser(mu=torch.zeros([]), std=0.5, img_resolution=2)
     seeds = list(range(11))
-    single = {s: img for batch, imgs in generate.generate_images(net, seeds, max_batch, num_steps=3)
+    single = {s: img for batch, imgs in sampling.generate_images(net, seeds, max_batch, num_steps=3)
               for s, img in zip(batch, imgs)}
     monkeypatch.setattr(dist, 'get_world_size', lambda: world_size)
     union = {}
     for rank in range(world_size):
         monkeypatch.setattr(dist, 'get_rank', lambda rank=rank: rank)
-        for batch, imgs in generate.generate_images(net, seeds, max_batch, num_steps=3):
+        for batch, imgs in sampling.generate_images(net, seeds, max_batch, num_steps=3):
             for s, img in zip(batch, imgs):
                 assert s not in union
                 union[s] = img
@@ -144,9 +152,9 @@ def test_generate_images_reproduces_golden(golden_dir, name):
     from test_samplers import _load_golden_net
     ref = torch.load(golden_dir / f'{name}.pt', weights_only=True)
     net = _load_golden_net(golden_dir, ref['net'])
-    (batch, images), = generate.generate_images(net, ref['seeds'], max_batch_size=64, **ref['kwargs'])
+    (batch, images), = sampling.generate_images(net, ref['seeds'], max_batch_size=64, **ref['kwargs'])
     assert batch == ref['seeds']
-    expected = generate.images_to_uint8(ref['output'])
+    expected = sampling.images_to_uint8(ref['output'])
     diff = (images.int() - expected.int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01  # only float noise at truncation boundaries
 
@@ -167,7 +175,7 @@ def test_cli_writes_pngs_and_grid(tmp_path, tiny_pkl):
     # The files hold exactly what the library API yields.
     from torch_utils import persistence
     net = persistence.load_network(str(tiny_pkl))
-    lib = {s: img.numpy() for b, im in generate.generate_images(net, range(5), 2, num_steps=3) for s, img in zip(b, im)}
+    lib = {s: img.numpy() for b, im in sampling.generate_images(net, range(5), 2, num_steps=3) for s, img in zip(b, im)}
     assert all(np.array_equal(imgs[s], lib[s]) for s in range(5))
     grid = np.array(PIL.Image.open(out / 'grid.png'))
     assert grid.shape == (2 * 8, 3 * 8, 3)  # 5 images -> 3 columns x 2 rows, row-major

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from training import loss as L
+from training import networks
 from training.augment import AugmentPipe
 
 
@@ -135,6 +136,8 @@ def test_vp_sigma_range_and_schedule():
     t = torch.tensor([eps, 0.1, 0.5, 1.0], dtype=torch.float64)
     expected = np.sqrt(np.exp(0.5 * beta_d * t.numpy() ** 2 + beta_min * t.numpy()) - 1)
     np.testing.assert_allclose(L.vp_sigma(t, beta_d, beta_min).numpy(), expected, rtol=1e-12)
+    # loss.py keeps its own copy of the formula (it may not import training.networks): the two agree.
+    assert torch.equal(L.vp_sigma(t, 18.0, 0.2), networks.vp_sigma(t, 18.0, 0.2))
     assert L.vp_t_from_uniform(0.0, eps) == 1 and L.vp_t_from_uniform(1.0, eps) == pytest.approx(eps)
     sigma = drawn_sigmas(L.VPLoss(beta_d, beta_min, eps))
     lo, hi = L.vp_sigma(torch.tensor(eps, dtype=torch.float64)), L.vp_sigma(torch.tensor(1.0, dtype=torch.float64))

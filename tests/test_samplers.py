@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+import dnnlib
 import generate
+from training import sampling
 
 # ----------------------------------------------------------------------------
 # An exactly solvable problem: data ~ N(mu, std^2) per pixel. The ideal denoiser is
@@ -66,8 +68,8 @@ def problem():
 
 
 def first_sigma(discretization, num_steps, epsilon_s=1e-3):
-    lo, hi = generate.default_sigma_range(discretization, epsilon_s)
-    return float(generate.ablation_sigma_steps(discretization, num_steps, lo, hi)[0])
+    lo, hi = sampling.default_sigma_range(discretization, epsilon_s)
+    return float(sampling.ablation_sigma_steps(discretization, num_steps, lo, hi)[0])
 
 
 def rel_error(out, ref):
@@ -80,11 +82,11 @@ def convergence_ratios(mu, std, z, steps, **kwargs):
     for n in steps:
         disc = kwargs.get('discretization', 'edm')
         eps = kwargs.get('epsilon_s', 1e-3)
-        lo, hi = generate.default_sigma_range(disc, eps)
+        lo, hi = sampling.default_sigma_range(disc, eps)
         lo = kwargs.get('sigma_min', lo)
-        sigmas = generate.ablation_sigma_steps(disc, n, lo, hi, epsilon_s=eps)
+        sigmas = sampling.ablation_sigma_steps(disc, n, lo, hi, epsilon_s=eps)
         linear = kwargs.get('schedule', 'linear') == 'linear' and kwargs.get('scaling', 'none') == 'none'
-        out = generate.ablation_sampler(GaussianDenoiser(mu, std), z, num_steps=n, **kwargs)
+        out = sampling.ablation_sampler(GaussianDenoiser(mu, std), z, num_steps=n, **kwargs)
         errors.append(rel_error(out, expected_output(mu, std, z, sigmas, linear)))
     return errors, [a / b for a, b in zip(errors, errors[1:])]
 
@@ -103,8 +105,8 @@ def test_edm_sampler_heun_is_second_order(problem):
     mu, std, z = problem
     errors = []
     for n in (16, 32, 64):
-        out = generate.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=n)
-        errors.append(rel_error(out, expected_output(mu, std, z, generate.edm_sigma_steps(n), True)))
+        out = sampling.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=n)
+        errors.append(rel_error(out, expected_output(mu, std, z, sampling.edm_sigma_steps(n), True)))
     ratios = [a / b for a, b in zip(errors, errors[1:])]
     assert errors[-1] < 1e-2
     assert all(3.2 < r < 5.5 for r in ratios), (errors, ratios)  # 2nd order: error / 4 per doubling
@@ -125,9 +127,9 @@ def test_ablation_matches_edm_sampler_for_edm_settings(problem):
     mu, std, z = problem
     for kwargs in (dict(), dict(S_churn=20, S_min=0.1, S_max=20, S_noise=1.01)):
         g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-        a = generate.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=7,
+        a = sampling.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=7,
                                  randn_like=lambda x: torch.randn(x.shape, generator=g1, dtype=x.dtype), **kwargs)
-        b = generate.ablation_sampler(GaussianDenoiser(mu, std), z, num_steps=7,
+        b = sampling.ablation_sampler(GaussianDenoiser(mu, std), z, num_steps=7,
                                       randn_like=lambda x: torch.randn(x.shape, generator=g2, dtype=x.dtype), **kwargs)
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -148,14 +150,14 @@ def test_heun_alpha_generalisation_is_second_order(problem):
 def test_single_step_is_one_euler_step_to_the_denoised_image(problem):
     mu, std, z = problem
     net = GaussianDenoiser(mu, std)
-    out = generate.edm_sampler(net, z, num_steps=1)
+    out = sampling.edm_sampler(net, z, num_steps=1)
     expected = net(80.0 * z, torch.tensor(80.0, dtype=torch.float64))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     for disc in ('vp', 've', 'iddpm', 'edm'):
         for solver in ('euler', 'heun'):
             net = GaussianDenoiser(mu, std)
-            out = generate.ablation_sampler(net, z, num_steps=1, solver=solver, discretization=disc)
+            out = sampling.ablation_sampler(net, z, num_steps=1, solver=solver, discretization=disc)
             assert torch.isfinite(out).all() and net.nfe == 1, (disc, solver)
             assert net.sigmas == [pytest.approx(first_sigma(disc, 1))]
 
@@ -164,22 +166,22 @@ def test_single_step_is_one_euler_step_to_the_denoised_image(problem):
 def test_nfe(problem, n):
     mu, std, z = problem
     net = GaussianDenoiser(mu, std)
-    generate.edm_sampler(net, z, num_steps=n)
+    sampling.edm_sampler(net, z, num_steps=n)
     assert net.nfe == 2 * n - 1
     net = GaussianDenoiser(mu, std)
-    generate.ablation_sampler(net, z, num_steps=n, solver='heun')
+    sampling.ablation_sampler(net, z, num_steps=n, solver='heun')
     assert net.nfe == 2 * n - 1
     net = GaussianDenoiser(mu, std)
-    generate.ablation_sampler(net, z, num_steps=n, solver='euler')
+    sampling.ablation_sampler(net, z, num_steps=n, solver='euler')
     assert net.nfe == n
 
 
 def test_edm_sampler_uses_clamped_and_rounded_sigmas(problem):
     mu, std, z = problem
     net = GaussianDenoiser(mu, std, sigma_min=0.05, sigma_max=10.0, round_to=0.01)
-    out = generate.edm_sampler(net, z, num_steps=6)
+    out = sampling.edm_sampler(net, z, num_steps=6)
     assert out.dtype == torch.float64
-    expected = net.round_sigma(generate.edm_sigma_steps(6, 0.05, 10.0, 7)).tolist()
+    expected = net.round_sigma(sampling.edm_sigma_steps(6, 0.05, 10.0, 7)).tolist()
     assert net.sigmas[0] == pytest.approx(10.0) and min(net.sigmas) == pytest.approx(0.05)
     assert sorted(set(round(s, 9) for s in net.sigmas), reverse=True) == pytest.approx(expected)
 
@@ -193,15 +195,15 @@ def test_stochastic_sampling_noise_protocol(problem):
         calls.append(x.dtype)
         return torch.ones_like(x)
 
-    det = generate.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=6, randn_like=randn_like)
+    det = sampling.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=6, randn_like=randn_like)
     assert calls == []
-    sto = generate.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=6, randn_like=randn_like,
+    sto = sampling.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=6, randn_like=randn_like,
                                S_churn=10, S_min=0.5, S_max=5)
     assert calls == [torch.float64] * 6
     assert not torch.allclose(det, sto)
     net = GaussianDenoiser(mu, std)
-    generate.edm_sampler(net, z, num_steps=6, randn_like=randn_like, S_churn=10, S_min=0.5, S_max=5)
-    steps = generate.edm_sigma_steps(6).tolist()
+    sampling.edm_sampler(net, z, num_steps=6, randn_like=randn_like, S_churn=10, S_min=0.5, S_max=5)
+    steps = sampling.edm_sigma_steps(6).tolist()
     gamma = min(10 / 6, math.sqrt(2) - 1)
     # Euler evaluations happen at t_hat = t_i (1 + gamma_i); only steps inside [S_min, S_max] are raised.
     euler_sigmas = net.sigmas[0::2]
@@ -210,19 +212,19 @@ def test_stochastic_sampling_noise_protocol(problem):
 
 
 def test_churn_gamma():
-    assert generate.churn_gamma(1.0, 10, 40, 0.05, 50) == pytest.approx(math.sqrt(2) - 1)  # capped
-    assert generate.churn_gamma(1.0, 10, 2, 0.05, 50) == pytest.approx(0.2)
-    assert generate.churn_gamma(60.0, 10, 40, 0.05, 50) == 0
-    assert generate.churn_gamma(0.01, 10, 40, 0.05, 50) == 0
+    assert sampling.churn_gamma(1.0, 10, 40, 0.05, 50) == pytest.approx(math.sqrt(2) - 1)  # capped
+    assert sampling.churn_gamma(1.0, 10, 2, 0.05, 50) == pytest.approx(0.2)
+    assert sampling.churn_gamma(60.0, 10, 40, 0.05, 50) == 0
+    assert sampling.churn_gamma(0.01, 10, 40, 0.05, 50) == 0
 
 
 def test_bad_sampler_options_raise(problem):
     mu, std, z = problem
     for bad in (dict(solver='rk4'), dict(discretization='cosine'), dict(schedule='exp'), dict(scaling='ve')):
         with pytest.raises(ValueError):
-            generate.ablation_sampler(GaussianDenoiser(mu, std), z, **bad)
+            sampling.ablation_sampler(GaussianDenoiser(mu, std), z, **bad)
     with pytest.raises(ValueError):
-        generate.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=0)
+        sampling.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=0)
 
 
 # ----------------------------------------------------------------------------
@@ -230,41 +232,41 @@ def test_bad_sampler_options_raise(problem):
 
 
 def test_edm_sigma_steps():
-    s = generate.edm_sigma_steps(18, 0.002, 80, 7)
+    s = sampling.edm_sigma_steps(18, 0.002, 80, 7)
     assert s.dtype == torch.float64 and len(s) == 18
     assert float(s[0]) == pytest.approx(80) and float(s[-1]) == pytest.approx(0.002)
     assert bool((s[1:] < s[:-1]).all())
     # Uniform in sigma^(1/rho).
     d = np.diff(s.numpy() ** (1 / 7))
     assert np.allclose(d, d[0])
-    assert generate.edm_sigma_steps(1, 0.002, 80, 7).tolist() == [pytest.approx(80)]
+    assert sampling.edm_sigma_steps(1, 0.002, 80, 7).tolist() == [pytest.approx(80)]
 
 
 def test_vp_schedule_functions():
     t = torch.linspace(1e-3, 1, 50, dtype=torch.float64)
-    beta_d, beta_min = generate.vp_betas(float(generate.vp_sigma(1e-3)), float(generate.vp_sigma(1)), 1e-3)
+    beta_d, beta_min = sampling.vp_betas(float(sampling.vp_sigma(1e-3)), float(sampling.vp_sigma(1)), 1e-3)
     assert beta_d == pytest.approx(19.9) and beta_min == pytest.approx(0.1)
-    sigma = generate.vp_sigma(t)
-    torch.testing.assert_close(generate.vp_sigma_inv(sigma), t)
+    sigma = sampling.vp_sigma(t)
+    torch.testing.assert_close(sampling.vp_sigma_inv(sigma), t)
     h = 1e-6
-    fd = (generate.vp_sigma(t + h) - generate.vp_sigma(t - h)) / (2 * h)
-    torch.testing.assert_close(generate.vp_sigma_deriv(t), fd, rtol=1e-6, atol=1e-6)
-    bd, bm = generate.vp_betas(0.01, 50.0, 1e-3)
-    assert float(generate.vp_sigma(1e-3, bd, bm)) == pytest.approx(0.01)
-    assert float(generate.vp_sigma(1.0, bd, bm)) == pytest.approx(50.0)
-    steps = generate.vp_time_steps(5, 1e-3)
+    fd = (sampling.vp_sigma(t + h) - sampling.vp_sigma(t - h)) / (2 * h)
+    torch.testing.assert_close(sampling.vp_sigma_deriv(t), fd, rtol=1e-6, atol=1e-6)
+    bd, bm = sampling.vp_betas(0.01, 50.0, 1e-3)
+    assert float(sampling.vp_sigma(1e-3, bd, bm)) == pytest.approx(0.01)
+    assert float(sampling.vp_sigma(1.0, bd, bm)) == pytest.approx(50.0)
+    steps = sampling.vp_time_steps(5, 1e-3)
     assert steps.tolist() == pytest.approx([1, 0.75025, 0.5005, 0.25075, 1e-3])
 
 
 def test_ve_and_iddpm_steps():
-    s = generate.ve_sigma_steps(10, 0.02, 100)
+    s = sampling.ve_sigma_steps(10, 0.02, 100)
     assert float(s[0]) == pytest.approx(100) and float(s[-1]) == pytest.approx(0.02)
     assert np.allclose(np.diff(np.log(s.numpy())), np.log(0.02 / 100) / 9)  # geometric
-    u = generate.iddpm_u(dtype=torch.float64)  # the sampler works in float64
+    u = sampling.iddpm_u(dtype=torch.float64)  # the sampler works in float64
     assert len(u) == 1001 and float(u[-1]) == 0 and bool((u[1:] < u[:-1]).all())
     # The paper's j_0 = 8 follows from sigma_max = 81: u_8 = 80.2 is the first level below it.
     assert float(u[8]) == pytest.approx(80.2037, abs=1e-3) and float(u[7]) > 81
-    steps = generate.iddpm_sigma_steps(12, 0.002, 81)
+    steps = sampling.iddpm_sigma_steps(12, 0.002, 81)
     assert float(steps[0]) == float(u[8]) and float(steps[-1]) == float(u[999])
     assert all(any(abs(float(x) - float(v)) < 1e-12 for v in u) for x in steps)  # every step is a u_j
 
@@ -275,14 +277,14 @@ def test_ve_and_iddpm_steps():
 
 def test_stacked_random_generator_protocol():
     seeds = [0, 7, 2 ** 32 + 7, 123456]
-    rnd = generate.StackedRandomGenerator('cpu', seeds)
+    rnd = sampling.StackedRandomGenerator('cpu', seeds)
     x = rnd.randn([4, 3, 2, 2])
     for k, seed in enumerate(seeds):
         ref = torch.randn([3, 2, 2], generator=torch.Generator().manual_seed(seed % 2 ** 32))
         assert torch.equal(x[k], ref)
     assert torch.equal(x[1], x[2])  # seeds are taken modulo 2**32
     # A sample depends only on its own seed, not on the batch it is in.
-    alone = generate.StackedRandomGenerator('cpu', [123456]).randn([1, 3, 2, 2])
+    alone = sampling.StackedRandomGenerator('cpu', [123456]).randn([1, 3, 2, 2])
     assert torch.equal(alone[0], x[3])
     y = rnd.randn_like(torch.zeros([4, 5], dtype=torch.float64))
     assert y.dtype == torch.float64 and y.shape == (4, 5)
@@ -290,6 +292,13 @@ def test_stacked_random_generator_protocol():
     assert labels.shape == (4,) and labels.dtype == torch.int64 and bool(((labels >= 0) & (labels < 10)).all())
     with pytest.raises(ValueError):
         rnd.randn([3, 2])
+
+
+def test_generate_keeps_the_papers_import_names():
+    # Users and the paper's examples import these from generate.py; they are the library's objects.
+    for name in ('edm_sampler', 'ablation_sampler', 'StackedRandomGenerator', 'generate_images'):
+        assert getattr(generate, name) is getattr(sampling, name)
+    assert generate.parse_int_list is dnnlib.util.parse_int_list
 
 
 def test_parse_int_list():
@@ -306,7 +315,7 @@ def test_parse_int_list():
                                                    (0, 8, 2)])
 def test_seed_batches_partition(num_seeds, batch, world):
     seeds = list(range(1000, 1000 + num_seeds))
-    batches = generate.seed_batches(seeds, batch, world)
+    batches = sampling.seed_batches(seeds, batch, world)
     assert len(batches) % world == 0
     assert all(len(b) <= batch for b in batches)
     shares = [np.concatenate(batches[r::world]) for r in range(world)]
@@ -319,10 +328,10 @@ def test_seed_batches_partition(num_seeds, batch, world):
 
 def test_seed_batches_follow_the_paper_split():
     # num_batches = ((100-1)//(16*2)+1)*2 = 8, np.array_split: sizes 13,13,13,13,12,12,12,12.
-    batches = generate.seed_batches(list(range(100)), 16, 2)
+    batches = sampling.seed_batches(list(range(100)), 16, 2)
     assert [len(b) for b in batches] == [13] * 4 + [12] * 4
     assert batches[1].tolist() == list(range(13, 26))
-    assert [len(b) for b in generate.seed_batches(list(range(5)), 4, 3)] == [2, 2, 1]
+    assert [len(b) for b in sampling.seed_batches(list(range(5)), 4, 3)] == [2, 2, 1]
 
 
 # ----------------------------------------------------------------------------
@@ -351,7 +360,7 @@ def test_sampler_golden(golden_dir, name):
     ref = torch.load(golden_dir / f'{name}.pt', weights_only=True)
     net = _load_golden_net(golden_dir, ref['net'])
     seeds = ref['seeds']
-    rnd = generate.StackedRandomGenerator('cpu', seeds)
+    rnd = sampling.StackedRandomGenerator('cpu', seeds)
     latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
     class_labels = torch.eye(net.label_dim)[rnd.randint(net.label_dim, size=[len(seeds)])] if net.label_dim else None
     assert torch.equal(latents, ref['latents'])

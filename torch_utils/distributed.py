@@ -74,6 +74,32 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_ranks_ok(ok: bool) -> bool:
+    """True iff every rank reports ok: a collective, so all ranks learn of a failure on any one of them
+    (instead of the others waiting in the next collective until its timeout)."""
+    if get_world_size() == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=default_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def rank0_first(fn, other_error=lambda: RuntimeError('failed on another process; see its message')):
+    """Run fn() on rank 0 first, then on the other ranks (rank 0 fills download caches the others then
+    read). If fn raises on any rank, every rank raises: the failing ranks their own exception, the others
+    `other_error()`. Returns fn()'s result."""
+    result, error = None, None
+    for turn in (0, 1):
+        if (get_rank() == 0) == (turn == 0):
+            try:
+                result = fn()
+            except Exception as e:  # re-raised below, after every rank has heard of it
+                error = e
+        if not all_ranks_ok(error is None):
+            raise error if error is not None else other_error()
+    return result
+
+
 def shutdown() -> None:
     if is_initialized():
         dist.destroy_process_group()

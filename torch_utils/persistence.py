@@ -8,13 +8,16 @@ the paper's layout: each object reduces to
 so `network-snapshot-*.pkl` files written here load in the paper's code and vice versa.
 
 Reading: the paper's loader executes `module_src`, i.e. arbitrary code from the file. We never do.
-`load_network_pkl` uses a restricted unpickler that admits only tensor/storage rebuilders, plain
-containers and our own classes (`training.networks|loss|augment`), and rebuilds every persistent
-object from its class name + constructor kwargs + the tensors found in its state.
+`load_network_pkl` uses a restricted unpickler (dnnlib.util.RestrictedUnpickler) that admits only
+tensor/storage rebuilders and plain containers, and rebuilds every persistent object from its class
+name + constructor kwargs + the tensors found in its state. The class comes from the registry that
+`@persistent_class` fills; only classes defined in this library's packages (LIBRARY_PACKAGES) qualify,
+so a new network family in its own module loads without changes here.
 
 We also offer a code-free format ('edm-plain-v1': a `torch.save` zip of class names, JSON kwargs and
-state_dicts) that loads with `torch.load(weights_only=True)`: `save_network_plain` / `load_network_pkl`
-(which detects the format) / `load_network_plain`.
+state_dicts) that loads with `torch.load(weights_only=True)`, for sites whose policy forbids pickles:
+`save_network_plain` writes it, `load_network_pkl`/`load_network` (and so every CLI) detect and read it,
+`load_network_plain` reads only it. The README shows the one-line conversion.
 
 Any corrupt, truncated, foreign or disallowed file raises `CheckpointError` (a `ValueError`) with a
 one-line message naming the file.
@@ -27,24 +30,28 @@ import contextlib
 import copy
 import functools
 import importlib
+import importlib.util
 import inspect
 import io
 import json
 import os
 import pickle
 import sys
-import tempfile
 from typing import Any
 
 import torch
 
+import dnnlib
+
 _version = 6                 # Record version of the paper's layout; its loader rejects any other value.
 PLAIN_FORMAT = 'edm-plain-v1'
 
-# Modules whose persistent classes may be rebuilt from a checkpoint (imported lazily, by name).
-SAFE_MODULES = ('training.networks', 'training.loss', 'training.augment')
+# Packages of this library. The safe loader rebuilds a persistent class only if the module that defines it
+# lies in one of them (any module there that decorates its classes, e.g. training/networks_edm2.py); classes
+# defined anywhere else (user scripts, tests, other projects) are refused.
+LIBRARY_PACKAGES = ('training', 'torch_utils')
 
-_persistent_classes: list[type] = []  # Classes produced by @persistent_class, oldest first.
+_persistent_classes: list[type] = []  # The registry: classes produced by @persistent_class, oldest first.
 
 class CheckpointError(ValueError):
     """A checkpoint could not be loaded; the message is one line and names the file."""
@@ -57,14 +64,6 @@ class CheckpointError(ValueError):
 # part of the pickled state, and the paper's code reads them) and pickle as a call to
 # `_reconstruct_persistent_obj(record)`. The record also embeds the defining module's source text, because
 # the paper's loader rebuilds classes from it; our loader only uses it to tell apart same-named classes.
-
-def _easydict_class() -> type:
-    """dnnlib.EasyDict when the dnnlib package is importable, else plain dict."""
-    try:
-        import dnnlib
-    except ImportError:
-        return dict
-    return dnnlib.EasyDict
 
 @functools.lru_cache(maxsize=None)
 def _source_of_module(module_name: str) -> str | None:
@@ -99,7 +98,7 @@ def _init_args_copy(self) -> tuple:
 
 def _init_kwargs_copy(self) -> dict:
     """Keyword constructor arguments as an EasyDict (a copy, safe to modify)."""
-    return _easydict_class()(copy.deepcopy(self._init_kwargs))
+    return dnnlib.EasyDict(copy.deepcopy(self._init_kwargs))
 
 def persistent_class(orig_class: type) -> type:
     """Class decorator: instances remember `init_args`/`init_kwargs` and pickle in the paper's layout."""
@@ -137,30 +136,53 @@ def is_persistent(obj: Any) -> bool:
 # Reading side, shared by pickle.load, copy.deepcopy and the safe loader. Classes are only ever taken from
 # modules that are already imported or importable by name; module_src is never executed.
 
-def _class_for_meta(class_name: str, module_src: str | None, allowed_modules) -> type | None:
-    # 1) Exact source match with a module we already imported (our own pickles / deepcopy).
-    if module_src:
-        for cls in reversed(_persistent_classes):
-            module_name, name = _origin(cls)
-            if name == class_name and _source_of_module(module_name) == module_src:
-                if allowed_modules is None or module_name in allowed_modules:
-                    return cls
-    # 2) By name in the allowed modules (the paper's pickles carry the paper's source).
-    for module_name in (SAFE_MODULES if allowed_modules is None else allowed_modules):
+def is_library_class(cls: type) -> bool:
+    """A persistent class defined in one of this library's packages (what the safe loader may build)."""
+    return is_persistent(cls) and _origin(cls)[0].split('.')[0] in LIBRARY_PACKAGES
+
+@functools.lru_cache(maxsize=None)
+def _import_library_modules() -> None:
+    """Import every module of the library packages that decorates classes, so the registry knows all of
+    them (a checkpoint names classes, not modules). Modules are chosen by reading their source first, so
+    unrelated modules are not imported."""
+    import pkgutil
+    for package_name in LIBRARY_PACKAGES:
         try:
-            module = importlib.import_module(module_name)
+            package = importlib.import_module(package_name)
         except ImportError:
             continue
-        cls = getattr(module, class_name, None)
-        if isinstance(cls, type) and cls in _persistent_classes:
-            return cls
-    # 3) Unrestricted path only (deepcopy / plain pickle.load of classes whose source is unavailable,
-    #    e.g. defined interactively): any already-defined persistent class of that name.
-    if allowed_modules is None:
-        for cls in reversed(_persistent_classes):
-            if _origin(cls)[1] == class_name:
+        for info in pkgutil.iter_modules(package.__path__, prefix=package_name + '.'):
+            spec = importlib.util.find_spec(info.name)
+            try:
+                with open(spec.origin, encoding='utf-8') as f:
+                    if 'persistent_class' not in f.read():
+                        continue
+            except (OSError, TypeError):
+                continue
+            if info.name != __name__:
+                importlib.import_module(info.name)
+
+def _source_affinity(cls: type, module_src: str) -> int:
+    """How many persistent classes of `cls`'s module are defined in `module_src` (tells apart same-named
+    classes of different families when a checkpoint carries someone else's source)."""
+    module_name = _origin(cls)[0]
+    return sum(f'class {_origin(c)[1]}' in module_src for c in _persistent_classes if _origin(c)[0] == module_name)
+
+def _class_for_meta(class_name: str, module_src: str | None, library_only: bool) -> type | None:
+    """The registered class a persistent-object record stands for, or None."""
+    candidates = [c for c in reversed(_persistent_classes) if _origin(c)[1] == class_name
+                  and (not library_only or is_library_class(c))]
+    if library_only and not candidates:
+        _import_library_modules()
+        candidates = [c for c in reversed(_persistent_classes) if _origin(c)[1] == class_name and is_library_class(c)]
+    if not candidates:
+        return None
+    if module_src:
+        for cls in candidates:  # our own pickles and deepcopies carry our source
+            if _source_of_module(_origin(cls)[0]) == module_src:
                 return cls
-    return None
+        return max(candidates, key=lambda c: _source_affinity(c, module_src))  # stable: newest first on ties
+    return candidates[0]
 
 def _restore_state(obj: Any, state: dict) -> None:
     """Put pickled attributes back, through the class's __setstate__ when it has one (nn.Module's fills
@@ -177,10 +199,12 @@ def _reconstruct_persistent_obj(meta: dict) -> Any:
     if record.get('type') != 'class':
         raise pickle.UnpicklingError(f'unsupported persistent object type {record.get("type")!r}')
     class_name = record.get('class_name')
-    cls = _class_for_meta(class_name, record.get('module_src'), allowed_modules=None)
+    cls = _class_for_meta(class_name, record.get('module_src'), library_only=False)
     if cls is None:
-        raise pickle.UnpicklingError(f'no known persistent class named {class_name!r} '
-                                     f'(allowed modules: {", ".join(SAFE_MODULES)})')
+        _import_library_modules()
+        cls = _class_for_meta(class_name, record.get('module_src'), library_only=False)
+    if cls is None:
+        raise pickle.UnpicklingError(f'no known persistent class named {class_name!r}')
     obj = cls.__new__(cls)
     _restore_state(obj, record.get('state') or {})
     return obj
@@ -225,44 +249,37 @@ def _safe_latin1_encode(text, encoding='utf-8'):
 
 _CONTAINER_CLASSES = ('ModuleDict', 'ModuleList', 'Sequential', 'ParameterDict', 'ParameterList', 'Identity')
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
-            return _PersistentStub
-        if module == 'torch._utils' and name in ('_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_tensor_v3',
-                                                 '_rebuild_parameter', '_rebuild_parameter_with_state'):
-            return getattr(torch._utils, name)
-        if (module, name) == ('torch.storage', '_load_from_bytes'):
-            return _safe_load_from_bytes
-        if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module, name) in (('torch', 'Size'), ('torch', 'device')):
-            return getattr(torch, name)
-        if module.startswith('torch.nn.modules.') and name in _CONTAINER_CLASSES:
-            return _ContainerStub
-        if (module, name) == ('collections', 'OrderedDict'):
-            return collections.OrderedDict
-        if (module, name) == ('dnnlib.util', 'EasyDict'):
-            return _easydict_class()
-        if module in ('builtins', '__builtin__') and name in ('set', 'frozenset', 'object', 'complex', 'slice'):
-            return getattr(__import__('builtins'), name)
-        if (module, name) == ('_codecs', 'encode'):     # protocol <= 2 stores bytes as latin-1 text
-            return _safe_latin1_encode
-        if (module, name) == ('copyreg', '_reconstructor'):
-            return _safe_reconstructor
-        if module in ('numpy', 'numpy.core.multiarray', 'numpy._core.multiarray') and name in ('scalar', 'dtype', '_reconstruct', 'ndarray'):
-            import numpy
-            if name in ('dtype', 'ndarray'):
-                return getattr(numpy, name)
-            multiarray = getattr(getattr(numpy, '_core', None), 'multiarray', None) or numpy.core.multiarray  # numpy 2 / 1
-            return getattr(multiarray, name)
-        if module == 'numpy.dtypes' and name.endswith('DType'):
-            import numpy
-            return getattr(numpy.dtypes, name)
-        raise CheckpointError(f'refusing to load {module}.{name}, which is not allowed in a network pickle')
-
-    def persistent_load(self, pid):
-        raise CheckpointError('unexpected persistent id (torch.save archive inside a pickle?)')
+def _network_global(module: str, name: str):
+    """The allowlist of network pickles (see dnnlib.util.RestrictedUnpickler): tensor and storage rebuilders,
+    dtypes, plain containers, numpy scalars/arrays; persistent objects and torch containers become stubs."""
+    if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
+        return _PersistentStub
+    if module == 'torch._utils' and name in ('_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_tensor_v3',
+                                             '_rebuild_parameter', '_rebuild_parameter_with_state'):
+        return getattr(torch._utils, name)
+    if (module, name) == ('torch.storage', '_load_from_bytes'):
+        return _safe_load_from_bytes
+    if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    if (module, name) in (('torch', 'Size'), ('torch', 'device')):
+        return getattr(torch, name)
+    if module.startswith('torch.nn.modules.') and name in _CONTAINER_CLASSES:
+        return _ContainerStub
+    if (module, name) == ('collections', 'OrderedDict'):
+        return collections.OrderedDict
+    if (module, name) == ('dnnlib.util', 'EasyDict'):
+        return dnnlib.EasyDict
+    if module in ('builtins', '__builtin__') and name in ('set', 'frozenset', 'object', 'complex', 'slice'):
+        return getattr(__import__('builtins'), name)
+    if (module, name) == ('_codecs', 'encode'):     # protocol <= 2 stores bytes as latin-1 text
+        return _safe_latin1_encode
+    if (module, name) == ('copyreg', '_reconstructor'):
+        return _safe_reconstructor
+    if module in ('numpy', 'numpy.core.multiarray', 'numpy._core.multiarray') and name in ('scalar', 'dtype', '_reconstruct', 'ndarray'):
+        return True
+    if module == 'numpy.dtypes' and name.endswith('DType'):
+        return True
+    return None
 
 #----------------------------------------------------------------------------
 # Rebuilding objects from class name + kwargs + tensors.
@@ -313,10 +330,10 @@ def _build(cls: type, args, kwargs, tensors: dict | None, describe: str):
     return obj
 
 def _materialize_stub(stub: _PersistentStub):
-    cls = _class_for_meta(stub.class_name, stub.module_src, allowed_modules=SAFE_MODULES)
+    cls = _class_for_meta(stub.class_name, stub.module_src, library_only=True)
     if cls is None:
-        raise CheckpointError(f'class {stub.class_name!r} is not one of ours '
-                              f'({", ".join(SAFE_MODULES)}); refusing to load it')
+        raise CheckpointError(f'class {stub.class_name!r} is not a persistent class of this library '
+                              f'({", ".join(LIBRARY_PACKAGES)}); refusing to load it')
     args = stub.state.get('_init_args', ())
     kwargs = stub.state.get('_init_kwargs', {})
     if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
@@ -352,9 +369,13 @@ def _materialize(obj):
 
 def _resolve_plain_class(dotted: str) -> type:
     module_name, _, class_name = str(dotted).rpartition('.')
-    if module_name not in SAFE_MODULES:
-        raise CheckpointError(f'class {dotted!r} is not in {", ".join(SAFE_MODULES)}; refusing to load it')
-    cls = _class_for_meta(class_name, None, allowed_modules=(module_name,))
+    if module_name.split('.')[0] not in LIBRARY_PACKAGES:
+        raise CheckpointError(f'class {dotted!r} is not in this library ({", ".join(LIBRARY_PACKAGES)}); refusing to load it')
+    try:
+        importlib.import_module(module_name)
+    except ImportError:
+        raise CheckpointError(f'unknown class {dotted!r}') from None
+    cls = next((c for c in reversed(_persistent_classes) if _origin(c) == (module_name, class_name)), None)
     if cls is None:
         raise CheckpointError(f'unknown class {dotted!r}')
     return cls
@@ -384,7 +405,8 @@ def save_network_plain(data, path: str | os.PathLike) -> None:
     if not isinstance(data, dict):
         data = {'ema': data}
     payload = dict(format=PLAIN_FORMAT, objects={str(k): _to_plain_entry(v) for k, v in data.items()})
-    _atomic_write(path, lambda f: torch.save(payload, f))
+    with dnnlib.util.atomic_write(path) as f:
+        torch.save(payload, f)
 
 def _load_plain(f, name: str) -> dict:
     try:
@@ -431,7 +453,6 @@ def _open_source(path_or_url_or_file):
         return
     name = os.fspath(path_or_url_or_file)
     if '://' in name:
-        import dnnlib  # lazily: only URLs need it
         if dnnlib.util.is_url(name, allow_file_urls=True):
             try:
                 with dnnlib.util.open_url(name) as f:
@@ -464,8 +485,8 @@ def load_network_pkl(path_or_url_or_file) -> dict:
         if head[:1] != b'\x80':
             raise CheckpointError(f'{name}: not a network pickle or {PLAIN_FORMAT} checkpoint (unrecognised header {head!r})')
         try:
-            data = _RestrictedUnpickler(f).load()
-        except CheckpointError as e:
+            data = dnnlib.util.RestrictedUnpickler(f, _network_global, what='network pickle').load()
+        except (CheckpointError, dnnlib.util.DisallowedPickleError) as e:
             raise CheckpointError(f'{name}: {e}') from None
         except Exception as e:  # EOFError, UnpicklingError, struct errors, ... from damaged files
             raise CheckpointError(f'{name}: corrupt or truncated network pickle ({_one_line(e)}); re-download or re-save it') from None
@@ -487,32 +508,35 @@ def load_network_plain(path_or_file) -> dict:
         f.seek(0)
         return _load_plain(f, name)
 
-def load_network(path_or_url, key: str = 'ema', device='cpu') -> torch.nn.Module:
-    """Load one network (default: the EMA weights) in eval mode with requires_grad disabled."""
-    data = load_network_pkl(path_or_url)
+def load_network(path_or_url, key: str = 'ema', device='cpu', verbose: bool = False) -> torch.nn.Module:
+    """Load one network (default: the EMA weights) in eval mode with requires_grad disabled.
+
+    URLs go through the dnnlib download cache (fetched once; `verbose` shows the download). Every failure
+    is a CheckpointError with a one-line message naming the file and what to do."""
+    source = path_or_url
+    if isinstance(path_or_url, (str, os.PathLike)):
+        name = os.fspath(path_or_url)
+        if dnnlib.util.is_url(name, allow_file_urls=True):
+            try:
+                source = dnnlib.util.open_url(name, verbose=verbose, return_filename=True)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f'{name}: cannot fetch it ({_first_line(e)})') from None
+        elif not os.path.isfile(name):
+            raise CheckpointError(f'{name}: no such file; pass a network pickle path or URL')
+    data = load_network_pkl(source)
     net = data.get(key)
     if not isinstance(net, torch.nn.Module):
         name = os.fspath(path_or_url) if isinstance(path_or_url, (str, os.PathLike)) else getattr(path_or_url, 'name', '<file object>')
         raise CheckpointError(f'{name}: no network under key {key!r} (keys: {sorted(map(str, data))})')
     return net.eval().requires_grad_(False).to(device)
 
-def _atomic_write(path, write_fn) -> None:
-    path = os.fspath(path)
-    dirname = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=dirname, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 def save_network_pkl(data: dict, path: str | os.PathLike) -> None:
     """Atomically write `data` with plain pickle, i.e. in the paper's snapshot layout."""
-    _atomic_write(path, lambda f: pickle.dump(data, f))
+    with dnnlib.util.atomic_write(path) as f:
+        pickle.dump(data, f)
 
 #----------------------------------------------------------------------------

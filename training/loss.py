@@ -13,7 +13,10 @@ sums/means it). Random draws, in this order (part of the reproducibility contrac
 import torch
 
 from torch_utils import persistence
-from training.networks import vp_sigma
+
+# This module's source is embedded in every network snapshot, and the paper's loader executes it with the
+# paper's own modules on sys.path. So it imports nothing from this project but `persistence` (names the
+# paper's modules also have; tests/test_paper_compat.py checks every embedded module against that list).
 
 #----------------------------------------------------------------------------
 # Pure formulas (Table 1). `u` ~ U(0,1), `z` ~ N(0,1).
@@ -33,6 +36,13 @@ def edm_sigma_from_normal(z, P_mean=-1.2, P_std=1.2):
 def snr_weight(sigma):
     """lambda(sigma) = 1 / sigma^2 (VP and VE)."""
     return 1 / sigma ** 2
+
+def vp_sigma(t, beta_d=19.9, beta_min=0.1):
+    """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1). The same formula as
+    training.networks.vp_sigma, written here because this module may not import it (see the top);
+    a test holds the two equal."""
+    t = torch.as_tensor(t)
+    return ((0.5 * beta_d * (t ** 2) + beta_min * t).exp() - 1).sqrt()
 
 def edm_weight(sigma, sigma_data=0.5):
     """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out(sigma)^2, so the

@@ -7,8 +7,7 @@ into small steps, each a function below:
     _make_data         dataset, infinite per-rank sampler, DataLoader
     _make_networks     denoiser, its EMA copy, DDP wrapper, loss, optimizer, augmentation
     _restore           weights / optimizer / data position / RNG streams from a snapshot or training state
-    _train_step        one optimizer step (gradient accumulation, lr ramp-up, gradient sanitising)
-    _update_ema        exponential moving average of the weights
+    _train_step        one optimizer step (gradient accumulation, learning-rate schedule, gradient sanitising)
     _report_tick       the status line and the matching training_stats entries
     _save_state        training-state-*.pt (everything needed to continue bit-exactly)
     _save_snapshot     network-snapshot-*.pkl (what generate.py and fid.py read)
@@ -45,9 +44,10 @@ from torch_utils import misc
 from torch_utils import persistence
 from torch_utils.persistence import CheckpointError  # one error type for every unreadable checkpoint
 from torch_utils import training_stats
+from training.ema import ema_beta, ema_halflife_nimg  # noqa: F401 -- the paper's EMA formulas, importable from here too
 
 STATE_FORMAT = 'edm-training-state'
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: 'ema' holds the EMA policy's state_dict (for the default policy, as in 1: the module's)
 
 # ----------------------------------------------------------------------------
 # Schedules (pure functions; the loop and the tests call these).
@@ -58,18 +58,12 @@ def learning_rate(base_lr: float, cur_nimg: int, lr_rampup_kimg: float) -> float
     return base_lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
 
 
-def ema_halflife_nimg(cur_nimg: int, ema_halflife_kimg: float, ema_rampup_ratio: Optional[float]) -> float:
-    """EMA half-life in images; during ramp-up it is at most `ema_rampup_ratio` of the images seen."""
-    halflife = ema_halflife_kimg * 1000
-    if ema_rampup_ratio is not None:
-        halflife = min(halflife, cur_nimg * ema_rampup_ratio)
-    return halflife
-
-
-def ema_beta(batch_size: int, cur_nimg: int, ema_halflife_kimg: float, ema_rampup_ratio: Optional[float]) -> float:
-    """Per-step EMA decay: beta = 0.5 ** (batch_size / max(halflife_nimg, 1e-8))."""
-    halflife = ema_halflife_nimg(cur_nimg, ema_halflife_kimg, ema_rampup_ratio)
-    return 0.5 ** (batch_size / max(halflife, 1e-8))
+def linear_rampup_schedule(cur_nimg: int, batch_size: int, ref_lr: float, rampup_kimg: float) -> float:
+    """The paper's learning-rate schedule: linear warm-up to ref_lr over rampup_kimg, then constant. The
+    loop calls the schedule named in lr_kwargs['func_name'] as f(cur_nimg=, batch_size=, **lr_kwargs),
+    with cur_nimg = images seen before the step."""
+    del batch_size
+    return learning_rate(ref_lr, cur_nimg, rampup_kimg)
 
 
 def sanitize_gradients(params) -> None:
@@ -130,20 +124,6 @@ class Logger:
 # Checkpoint files.
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _to_cpu(obj: Any) -> Any:
     """Recursively move tensors to the CPU (dicts / lists / tuples of plain data)."""
     if isinstance(obj, torch.Tensor):
@@ -170,6 +150,10 @@ def load_training_state(path: str) -> dict:
         raise CheckpointError(f'{path}: not a readable training state ({reason[:200]})') from None
     if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
         raise CheckpointError(f'{path}: not a training state written by this training loop')
+    version = state.get('version', 1)
+    if not isinstance(version, int) or not 1 <= version <= STATE_VERSION:
+        raise CheckpointError(f'{path}: training state version {version!r} is not one this code reads '
+                              f'(1..{STATE_VERSION}); resume it with the version of this project that wrote it')
     for key in ('net', 'ema', 'optimizer_state', 'cur_nimg'):
         if key not in state:
             raise CheckpointError(f'{path}: training state is missing "{key}"')
@@ -270,7 +254,7 @@ def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network
                   total_kimg=200000, ema_halflife_kimg=500, ema_rampup_ratio=0.05, lr_rampup_kimg=10000,
                   loss_scaling=1, kimg_per_tick=50, snapshot_ticks=50, state_dump_ticks=500, resume_pkl=None,
                   resume_state_dump=None, resume_kimg=0, cudnn_benchmark=True, device=torch.device('cuda'),
-                  print_summary=True, provenance=None) -> dnnlib.EasyDict:
+                  print_summary=True, provenance=None, ema_kwargs=None, lr_kwargs=None) -> dnnlib.EasyDict:
     """Train a preconditioned denoiser on every rank of the current process group (none: a single process).
 
     The keyword names and defaults are those of the paper's training loop, so a training_options.json
@@ -307,6 +291,11 @@ def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network
         device: device of this rank.
         print_summary: print the network's layer table on rank 0 before training.
         provenance: run metadata that train.py records in training_options.json; unused here.
+        ema_kwargs: the weight-averaging policy, `class_name` + kwargs (see training/ema.py); None = the
+            paper's EMA, training.ema.HalfLifeEMA(halflife_kimg=ema_halflife_kimg, rampup_ratio=ema_rampup_ratio).
+        lr_kwargs: the learning-rate schedule, `func_name` + kwargs, called with cur_nimg and batch_size;
+            None = the paper's warm-up, linear_rampup_schedule(ref_lr=optimizer_kwargs['lr'],
+            rampup_kimg=lr_rampup_kimg).
 
     Returns:
         EasyDict(cur_nimg, stopped): images trained on when the loop ended, and the signal number that
@@ -321,6 +310,11 @@ def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network
                           snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks, resume_pkl=resume_pkl,
                           resume_state_dump=resume_state_dump, resume_kimg=resume_kimg,
                           cudnn_benchmark=cudnn_benchmark, print_summary=print_summary)
+    cfg.ema_kwargs = dnnlib.EasyDict(ema_kwargs if ema_kwargs is not None else dict(
+        class_name='training.ema.HalfLifeEMA', halflife_kimg=ema_halflife_kimg, rampup_ratio=ema_rampup_ratio))
+    cfg.lr_kwargs = dnnlib.EasyDict(lr_kwargs if lr_kwargs is not None else dict(
+        func_name='training.training_loop.linear_rampup_schedule', ref_lr=optimizer_kwargs['lr'],
+        rampup_kimg=lr_rampup_kimg))
     del provenance
     _stop_signal = None
     dist.init()
@@ -453,7 +447,7 @@ def _make_networks(cfg: dnnlib.EasyDict, dataset, batch_gpu: int, rank: int,
         warnings.filterwarnings('ignore', message='.*broadcast_buffers.*')
         ddp = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    ema = dnnlib.util.construct_class_by_name(net=net, **cfg.ema_kwargs)
     return dnnlib.EasyDict(net=net, ddp=ddp, ema=ema, loss_fn=loss_fn, optimizer=optimizer,
                            augment_pipe=augment_pipe)
 
@@ -478,19 +472,19 @@ def _load_network_pickle(path: str, model: dnnlib.EasyDict, rank: int) -> None:
         raise CheckpointError(f'{path}: network has label_dim={source.label_dim} but the dataset gives '
                               f'{model.net.label_dim} (check --cond and the dataset labels)')
     try:
-        for target in (model.net, model.ema):
-            misc.copy_params_and_buffers(src_module=source, dst_module=target, require_all=False)
+        misc.copy_params_and_buffers(src_module=source, dst_module=model.net, require_all=False)
+        for ema_module, _suffix in model.ema.get():
+            misc.copy_params_and_buffers(src_module=source, dst_module=ema_module, require_all=False)
     except ValueError as e:
         raise CheckpointError(f'{path}: {e} (same --arch/--cbase/--cres as that network?)') from None
 
 
-def _load_state_into(state: dict, path: str, net: torch.nn.Module, ema: torch.nn.Module,
-                     optimizer: torch.optim.Optimizer) -> None:
+def _load_state_into(state: dict, path: str, net: torch.nn.Module, ema, optimizer: torch.optim.Optimizer) -> None:
     """Copy weights, EMA and optimizer moments from a training state, with one-line errors on mismatch."""
-    for name, module in (('net', net), ('ema', ema)):
+    for name, target in (('net', net), ('ema', ema)):
         try:
-            module.load_state_dict(state[name], strict=True)
-        except RuntimeError as e:
+            target.load_state_dict(state[name])  # strict for modules and EMA policies alike
+        except (RuntimeError, KeyError, ValueError) as e:
             first = str(e).strip().splitlines()
             raise CheckpointError(f'{path}: "{name}" does not match the network built from the current options '
                                   f'(same --arch/--precond/--cbase/--cres/--cond/--augment as the original run?): '
@@ -545,18 +539,11 @@ def _train_step(cfg: dnnlib.EasyDict, model: dnnlib.EasyDict, batches, layout: _
             training_stats.report('Loss/loss', loss)
             loss.sum().mul(cfg.loss_scaling / layout.per_rank).backward()
 
-    lr = learning_rate(cfg.optimizer_kwargs['lr'], cur_nimg, cfg.lr_rampup_kimg)
+    lr = dnnlib.util.call_func_by_name(cur_nimg=cur_nimg, batch_size=cfg.batch_size, **cfg.lr_kwargs)
     for group in model.optimizer.param_groups:
         group['lr'] = lr
     sanitize_gradients(model.net.parameters())
     model.optimizer.step()
-
-
-@torch.no_grad()
-def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    """ema <- beta * ema + (1 - beta) * net for every parameter; buffers keep their initial values."""
-    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-        p_ema.copy_(p_net.detach().lerp(p_ema, beta))
 
 
 # ----------------------------------------------------------------------------
@@ -634,10 +621,12 @@ def _save_state(cfg: dnnlib.EasyDict, model: dnnlib.EasyDict, cursor, cur_nimg: 
         format=STATE_FORMAT, version=STATE_VERSION,
         cur_nimg=int(cur_nimg), batch_size=int(cfg.batch_size), world_size=int(world), seed=int(cfg.seed),
         net=_to_cpu(model.net.state_dict()), ema=_to_cpu(model.ema.state_dict()),
+        ema_class=cfg.ema_kwargs.class_name,
         optimizer_state=_to_cpu(model.optimizer.state_dict()),
         sampler=cursor.state_dict(), rng=streams, rank_digests=digests,
     )
-    atomic_torch_save(state, os.path.join(cfg.run_dir, f'training-state-{cur_nimg//1000:06d}.pt'))
+    with dnnlib.util.atomic_write(os.path.join(cfg.run_dir, f'training-state-{cur_nimg//1000:06d}.pt')) as f:
+        torch.save(state, f)
 
 
 def _frozen_cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -647,15 +636,23 @@ def _frozen_cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
     return module.cpu()
 
 
+def snapshot_name(cur_nimg: int, suffix: str = '') -> str:
+    """network-snapshot-<kimg:06d>.pkl (the paper's name) for the default EMA, and EDM2's
+    network-snapshot-<kimg:07d><suffix>.pkl (e.g. '-0.050') for each profile of a multi-profile EMA."""
+    kimg = cur_nimg // 1000
+    return f'network-snapshot-{kimg:06d}.pkl' if not suffix else f'network-snapshot-{kimg:07d}{suffix}.pkl'
+
+
 def _save_snapshot(cfg: dnnlib.EasyDict, model: dnnlib.EasyDict, cur_nimg: int, rank: int) -> None:
-    """network-snapshot-<kimg>.pkl in the paper's layout: {ema, loss_fn, augment_pipe, dataset_kwargs}.
-    All ranks take part in the consistency check; rank 0 writes."""
-    contents = dict(ema=model.ema, loss_fn=model.loss_fn, augment_pipe=model.augment_pipe,
-                    dataset_kwargs=dict(cfg.dataset_kwargs))
-    contents = {key: _frozen_cpu_copy(value) if isinstance(value, torch.nn.Module) else value
-                for key, value in contents.items()}
-    if rank == 0:
-        persistence.save_network_pkl(contents, os.path.join(cfg.run_dir, f'network-snapshot-{cur_nimg//1000:06d}.pkl'))
+    """network-snapshot-*.pkl in the paper's layout: {ema, loss_fn, augment_pipe, dataset_kwargs}, one per
+    averaged network the EMA policy returns. All ranks take part in the consistency check; rank 0 writes."""
+    for ema, suffix in model.ema.get():
+        contents = dict(ema=ema, loss_fn=model.loss_fn, augment_pipe=model.augment_pipe,
+                        dataset_kwargs=dict(cfg.dataset_kwargs))
+        contents = {key: _frozen_cpu_copy(value) if isinstance(value, torch.nn.Module) else value
+                    for key, value in contents.items()}
+        if rank == 0:
+            persistence.save_network_pkl(contents, os.path.join(cfg.run_dir, snapshot_name(cur_nimg, suffix)))
 
 
 def _append_stats(stats_file, run_dir: Optional[str], rank: int):
@@ -710,9 +707,8 @@ def _train(cfg: dnnlib.EasyDict, batch_gpu: Optional[int], device: torch.device,
     try:
         while True:
             _train_step(cfg, model, data.batches, layout, cur_nimg, device)
-            _update_ema(model.ema, model.net,
-                        ema_beta(cfg.batch_size, cur_nimg, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio))
             cur_nimg += cfg.batch_size
+            model.ema.update(cur_nimg=cur_nimg, batch_size=cfg.batch_size)
             data.cursor.advance(cfg.batch_size)
             done = cur_nimg >= cfg.total_kimg * 1000
             stop_requested = _agree_to_stop(stop_vote, world, side_group)

@@ -1,0 +1,72 @@
+"""Weight averaging policies for the training loop, and the paper's EMA.
+
+The loop keeps an average of the network's weights and samples from it. It builds the policy from
+`ema_kwargs` (`class_name` plus constructor kwargs, constructed as `cls(net=net, **kwargs)`) and calls:
+
+    update(cur_nimg, batch_size)  after every optimizer step; cur_nimg counts the images seen *including*
+                                  this step (the EDM2 convention)
+    get()                         [(averaged module, suffix), ...]: one snapshot per entry, named
+                                  network-snapshot-<kimg>.pkl for suffix '' (the paper's layout) and
+                                  network-snapshot-<kimg:07d><suffix>.pkl otherwise (EDM2's, e.g. '-0.050')
+    state_dict() / load_state_dict(state)
+                                  tensors and plain data only, saved in training-state-*.pt
+    reset()                       restart every average from the network's current weights
+
+`HalfLifeEMA` is the paper's EMA (Section 5 / Appendix F.1) and the default; `training.phema` has EDM2's
+power-function EMA. A new policy is a class with these five methods, named in `ema_kwargs`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+
+
+def ema_halflife_nimg(cur_nimg: int, ema_halflife_kimg: float, ema_rampup_ratio: Optional[float]) -> float:
+    """EMA half-life in images; during ramp-up it is at most `ema_rampup_ratio` of the images seen."""
+    halflife = ema_halflife_kimg * 1000
+    if ema_rampup_ratio is not None:
+        halflife = min(halflife, cur_nimg * ema_rampup_ratio)
+    return halflife
+
+
+def ema_beta(batch_size: int, cur_nimg: int, ema_halflife_kimg: float, ema_rampup_ratio: Optional[float]) -> float:
+    """Per-step EMA decay: beta = 0.5 ** (batch_size / max(halflife_nimg, 1e-8))."""
+    halflife = ema_halflife_nimg(cur_nimg, ema_halflife_kimg, ema_rampup_ratio)
+    return 0.5 ** (batch_size / max(halflife, 1e-8))
+
+
+class HalfLifeEMA:
+    """The paper's EMA: ema <- beta ema + (1 - beta) net for every parameter after each step, with the
+    half-life `halflife_kimg` (ramped up as `rampup_ratio` x the images seen; None = no ramp-up). Buffers
+    keep the values they had when the copy was made. Its state_dict is the averaged module's, so training
+    states written before policies existed still load."""
+
+    def __init__(self, net: torch.nn.Module, halflife_kimg: float = 500, rampup_ratio: Optional[float] = 0.05):
+        self.net = net
+        self.halflife_kimg = halflife_kimg
+        self.rampup_ratio = rampup_ratio
+        self.ema = copy.deepcopy(net).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for p_ema, p_net in zip(self.ema.parameters(), self.net.parameters()):
+            p_ema.copy_(p_net.detach())
+
+    @torch.no_grad()
+    def update(self, cur_nimg: int, batch_size: int) -> None:
+        # The paper's beta uses the images seen before this step.
+        beta = ema_beta(batch_size, cur_nimg - batch_size, self.halflife_kimg, self.rampup_ratio)
+        for p_ema, p_net in zip(self.ema.parameters(), self.net.parameters()):
+            p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+
+    def get(self) -> list:
+        return [(self.ema, '')]
+
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state, strict=True)

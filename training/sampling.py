@@ -1,0 +1,409 @@
+"""The sampler library: time steps, noise schedules, samplers, per-seed random numbers, batched generation.
+
+Implements the samplers of "Elucidating the Design Space of Diffusion-Based Generative Models"
+(Karras et al., NeurIPS 2022):
+  * `edm_sampler`      -- Algorithm 2 (Algorithm 1 when S_churn=0): Heun's 2nd-order method on the
+                          probability-flow ODE with sigma(t)=t, s(t)=1 and optional stochastic "churn".
+  * `ablation_sampler` -- the generalised sampler of Table 1: Euler/Heun, VP/VE/iDDPM/EDM time step
+                          discretisations, VP/VE/linear noise schedules, VP/no scaling.
+
+Every sampler has the signature
+    fn(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=..., sigma_min=...,
+       sigma_max=..., rho=..., **sampler_specific) -> float64 images
+and is registered by name in `SAMPLERS`; `generate_images` and the CLIs (generate.py, fid.py) pick one by
+name. `net` is anything with the denoiser interface: `net(x, sigma, class_labels)`, `round_sigma`,
+`sigma_min`, `sigma_max`, `img_resolution`, `img_channels`, `label_dim` (a preconditioned network, or a
+`GuidedDenoiser` wrapping one).
+
+Randomness follows the paper's public protocol (one torch.Generator per seed), so the same seed gives
+the same image, independent of batch composition and of the number of processes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from training.networks import iddpm_u, vp_sigma, vp_sigma_deriv, vp_sigma_inv  # Table 1 schedules, shared
+
+# ----------------------------------------------------------------------------
+# Time step discretisations (Table 1, "time steps"): small pure functions returning the float64
+# noise levels sigma_0 > ... > sigma_{N-1} (sigma_N = 0 is appended by the samplers).
+
+
+def step_fraction(num_steps: int, device=None) -> torch.Tensor:
+    """i/(N-1) for i = 0..N-1. For N=1 this is [0] (start at sigma_max), not the 0/0 = NaN of the
+    plain formula, so that a single step is one Euler step from sigma_max to 0."""
+    if num_steps < 1:
+        raise ValueError(f'num_steps must be >= 1, got {num_steps}')
+    i = torch.arange(num_steps, dtype=torch.float64, device=device)
+    return i / (num_steps - 1) if num_steps > 1 else i
+
+
+def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7,
+                    device=None) -> torch.Tensor:
+    """EDM (Eq. 5): sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    f = step_fraction(num_steps, device)
+    return (sigma_max ** (1 / rho) + f * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def vp_time_steps(num_steps: int, epsilon_s: float = 1e-3, device=None) -> torch.Tensor:
+    """VP (Song et al. 2021): t_i = 1 + i/(N-1) (epsilon_s - 1), uniform in t from 1 down to epsilon_s."""
+    return 1 + step_fraction(num_steps, device) * (epsilon_s - 1)
+
+
+def ve_sigma_steps(num_steps: int, sigma_min: float = 0.02, sigma_max: float = 100, device=None) -> torch.Tensor:
+    """VE (Song et al. 2021): t_i = sigma_max^2 (sigma_min^2/sigma_max^2)^(i/(N-1)) with sigma(t) = sqrt(t),
+    i.e. noise levels spaced geometrically."""
+    t = sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** step_fraction(num_steps, device)
+    return t.sqrt()
+
+
+def iddpm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 81, M: int = 1000,
+                      C_1: float = 0.001, C_2: float = 0.008, device=None) -> torch.Tensor:
+    """iDDPM/DDIM: N of the u_j inside [sigma_min, sigma_max], picked at evenly spaced indices.
+    (The default sigma_max=81 makes the first one u_8 = 80.2, i.e. j_0 = 8 as in the paper.)
+    Indices are rounded half-to-even like torch.round, matching the public implementation."""
+    u = iddpm_u(M, C_1, C_2, dtype=torch.float64, device=device)
+    u = u[(u >= sigma_min) & (u <= sigma_max)]
+    if len(u) == 0:
+        raise ValueError(f'no iDDPM noise level inside [sigma_min={sigma_min}, sigma_max={sigma_max}]')
+    index = ((len(u) - 1) * step_fraction(num_steps, device)).round().to(torch.int64)
+    return u[index]
+
+
+# ----------------------------------------------------------------------------
+# Noise schedules sigma(t) and scalings s(t) (Table 1). All functions take and return float64 tensors.
+
+
+def vp_betas(sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> tuple[float, float]:
+    """(beta_d, beta_min) such that vp_sigma(epsilon_s) = sigma_min and vp_sigma(1) = sigma_max; the VP
+    discretisation/schedule then spans exactly the requested noise range."""
+    log_min, log_max = math.log(sigma_min ** 2 + 1), math.log(sigma_max ** 2 + 1)
+    beta_d = 2 * (log_min / epsilon_s - log_max) / (epsilon_s - 1)
+    beta_min = log_max - 0.5 * beta_d
+    return beta_d, beta_min
+
+
+class Schedule(NamedTuple):
+    """sigma(t), its derivative and inverse; s(t) and its derivative."""
+    sigma: Callable
+    sigma_deriv: Callable
+    sigma_inv: Callable
+    s: Callable
+    s_deriv: Callable
+
+
+def make_schedule(schedule: str, scaling: str, beta_d: float = 19.9, beta_min: float = 0.1) -> Schedule:
+    if schedule == 'vp':
+        sigma = lambda t: vp_sigma(t, beta_d, beta_min)
+        sigma_deriv = lambda t: vp_sigma_deriv(t, beta_d, beta_min)
+        sigma_inv = lambda x: vp_sigma_inv(x, beta_d, beta_min)
+    elif schedule == 've':  # sigma(t) = sqrt(t)
+        sigma = lambda t: torch.as_tensor(t, dtype=torch.float64).sqrt()
+        sigma_deriv = lambda t: 0.5 / torch.as_tensor(t, dtype=torch.float64).sqrt()
+        sigma_inv = lambda x: torch.as_tensor(x, dtype=torch.float64) ** 2
+    elif schedule == 'linear':  # sigma(t) = t (EDM)
+        sigma = lambda t: torch.as_tensor(t, dtype=torch.float64)
+        sigma_deriv = lambda t: torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+        sigma_inv = lambda x: torch.as_tensor(x, dtype=torch.float64)
+    else:
+        raise ValueError(f'unknown schedule {schedule!r}; expected vp|ve|linear')
+
+    if scaling == 'vp':  # s(t) = 1/sqrt(1 + sigma(t)^2), so that s(t) x has unit-ish variance
+        s = lambda t: 1 / (1 + sigma(t) ** 2).sqrt()
+        s_deriv = lambda t: -sigma(t) * sigma_deriv(t) * s(t) ** 3
+    elif scaling == 'none':
+        s = lambda t: torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+        s_deriv = lambda t: torch.zeros_like(torch.as_tensor(t, dtype=torch.float64))
+    else:
+        raise ValueError(f'unknown scaling {scaling!r}; expected vp|none')
+    return Schedule(sigma, sigma_deriv, sigma_inv, s, s_deriv)
+
+
+def churn_gamma(sigma, num_steps: int, S_churn: float, S_min: float, S_max: float) -> float:
+    """gamma_i = min(S_churn/N, sqrt(2)-1) for S_min <= sigma_i <= S_max, else 0 (Algorithm 2)."""
+    return min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= float(sigma) <= S_max else 0.0
+
+
+def _noise_range(net, sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    """Clamp the requested noise range to what the network supports."""
+    return max(sigma_min, float(net.sigma_min)), min(sigma_max, float(net.sigma_max))
+
+
+# ----------------------------------------------------------------------------
+# Samplers.
+
+
+def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
+                sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
+    """The paper's sampler (Algorithm 2; Algorithm 1 when S_churn=0). Returns float64 images.
+
+    Network evaluations: 2N-1 (Heun on every step except the last, which is an Euler step to sigma=0).
+    """
+    sigma_min, sigma_max = _noise_range(net, sigma_min, sigma_max)
+    t_steps = net.round_sigma(edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=latents.device))
+    t_steps = torch.as_tensor(t_steps, dtype=torch.float64)
+    t_steps = torch.cat([t_steps, t_steps.new_zeros(1)])  # t_N = 0
+
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):  # i = 0..N-1
+        x_cur = x_next
+
+        # Increase noise temporarily. Noise is drawn on every step whenever churn is on (even when
+        # gamma_i = 0) so the per-seed generators advance exactly as in the reference protocol.
+        gamma = churn_gamma(t_cur, num_steps, S_churn, S_min, S_max)
+        t_hat = torch.as_tensor(net.round_sigma(t_cur + gamma * t_cur), dtype=torch.float64)
+        x_hat = x_cur
+        if S_churn > 0:
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).clamp(min=0).sqrt() * S_noise * randn_like(x_cur)
+
+        # Euler step.
+        denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+
+        # 2nd-order correction (not on the last step: t_next = 0 would divide by zero).
+        if i < num_steps - 1:
+            denoised = net(x_next, t_next, class_labels).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def ablation_sigma_steps(discretization: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7,
+                         epsilon_s: float = 1e-3, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000,
+                         device=None) -> torch.Tensor:
+    """Noise levels sigma_0..sigma_{N-1} of the chosen discretisation (before net.round_sigma)."""
+    if discretization == 'vp':
+        beta_d, beta_min = vp_betas(sigma_min, sigma_max, epsilon_s)
+        return vp_sigma(vp_time_steps(num_steps, epsilon_s, device), beta_d, beta_min)
+    if discretization == 've':
+        return ve_sigma_steps(num_steps, sigma_min, sigma_max, device)
+    if discretization == 'iddpm':
+        return iddpm_sigma_steps(num_steps, sigma_min, sigma_max, M, C_1, C_2, device)
+    if discretization == 'edm':
+        return edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device)
+    raise ValueError(f'unknown discretization {discretization!r}; expected vp|ve|iddpm|edm')
+
+
+# Default noise ranges per discretisation (Table 1); VP's follow from beta_d=19.9, beta_min=0.1, t in [eps_s, 1].
+def default_sigma_range(discretization: str, epsilon_s: float = 1e-3) -> tuple[float, float]:
+    return {
+        'vp': (float(vp_sigma(epsilon_s)), float(vp_sigma(1))),
+        've': (0.02, 100.0),
+        'iddpm': (0.002, 81.0),
+        'edm': (0.002, 80.0),
+    }[discretization]
+
+
+def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
+                     sigma_min=None, sigma_max=None, rho=7, solver='heun', discretization='edm',
+                     schedule='linear', scaling='none', epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1,
+                     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
+    """Generalised sampler of Table 1. Integrates the ODE (Eq. 4)
+        dx/dt = [sigma'(t)/sigma(t) + s'(t)/s(t)] x - sigma'(t) s(t)/sigma(t) D(x/s(t); sigma(t))
+    with Euler or 2nd-order Runge-Kutta (alpha=1: Heun), plus Algorithm 2's churn. Returns float64 images.
+    """
+    if solver not in ('euler', 'heun'):
+        raise ValueError(f'unknown solver {solver!r}; expected euler|heun')
+    if discretization not in ('vp', 've', 'iddpm', 'edm'):
+        raise ValueError(f'unknown discretization {discretization!r}; expected vp|ve|iddpm|edm')
+    if schedule not in ('vp', 've', 'linear'):
+        raise ValueError(f'unknown schedule {schedule!r}; expected vp|ve|linear')
+    if scaling not in ('vp', 'none'):
+        raise ValueError(f'unknown scaling {scaling!r}; expected vp|none')
+
+    default_min, default_max = default_sigma_range(discretization, epsilon_s)
+    sigma_min, sigma_max = _noise_range(net, default_min if sigma_min is None else sigma_min,
+                                        default_max if sigma_max is None else sigma_max)
+
+    # The VP schedule is re-fitted to the (clamped) noise range.
+    beta_d, beta_min = vp_betas(sigma_min, sigma_max, epsilon_s)
+    sigma, sigma_deriv, sigma_inv, s, s_deriv = make_schedule(schedule, scaling, beta_d, beta_min)
+
+    sigma_steps = ablation_sigma_steps(discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, C_1, C_2, M,
+                                       device=latents.device)
+    t_steps = sigma_inv(net.round_sigma(sigma_steps)).to(torch.float64)
+    t_steps = torch.cat([t_steps, t_steps.new_zeros(1)])  # t_N = 0
+
+    def ode_slope(x, t):  # dx/dt at (x, t); one network evaluation
+        denoised = net(x / s(t), sigma(t), class_labels).to(torch.float64)
+        return (sigma_deriv(t) / sigma(t) + s_deriv(t) / s(t)) * x - sigma_deriv(t) * s(t) / sigma(t) * denoised
+
+    x_next = latents.to(torch.float64) * (sigma(t_steps[0]) * s(t_steps[0]))
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):  # i = 0..N-1
+        x_cur = x_next
+
+        # Increase noise temporarily (drawn every step when churn is on; see edm_sampler).
+        gamma = churn_gamma(sigma(t_cur), num_steps, S_churn, S_min, S_max)
+        t_hat = sigma_inv(net.round_sigma(sigma(t_cur) + gamma * sigma(t_cur)))
+        x_hat = s(t_hat) / s(t_cur) * x_cur
+        if S_churn > 0:
+            x_hat = x_hat + ((sigma(t_hat) ** 2 - sigma(t_cur) ** 2).clamp(min=0).sqrt() * s(t_hat) * S_noise
+                             * randn_like(x_cur))
+
+        # Euler step.
+        h = t_next - t_hat
+        d_cur = ode_slope(x_hat, t_hat)
+        if solver == 'euler' or i == num_steps - 1:
+            x_next = x_hat + h * d_cur
+        else:  # 2nd-order Runge-Kutta: evaluate at t_hat + alpha h, then blend the slopes.
+            x_prime, t_prime = x_hat + alpha * h * d_cur, t_hat + alpha * h
+            d_prime = ode_slope(x_prime, t_prime)
+            x_next = x_hat + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
+    return x_next
+
+
+# ----------------------------------------------------------------------------
+# Random numbers and seeds.
+
+
+class StackedRandomGenerator:
+    """One torch.Generator per sample (seeded with seed % 2**32), so that every image depends only on its
+    own seed, whatever the batch size or the number of processes. A drop-in for torch.randn etc."""
+
+    def __init__(self, device, seeds: Sequence[int]):
+        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def _check(self, size):
+        size = list(size)
+        if not size or size[0] != len(self.generators):
+            raise ValueError(f'leading dimension must equal the number of seeds ({len(self.generators)}), got {size}')
+        return size
+
+    def randn(self, size, **kwargs) -> torch.Tensor:
+        size = self._check(size)
+        return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
+
+    def randn_like(self, input: torch.Tensor) -> torch.Tensor:
+        return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
+
+    def randint(self, *args, size, **kwargs) -> torch.Tensor:
+        size = self._check(size)
+        return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
+
+
+# ----------------------------------------------------------------------------
+# The registry and the denoiser interface.
+
+SAMPLERS: dict[str, Callable] = {
+    'edm': edm_sampler,
+    'ablation': ablation_sampler,
+}
+
+# The options that select the ablation sampler when no sampler is named (the paper's generate.py rule).
+ABLATION_KWARGS = ('solver', 'discretization', 'schedule', 'scaling')
+
+DENOISER_ATTRIBUTES = ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma')
+
+
+def sampler_options_of(name: str) -> tuple[str, ...]:
+    """The keyword options sampler `name` takes besides net, latents, class_labels and randn_like."""
+    if name not in SAMPLERS:
+        raise ValueError(f'unknown sampler {name!r}; expected one of {", ".join(SAMPLERS)}')
+    params = inspect.signature(SAMPLERS[name]).parameters
+    return tuple(p for p in params if p not in ('net', 'latents', 'class_labels', 'randn_like'))
+
+
+def resolve_sampler(name: str | None, sampler_kwargs: dict) -> tuple[str, dict]:
+    """(sampler name, its kwargs) from a name (None: 'ablation' if an ablation option is set, else 'edm',
+    as in the paper's generate.py) and options where None means "not given". Options the sampler does not
+    take are an error, so a typo or a wrong sampler never silently falls back to defaults."""
+    given = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    if name is None:
+        name = 'ablation' if any(k in given for k in ABLATION_KWARGS) else 'edm'
+    accepted = sampler_options_of(name)
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:  # TypeError, as for any unexpected keyword argument
+        raise TypeError(f'sampler {name!r} does not take {", ".join(unknown)}; it takes {", ".join(accepted)}')
+    return name, given
+
+
+def check_denoiser(net, source: str = 'the network') -> None:
+    """Raise ValueError unless `net` has the denoiser interface the samplers use."""
+    missing = [a for a in DENOISER_ATTRIBUTES if not hasattr(net, a)]
+    if missing or not callable(net):
+        raise ValueError(f'{source} is not a preconditioned denoiser (missing {", ".join(missing) or "__call__"})')
+
+
+class GuidedDenoiser:
+    """D_guided(x, sigma) = D_g(x, sigma) + w (D(x, sigma) - D_g(x, sigma)), with the denoiser interface of
+    `net`, so every sampler guides every network evaluation without knowing about guidance.
+
+    `gnet` is the guiding network (autoguidance: a smaller or shorter-trained model; classifier-free
+    guidance: an unconditional model). guidance = 1 is the plain network."""
+
+    def __init__(self, net, gnet=None, guidance: float = 1):
+        self.net, self.gnet, self.guidance = net, gnet, float(guidance)
+
+    def __getattr__(self, name):  # img_resolution, sigma_min, round_sigma, ... come from the main network
+        if name in ('net', 'gnet', 'guidance'):
+            raise AttributeError(name)
+        return getattr(self.net, name)
+
+    def __call__(self, x, sigma, class_labels=None, **kwargs):
+        denoised = self.net(x, sigma, class_labels, **kwargs)
+        if self.gnet is None or self.guidance == 1:
+            return denoised
+        guide = self.gnet(x, sigma, class_labels, **kwargs)
+        return guide.lerp(denoised.to(guide.dtype), self.guidance)
+
+# ----------------------------------------------------------------------------
+# Library entry point: sampling of this rank's share of the seeds.
+
+
+def seed_batches(seeds: Sequence[int], max_batch_size: int, world_size: int = 1) -> list[np.ndarray]:
+    """All batches, as the paper splits them: a multiple of world_size batches of <= max_batch_size seeds
+    (np.array_split: sizes differ by at most one, larger first, empties last). Rank r takes [r::world_size]."""
+    if len(seeds) == 0:
+        return [np.zeros([0], dtype=np.int64)] * world_size
+    num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
+    return np.array_split(np.asarray(seeds, dtype=np.int64), num_batches)
+
+
+def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] NCHW float -> uint8 NHWC on the CPU (the paper's mapping x*127.5+128, clipped, truncated)."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def generate_images(net, seeds: Sequence[int], max_batch_size: int = 64, class_idx: int | None = None,
+                    device=torch.device('cpu'), sampler: str | None = None,
+                    **sampler_kwargs) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (batch_seeds, uint8 images [N,H,W,C] on the CPU) for THIS rank's share of the seed batches.
+
+    `sampler` names an entry of SAMPLERS (None: the paper's rule, see resolve_sampler); sampler_kwargs
+    are its options, None meaning "default".
+    """
+    from torch_utils import distributed as dist
+
+    sampler, sampler_kwargs = resolve_sampler(sampler, sampler_kwargs)
+    sampler_fn = SAMPLERS[sampler]
+    if max_batch_size < 1:
+        raise ValueError(f'max_batch_size must be >= 1, got {max_batch_size}')
+    label_dim = int(net.label_dim)
+    if class_idx is not None and not 0 <= class_idx < label_dim:
+        raise ValueError(f'class {class_idx} is out of range: the network has '
+                         + (f'{label_dim} classes (0..{label_dim - 1})' if label_dim else 'no class labels'))
+    device = torch.device(device)
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    for batch_seeds in seed_batches(seeds, max_batch_size, world_size)[rank::world_size]:
+        batch_size = len(batch_seeds)
+        if batch_size == 0:
+            continue
+        rnd = StackedRandomGenerator(device, batch_seeds)
+        latents = rnd.randn([batch_size, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        class_labels = None
+        if label_dim:  # drawn even with a fixed class, so the noise stream matches the reference
+            class_labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[batch_size], device=device)]
+            if class_idx is not None:
+                class_labels[:, :] = 0
+                class_labels[:, class_idx] = 1
+        with torch.no_grad():
+            images = sampler_fn(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+        yield [int(seed) for seed in batch_seeds], images_to_uint8(images)

@@ -21,7 +21,6 @@ trusted (as in the paper's code), anything else needs `--trust-pickle`.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import io

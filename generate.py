@@ -23,7 +23,7 @@ import torch
 from dnnlib.util import parse_int_list  # noqa: F401 -- re-exported (the paper's generate.parse_int_list)
 from training.sampling import (  # noqa: F401 -- re-exported for scripts written against the paper's generate.py
     SAMPLERS, StackedRandomGenerator, ablation_sampler, check_denoiser, edm_sampler, generate_images,
-    images_to_uint8, seed_batches)
+    seed_batches)
 
 # ----------------------------------------------------------------------------
 # Output files.

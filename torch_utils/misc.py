@@ -1,101 +1,14 @@
-"""Small PyTorch helpers shared by the networks, the augmentation pipe and the training loop."""
+"""Small PyTorch helpers of the training loop: the endless data order, parameter copying, DDP helpers, module
+summaries, allocator tuning."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
-import warnings
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-
-# ----------------------------------------------------------------------------
-# Memoised small tensors. Layers such as the Fourier embedding or the resampling filters need the same
-# few literal tensors on every call; building them once per (value, layout, device) saves the host->device
-# copy and keeps them out of the autograd graph.
-
-_memoised_constants: dict = {}
-
-
-def _constant_fingerprint(array: np.ndarray, shape, dtype, device, memory_format) -> tuple:
-    """Everything that makes two requested constants different; the raw bytes stand in for the value."""
-    return (array.dtype.str, array.shape, array.tobytes(), shape, dtype, device, memory_format)
-
-
-def constant(value: Any, shape: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None,
-             device: Optional[torch.device] = None, memory_format: Optional[torch.memory_format] = None
-             ) -> torch.Tensor:
-    """Tensor holding `value` (broadcast to `shape` when given), memoised per value/shape/dtype/device.
-
-    The same object is returned for repeated requests, so callers must treat it as read-only.
-    Defaults: the current default float dtype, the CPU, contiguous layout.
-    """
-    array = np.array(value)  # private copy: later changes to a caller's array cannot reach the memo
-    target_shape = None if shape is None else tuple(shape)
-    dtype = torch.get_default_dtype() if dtype is None else dtype
-    device = torch.device('cpu') if device is None else device
-    memory_format = torch.contiguous_format if memory_format is None else memory_format
-
-    fingerprint = _constant_fingerprint(array, target_shape, dtype, device, memory_format)
-    cached = _memoised_constants.get(fingerprint)
-    if cached is not None:
-        return cached
-    result = torch.as_tensor(array, dtype=dtype, device=device)
-    if target_shape is not None:
-        result = result.expand(torch.broadcast_shapes(result.shape, target_shape))
-    result = result.contiguous(memory_format=memory_format)  # also materialises the expanded view
-    _memoised_constants[fingerprint] = result
-    return result
-
-
-def nan_to_num(input: torch.Tensor, nan: float = 0.0, posinf: Optional[float] = None,
-               neginf: Optional[float] = None, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Kept for compatibility with older call sites; torch.nan_to_num does the work."""
-    return torch.nan_to_num(input, nan=nan, posinf=posinf, neginf=neginf, out=out)
-
-
-# ----------------------------------------------------------------------------
-# Shape checks that also work while tracing.
-
-@contextlib.contextmanager
-def suppress_tracer_warnings():
-    """Context in which torch.jit.TracerWarning is not shown. Shape checks compare traced sizes on
-    purpose, and the tracer would otherwise warn that the comparison is baked into the graph."""
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', torch.jit.TracerWarning)
-        yield
-
-
-def _dimension_matches(actual, expected) -> bool:
-    """Compare one dimension. While tracing either side may be a 0-d tensor; comparing as tensors keeps
-    the check valid for the traced graph instead of freezing today's value into it."""
-    if isinstance(actual, torch.Tensor) or isinstance(expected, torch.Tensor):
-        with suppress_tracer_warnings():
-            return bool(torch.equal(torch.as_tensor(actual), torch.as_tensor(expected)))
-    return actual == expected
-
-
-def assert_shape(tensor: torch.Tensor, ref_shape: Sequence[Optional[int]]) -> None:
-    """Raise AssertionError unless `tensor.shape` equals `ref_shape`; a None entry accepts any size."""
-    if tensor.ndim != len(ref_shape):
-        raise AssertionError(f'assert_shape: tensor has {tensor.ndim} dimensions, expected {len(ref_shape)} '
-                             f'(shape {list(tensor.shape)} vs {list(ref_shape)})')
-    for dim, (actual, expected) in enumerate(zip(tensor.shape, ref_shape)):
-        if expected is not None and not _dimension_matches(actual, expected):
-            raise AssertionError(f'assert_shape: dimension {dim} is {actual}, expected {expected} '
-                                 f'(shape {list(tensor.shape)} vs {list(ref_shape)})')
-
-
-def profiled_function(fn):
-    """Decorator that makes every call of `fn` show up as a named range in torch.profiler traces."""
-    @functools.wraps(fn)
-    def with_profiler_range(*args, **kwargs):
-        with torch.profiler.record_function(fn.__name__):
-            return fn(*args, **kwargs)
-    return with_profiler_range
-
 
 # ----------------------------------------------------------------------------
 # Endless, reshuffling data order for training.
@@ -248,12 +161,6 @@ class InfiniteSampler(torch.utils.data.Sampler):
 def _require_module(obj: Any, caller: str) -> None:
     if not isinstance(obj, torch.nn.Module):
         raise AssertionError(f'{caller}: expected a torch.nn.Module, got {type(obj).__name__}')
-
-
-def params_and_buffers(module: torch.nn.Module) -> list:
-    """All parameters followed by all buffers of `module` (recursively)."""
-    _require_module(module, 'params_and_buffers')
-    return [*module.parameters(), *module.buffers()]
 
 
 def named_params_and_buffers(module: torch.nn.Module) -> list:

@@ -127,6 +127,17 @@ def test_uncertainty_on_adds_edm2_head(precond):
     ref = on.logvar_linear(on.logvar_fourier(sigma.log() / 4)).reshape(-1, 1, 1, 1)
     torch.testing.assert_close(logvar, ref)
 
+def test_uncertainty_head_survives_snapshot_round_trip(tmp_path):
+    from torch_utils import persistence
+    torch.manual_seed(0)
+    net = tiny_edm(logvar_channels=8).eval()
+    persistence.save_network_pkl(dict(ema=net), tmp_path / 'snap.pkl')
+    loaded = persistence.load_network_pkl(tmp_path / 'snap.pkl')['ema']
+    x, sigma, labels = torch.randn(2, 2, 8, 8), torch.tensor([0.2, 5.0]), torch.eye(3)[:2]
+    with torch.no_grad():
+        for a, b in zip(net(x, sigma, labels, return_logvar=True), loaded.eval()(x, sigma, labels, return_logvar=True)):
+            assert torch.equal(a, b)
+
 def test_edm2_loss_trains_the_edm_head():
     torch.manual_seed(0)
     net = tiny_edm(logvar_channels=8).train()

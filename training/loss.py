@@ -123,7 +123,7 @@ class EDMLoss:
 @persistence.persistent_class
 class EDM2Loss:
     """EDM2's loss with learned uncertainty weighting ("Analyzing and Improving the Training Dynamics of
-    Diffusion Models", Karras et al. 2024, Sec. 2 and Appendix B.2, after Kendall et al. 2018):
+    Diffusion Models", Karras et al. 2024, config B of Table 1, after Kendall et al. 2018):
 
         L = lambda(sigma) / e^u(sigma) * (D(y + n; sigma) - y)^2 + u(sigma),
 

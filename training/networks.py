@@ -746,7 +746,7 @@ def _make_model(model_type, **kwargs):
     return models[model_type](**kwargs)
 
 #----------------------------------------------------------------------------
-# Learned uncertainty (our addition, from EDM2: Karras et al. 2024, Sec. 2 / Appendix B.2). An opt-in head
+# Learned uncertainty (our addition, from EDM2: Karras et al. 2024, config B). An opt-in head
 # u(sigma) = logvar_linear(logvar_fourier(ln(sigma) / 4)), EDM2's own MPFourier + MPConv layers with EDM2's
 # state_dict names, read by training.loss.EDM2Loss through forward(..., return_logvar=True). The head always
 # sees ln(sigma) / 4 (EDM2's c_noise), whatever the preconditioner's own c_noise: the Fourier features

@@ -6,8 +6,8 @@ Every layer keeps the expected magnitude (RMS) of its activations at 1 when its 
 - `normalize`: scale to unit RMS over the given dims (pixel norm for activations, per-output-channel for
   weights); `MPConv` uses it for weight normalisation, w_hat = w / ||w|| * gain / sqrt(fan_in), and on
   every training-mode forward also for *forced* weight normalisation, w <- w / ||w|| written back into
-  the stored weight (Sec. 2.3), so weight growth cannot change the effective learning rate;
-- `mp_silu` = SiLU / 0.596 (0.596 is E[silu(z)^2]^(1/2) for z ~ N(0, 1), Sec. 2.5);
+  the stored weight (config E), so weight growth cannot change the effective learning rate;
+- `mp_silu` = SiLU / 0.596 (0.596 ~ E[silu(z)^2]^(1/2) for z ~ N(0, 1); config G);
 - `mp_sum(a, b, t)` = ((1 - t) a + t b) / sqrt((1 - t)^2 + t^2) and `mp_cat`, its concatenation
   analogue, which give the two inputs relative weights (1 - t) : t at unit output magnitude;
 - `MPFourier`: random Fourier features cos(2 pi (f x + phi)) * sqrt(2) (unit RMS for random phases).
@@ -16,11 +16,11 @@ No layer has a bias, there is no group normalisation; conditioning multiplies th
 `out_gain` initialised to 0.
 
 `Precond` is EDM preconditioning (c_skip, c_out, c_in of Karras et al. 2022; c_noise = ln(sigma) / 4) plus
-the learned uncertainty u(sigma) = logvar_linear(logvar_fourier(c_noise)) of Sec. 2 / Appendix B.2 used by
+the learned uncertainty u(sigma) = logvar_linear(logvar_fourier(c_noise)) of config B, used by
 `training.loss.EDM2Loss`.
 
 Module paths, class names, constructor kwargs, defaults and state_dict names follow the paper's public
-code, so its checkpoints load into these classes. Additions: `Precond.round_sigma`, `sigma_min`,
+code, so its checkpoints' state_dicts load into these classes. Additions: `Precond.round_sigma`, `sigma_min`,
 `sigma_max` (the sampler interface of training/networks.py), and `use_bf16`.
 
 This module's source is embedded in network pickles; it imports only numpy, torch and
@@ -278,7 +278,9 @@ class UNet(torch.nn.Module):
 # EDM preconditioning with the learned uncertainty head.
 
 def edm2_coefficients(sigma, sigma_data=0.5):
-    """(c_skip, c_out, c_in, c_noise) of EDM preconditioning with c_noise = ln(sigma) / 4 (flattened)."""
+    """(c_skip, c_out, c_in, c_noise) of EDM preconditioning with c_noise = ln(sigma) / 4 (flattened).
+    The formulas of training.networks.edm_coefficients, restated because this module must load without
+    training.networks (EDM2's code, which executes our embedded source, has no such module)."""
     c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
     c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
     c_in = 1 / (sigma_data ** 2 + sigma ** 2).sqrt()

@@ -2,7 +2,7 @@
 CVPR 2024, Sec. 3 and Appendix C).
 
 A power-function EMA averages the training trajectory theta(tau), tau in [0, t], with the profile
-p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) (Sec. 3.1). Its width is described by the relative standard
+p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1). Its width is described by the relative standard
 deviation sigma_rel of that profile divided by t:
 
     sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3))                      (exp_to_std)
@@ -12,7 +12,7 @@ and the inverse is the largest real root of gamma^3 + 7 gamma^2 + (16 - sigma_re
 the images seen so far, beta(t) = (1 - delta_t / t)^(gamma + 1) for steps of delta_t images
 (power_function_beta).
 
-Post-hoc reconstruction (Sec. 3.2, Algorithm 3 of Appendix C): snapshots of a few tracked profiles
+Post-hoc reconstruction (Sec. 3; the correlation-based solve of Appendix C, Algorithm 3): snapshots of a few tracked profiles
 (t_i, gamma_i) are combined linearly, theta_out = sum_i x_i theta_i, with x the least-squares fit of the
 wanted profile in L2 over tau: A x = b with A_ij = <p_i, p_j> and b_i = <p_i, p_out>
 (power_function_correlation gives <p_a, p_b> in closed form), then normalised so the weights sum to 1

@@ -94,6 +94,18 @@ def test_sampler_interface_and_recorded_kwargs(golden):
     assert a.dtype == torch.float32
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
+def test_snapshot_round_trip_through_the_safe_loader(golden, tmp_path):
+    from torch_utils import persistence
+    g = golden('edm2_net_noattn')
+    net = golden_net(g).eval()
+    persistence.save_network_pkl(dict(ema=net), tmp_path / 'snap.pkl')
+    loaded = persistence.load_network_pkl(tmp_path / 'snap.pkl')['ema']
+    assert type(loaded) is E.Precond and loaded._init_kwargs == g['kwargs']
+    with torch.no_grad():
+        out, logvar = loaded.eval()(g['x'], g['sigma'], g['class_labels'], return_logvar=True)
+    assert torch.equal(out, net(g['x'], g['sigma'], g['class_labels']))
+    assert rel_err(logvar, g['logvar']) <= 1e-5
+
 def test_precision_options_on_cpu(golden):
     g = golden('edm2_net_uncond')
     kwargs = dict(g['kwargs'], use_fp16=True)

@@ -2,6 +2,7 @@
 and the EMA policies' training-loop interface."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -241,3 +242,53 @@ def test_traditional_ema_follows_the_halflife_formula():
         net.weight.fill_(-5)
     frozen.update(cur_nimg=1000, batch_size=100)
     assert frozen.get()[0][0].weight.item() == start
+
+#----------------------------------------------------------------------------
+# The EDM2 pieces in the training loop's policy slots (ema_kwargs / lr_kwargs; train.py wiring comes later).
+
+def test_training_loop_with_edm2_policies_writes_profiles_and_resumes_exactly(tmp_path):
+    from tinydata import make_dataset_zip
+    from torch_utils import persistence
+    from training import training_loop as tl
+    data = make_dataset_zip(tmp_path / 'tiny.zip')
+
+    def run(run_dir, total_kimg, **extra):
+        return tl.training_loop(
+            run_dir=str(run_dir), dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data,
+                                                      use_labels=True, cache=True),
+            data_loader_kwargs=dict(num_workers=0),
+            network_kwargs=dict(class_name='training.networks_edm2.Precond', model_channels=8, channel_mult=[1, 2],
+                                num_blocks=1, attn_resolutions=[4], channels_per_head=8, logvar_channels=8),
+            loss_kwargs=dict(class_name='training.training_loop.EDM2Loss', P_mean=-0.8, P_std=1.6),
+            optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-2, betas=[0.9, 0.99], eps=1e-8),
+            ema_kwargs=dict(class_name='training.phema.PowerFunctionEMA', stds=[0.05, 0.1]),
+            lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=1e-2, ref_batches=2,
+                           rampup_Mimg=0.00003),
+            augment_kwargs=None, seed=1, batch_size=16, total_kimg=total_kimg, kimg_per_tick=0.032,
+            snapshot_ticks=1, state_dump_ticks=1, device=torch.device('cpu'), print_summary=False, **extra)
+
+    run(tmp_path / 'a', 0.064)
+    snaps = sorted(f for f in os.listdir(tmp_path / 'a') if f.startswith('network-snapshot-'))
+    assert snaps[-2:] == ['network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl']
+    ema05 = persistence.load_network_pkl(str(tmp_path / 'a' / snaps[-2]))['ema']
+    ema10 = persistence.load_network_pkl(str(tmp_path / 'a' / snaps[-1]))['ema']
+    assert type(ema05).__name__ == 'Precond'
+    assert not all(torch.equal(a, b) for a, b in zip(ema05.state_dict().values(), ema10.state_dict().values()))
+    straight = torch.load(next(str(tmp_path / 'a' / f) for f in os.listdir(tmp_path / 'a') if f.startswith('training-state')),
+                          weights_only=True)
+    assert straight['ema']['stds'] == [0.05, 0.1] and len(straight['ema']['emas']) == 2
+    # The last step (48 images seen before it) ran at EDM2's lr: past the ramp-up, decayed by sqrt(48 / 32).
+    lr = straight['optimizer_state']['param_groups'][0]['lr']
+    assert lr == pytest.approx(tl.learning_rate_schedule(48, 16, ref_lr=1e-2, ref_batches=2, rampup_Mimg=0.00003), rel=1e-12)
+    assert lr == pytest.approx(1e-2 / np.sqrt(1.5), rel=1e-12)
+
+    # Interrupted after 2 of 4 steps and resumed: identical weights and EMA profiles.
+    run(tmp_path / 'b1', 0.032)
+    state1 = next(str(tmp_path / 'b1' / f) for f in os.listdir(tmp_path / 'b1') if f.startswith('training-state'))
+    run(tmp_path / 'b2', 0.064, resume_state_dump=state1)
+    resumed = torch.load(next(str(tmp_path / 'b2' / f) for f in os.listdir(tmp_path / 'b2') if f.startswith('training-state')),
+                         weights_only=True)
+    assert resumed['cur_nimg'] == straight['cur_nimg'] == 64
+    assert all(torch.equal(resumed['net'][k], v) for k, v in straight['net'].items())
+    for a, b in zip(resumed['ema']['emas'], straight['ema']['emas']):
+        assert all(torch.equal(a[k], v) for k, v in b.items())

@@ -18,10 +18,11 @@ wanted profile in L2 over tau: A x = b with A_ij = <p_i, p_j> and b_i = <p_i, p_
 (power_function_correlation gives <p_a, p_b> in closed form), then normalised so the weights sum to 1
 (solve_posthoc_coefficients). `combine_snapshots` applies the coefficients.
 
-The EMA policies of the training loop live here too: `PowerFunctionEMA` (the EDM2 default, one EMA per
-sigma_rel) and `TraditionalEMA` (half-life with ramp-up, as in EDM). Both follow EDM2's call convention:
-`update(cur_nimg, batch_size)` after every optimizer step, where cur_nimg counts the images seen including
-that step.
+EDM2's EMA policies for the training loop (interface: training/ema.py): `PowerFunctionEMA` (the EDM2
+default, one EMA per sigma_rel) and `TraditionalEMA` (EDM2's half-life EMA with ramp-up). Both follow EDM2's
+call convention: `update(cur_nimg, batch_size)` after every optimizer step, where cur_nimg counts the
+images seen including that step (unlike training.ema.HalfLifeEMA, which reproduces the paper's EDM loop
+and evaluates its beta at the images seen before the step).
 
 Post-hoc math is float64 numpy; EMA weights are updated in the network's own dtype.
 """
@@ -32,6 +33,8 @@ import copy
 
 import numpy as np
 import torch
+
+from training.ema import ema_beta
 
 #----------------------------------------------------------------------------
 # Profile width <-> exponent.
@@ -194,7 +197,6 @@ class TraditionalEMA:
         _copy_params_and_buffers(self.net, self.ema)
 
     def update(self, cur_nimg: int, batch_size: int) -> None:
-        from training.training_loop import ema_beta  # the loop's formula; imported here as the loop imports us
         _lerp_params(self.ema, self.net, ema_beta(batch_size, cur_nimg, self.halflife_Mimg * 1000, self.rampup_ratio))
 
     def get(self) -> list:

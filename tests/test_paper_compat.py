@@ -102,9 +102,20 @@ def paper_environment(paper_names):
         sys.modules.update(saved)
 
 
+def _import_time_nodes(tree):
+    """Every node that runs when the module is executed: all but the bodies of functions (an import inside a
+    function runs only when called, e.g. an opt-in feature the paper's code cannot construct anyway)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            stack.extend(ast.iter_child_nodes(node))
+
+
 def _project_imports(source: str):
-    """(module, [names]) for every import of a project package in `source`."""
-    for node in ast.walk(ast.parse(source)):
+    """(module, [names]) for every import-time import of a project package in `source`."""
+    for node in _import_time_nodes(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split('.')[0] in PROJECT_PACKAGES:
             yield node.module, [a.name for a in node.names]
         elif isinstance(node, ast.Import):

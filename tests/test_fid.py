@@ -9,6 +9,7 @@ import os
 import pathlib
 import pickle
 import subprocess
+import time
 import sys
 import threading
 import types
@@ -514,3 +515,27 @@ def test_rank_batches_cover_every_image_once(monkeypatch, num_items, batch, worl
     assert max(sizes) - min(sizes) <= max(1, batch)  # Balanced: ranks differ by at most one batch's worth.
     if world > 1 and num_items > batch * world:
         assert shares[1][0][0] != 0 and shares[0][1][0] > shares[1][0][0]  # Striding: rank 1 takes slot 1.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('command', ['calc', 'net'])
+def test_failure_on_rank0_stops_every_rank(command, folders, tmp_path, subprocess_env, repo_root):
+    """Rank 0 fails to load the detector: every rank must stop with an error, at once, instead of the other
+    ranks waiting in the next collective until its timeout (30 minutes)."""
+    bad = tmp_path / 'detector.pt'
+    bad.write_text('not a detector\n')
+    ref = tmp_path / 'ref.npz'
+    np.savez(ref, mu=np.zeros(4), sigma=np.eye(4))
+    args = (['calc', f'--images={folders.a}', '--num=4', '--workers=0'] if command == 'calc'
+            else ['net', f'--network={tmp_path / "unused.pkl"}', '--seeds=0-3'])
+    t0 = time.time()
+    # '--': torchrun's own parser would otherwise take --num for its --numa-binding (ambiguous prefix).
+    proc = subprocess.run(['torchrun', '--standalone', '--nproc_per_node=2', '--', 'fid.py'] + args
+                          + [f'--ref={ref}', f'--detector={bad}'], cwd=repo_root, env=subprocess_env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert 'Detector' in proc.stderr and str(bad) in proc.stderr, proc.stderr[-2000:]
+    # The other rank learned of the failure through the agreement, not by a dead peer (which gloo only
+    # notices when the process is gone, and NCCL not at all until the timeout).
+    assert 'failed on another process' in proc.stderr and 'Connection closed by peer' not in proc.stderr
+    assert time.time() - t0 < 200  # far below the collective timeout

@@ -146,19 +146,14 @@ def test_vp_sigma_range_and_schedule():
 
 # --- loss weights -----------------------------------------------------------------------------
 
-def test_edm_weight_times_c_out_squared_is_one():
-    sigma_data = 0.5
+def test_edm_weight_is_one_over_c_out_squared_of_the_network():
+    # The loss weight and the network's preconditioning are written in two modules; they must agree
+    # (lambda = 1/c_out^2 gives the raw network F a unit-weight target at every noise level).
     sigma = torch.logspace(-3, 2, 50, dtype=torch.float64)
-    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
-    torch.testing.assert_close(L.edm_weight(sigma, sigma_data) * c_out ** 2, torch.ones_like(sigma), rtol=1e-12, atol=0)
-    # Other sigma_data: the identity still holds.
-    c_out = sigma * 0.3 / (sigma ** 2 + 0.3 ** 2).sqrt()
-    torch.testing.assert_close(L.edm_weight(sigma, 0.3) * c_out ** 2, torch.ones_like(sigma), rtol=1e-12, atol=0)
-
-
-def test_vp_ve_weight_is_inverse_variance():
-    sigma = torch.tensor([0.002, 0.5, 1.0, 80.0], dtype=torch.float64)
-    torch.testing.assert_close(L.snr_weight(sigma), 1 / sigma ** 2, rtol=1e-15, atol=0)
+    for sigma_data in (0.5, 0.3, 1.0):
+        _c_skip, c_out, _c_in, _c_noise = networks.edm_coefficients(sigma, sigma_data)
+        torch.testing.assert_close(L.edm_weight(sigma, sigma_data) * c_out ** 2, torch.ones_like(sigma),
+                                   rtol=1e-12, atol=0)
 
 
 def test_loss_hyperparameters_are_used():

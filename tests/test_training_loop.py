@@ -235,3 +235,24 @@ def test_transfer_from_snapshot_and_resume_with_other_world_size(tmp_path):
     res = tl.training_loop(**loop_kwargs(data, tmp_path / 'c', 0.032, resume_state_dump=str(tmp_path / 'two-ranks.pt')))
     assert res.cur_nimg == 32
     assert 'written by 2 ranks, now 1; random streams are re-seeded' in (tmp_path / 'c' / 'log.txt').read_text()
+
+
+def test_version_1_states_still_resume_and_newer_ones_are_refused(tmp_path):
+    # Before EMA policies, a state held the EMA module's state_dict under 'ema' and version 1: the
+    # default policy's state_dict is exactly that, so such a state continues the run unchanged.
+    data = make_dataset_zip(tmp_path / 'tiny.zip')
+    tl.training_loop(**loop_kwargs(data, tmp_path / 'a', 0.032))
+    tl.training_loop(**loop_kwargs(data, tmp_path / 'a1', 0.016))
+    state = torch.load(only_state(tmp_path / 'a1'), weights_only=True)
+    assert state['version'] == tl.STATE_VERSION == 2
+    legacy = {k: v for k, v in state.items() if k != 'ema_class'}
+    legacy['version'] = 1
+    torch.save(legacy, tmp_path / 'legacy.pt')
+    tl.training_loop(**loop_kwargs(data, tmp_path / 'b', 0.032, resume_state_dump=str(tmp_path / 'legacy.pt')))
+    straight, resumed = (torch.load(only_state(tmp_path / d), weights_only=True) for d in ('a', 'b'))
+    assert _tensors_equal(straight['net'], resumed['net']) and _tensors_equal(straight['ema'], resumed['ema'])
+
+    state['version'] = tl.STATE_VERSION + 1
+    torch.save(state, tmp_path / 'future.pt')
+    with pytest.raises(tl.CheckpointError, match='version 3 is not one this code reads'):
+        tl.load_training_state(str(tmp_path / 'future.pt'))

@@ -209,19 +209,29 @@ def test_vp_sigma_inverse_and_derivative():
     torch.testing.assert_close(net.sigma_inv(net.sigma(torch.tensor([0.3, 0.7]))), torch.tensor([0.3, 0.7]))
 
 def test_vp_ve_iddpm_coefficients():
-    s = SIGMAS
+    # Table 1's coefficients through what they mean rather than restated. With x = y + sigma n, D(x) = y needs
+    # the raw network to output F = (y - c_skip x) / c_out: the noise n for VP and iDDPM, -n for VE.
+    g = torch.Generator().manual_seed(0)
+    s = SIGMAS.reshape(-1, 1)
+    y, n = torch.randn([2, len(SIGMAS), 32], generator=g, dtype=torch.float64)
+    x = y + s * n
+    target = lambda c_skip, c_out: (y - c_skip * x) / c_out
     c_skip, c_out, c_in, c_noise = N.vp_coefficients(s)
-    assert c_skip == 1
-    torch.testing.assert_close(c_out, -s)
-    torch.testing.assert_close(c_in, 1 / (s ** 2 + 1).sqrt())
-    torch.testing.assert_close(c_noise, 999 * N.vp_sigma_inv(s))
+    torch.testing.assert_close(target(c_skip, c_out), n)
+    torch.testing.assert_close(c_in ** 2 * (s ** 2 + 1), torch.ones_like(s))  # unit-variance input (data std 1)
+    torch.testing.assert_close(N.vp_sigma(c_noise / 999), s)  # c_noise = (M - 1) t, t the VP time of sigma
     c_skip, c_out, c_in, c_noise = N.ve_coefficients(s)
-    assert c_skip == 1 and c_in == 1
-    torch.testing.assert_close(c_out, s)
-    torch.testing.assert_close(c_noise, (s / 2).log())
-    idx = torch.tensor([3.0, 998.0], dtype=torch.float64)
-    c_skip, c_out, c_in, c_noise = N.iddpm_coefficients(s[:2], idx)
-    torch.testing.assert_close(c_noise, 999 - idx)
+    torch.testing.assert_close(target(c_skip, c_out), -n)
+    assert c_in == 1
+    # c_noise = ln(sigma / 2): 0 at sigma = 2, +1 per factor e.
+    torch.testing.assert_close(N.ve_coefficients(torch.tensor([2.0, 2 * math.e], dtype=torch.float64))[3],
+                               torch.tensor([0.0, 1.0], dtype=torch.float64))
+    # iDDPM predicts the noise like VP; c_noise counts the M timesteps backwards from u_0 (noisiest) = 999.
+    idx = torch.tensor([0, 1, 500, 999])
+    u = N.iddpm_u(dtype=torch.float64)[idx]
+    for a, b in zip(N.iddpm_coefficients(u, idx)[:3], N.vp_coefficients(u)[:3]):
+        torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+    assert N.iddpm_coefficients(u, idx)[3].tolist() == [999, 998, 499, 0]
 
 def test_iddpm_u_table_and_rounding():
     u = N.iddpm_u()
@@ -329,14 +339,22 @@ def test_attention_op_backward():
     torch.testing.assert_close(dq, q.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dk, k.grad, rtol=1e-5, atol=1e-6)
 
-def test_positional_embedding_formula():
-    x = torch.tensor([0.0, 1.0, 123.4])
-    emb = N.PositionalEmbedding(8, endpoint=True)(x)
-    freqs = (1 / 10000) ** (torch.arange(4) / 3)
-    torch.testing.assert_close(emb, torch.cat([(x[:, None] * freqs).cos(), (x[:, None] * freqs).sin()], 1))
-    emb = N.PositionalEmbedding(8)(x)
-    freqs = (1 / 10000) ** (torch.arange(4) / 4)
-    torch.testing.assert_close(emb, torch.cat([(x[:, None] * freqs).cos(), (x[:, None] * freqs).sin()], 1))
+def test_positional_embedding_frequencies():
+    # [cos(x f_i), sin(x f_i)] with frequencies falling geometrically from f_0 = 1 to 1/max_positions, reached
+    # at the last channel with endpoint=True (SongUNet) and one step past it without (DhariwalUNet). The
+    # frequencies are read back from the embedding of x = 1 (all f_i <= 1 < pi: the angle is unambiguous).
+    for endpoint in (True, False):
+        emb = N.PositionalEmbedding(16, endpoint=endpoint)(torch.tensor([0.0, 1.0])).double()
+        assert emb.shape == (2, 16)
+        torch.testing.assert_close(emb[0], torch.cat([torch.ones(8), torch.zeros(8)]).double())  # x = 0
+        f = torch.atan2(emb[1, 8:], emb[1, :8])
+        ratio = f[1:] / f[:-1]
+        torch.testing.assert_close(ratio, ratio[:1].expand(7), rtol=1e-5, atol=0)
+        assert f[0].item() == pytest.approx(1, rel=1e-6)
+        last = f[-1] if endpoint else f[-1] * ratio[0]
+        assert last.item() == pytest.approx(1e-4, rel=1e-5), endpoint
+    emb = N.PositionalEmbedding(8, max_positions=100, endpoint=True)(torch.tensor([1.0]))
+    assert math.atan2(emb[0, 7], emb[0, 3]) == pytest.approx(1e-2, rel=1e-5)
 
 #----------------------------------------------------------------------------
 # Conditioning, label dropout, precision, persistence hooks.

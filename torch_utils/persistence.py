@@ -42,7 +42,7 @@ _version = 6                 # Record version of the paper's layout; its loader 
 PLAIN_FORMAT = 'edm-plain-v1'
 
 # Modules whose persistent classes may be rebuilt from a checkpoint (imported lazily, by name).
-SAFE_MODULES = ('training.networks', 'training.loss', 'training.augment')
+SAFE_MODULES = ('training.networks', 'training.loss', 'training.augment', 'training.compression')
 
 _persistent_classes: list[type] = []  # Classes produced by @persistent_class, oldest first.
 

@@ -310,6 +310,23 @@ def test_int8_network_behaves_like_the_network_it_wraps(tmp_path):
         assert torch.equal(q(FIXED_X, FIXED_SIGMA, FIXED_LABELS), first)
 
 
+@pytest.mark.parametrize('dtype', ['int8', 'fp16'])
+def test_fid_net_runs_compressed_snapshots_unchanged(tmp_path, dtype):
+    import fid
+    src = save(tmp_path / 'net.pkl', make_net())
+    run(['quantize', '--network', src, '--dest', tmp_path / 'q.pkl', '--dtype', dtype])
+    detector = tmp_path / 'standin.pt'
+    torch.jit.save(torch.jit.script(StandInDetector()), str(detector))
+    data = make_dataset_zip(tmp_path / 'ref.zip', num_images=8, resolution=8)
+    ref = tmp_path / 'ref.npz'
+    for args in (['ref', '--data', data, '--dest', ref, '--workers', 0, '--detector', detector],
+                 ['net', '--network', tmp_path / 'q.pkl', '--ref', ref, '--seeds', '0-3', '--repeats', 1,
+                  '--steps', 2, '--detector', detector]):
+        result = CliRunner().invoke(fid.main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    assert math.isfinite(float(result.stdout.strip().splitlines()[-1]))
+
+
 def test_dynamic_int8_linear_uses_the_stored_int8_weights():
     q = C.quantize_int8(make_net())
     dyn = C.dynamic_int8_linear(q)

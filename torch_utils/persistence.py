@@ -9,7 +9,7 @@ so `network-snapshot-*.pkl` files written here load in the paper's code and vice
 
 Reading: the paper's loader executes `module_src`, i.e. arbitrary code from the file. We never do.
 `load_network_pkl` uses a restricted unpickler that admits only tensor/storage rebuilders, plain
-containers and our own classes (`training.networks|loss|augment`), and rebuilds every persistent
+containers and our own classes (`training.networks|loss|augment|compression`), and rebuilds every persistent
 object from its class name + constructor kwargs + the tensors found in its state.
 
 We also offer a code-free format ('edm-plain-v1': a `torch.save` zip of class names, JSON kwargs and

@@ -8,6 +8,8 @@ Diffusion-Based Generative Models" (Karras et al., NeurIPS 2022).
   The coefficient formulas are small pure functions (`edm_coefficients`, `vp_coefficients`,
   `ve_coefficients`, `iddpm_coefficients`, `vp_sigma`, `vp_sigma_deriv`, `vp_sigma_inv`, `iddpm_u`).
 - `no_weight_init()`: build without random init (before loading a checkpoint, or on the meta device).
+- `conv_groups` (our addition, both U-Nets): grouped 3x3 convolutions inside the U-Net blocks, a smaller
+  model; the default 1 is the paper's network and is never recorded in constructor kwargs.
 
 Module paths, class names, constructor kwargs and state_dict names match the paper's public code so
 released checkpoints load unchanged (see torch_utils/persistence.py for the safe loader).

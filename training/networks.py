@@ -247,10 +247,8 @@ def _only_if_grouped(**kwargs) -> dict:
 
 def conv_groups_mismatch(conv_groups: int, model_channels: int, channel_mult) -> tuple[int, int] | None:
     """First (level, width) of a U-Net whose width model_channels * channel_mult[level] is not divisible
-    by conv_groups, or None when G divides them all (then it also divides every block's input width,
+    by conv_groups >= 1, or None when G divides them all (then it also divides every block's input width,
     a sum of level widths in the decoder)."""
-    if conv_groups < 1:
-        return (-1, 0)
     for level, mult in enumerate(channel_mult):
         if (model_channels * mult) % conv_groups:
             return level, model_channels * mult
@@ -258,11 +256,11 @@ def conv_groups_mismatch(conv_groups: int, model_channels: int, channel_mult) ->
 
 def check_conv_groups(conv_groups: int, model_channels: int, channel_mult) -> None:
     """Raise a one-line ValueError unless conv_groups >= 1 divides every level's width."""
+    if conv_groups < 1:
+        raise ValueError(f'conv_groups must be >= 1, got {conv_groups}')
     bad = conv_groups_mismatch(conv_groups, model_channels, channel_mult)
     if bad is None:
         return
-    if conv_groups < 1:
-        raise ValueError(f'conv_groups must be >= 1, got {conv_groups}')
     level, width = bad
     raise ValueError(f'conv_groups={conv_groups} does not divide the {width} channels of level {level} '
                      f'(model_channels={model_channels} x channel_mult[{level}]={channel_mult[level]}); '

@@ -290,7 +290,10 @@ def scatter_plot(points: list[tuple[str, float, float]], x_label: str, y_label: 
     for name, x, y in points:
         px, py = to_px(x, y)
         draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=(200, 40, 40), outline='black')
-        draw.text((px + 8, py - 8), name, fill='black', font=font, anchor='lb')
+        if px + 8 + draw.textlength(name, font=font) < width - 4:
+            draw.text((px + 8, py - 8), name, fill='black', font=font, anchor='lb')
+        else:  # no room on the right: label to the left of the marker
+            draw.text((px - 8, py - 8), name, fill='black', font=font, anchor='rb')
     return image
 
 #----------------------------------------------------------------------------

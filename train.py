@@ -26,6 +26,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from training import presets, training_loop
 from training.dataset import dataset_fingerprint
+from training.networks import conv_groups_mismatch
 
 # DDP reports a layout mismatch for the gradients of 1x1 convolutions; it copies them correctly anyway.
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
@@ -114,6 +115,8 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
 @click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
 @click.option('--blocks', help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--conv-groups', help='Groups of the 3x3 convs in U-Net blocks (must divide the widths)', metavar='INT',
+              type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
               default=10e-4, show_default=True)
 @click.option('--lr-rampup', help='Learning rate ramp-up', metavar='KIMG', type=click.FloatRange(min=0),
@@ -350,12 +353,27 @@ def _validate(opts: dnnlib.EasyDict, world: int) -> None:
         raise click.BadParameter('--cres needs positive channel multipliers, e.g. 2,2,2', param_hint='--cres')
     if opts.fp16 and opts.bf16:
         raise click.ClickException('--fp16 and --bf16 are mutually exclusive')
+    _validate_conv_groups(opts)
     if opts.batch % world != 0:
         raise click.ClickException(f'--batch={opts.batch} is not divisible by the number of ranks ({world})')
     per_rank = opts.batch // world
     if opts.batch_gpu is not None and opts.batch_gpu < per_rank and per_rank % opts.batch_gpu != 0:
         raise click.ClickException(f'--batch={opts.batch} is not divisible by ranks ({world}) x --batch-gpu='
                                    f'{opts.batch_gpu}; pick --batch-gpu dividing {per_rank}')
+
+
+def _validate_conv_groups(opts: dnnlib.EasyDict) -> None:
+    """--conv-groups must divide every level width (--cbase x --cres), checked before the network is built."""
+    groups = opts.get('conv_groups', 1)
+    preset = ARCH_PRESETS[opts.arch]
+    cbase = opts.cbase if opts.cbase is not None else preset['model_channels']
+    cres = opts.cres if opts.cres is not None else preset['channel_mult']
+    bad = conv_groups_mismatch(groups, cbase, cres)
+    if bad is not None:
+        level, width = bad
+        raise click.BadParameter(f'{groups} does not divide the {width} channels of level {level} '
+                                 f'(--cbase={cbase} x --cres[{level}]={cres[level]}); choose a divisor of every '
+                                 f'level width', param_hint='--conv-groups')
 
 
 def _network_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
@@ -371,6 +389,8 @@ def _network_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
         kwargs.channel_mult = opts.cres
     if opts.blocks is not None:
         kwargs.num_blocks = opts.blocks
+    if opts.get('conv_groups', 1) != 1:
+        kwargs.conv_groups = opts.conv_groups  # our addition; left out at 1 so the kwargs match the paper's
     if opts.augment:
         kwargs.augment_dim = 9
     kwargs.dropout = opts.dropout

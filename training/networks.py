@@ -11,6 +11,8 @@ Diffusion-Based Generative Models" (Karras et al., NeurIPS 2022).
   `logvar_channels=N` to add EDM2's log-variance head (`forward(..., return_logvar=True)`, used by
   `training.loss.EDM2Loss`); off by default, and then nothing changes.
 - `no_weight_init()`: build without random init (before loading a checkpoint, or on the meta device).
+- `conv_groups` (our addition, both U-Nets): grouped 3x3 convolutions inside the U-Net blocks, a smaller
+  model; the default 1 is the paper's network and is never recorded in constructor kwargs.
 
 Module paths, class names, constructor kwargs and state_dict names match the paper's public code so
 released checkpoints load unchanged (see torch_utils/persistence.py for the safe loader).
@@ -123,21 +125,29 @@ class Conv2d(torch.nn.Module):
       the `resample_filter` taps ([1,1] box, [1,3,3,1] bilinear).
     fused_resample -- fold resampling and convolution into one padded pass (different border
       handling from the separate path); NCSN++'s 'residual' input pyramid uses it.
-    init_mode, init_weight, init_bias -- as in `Linear`, with fans = channels * kernel**2.
+    init_mode, init_weight, init_bias -- as in `Linear`, with fans = channels * kernel**2 / groups.
+    groups -- (our addition) grouped convolution: input and output channels are split into `groups`
+      groups, each output group sees only its input group (weight [out, in / groups, k, k]). Must
+      divide both channel counts. 1 (the default) is the ordinary dense convolution.
     """
+    groups = 1  # class default; set on the instance only when grouped
     def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
                  resample_filter=[1,1], fused_resample=False, init_mode='kaiming_normal',
-                 init_weight=1, init_bias=0):
+                 init_weight=1, init_bias=0, groups=1):
         assert not (up and down), 'Conv2d cannot both upsample and downsample'
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f'Conv2d groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}')
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.up = up
         self.down = down
         self.fused_resample = fused_resample
+        if groups != 1:  # else the class default, so a default layer's pickled state stays the paper's
+            self.groups = groups
         taps = kernel * kernel
-        fans = dict(fan_in=in_channels * taps, fan_out=out_channels * taps)
-        self.weight = torch.nn.Parameter(_init_param([out_channels, in_channels, kernel, kernel], init_mode, scale=init_weight, **fans)) if kernel else None
+        fans = dict(fan_in=in_channels // groups * taps, fan_out=out_channels // groups * taps)
+        self.weight = torch.nn.Parameter(_init_param([out_channels, in_channels // groups, kernel, kernel], init_mode, scale=init_weight, **fans)) if kernel else None
         self.bias = torch.nn.Parameter(_init_param([out_channels], init_mode, scale=init_bias, **fans)) if kernel and bias else None
         self.register_buffer('resample_filter', make_resample_filter(resample_filter) if up or down else None)
 
@@ -151,11 +161,11 @@ class Conv2d(torch.nn.Module):
         if self.fused_resample and self.up and w is not None:
             # Upsample without cropping, then a valid-ish convolution: one fewer padding pass.
             x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=max(f_pad - w_pad, 0))
-            x = F.conv2d(x, w, b if FUSED_CONV_BIAS else None, padding=max(w_pad - f_pad, 0))
+            x = F.conv2d(x, w, b if FUSED_CONV_BIAS else None, padding=max(w_pad - f_pad, 0), groups=self.groups)
             b = b if not FUSED_CONV_BIAS else None
         elif self.fused_resample and self.down and w is not None:
             # Convolve at full resolution with extra padding, then filter + decimate.
-            x = F.conv2d(x, w, padding=w_pad + f_pad)
+            x = F.conv2d(x, w, padding=w_pad + f_pad, groups=self.groups)
             x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
         else:
             if self.up:
@@ -163,7 +173,7 @@ class Conv2d(torch.nn.Module):
             if self.down:
                 x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
             if w is not None:
-                x = F.conv2d(x, w, b if FUSED_CONV_BIAS else None, padding=w_pad)
+                x = F.conv2d(x, w, b if FUSED_CONV_BIAS else None, padding=w_pad, groups=self.groups)
                 b = b if not FUSED_CONV_BIAS else None
         if b is not None:
             x = x.add_(b.reshape(1, -1, 1, 1))
@@ -229,6 +239,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str | Non
     return torch.einsum('nqk,nck->ncq', w, v)
 
 #----------------------------------------------------------------------------
+# Grouped convolutions (our addition): an opt-in way to shrink the U-Nets. A group count G applies to
+# the 3x3 convolutions inside every UNetBlock; the input conv and the output conv (image channels),
+# the NCSN++ input pyramid and all 1x1 convolutions stay dense. G = 1 is the paper's architecture, and
+# is never recorded in constructor kwargs, so default networks pickle exactly as before.
+
+def _only_if_grouped(**kwargs) -> dict:
+    """The given group-count kwargs, or {} when they are all 1 (keeps default kwargs the paper's)."""
+    return kwargs if any(v != 1 for v in kwargs.values()) else {}
+
+def conv_groups_mismatch(conv_groups: int, model_channels: int, channel_mult) -> tuple[int, int] | None:
+    """First (level, width) of a U-Net whose width model_channels * channel_mult[level] is not divisible
+    by conv_groups >= 1, or None when G divides them all (then it also divides every block's input width,
+    a sum of level widths in the decoder)."""
+    for level, mult in enumerate(channel_mult):
+        if (model_channels * mult) % conv_groups:
+            return level, model_channels * mult
+    return None
+
+def check_conv_groups(conv_groups: int, model_channels: int, channel_mult) -> None:
+    """Raise a one-line ValueError unless conv_groups >= 1 divides every level's width."""
+    if conv_groups < 1:
+        raise ValueError(f'conv_groups must be >= 1, got {conv_groups}')
+    bad = conv_groups_mismatch(conv_groups, model_channels, channel_mult)
+    if bad is None:
+        return
+    level, width = bad
+    raise ValueError(f'conv_groups={conv_groups} does not divide the {width} channels of level {level} '
+                     f'(model_channels={model_channels} x channel_mult[{level}]={channel_mult[level]}); '
+                     f'choose a divisor of every level width')
+
+#----------------------------------------------------------------------------
 # U-Net block: GroupNorm-SiLU-Conv, embedding-conditioned scale/shift, dropout,
 # conv, skip connection, optional self-attention.
 
@@ -250,11 +291,13 @@ class UNetBlock(torch.nn.Module):
       added before the second norm (DDPM++/NCSN++).
     init -- init kwargs for ordinary layers; init_zero -- for conv1 and proj, which write into
       the residual sum; init_attn -- for qkv (falls back to `init`).
+    conv_groups -- (our addition) groups of the two 3x3 convolutions conv0 and conv1 (see `Conv2d`);
+      the 1x1 skip projection, qkv and proj stay dense and mix the channels across groups.
     """
     def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False,
                  attention=False, num_heads=None, channels_per_head=64, dropout=0, skip_scale=1,
                  eps=1e-5, resample_filter=[1,1], resample_proj=False, adaptive_scale=True,
-                 init=dict(), init_zero=dict(init_weight=0), init_attn=None):
+                 init=dict(), init_zero=dict(init_weight=0), init_attn=None, conv_groups=1):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -271,11 +314,12 @@ class UNetBlock(torch.nn.Module):
         # `affine` maps emb to a (scale, shift) pair, or to a shift only.
         cond_width = 2 * out_channels if adaptive_scale else out_channels
 
+        grouped = _only_if_grouped(groups=conv_groups)
         self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init, **grouped)
         self.affine = Linear(in_features=emb_channels, out_features=cond_width, **init)
         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
-        self.conv1 = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=3, **init_zero)
+        self.conv1 = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=3, **init_zero, **grouped)
 
         # Identity skip unless the shape changes; then a 1x1 projection when the width changes
         # (or resample_proj asks for one), else a weightless resampler.
@@ -397,15 +441,20 @@ class SongUNet(torch.nn.Module):
       decoder_type -- 'standard' (both) predicts from the finest level only; 'skip' sums
         upsampled predictions from all levels.
       resample_filter -- 1-D FIR taps for up/down-sampling: [1,1] (DDPM++), [1,3,3,1] (NCSN++).
+
+    Size (our addition):
+      conv_groups -- group count G of the 3x3 convolutions inside every UNetBlock (their weights
+        shrink by G); must divide every level width. 1 is the paper's dense network.
     """
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
                  model_channels=128, channel_mult=[1,2,2,2], channel_mult_emb=4, num_blocks=4,
                  attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type='positional',
                  channel_mult_noise=1, encoder_type='standard', decoder_type='standard',
-                 resample_filter=[1,1]):
+                 resample_filter=[1,1], conv_groups=1):
         assert embedding_type in ['fourier', 'positional'], f'invalid embedding_type {embedding_type!r}'
         assert encoder_type in ['standard', 'skip', 'residual'], f'invalid encoder_type {encoder_type!r}'
         assert decoder_type in ['standard', 'skip'], f'invalid decoder_type {decoder_type!r}'
+        check_conv_groups(conv_groups, model_channels, channel_mult)
 
         super().__init__()
         self.label_dropout = label_dropout
@@ -419,7 +468,7 @@ class SongUNet(torch.nn.Module):
         block_cfg = dict(
             emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5), eps=1e-6,
             resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-            init=init_std, init_zero=init_out, init_attn=init_qkv,
+            init=init_std, init_zero=init_out, init_attn=init_qkv, **_only_if_grouped(conv_groups=conv_groups),
         )
 
         # Conditioning MLP: noise-level features (+ class, + augmentation terms) -> emb_channels.
@@ -550,10 +599,15 @@ class DhariwalUNet(torch.nn.Module):
       dropout -- dropout rate inside every residual block (before its second conv).
       label_dropout -- training-time probability of blanking a sample's class label
         (classifier-free guidance).
+
+    Size (our addition):
+      conv_groups -- group count G of the 3x3 convolutions inside every UNetBlock (their weights
+        shrink by G); must divide every level width. 1 is the paper's dense network.
     """
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
                  model_channels=192, channel_mult=[1,2,3,4], channel_mult_emb=4, num_blocks=3,
-                 attn_resolutions=[32,16,8], dropout=0.10, label_dropout=0):
+                 attn_resolutions=[32,16,8], dropout=0.10, label_dropout=0, conv_groups=1):
+        check_conv_groups(conv_groups, model_channels, channel_mult)
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
@@ -561,7 +615,8 @@ class DhariwalUNet(torch.nn.Module):
         # the residual stream, and the augmentation mapping, start at exactly zero.
         init_std = dict(init_mode='kaiming_uniform', init_weight=np.sqrt(1/3), init_bias=np.sqrt(1/3))
         init_out = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
-        block_cfg = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init_std, init_zero=init_out)
+        block_cfg = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init_std, init_zero=init_out,
+                         **_only_if_grouped(conv_groups=conv_groups))
 
         # Conditioning MLP: sinusoidal noise features (+ augmentation) -> emb_channels; the class
         # embedding is added after the MLP (see forward).

@@ -1,0 +1,461 @@
+"""Compress a trained network and measure what it costs: size on disk, CPU speed and FID.
+
+    python compress.py prune    --network=net.pkl --dest=net-l1-50.pkl --amount=0.5 --method=l1 --scope=global
+    python compress.py quantize --network=net.pkl --dest=net-int8.pkl --dtype=int8
+    python compress.py report   --network=net.pkl --network=net-l1-50.pkl --network=net-int8.pkl \\
+                                --data=datasets/digits-16x16.zip --num=1000 --out=compress-out/report
+
+`prune` and `quantize` read any network snapshot this project loads (a path or URL; the safe loader, no
+embedded code runs) and write a snapshot in the same layout -- the dict with 'ema', 'loss_fn',
+'augment_pipe', 'dataset_kwargs' -- so generate.py and fid.py use it unchanged. Only the 'ema' network is
+compressed; int8 snapshots are for inference (their tensor names differ, so `train.py --transfer` cannot
+start from one). The snapshot also gets a 'compression' entry: a list of the steps applied
+so far (oldest first), each a dict of plain values, e.g.
+    {'method': 'prune', 'criterion': 'l1', 'scope': 'global', 'region': 'all', 'amount': 0.5, 'seed': 0,
+     'source': 'net.pkl', 'sparsity': 0.5}
+    {'method': 'quantize', 'dtype': 'int8', 'source': 'net-l1-50.pkl', 'layers': 151}
+
+What is stored (training/compression.py has the formulas):
+- prune: float32 weights with zeros, same classes; the raw file is as large as before, the zip-compressed one
+  smaller.
+- fp16 / bf16: every parameter stored in that dtype in the same classes (buffers stay float32). The layers
+  cast weights to the activation dtype on use, so the network computes in float32 (or bfloat16 with
+  `generate.py --bf16`).
+- int8: conv/linear weights as int8 with one float32 scale per output channel (symmetric: scale = max|w|/127),
+  other parameters float32, inside a `training.compression.Int8Network` wrapper that the safe loader
+  rebuilds like our other classes. Weights are dequantised to float32 once, in memory, when first used;
+  the file is ~4x smaller, compute is float32. `report --int8-dynamic` additionally runs the Linear layers
+  of int8 networks with torch.ao dynamic int8 kernels (CPU).
+
+Everything runs in one process on the CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import time
+import zipfile
+
+import click
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+import torch
+import tqdm
+
+import dnnlib
+import fid
+from torch_utils import persistence
+from training import compression, sampling
+
+REGION_HELP = ('all = every conv/linear weight; middle = encoder and decoder layers at the lowest resolution incl. '
+               'the bottleneck; ends = encoder and decoder layers at the highest resolution incl. the input and '
+               'output convs')
+
+#----------------------------------------------------------------------------
+# Snapshots in and out.
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_snapshot(network: str) -> tuple[dict, str]:
+    """(snapshot dict, local file) for a path or URL (URLs through the dnnlib download cache).
+    Raises a one-line ClickException for a missing, unreadable or non-network file."""
+    path = network
+    if dnnlib.util.is_url(network, allow_file_urls=True):
+        try:
+            path = dnnlib.util.open_url(network, return_filename=True)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f'--network {network}: cannot fetch it ({_first_line(e)})') from None
+    elif not os.path.isfile(network):
+        raise click.ClickException(f'--network {network}: no such file; pass a network snapshot path or URL')
+    try:
+        data = persistence.load_network_pkl(path)
+    except ValueError as e:  # persistence.CheckpointError: one line naming the file
+        raise click.ClickException(f'--network: {_first_line(e)}') from None
+    if not isinstance(data.get('ema'), torch.nn.Module):
+        raise click.ClickException(f'--network {network}: no network under key "ema" (keys: {sorted(map(str, data))})')
+    data['ema'].eval().requires_grad_(False)
+    return data, path
+
+
+def save_snapshot(data: dict, dest: str, step: dict) -> None:
+    """Append `step` to the snapshot's 'compression' list and write it atomically (the paper's pickle layout)."""
+    data = dict(data)
+    data['compression'] = list(data.get('compression') or []) + [step]
+    folder = os.path.dirname(os.path.abspath(dest))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        persistence.save_network_pkl(data, dest)
+    except OSError as e:
+        raise click.ClickException(f'--dest {dest}: cannot write it ({e.strerror or _first_line(e)})') from None
+
+
+def describe(steps) -> str:
+    """One line for a snapshot's 'compression' list, e.g. 'prune l1 global all 50% + int8'."""
+    parts = []
+    for s in steps or []:
+        if s.get('method') == 'prune':
+            parts.append(f'prune {s.get("criterion")} {s.get("scope")} {s.get("region")} {100 * s.get("amount", 0):g}%')
+        elif s.get('method') == 'quantize':
+            parts.append(str(s.get('dtype')))
+        else:
+            parts.append(str(s.get('method')))
+    return ' + '.join(parts) or 'none'
+
+
+def print_sparsity(rows: list[dict]) -> None:
+    print(f'{"region":<10} {"pruned":>6} {"tensors":>8} {"params":>12} {"zeros":>12} {"sparsity":>9}')
+    for r in rows:
+        pruned = '' if r['selected'] is None else ('yes' if r['selected'] else 'no')
+        print(f'{r["region"]:<10} {pruned:>6} {r["tensors"]:>8} {r["params"]:>12,} {r["zeros"]:>12,} '
+              f'{100 * r["sparsity"]:>8.2f}%')
+
+#----------------------------------------------------------------------------
+# Measurements.
+
+
+def file_sizes(path: str) -> tuple[int, int]:
+    """(bytes on disk, bytes of a zip archive holding the file, deflate level 9)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, 'w', compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        z.write(path, arcname=os.path.basename(path))
+    return os.path.getsize(path), len(buf.getvalue())
+
+
+def parameter_counts(net: torch.nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters) as the network uses them (int8 weights count once each)."""
+    total = nonzero = 0
+    for _name, t in compression.named_weights(net):
+        total += t.numel()
+        nonzero += int(torch.count_nonzero(t))
+    return total, nonzero
+
+
+def heun_latency(net, num_steps: int = 18, batch: int = 1, runs: int = 5, desc: str = 'latency') -> float:
+    """Median wall time per image of edm_sampler (Heun, 2 num_steps - 1 evaluations) on a batch of `batch`
+    images, over `runs` timed runs after one untimed warm-up run."""
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], generator=gen)
+    labels = torch.eye(int(net.label_dim))[torch.arange(batch) % int(net.label_dim)] if net.label_dim else None
+    times = []
+    with torch.no_grad():
+        for k in tqdm.tqdm(range(runs + 1), desc=desc, unit='run', dynamic_ncols=True, leave=False):
+            start = time.perf_counter()
+            sampling.edm_sampler(net, latents, labels, num_steps=num_steps)
+            if k > 0:  # run 0 warms up caches and allocators
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) / batch
+
+
+def generated_fid(net, detector, ref: dict, num: int, num_steps: int, batch: int, desc: str) -> float:
+    """FID of `num` images generated in memory (seeds 0..num-1, Heun) against reference statistics."""
+    batches = (images.permute(0, 3, 1, 2) for _seeds, images in
+               sampling.generate_images(net, range(num), max_batch_size=batch, num_steps=num_steps))
+    stats = fid.compute_feature_stats(detector, batches, num, desc=desc, source=desc)
+    if stats.mu.shape != ref['mu'].shape:
+        raise click.ClickException(f'The detector gives {stats.mu.shape[0]} features but the reference has '
+                                   f'{ref["mu"].shape[0]}: it was made with another detector')
+    return float(fid.calculate_fid_from_inception_stats(stats.mu, stats.sigma, ref['mu'], ref['sigma']))
+
+#----------------------------------------------------------------------------
+# Report files: Markdown, CSV, JSON, and a PNG plot drawn with PIL.
+
+COLUMNS = [('network', 'network'), ('compression', 'compression'), ('params', 'parameters'),
+           ('nonzero', 'non-zero'), ('bytes', 'bytes'), ('zip_bytes', 'zip bytes'),
+           ('latency_s', 's / image'), ('fid', 'FID')]
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return '–'
+    if key in ('params', 'nonzero', 'bytes', 'zip_bytes'):
+        return f'{value:,}'
+    if key == 'latency_s':
+        return f'{value:.4g}'
+    if key == 'fid':
+        return f'{value:.2f}'
+    return str(value)
+
+
+def markdown_table(rows: list[dict], settings: dict) -> str:
+    lines = ['| ' + ' | '.join(title for _key, title in COLUMNS) + ' |',
+             '|' + '|'.join('---' if key in ('network', 'compression') else '---:' for key, _ in COLUMNS) + '|']
+    lines += ['| ' + ' | '.join(_fmt(key, r.get(key)) for key, _ in COLUMNS) + ' |' for r in rows]
+    notes = []
+    if settings['latency_runs']:
+        notes.append(f'Latency: Heun (edm_sampler), {settings["steps"]} steps ({2 * settings["steps"] - 1} network '
+                     f'evaluations), batch {settings["latency_batch"]}, median of {settings["latency_runs"]} runs, '
+                     f'{settings["threads"]} CPU thread(s).')
+    if settings['num']:
+        notes.append(f'FID: {settings["num"]} images (seeds 0-{settings["num"] - 1}), Heun {settings["steps"]} '
+                     f'steps, against {settings["reference"]} ({settings["reference_images"]} images); '
+                     f'detector {settings["detector"]}.')
+    notes.append('zip bytes: the file in a zip archive (deflate, level 9).')
+    return '\n'.join(lines) + '\n\n' + '\n'.join(notes) + '\n'
+
+
+def _write_text(path: str, text: str) -> None:
+    with dnnlib.util.atomic_write(path, 'w') as f:
+        f.write(text)
+
+
+def write_report(rows: list[dict], settings: dict, prefix: str) -> list[str]:
+    """PREFIX.md, PREFIX.csv, PREFIX.json and (when FID was measured) PREFIX.png; returns the paths written."""
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    written = []
+    _write_text(prefix + '.md', markdown_table(rows, settings))
+    written.append(prefix + '.md')
+    buf = io.StringIO()
+    keys = ['network', 'path', 'compression', 'params', 'nonzero', 'bytes', 'zip_bytes', 'latency_s', 'threads',
+            'fid', 'fid_images']
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction='ignore', lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text(prefix + '.csv', buf.getvalue())
+    written.append(prefix + '.csv')
+    _write_text(prefix + '.json', json.dumps(dict(settings=settings, networks=rows), indent=2) + '\n')
+    written.append(prefix + '.json')
+    measured = [r for r in rows if r.get('fid') is not None]
+    if measured:
+        unit, div = ('MB', 1e6) if max(r['zip_bytes'] for r in measured) >= 1e6 else ('kB', 1e3)
+        points = [(r['network'], r['zip_bytes'] / div, r['fid']) for r in measured]
+        image = scatter_plot(points, x_label=f'zip-compressed size ({unit})', y_label='FID',
+                             title=f'FID vs. compressed size ({settings["num"]} images, Heun {settings["steps"]} steps)')
+        with dnnlib.util.atomic_write(prefix + '.png') as f:
+            image.save(f, format='PNG')
+        written.append(prefix + '.png')
+    return written
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round tick values in [lo, hi], 1, 2 or 5 times a power of ten apart: the finest such spacing that
+    gives at most count + 2 intervals."""
+    span = max(hi - lo, 1e-12)
+    base = 10 ** math.floor(math.log10(span / count))
+    step = next(m * base for m in (1, 2, 5, 10, 20) if span / (m * base) <= count + 2)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _axis_range(values: list[float]) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    pad = (hi - lo) * 0.08 if hi > lo else (abs(hi) * 0.1 or 1.0)
+    return lo - pad, hi + pad
+
+
+def scatter_plot(points: list[tuple[str, float, float]], x_label: str, y_label: str, title: str,
+                 size: tuple[int, int] = (900, 600)) -> PIL.Image.Image:
+    """White RGB image: axes with ticks and labels, one marker per (name, x, y) point, labelled by name."""
+    width, height = size
+    left, right, top, bottom = 90, 40, 50, 70
+    try:
+        font = PIL.ImageFont.load_default(size=15)  # scalable when Pillow has FreeType
+    except (TypeError, ImportError, OSError):
+        font = PIL.ImageFont.load_default()
+    image = PIL.Image.new('RGB', size, 'white')
+    draw = PIL.ImageDraw.Draw(image)
+    (x0, x1), (y0, y1) = _axis_range([p[1] for p in points]), _axis_range([p[2] for p in points])
+
+    def to_px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline='black')
+    for t in nice_ticks(x0, x1):
+        px, _ = to_px(t, y0)
+        draw.line([px, height - bottom, px, height - bottom + 6], fill='black')
+        draw.line([px, top, px, height - bottom], fill=(225, 225, 225))
+        draw.text((px, height - bottom + 10), f'{t:g}', fill='black', font=font, anchor='mt')
+    for t in nice_ticks(y0, y1):
+        _, py = to_px(x0, t)
+        draw.line([left - 6, py, left, py], fill='black')
+        draw.line([left, py, width - right, py], fill=(225, 225, 225))
+        draw.text((left - 10, py), f'{t:g}', fill='black', font=font, anchor='rm')
+    draw.rectangle([left, top, width - right, height - bottom], outline='black')
+    draw.text(((left + width - right) / 2, height - 25), x_label, fill='black', font=font, anchor='mm')
+    draw.text((width / 2, 22), title, fill='black', font=font, anchor='mm')
+    box = draw.textbbox((0, 0), y_label, font=font)
+    label = PIL.Image.new('RGB', (box[2] + 4, box[3] + 4), 'white')
+    PIL.ImageDraw.Draw(label).text((2, 2), y_label, fill='black', font=font)
+    label = label.rotate(90, expand=True)
+    image.paste(label, (15, (top + height - bottom - label.height) // 2))
+    for name, x, y in points:
+        px, py = to_px(x, y)
+        draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=(200, 40, 40), outline='black')
+        if px + 8 + draw.textlength(name, font=font) < width - 4:
+            draw.text((px + 8, py - 8), name, fill='black', font=font, anchor='lb')
+        else:  # no room on the right: label to the left of the marker
+            draw.text((px - 8, py - 8), name, fill='black', font=font, anchor='rb')
+    return image
+
+#----------------------------------------------------------------------------
+# Command line.
+
+
+@click.group()
+def main():
+    """Prune or quantise a network snapshot, and tabulate size, CPU speed and FID.
+
+    \b
+    # 50% global L1 pruning of all conv/linear weights; int8 weights; the table and plot
+    python compress.py prune --network=net.pkl --dest=net-l1-50.pkl --amount=0.5
+    python compress.py quantize --network=net.pkl --dest=net-int8.pkl --dtype=int8
+    python compress.py report --network=net.pkl --network=net-l1-50.pkl --network=net-int8.pkl \\
+        --data=datasets/digits-16x16.zip --num=1000 --out=compress-out/report
+    """
+
+
+@main.command()
+@click.option('--network', 'network', help='Network snapshot to prune', metavar='PKL|URL', type=str, required=True)
+@click.option('--dest', help='Where to write the pruned snapshot', metavar='PKL', type=str, required=True)
+@click.option('--amount', help='Fraction of the selected weights to zero', metavar='FLOAT',
+              type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.5, show_default=True)
+@click.option('--method', help='Which weights: smallest magnitude or random', type=click.Choice(['l1', 'random']),
+              default='l1', show_default=True)
+@click.option('--scope', help='global: rank all selected weights together; local: prune each tensor by --amount',
+              type=click.Choice(['global', 'local']), default='global', show_default=True)
+@click.option('--region', help=f'Which layers: {REGION_HELP}', type=click.Choice(list(compression.SELECTABLE_REGIONS)),
+              default='all', show_default=True)
+@click.option('--seed', help='Random seed for --method=random', metavar='INT', type=int, default=0, show_default=True)
+def prune(network, dest, amount, method, scope, region, seed):
+    """Unstructured pruning of conv and linear weights (torch.nn.utils.prune, made permanent).
+
+    Only weights are pruned (not biases, normalisation gains or buffers). Regions are found from the layer
+    names of SongUNet/DhariwalUNet (enc.<R>x<R>_* and dec.<R>x<R>_* run at resolution R); the strided
+    block that enters a resolution belongs to it. Prints the sparsity reached per region: embedding (the
+    noise/class mapping network), ends, between (the other resolutions), middle, and the total.
+    """
+    data, _path = load_snapshot(network)
+    net = data['ema']
+    if isinstance(net, compression.Int8Network):
+        raise click.ClickException(f'--network {network} holds int8 weights; prune the float network first, '
+                                   f'then quantise')
+    try:
+        compression.prune_network(net, amount, method=method, scope=scope, region=region, seed=seed,
+                                  progress=lambda layers: tqdm.tqdm(layers, desc='pruning', unit='layer', leave=False))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--region') from None
+    rows = compression.sparsity_rows(net, selected=set(compression.REGIONS) if region == 'all' else {region})
+    print_sparsity(rows)
+    chosen = [r for r in rows if r['selected']]
+    reached = sum(r['zeros'] for r in chosen) / max(sum(r['params'] for r in chosen), 1)
+    save_snapshot(data, dest, dict(method='prune', criterion=method, scope=scope, region=region, amount=amount,
+                                   seed=seed, source=network, sparsity=reached))
+    print(f'Wrote {dest}')
+
+
+@main.command()
+@click.option('--network', 'network', help='Network snapshot to quantise', metavar='PKL|URL', type=str, required=True)
+@click.option('--dest', help='Where to write the quantised snapshot', metavar='PKL', type=str, required=True)
+@click.option('--dtype', help='int8: conv/linear weights per-output-channel symmetric int8 (dequantised on load); '
+              'fp16/bf16: all parameters in that dtype (computed in float32)',
+              type=click.Choice(['int8', 'fp16', 'bf16']), required=True)
+def quantize(network, dest, dtype):
+    """Store the weights of a snapshot's network in low precision."""
+    data, _path = load_snapshot(network)
+    net = data['ema']
+    if isinstance(net, compression.Int8Network):
+        raise click.ClickException(f'--network {network} already holds int8 weights')
+    progress = lambda layers: tqdm.tqdm(layers, desc=f'quantising to {dtype}', unit='layer', leave=False)  # noqa: E731
+    try:
+        if dtype == 'int8':
+            data['ema'] = compression.quantize_int8(net, progress=progress)
+            layers = len(data['ema'].int8_layers)
+        else:
+            compression.to_low_precision(net, dtype)
+            layers = len(compression.compressible_layers(net))
+    except ValueError as e:
+        raise click.ClickException(f'--network {network}: {e}') from None
+    save_snapshot(data, dest, dict(method='quantize', dtype=dtype, source=network, layers=layers))
+    print(f'Wrote {dest} ({dtype}, {layers} conv/linear layers, {os.path.getsize(dest):,} bytes)')
+
+
+@main.command()
+@click.option('--network', 'networks', help='Network snapshot (repeat for each network)', metavar='PKL|URL',
+              type=str, multiple=True, required=True)
+@click.option('--data', help='Reference dataset for FID (statistics computed here)', metavar='ZIP|DIR', type=str)
+@click.option('--ref', 'ref_path', help='Reference statistics for FID instead of --data', metavar='NPZ|URL', type=str)
+@click.option('--num', help='Images per network for FID; 0 skips FID', metavar='INT', type=click.IntRange(min=0),
+              default=1000, show_default=True)
+@click.option('--steps', 'num_steps', help='Heun sampling steps (FID and latency)', metavar='INT',
+              type=click.IntRange(min=1), default=18, show_default=True)
+@click.option('--batch', help='Generation batch size for FID', metavar='INT', type=click.IntRange(min=1), default=64,
+              show_default=True)
+@click.option('--threads', help='CPU threads  [default: torch default]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--latency-runs', help='Timed sampling runs (median); 0 skips latency', metavar='INT',
+              type=click.IntRange(min=0), default=5, show_default=True)
+@click.option('--latency-batch', help='Images per timed run', metavar='INT', type=click.IntRange(min=1), default=1,
+              show_default=True)
+@click.option('--int8-dynamic', help='Run the Linear layers of int8 networks with torch.ao dynamic int8 kernels',
+              is_flag=True)
+@click.option('--out', 'prefix', help='Output prefix: writes PREFIX.md, .csv, .json and .png', metavar='PREFIX',
+              type=str, default='compress-report', show_default=True)
+@fid.detector_options
+def report(networks, data, ref_path, num, num_steps, batch, threads, latency_runs, latency_batch, int8_dynamic,
+           prefix, detector, trust_pickle):
+    """Parameters, non-zero parameters, bytes on disk (raw and zip), CPU latency and FID of each network."""
+    if num and (data is None) == (ref_path is None):
+        raise click.UsageError('FID needs exactly one of --data or --ref (or --num 0 to skip FID)')
+    if num == 1:
+        raise click.BadParameter('FID needs at least 2 images', param_hint='--num')
+    for network in networks:  # cheap checks first, before any slow step
+        if not dnnlib.util.is_url(network, allow_file_urls=True) and not os.path.isfile(network):
+            raise click.ClickException(f'--network {network}: no such file; pass a network snapshot path or URL')
+    if threads is not None:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+
+    detector_net, ref, ref_images = None, None, None
+    if num:
+        detector_net = fid.load_detector(detector, trust_pickle=trust_pickle)
+        if ref_path is not None:
+            ref = fid.load_reference(ref_path)
+            ref_images = int(ref['num_images']) if 'num_images' in ref else None
+        else:  # one process, no DataLoader workers: the detector, not the loading, is the bottleneck
+            stats = fid._dataset_feature_stats(data, num_workers=0, device='cpu', detector=detector_net)
+            ref, ref_images = dict(mu=stats.mu, sigma=stats.sigma), stats.num_images
+
+    rows, names = [], set()
+    for network in networks:
+        snapshot, path = load_snapshot(network)
+        net = snapshot['ema']
+        name = os.path.splitext(os.path.basename(network.rstrip('/')))[0]
+        while name in names:
+            name += "'"
+        names.add(name)
+        how = describe(snapshot.get('compression'))
+        params, nonzero = parameter_counts(net)
+        if int8_dynamic and isinstance(net, compression.Int8Network):
+            net = compression.dynamic_int8_linear(net)
+            how += ' (dynamic int8 Linear)'
+        raw, zipped = file_sizes(path)
+        row = dict(network=name, path=network, compression=how, params=params, nonzero=nonzero, bytes=raw,
+                   zip_bytes=zipped, latency_s=None, threads=threads, fid=None, fid_images=num or None)
+        if latency_runs:
+            row['latency_s'] = heun_latency(net, num_steps, latency_batch, latency_runs, desc=f'latency {name}')
+        if num:
+            row['fid'] = generated_fid(net, detector_net, ref, num, num_steps, batch, desc=f'FID {name}')
+        print(f'{name}: {how}; {params:,} parameters ({nonzero:,} non-zero); {raw:,} bytes ({zipped:,} zipped)'
+              + (f'; {row["latency_s"]:.4g} s/image' if row['latency_s'] is not None else '')
+              + (f'; FID {row["fid"]:.2f}' if row['fid'] is not None else ''))
+        rows.append(row)
+
+    settings = dict(steps=num_steps, threads=threads, latency_runs=latency_runs, latency_batch=latency_batch,
+                    num=num, reference=ref_path or data, reference_images=ref_images,
+                    detector=detector or 'standard Inception-v3', int8_dynamic=int8_dynamic)
+    written = write_report(rows, settings, prefix)
+    print(markdown_table(rows, settings))
+    print('Wrote ' + ', '.join(written))
+
+
+if __name__ == '__main__':
+    main()

@@ -40,7 +40,7 @@ import tqdm
 import dnnlib
 import generate
 from training.dataset import dataset_fingerprint
-from training.sampling import generate_images
+from training.sampling import MAX_SEED, generate_images, parse_seeds
 from torch_utils import distributed as dist
 from torch_utils import misc
 
@@ -389,7 +389,12 @@ def load_reference(ref_path: str) -> dict:
     """Load reference statistics (.npz path or URL) and check that mu and sigma fit together."""
     try:
         with dnnlib.util.open_url(ref_path, verbose=(dist.get_rank() == 0)) as f:
-            ref = dict(np.load(io.BytesIO(f.read()), allow_pickle=False))
+            data = f.read()
+        if not data.startswith(b'PK'):  # np.load would take anything else for a pickle and say so
+            raise click.ClickException(f'{ref_path} is not a .npz file of reference statistics (it is '
+                                       f'{"empty" if not data else "not a zip archive"}); make one with '
+                                       f'`python fid.py ref --data=... --dest=...`')
+        ref = dict(np.load(io.BytesIO(data), allow_pickle=False))
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise click.ClickException(f'Could not load reference statistics from {ref_path}: {e}') from e
     if 'mu' not in ref or 'sigma' not in ref:
@@ -523,7 +528,7 @@ def _format_seeds(seeds: list[int]) -> str:
 
 def _parse_seeds(s: str) -> list[int]:
     try:
-        values = dnnlib.util.parse_int_list(s)
+        values = parse_seeds(s)
     except ValueError as e:
         raise click.BadParameter(f'{e}; expected e.g. 0-49999', param_hint='--seeds') from None
     if len(values) < 2 or len(set(values)) != len(values):
@@ -548,6 +553,9 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
         **sampler_kwargs):
     """FID of a network on --repeats disjoint seed ranges, images generated in memory; reports the minimum."""
     seeds = _parse_seeds(seeds)
+    if max(repeat_seeds(seeds, repeats)[-1]) > MAX_SEED:
+        raise click.BadParameter(f'the last of {repeats} repeats would need seeds above {MAX_SEED}; '
+                                 f'use lower --seeds or fewer --repeats', param_hint='--seeds')
     sampler_kwargs = generate.sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs)
     _start(0)
     device = dist.default_device()

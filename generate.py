@@ -23,7 +23,7 @@ import torch
 from dnnlib.util import parse_int_list  # noqa: F401 -- re-exported (the paper's generate.parse_int_list)
 from training.sampling import (  # noqa: F401 -- re-exported for scripts written against the paper's generate.py
     SAMPLERS, StackedRandomGenerator, ablation_sampler, check_denoiser, edm_sampler, generate_images,
-    seed_batches)
+    parse_seeds, seed_batches)
 
 # ----------------------------------------------------------------------------
 # Output files.
@@ -77,7 +77,7 @@ def load_net(network: str, device: torch.device, verbose: bool = True):
 
 def _parse_seeds(ctx, param, value):
     try:
-        seeds = parse_int_list(value)
+        seeds = parse_seeds(value)
     except ValueError as e:
         raise click.BadParameter(f'{e}; expected e.g. 0-63 or 1,2,5-10') from None
     if not seeds:

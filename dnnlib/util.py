@@ -48,26 +48,40 @@ def format_time(seconds: float) -> str:
 _INT_RANGE = re.compile(r'^\s*(-?\d+)\s*-\s*(-?\d+)\s*$')
 
 
-def parse_int_list(s) -> list[int]:
+def parse_int_list(s, min_value: Optional[int] = None, max_value: Optional[int] = None,
+                   max_count: Optional[int] = None) -> list[int]:
     """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10] (seed lists, --cres). Lists/ints pass through; raises
-    ValueError when malformed or when a range is empty."""
+    ValueError when malformed, when a range is empty, when a value lies outside [min_value, max_value],
+    or when the list would hold more than max_count numbers (checked before a range is expanded, so
+    '0-99999999999' is an error, not a memory blow-up)."""
     if isinstance(s, int):
-        return [s]
-    if isinstance(s, (list, tuple)):
-        return [int(x) for x in s]
-    result = []
-    for part in str(s).split(','):
-        m = _INT_RANGE.match(part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise ValueError(f'range {part.strip()!r} is empty (end < start)')
-            result.extend(range(lo, hi + 1))
-        elif re.fullmatch(r'\s*-?\d+\s*', part):
-            result.append(int(part))
-        else:
-            raise ValueError(f'{part.strip()!r} in {s!r} is not an integer or a range like 5-10')
-    return result
+        parts = [(s, s, str(s))]
+    elif isinstance(s, (list, tuple)):
+        parts = [(int(x), int(x), str(x)) for x in s]
+    else:
+        parts = []
+        for part in str(s).split(','):
+            m = _INT_RANGE.match(part)
+            if m:
+                lo, hi = int(m.group(1)), int(m.group(2))
+                if hi < lo:
+                    raise ValueError(f'range {part.strip()!r} is empty (end < start)')
+                parts.append((lo, hi, part.strip()))
+            elif re.fullmatch(r'\s*-?\d+\s*', part):
+                parts.append((int(part), int(part), part.strip()))
+            else:
+                raise ValueError(f'{part.strip()!r} in {s!r} is not an integer or a range like 5-10')
+    count = 0
+    for lo, hi, text in parts:
+        if min_value is not None and lo < min_value:
+            raise ValueError(f'{text!r} is below {min_value} (the smallest allowed value)')
+        if max_value is not None and hi > max_value:
+            raise ValueError(f'{text!r} is above {max_value} (the largest allowed value)')
+        count += hi - lo + 1
+        if max_count is not None and count > max_count:
+            raise ValueError(f'{s!r} has {sum(h - l + 1 for l, h, _ in parts):,} numbers, more than the '
+                             f'{max_count:,} allowed; split it into several runs')
+    return [v for lo, hi, _ in parts for v in range(lo, hi + 1)]
 
 # ----------------------------------------------------------------------------
 # Atomic files: a reader never sees a half-written checkpoint, dataset, image or download.

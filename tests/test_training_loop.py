@@ -197,7 +197,7 @@ def test_preemption_signal_saves_state_and_returns(tmp_path, signum):
 def test_checkpoint_errors_are_one_line(tmp_path):
     bad = tmp_path / 'training-state-000000.pt'
     bad.write_bytes(b'not a checkpoint')
-    with pytest.raises(tl.CheckpointError, match='not a readable training state'):
+    with pytest.raises(tl.CheckpointError, match='not a training state'):
         tl.load_training_state(str(bad))
     torch.save(dict(foo=torch.zeros(1)), bad)
     with pytest.raises(tl.CheckpointError, match='not a training state written by this training loop'):

@@ -313,7 +313,53 @@ def _construct(cls: type, args, kwargs: dict):
         obj = cls(*args, **kwargs)
     return obj, no_init is not None
 
-def _build(cls: type, args, kwargs, tensors: dict | None, describe: str):
+# The safe loader refuses constructor arguments that would build more than this many numbers (parameters
+# plus buffers): 10 G, i.e. 40 GB in float32, ~7x EDM2-XXL (1.5 G). load_network_pkl(max_params=) changes it.
+DEFAULT_MAX_PARAMS = 10_000_000_000
+_MAX_SUBMODULES = 1_000_000  # the largest networks here have a few thousand
+
+class _TooLarge(Exception):
+    pass
+
+def count_params_on_meta(cls: type, args, kwargs) -> int:
+    """Build `cls(*args, **kwargs)` on the meta device (no memory, no random numbers) and count the numbers
+    in its parameters and buffers. Tensor sizes cost nothing there; absurd depth is cut short by raising
+    _TooLarge once more than _MAX_SUBMODULES modules were created."""
+    total, modules = 0, 0
+    def on_tensor(_module, _name, tensor):
+        nonlocal total
+        if tensor is not None:
+            total += tensor.numel()
+    def on_module(_module, _name, _submodule):
+        nonlocal modules
+        modules += 1
+        if modules > _MAX_SUBMODULES:
+            raise _TooLarge(f'more than {_MAX_SUBMODULES:,} submodules')
+    from torch.nn.modules import module as nn_module
+    handles = [nn_module.register_module_parameter_registration_hook(on_tensor),
+               nn_module.register_module_buffer_registration_hook(on_tensor),
+               nn_module.register_module_module_registration_hook(on_module)]
+    try:
+        with torch.device('meta'):
+            _construct(cls, args, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+def _build(cls: type, args, kwargs, tensors: dict | None, describe: str, max_params: int = DEFAULT_MAX_PARAMS):
+    if issubclass(cls, torch.nn.Module):  # bound the size from the arguments before allocating anything
+        try:
+            count = count_params_on_meta(cls, args, kwargs)
+        except _TooLarge as e:
+            raise CheckpointError(f'refusing to build {describe}: its constructor arguments ask for {e} '
+                                  f'(a crafted or damaged file?)') from None
+        except Exception as e:
+            raise CheckpointError(f'cannot construct {describe}: {type(e).__name__}: {e}') from None
+        if count > max_params:
+            raise CheckpointError(f'refusing to build {describe}: its constructor arguments ask for {count:,} '
+                                  f'parameters, more than the limit of {max_params:,} (a crafted or damaged '
+                                  f'file?; a real network this large loads with load_network_pkl(max_params=...))')
     try:
         obj, skipped_init = _construct(cls, args, kwargs)
     except Exception as e:
@@ -329,7 +375,7 @@ def _build(cls: type, args, kwargs, tensors: dict | None, describe: str):
             raise CheckpointError(f'{describe} has tensors missing from the checkpoint: {leftover[:5]}')
     return obj
 
-def _materialize_stub(stub: _PersistentStub):
+def _materialize_stub(stub: _PersistentStub, max_params: int):
     cls = _class_for_meta(stub.class_name, stub.module_src, library_only=True)
     if cls is None:
         raise CheckpointError(f'class {stub.class_name!r} is not a persistent class of this library '
@@ -339,7 +385,8 @@ def _materialize_stub(stub: _PersistentStub):
     if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
         raise CheckpointError(f'{stub.class_name} has malformed constructor arguments')
     tensors = _collect_tensors(stub.state, '', {}) if issubclass(cls, torch.nn.Module) else None
-    obj = _build(cls, tuple(args), dict(kwargs), tensors, f'{stub.class_name}(**{_short_kwargs(kwargs)})')
+    obj = _build(cls, tuple(args), dict(kwargs), tensors, f'{stub.class_name}(**{_short_kwargs(kwargs)})',
+                 max_params)
     if isinstance(obj, torch.nn.Module):
         obj.train(bool(stub.state.get('training', False)))
     return obj
@@ -348,20 +395,20 @@ def _short_kwargs(kwargs: dict) -> str:
     s = repr(dict(kwargs))
     return s if len(s) <= 200 else s[:197] + '...'
 
-def _materialize(obj):
+def _materialize(obj, max_params: int = DEFAULT_MAX_PARAMS):
     """Replace persistent stubs inside plain containers with real objects."""
     if isinstance(obj, _PersistentStub):
-        return _materialize_stub(obj)
+        return _materialize_stub(obj, max_params)
     if isinstance(obj, _ContainerStub):
         raise CheckpointError('bare torch container at top level is not supported')
     if isinstance(obj, dict):
         for k in list(obj.keys()):
-            obj[k] = _materialize(obj[k])
+            obj[k] = _materialize(obj[k], max_params)
         return obj
     if isinstance(obj, list):
-        return [_materialize(v) for v in obj]
+        return [_materialize(v, max_params) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_materialize(v) for v in obj)
+        return tuple(_materialize(v, max_params) for v in obj)
     return obj
 
 #----------------------------------------------------------------------------
@@ -408,7 +455,7 @@ def save_network_plain(data, path: str | os.PathLike) -> None:
     with dnnlib.util.atomic_write(path) as f:
         torch.save(payload, f)
 
-def _load_plain(f, name: str) -> dict:
+def _load_plain(f, name: str, max_params: int = DEFAULT_MAX_PARAMS) -> dict:
     try:
         payload = torch.load(f, weights_only=True, map_location='cpu')
     except Exception as e:
@@ -423,7 +470,8 @@ def _load_plain(f, name: str) -> dict:
             elif entry['kind'] == 'object':
                 cls = _resolve_plain_class(entry['cls'])
                 args, kwargs = json.loads(entry['init_args']), json.loads(entry['init_kwargs'])
-                obj = _build(cls, tuple(args), kwargs, entry.get('state_dict'), f'{entry["cls"]}(**{_short_kwargs(kwargs)})')
+                obj = _build(cls, tuple(args), kwargs, entry.get('state_dict'), f'{entry["cls"]}(**{_short_kwargs(kwargs)})',
+                             max_params)
                 if isinstance(obj, torch.nn.Module):
                     obj.train(bool(entry.get('training', False)))
                 result[key] = obj
@@ -469,11 +517,12 @@ def _open_source(path_or_url_or_file):
     with f:
         yield f, name
 
-def load_network_pkl(path_or_url_or_file) -> dict:
+def load_network_pkl(path_or_url_or_file, max_params: int = DEFAULT_MAX_PARAMS) -> dict:
     """Safely load a network snapshot: the paper's pickle layout or our 'edm-plain-v1' format.
 
     Returns a dict (e.g. {'ema': EDMPrecond, 'loss_fn': EDMLoss, 'augment_pipe': ..., 'dataset_kwargs': ...}).
-    Embedded source code is never executed; only our own classes can be instantiated.
+    Embedded source code is never executed; only our own classes can be instantiated, and only with
+    constructor arguments that give at most `max_params` parameters + buffers (checked before allocating).
     """
     with _open_source(path_or_url_or_file) as (f, name):
         head = f.read(4)
@@ -481,7 +530,7 @@ def load_network_pkl(path_or_url_or_file) -> dict:
         if not head:
             raise CheckpointError(f'{name}: empty file, not a network checkpoint')
         if head.startswith(b'PK'):
-            return _load_plain(f, name)
+            return _load_plain(f, name, max_params)
         if head[:1] != b'\x80':
             raise CheckpointError(f'{name}: not a network pickle or {PLAIN_FORMAT} checkpoint (unrecognised header {head!r})')
         try:
@@ -491,7 +540,7 @@ def load_network_pkl(path_or_url_or_file) -> dict:
         except Exception as e:  # EOFError, UnpicklingError, struct errors, ... from damaged files
             raise CheckpointError(f'{name}: corrupt or truncated network pickle ({_one_line(e)}); re-download or re-save it') from None
         try:
-            data = _materialize(data)
+            data = _materialize(data, max_params)
         except CheckpointError as e:
             raise CheckpointError(f'{name}: {e}') from None
         except Exception as e:  # malformed records that got past the unpickler
@@ -500,15 +549,16 @@ def load_network_pkl(path_or_url_or_file) -> dict:
         data = {'ema': data}
     return data
 
-def load_network_plain(path_or_file) -> dict:
+def load_network_plain(path_or_file, max_params: int = DEFAULT_MAX_PARAMS) -> dict:
     """Load our code-free 'edm-plain-v1' format only (refuses pickles)."""
     with _open_source(path_or_file) as (f, name):
         if f.read(2) != b'PK':
             raise CheckpointError(f'{name}: not an {PLAIN_FORMAT} checkpoint (expected a torch.save zip archive)')
         f.seek(0)
-        return _load_plain(f, name)
+        return _load_plain(f, name, max_params)
 
-def load_network(path_or_url, key: str = 'ema', device='cpu', verbose: bool = False) -> torch.nn.Module:
+def load_network(path_or_url, key: str = 'ema', device='cpu', verbose: bool = False,
+                 max_params: int = DEFAULT_MAX_PARAMS) -> torch.nn.Module:
     """Load one network (default: the EMA weights) in eval mode with requires_grad disabled.
 
     URLs go through the dnnlib download cache (fetched once; `verbose` shows the download). Every failure
@@ -523,7 +573,7 @@ def load_network(path_or_url, key: str = 'ema', device='cpu', verbose: bool = Fa
                 raise CheckpointError(f'{name}: cannot fetch it ({_first_line(e)})') from None
         elif not os.path.isfile(name):
             raise CheckpointError(f'{name}: no such file; pass a network pickle path or URL')
-    data = load_network_pkl(source)
+    data = load_network_pkl(source, max_params=max_params)
     net = data.get(key)
     if not isinstance(net, torch.nn.Module):
         name = os.fspath(path_or_url) if isinstance(path_or_url, (str, os.PathLike)) else getattr(path_or_url, 'name', '<file object>')

@@ -10,6 +10,7 @@ names is agreed across ranks first); use `report0()` for values that only make s
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Any, Optional
 
 import numpy as np
@@ -31,8 +32,10 @@ class _Registry:
         self.reduce_device: Optional[torch.device] = None  # None = choose from the process group backend
         # name -> {device: moments tensor}: values reported since the last synchronisation.
         self.pending: dict = dict()
-        # name -> CPU moments tensor: running total of everything synchronised so far.
-        self.totals: dict = dict()
+        # Every live Collector: each synchronisation hands them the new moments, and each keeps its own
+        # sums since its last update() (not differences of running totals, which one NaN or Inf would
+        # poison for the rest of the run).
+        self.collectors = weakref.WeakSet()
 
     def register(self, name: str) -> None:
         self.pending.setdefault(name, dict())
@@ -113,8 +116,8 @@ def _drain_pending(names: list, device: torch.device) -> torch.Tensor:
 
 
 def _synchronise(local_names: list) -> list:
-    """Collective: fold what every rank reported into the running totals and return
-    [(name, totals)] for all agreed names."""
+    """Collective: gather what every rank reported under the agreed names, hand it to every live
+    Collector, and return [(name, new moments)]."""
     world = _world_size()
     if world == 1 and not local_names:
         return []
@@ -127,10 +130,10 @@ def _synchronise(local_names: list) -> list:
 
     result = []
     for row, name in enumerate(names):
-        totals = _registry.totals.setdefault(name, torch.zeros([_MOMENTS], dtype=_DTYPE))
-        totals.add_(new_moments[row])
         _registry.register(name)  # may have been reported on another rank only
-        result.append((name, totals))
+        result.append((name, new_moments[row]))
+    for collector in list(_registry.collectors):
+        collector._absorb(result)
     return result
 
 
@@ -142,12 +145,14 @@ class Collector:
     def __init__(self, regex: str = '.*', keep_previous: bool = True):
         self._pattern = re.compile(regex)
         self._keep_previous = keep_previous
-        self._seen: dict = dict()      # name -> totals at the previous update()
+        self._unseen: dict = dict()    # name -> moments synchronised since the last update()
         self._interval: dict = dict()  # name -> moments gathered between the last two update()s
-        # Begin at what is already synchronised, without communicating during construction.
-        for name in self.names():
-            if name in _registry.totals:
-                self._seen[name] = _registry.totals[name].clone()
+        _registry.collectors.add(self)  # begins with what is synchronised from now on
+
+    def _absorb(self, synchronised: list) -> None:
+        for name, moments in synchronised:
+            if self._pattern.fullmatch(name):
+                self._unseen[name] = self._unseen[name] + moments if name in self._unseen else moments.clone()
 
     def names(self) -> list:
         return [name for name in _registry.pending if self._pattern.fullmatch(name)]
@@ -156,14 +161,11 @@ class Collector:
         """Collective: fetch what was reported since the last call (all devices, all ranks)."""
         if not self._keep_previous:
             self._interval.clear()
-        for name, totals in _synchronise(self.names()):
-            if not self._pattern.fullmatch(name):
-                continue
-            previous = self._seen.setdefault(name, torch.zeros([_MOMENTS], dtype=_DTYPE))
-            since_last = totals - previous
-            previous.copy_(totals)
+        _synchronise(self.names())
+        for name, since_last in self._unseen.items():
             if float(since_last[_COUNT]) != 0:
                 self._interval[name] = since_last
+        self._unseen = dict()
 
     def _moments(self, name: str) -> torch.Tensor:
         assert self._pattern.fullmatch(name), f'"{name}" does not match this Collector\'s regex'

@@ -45,6 +45,20 @@ def dataset_fingerprint(path: str) -> dict:
     return dict(sha256=h.hexdigest(), method='sha256(file names and bytes)')
 
 
+class DatasetError(OSError, ValueError):
+    """A dataset that is missing, damaged or inconsistent; str() is one line naming the archive (and
+    member) and what to do. A DataLoader worker's exception reaches the main process re-raised with
+    the worker's whole traceback as its message: the constructor keeps only the original line, so the
+    training loop can report it as it is."""
+
+    def __init__(self, message, *args):
+        text = str(message)
+        if '\nOriginal Traceback' in text:  # torch.utils.data re-raising a worker's exception
+            last = text.strip().splitlines()[-1]   # "training.dataset.DatasetError: <our message>"
+            text = last.split(': ', 1)[1] if ': ' in last else last
+        super().__init__(text, *args)
+
+
 _pyspng = None  # Optional faster PNG decoder, imported on first use; False = not installed.
 
 
@@ -180,7 +194,7 @@ class Dataset(torch.utils.data.Dataset):
                 self._cached_images[raw_idx] = image
         assert isinstance(image, np.ndarray)
         if list(image.shape) != self.image_shape or image.dtype != np.uint8:
-            raise ValueError(f'{self._describe(raw_idx)}: image is {image.dtype} {list(image.shape)} (CHW), '
+            raise DatasetError(f'{self._describe(raw_idx)}: image is {image.dtype} {list(image.shape)} (CHW), '
                              f'but the dataset is uint8 {self.image_shape}; re-create it with dataset_tool.py')
         return image
 
@@ -277,12 +291,12 @@ class ImageFolderDataset(Dataset):
         PIL.Image.init()
         self._image_names = sorted(f for f in self._members if _extension(f) in PIL.Image.EXTENSION)
         if not self._image_names:
-            raise IOError(f'{self._path}: no image files found')
+            raise DatasetError(f'{self._path}: no image files found')
 
         # The first image fixes the shape every other image is checked against.
         raw_shape = [len(self._image_names)] + list(self._load_raw_image(0).shape)
         if resolution is not None and (raw_shape[2] != resolution or raw_shape[3] != resolution):
-            raise IOError(f'{self._path}: images are {raw_shape[3]}x{raw_shape[2]}, but resolution={resolution} '
+            raise DatasetError(f'{self._path}: images are {raw_shape[3]}x{raw_shape[2]}, but resolution={resolution} '
                           f'was requested; use a dataset made with dataset_tool.py --resolution='
                           f'{resolution}x{resolution}, or leave resolution unset')
         name = os.path.splitext(os.path.basename(self._path.rstrip('/\\')))[0]
@@ -294,14 +308,14 @@ class ImageFolderDataset(Dataset):
             return 'dir', {os.path.relpath(os.path.join(root, fname), start=self._path).replace(os.sep, '/')
                            for root, _dirs, files in os.walk(self._path) for fname in files}
         if _extension(self._path) != '.zip':
-            raise IOError(f'{self._path}: path must point to a directory or a .zip (made by dataset_tool.py)')
+            raise DatasetError(f'{self._path}: path must point to a directory or a .zip (made by dataset_tool.py)')
         if not os.path.isfile(self._path):
-            raise IOError(f'{self._path}: dataset not found; create it with dataset_tool.py')
+            raise DatasetError(f'{self._path}: dataset not found; create it with dataset_tool.py')
         self._kind = 'zip'
         try:
             return 'zip', set(self._zip().namelist())
         except zipfile.BadZipFile as e:
-            raise IOError(f'{self._path}: not a valid zip file ({e})') from e
+            raise DatasetError(f'{self._path}: not a valid zip file ({e}); re-create it with dataset_tool.py') from e
 
     def _zip(self) -> zipfile.ZipFile:
         assert self._kind == 'zip'
@@ -343,7 +357,9 @@ class ImageFolderDataset(Dataset):
         try:
             pixels = self._decode(fname)
         except (OSError, SyntaxError, ValueError, zipfile.BadZipFile) as e:
-            raise IOError(f'{self._path}:{fname}: cannot read image ({e})') from e
+            reason = ' '.join(str(e).split()) or type(e).__name__
+            raise DatasetError(f'{self._path}:{fname}: cannot read image ({reason}); the dataset is damaged: '
+                               f're-create it with dataset_tool.py') from e
         if pixels.ndim == 2:
             pixels = pixels[:, :, np.newaxis]  # grayscale: add the channel axis
         return pixels.transpose(2, 0, 1)  # HWC -> CHW
@@ -351,14 +367,18 @@ class ImageFolderDataset(Dataset):
     def _load_raw_labels(self) -> Optional[np.ndarray]:
         if 'dataset.json' not in self._members:
             return None
-        with self._open_member('dataset.json') as f:
-            pairs = json.load(f)['labels']
-        if pairs is None:
+        try:
+            with self._open_member('dataset.json') as f:
+                pairs = json.load(f)['labels']
+            by_name = None if pairs is None else dict(pairs)
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+            raise DatasetError(f'{self._path}: dataset.json is not a valid label file ({type(e).__name__}: '
+                               f'{" ".join(str(e).split())}); re-create the dataset with dataset_tool.py') from e
+        if by_name is None:
             return None
-        by_name = dict(pairs)
         missing = [fname for fname in self._image_names if fname not in by_name]
         if missing:
-            raise IOError(f'{self._path}: dataset.json has no label for {missing[0]} ({len(missing)} image(s) '
+            raise DatasetError(f'{self._path}: dataset.json has no label for {missing[0]} ({len(missing)} image(s) '
                           f'unlabelled); fix dataset.json or train without labels')
         labels = np.array([by_name[fname] for fname in self._image_names])
         # Scalars are class indices (one-hot later); lists are label vectors used as they are.

@@ -28,6 +28,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
+import dnnlib
 from training.networks import iddpm_u, vp_sigma, vp_sigma_deriv, vp_sigma_inv  # Table 1 schedules, shared
 
 # ----------------------------------------------------------------------------
@@ -261,6 +262,16 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
 
 # ----------------------------------------------------------------------------
 # Random numbers and seeds.
+
+
+MAX_SEED = (1 << 32) - 1  # generators are seeded with seed % 2**32: a larger seed would repeat an image
+MAX_SEEDS = 10_000_000    # per command; 200x the 50k images of an FID run, and a list that still fits in memory
+
+
+def parse_seeds(s) -> list[int]:
+    """A seed list as generate.py and fid.py take it ('0-63', '1,2,5-10'): seeds in 0..MAX_SEED, at most
+    MAX_SEEDS of them (checked before ranges are expanded). Raises ValueError with a one-line reason."""
+    return dnnlib.util.parse_int_list(s, min_value=0, max_value=MAX_SEED, max_count=MAX_SEEDS)
 
 
 class StackedRandomGenerator:

@@ -18,7 +18,10 @@ What this loop adds to the paper's:
   bit for bit on CPU;
 - every checkpoint is written to a temporary name in its folder and then renamed into place;
 - SIGTERM / SIGINT (cluster preemption, Ctrl-C) are turned into an agreed stop at the next step boundary:
-  all ranks write a training state and training_loop returns normally.
+  all ranks write a training state and training_loop returns normally;
+- steps whose loss or gradients are not finite are counted (stats.jsonl: Loss/nonfinite, Loss/nonfinite_grad)
+  and shown on the tick line with the loss; checkpoints are skipped while the loss is not finite, and a run
+  whose loss stays non-finite for nan_patience steps raises TrainingDiverged on every rank.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -150,19 +154,38 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def load_training_state(path: str) -> dict:
-    """Read a training-state-*.pt written by this loop; raise CheckpointError with a one-line reason otherwise."""
+def _first_sentence(e: BaseException) -> str:
+    """The first sentence of an exception's message on one line (torch's load errors go on for a paragraph)."""
+    text = ' '.join(str(e).split())
+    text = text.split('. ')[0].rstrip('.')
+    return text if text else type(e).__name__
+
+
+def load_training_state(path: str, mmap: bool = False) -> dict:
+    """Read a training-state-*.pt written by this loop; raise CheckpointError with a one-line reason otherwise.
+    mmap=True maps the tensors instead of reading them: a cheap check that the file is complete and readable
+    (train.py does it before creating the run folder)."""
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        with open(path, 'rb') as f:
+            head = f.read(4)
     except FileNotFoundError:
-        raise CheckpointError(f'{path}: training state not found')
+        raise CheckpointError(f'{path}: training state not found') from None
+    except OSError as e:
+        raise CheckpointError(f'{path}: cannot read training state ({e.strerror or e})') from None
+    if not head:
+        raise CheckpointError(f'{path}: empty file, not a training state; resume from an earlier training-state-*.pt')
+    if not head.startswith(b'PK') and head[:1] != b'\x80':  # torch.save's zip archive or its legacy pickle
+        raise CheckpointError(f'{path}: not a training state (not a file written by torch.save); pass a '
+                              f'training-state-*.pt written by train.py')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and head.startswith(b'PK'))
     except Exception as e:
         if 'Unsupported global' in str(e):
             raise CheckpointError(f'{path}: this training state pickles live modules (the original EDM code\'s '
                                   f'format) and cannot be loaded safely; resume from its network-snapshot-*.pkl '
                                   f'with --transfer instead') from None
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f'{path}: not a readable training state ({reason[:200]})') from None
+        raise CheckpointError(f'{path}: truncated or corrupt training state ({_first_sentence(e)}); resume '
+                              f'from an earlier training-state-*.pt') from None
     if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
         raise CheckpointError(f'{path}: not a training state written by this training loop')
     version = state.get('version', 1)
@@ -251,13 +274,26 @@ def _signal_name(stopped) -> str:
         return str(stopped)
 
 
-def _agree_to_stop(vote: torch.Tensor, world: int, group) -> bool:
+def _agree_to_stop(vote: torch.Tensor, world: int, group, nonfinite: Optional[torch.Tensor] = None):
     """True on every rank as soon as any rank was asked to stop: ranks must leave the loop after the same
-    step, or the next DDP all-reduce would hang."""
-    vote.fill_(int(_stop_signal is not None or dist.should_stop()))
+    step, or the next DDP all-reduce would hang. With `nonfinite` (this rank's [loss, gradients] flags of
+    the step) the same all_reduce also tells every rank whether any rank saw a non-finite loss or gradient,
+    and (stop, loss_nonfinite, grad_nonfinite) is returned."""
+    vote.zero_()
+    vote[0] = int(_stop_signal is not None or dist.should_stop())
+    if nonfinite is not None:
+        vote[1:3] = nonfinite.to(device='cpu', dtype=vote.dtype)
     if world > 1:
         torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX, group=group)
-    return bool(vote.item())
+    if nonfinite is None:
+        return bool(vote[0].item())
+    stop, loss_bad, grad_bad = (bool(v) for v in vote.tolist()[:3])
+    return stop, loss_bad, grad_bad
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed NaN/Inf for nan_patience consecutive steps; raised on every rank at the same step,
+    after the last good checkpoint and without writing the broken weights."""
 
 
 # ----------------------------------------------------------------------------
@@ -269,7 +305,8 @@ def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network
                   total_kimg=200000, ema_halflife_kimg=500, ema_rampup_ratio=0.05, lr_rampup_kimg=10000,
                   loss_scaling=1, kimg_per_tick=50, snapshot_ticks=50, state_dump_ticks=500, resume_pkl=None,
                   resume_state_dump=None, resume_kimg=0, cudnn_benchmark=True, device=torch.device('cuda'),
-                  print_summary=True, provenance=None, ema_kwargs=None, lr_kwargs=None) -> dnnlib.EasyDict:
+                  print_summary=True, provenance=None, ema_kwargs=None, lr_kwargs=None,
+                  nan_patience=100) -> dnnlib.EasyDict:
     """Train a preconditioned denoiser on every rank of the current process group (none: a single process).
 
     The keyword names and defaults are those of the paper's training loop, so a training_options.json
@@ -311,6 +348,8 @@ def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network
         lr_kwargs: the learning-rate schedule, `func_name` + kwargs, called with cur_nimg and batch_size;
             None = the paper's warm-up, linear_rampup_schedule(ref_lr=optimizer_kwargs['lr'],
             rampup_kimg=lr_rampup_kimg).
+        nan_patience: stop with TrainingDiverged once the loss has been NaN/Inf (on any rank) for this many
+            consecutive steps; None = never. Checkpoints due while the latest loss is non-finite are skipped.
 
     Returns:
         EasyDict(cur_nimg, stopped): images trained on when the loop ended, and the signal number that
@@ -324,7 +363,7 @@ def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network
                           lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling, kimg_per_tick=kimg_per_tick,
                           snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks, resume_pkl=resume_pkl,
                           resume_state_dump=resume_state_dump, resume_kimg=resume_kimg,
-                          cudnn_benchmark=cudnn_benchmark, print_summary=print_summary)
+                          cudnn_benchmark=cudnn_benchmark, print_summary=print_summary, nan_patience=nan_patience)
     cfg.ema_kwargs = dnnlib.EasyDict(ema_kwargs if ema_kwargs is not None else dict(
         class_name='training.ema.HalfLifeEMA', halflife_kimg=ema_halflife_kimg, rampup_ratio=ema_rampup_ratio))
     cfg.lr_kwargs = dnnlib.EasyDict(lr_kwargs if lr_kwargs is not None else dict(
@@ -538,13 +577,15 @@ def _restore(cfg: dnnlib.EasyDict, model: dnnlib.EasyDict, state: Optional[dict]
 
 
 def _train_step(cfg: dnnlib.EasyDict, model: dnnlib.EasyDict, batches, layout: _BatchLayout, cur_nimg: int,
-                device: torch.device) -> None:
+                device: torch.device) -> torch.Tensor:
     """One optimizer step over batch_size images.
 
     Each rank runs `layout.rounds` forward/backward passes and DDP averages the gradients across ranks only
     on the last one. The per-pixel loss is summed and divided by the per-rank batch (times loss_scaling),
-    matching the paper's objective; the learning rate follows the warm-up schedule of the images seen so far."""
+    matching the paper's objective; the learning rate follows the warm-up schedule of the images seen so far.
+    Returns this rank's flags [loss not finite, gradients not finite] (a tensor on `device`, not synced)."""
     model.optimizer.zero_grad(set_to_none=True)
+    loss_finite = torch.ones([], dtype=torch.bool, device=device)
     for round_idx in range(layout.rounds):
         with misc.ddp_sync(model.ddp, round_idx == layout.rounds - 1):
             images, labels = next(batches)
@@ -552,13 +593,17 @@ def _train_step(cfg: dnnlib.EasyDict, model: dnnlib.EasyDict, batches, layout: _
             loss = model.loss_fn(net=model.ddp, images=images, labels=labels.to(device),
                                  augment_pipe=model.augment_pipe)
             training_stats.report('Loss/loss', loss)
+            loss_finite &= torch.isfinite(loss).all()
             loss.sum().mul(cfg.loss_scaling / layout.per_rank).backward()
 
     lr = dnnlib.util.call_func_by_name(cur_nimg=cur_nimg, batch_size=cfg.batch_size, **cfg.lr_kwargs)
     for group in model.optimizer.param_groups:
         group['lr'] = lr
+    grads = [p.grad for p in model.net.parameters() if p.grad is not None]
+    grads_finite = torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)).to(device)
     sanitize_gradients(model.net.parameters())
     model.optimizer.step()
+    return torch.stack([~loss_finite, ~grads_finite])
 
 
 # ----------------------------------------------------------------------------
@@ -588,9 +633,11 @@ def _every(ticks: Optional[int], tick: int, done: bool) -> bool:
     return ticks is not None and (done or tick % ticks == 0)
 
 
-def _report_tick(clock: _TickClock, cur_nimg: int, now: float, run_start: float, device: torch.device) -> str:
+def _report_tick(clock: _TickClock, cur_nimg: int, now: float, run_start: float, device: torch.device,
+                 losses: Optional[training_stats.Collector] = None) -> str:
     """Record this tick's progress, timing and memory in training_stats (-> stats.jsonl) and return the
-    same numbers as the status line."""
+    same numbers as the status line. With `losses` (a Collector of Loss/*, updated here: a collective) the
+    line also shows the tick's mean loss and, if there were any, its steps with a non-finite loss."""
     tick_sec = now - clock.start_time
     peak_gb = reserved_gb = 0.0
     if device.type == 'cuda':
@@ -612,6 +659,13 @@ def _report_tick(clock: _TickClock, cur_nimg: int, now: float, run_start: float,
         value = training_stats.report0(stat_name, value)
         text = f'{dnnlib.util.format_time(value):<12s}' if spec is None else format(value, spec)
         parts.append(f'{label} {text}')
+    if losses is not None:
+        losses.update()
+        loss_columns = [f'loss {losses.mean("Loss/loss"):<8.4f}']
+        bad_steps = round(losses.mean('Loss/nonfinite') * losses.num('Loss/nonfinite')) if losses.num('Loss/nonfinite') else 0
+        if bad_steps:
+            loss_columns.append(f'nonfinite {bad_steps}')
+        parts[2:2] = loss_columns  # after tick and kimg
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)  # the next tick reports its own peak
     return ' '.join(parts)
@@ -716,32 +770,50 @@ def _train(cfg: dnnlib.EasyDict, batch_gpu: Optional[int], device: torch.device,
     now = time.time()
     clock = _TickClock(index=0, start_nimg=cur_nimg, start_time=now, maintenance_sec=now - run_start)
     dist.update_progress(cur_nimg // 1000, cfg.total_kimg)
-    stop_vote = torch.zeros([1], dtype=torch.int32)
+    stop_vote = torch.zeros([3], dtype=torch.int32)
+    tick_losses = training_stats.Collector(regex='Loss/.*', keep_previous=False)
+    nonfinite_steps = 0  # consecutive steps whose loss was NaN/Inf on some rank (the same count on every rank)
     stats_file = None
     stopped = None
     try:
         while True:
-            _train_step(cfg, model, data.batches, layout, cur_nimg, device)
+            nonfinite = _train_step(cfg, model, data.batches, layout, cur_nimg, device)
             cur_nimg += cfg.batch_size
             model.ema.update(cur_nimg=cur_nimg, batch_size=cfg.batch_size)
             data.cursor.advance(cfg.batch_size)
             done = cur_nimg >= cfg.total_kimg * 1000
-            stop_requested = _agree_to_stop(stop_vote, world, side_group)
-            if not (done or stop_requested or clock.due(cur_nimg, cfg.kimg_per_tick)):
+            stop_requested, loss_bad, grad_bad = _agree_to_stop(stop_vote, world, side_group, nonfinite)
+            training_stats.report0('Loss/nonfinite', int(loss_bad))
+            training_stats.report0('Loss/nonfinite_grad', int(grad_bad))
+            nonfinite_steps = nonfinite_steps + 1 if loss_bad else 0
+            diverged = cfg.nan_patience is not None and nonfinite_steps >= cfg.nan_patience
+            if not (done or stop_requested or diverged or clock.due(cur_nimg, cfg.kimg_per_tick)):
                 continue
 
             # End of a tick: report, then checkpoints, then the stats record.
             steps_end = time.time()
-            dist.print0(_report_tick(clock, cur_nimg, steps_end, run_start, device))
+            dist.print0(_report_tick(clock, cur_nimg, steps_end, run_start, device, losses=tick_losses))
+            if diverged:  # every rank raises here, after the same step
+                stats_file = _append_stats(stats_file, cfg.run_dir, rank)
+                raise TrainingDiverged(f'the loss has been NaN/Inf for {nonfinite_steps} consecutive steps (at '
+                                       f'{cur_nimg / 1000:.1f} kimg); stopped without saving these weights. Lower '
+                                       f'--lr, lengthen --lr-rampup (or raise --ls with --fp16) and start again, '
+                                       f'or resume from the last training-state-*.pt')
             if stop_requested and not done:
                 done = True
                 stopped = _stop_signal if _stop_signal is not None else 'should_stop'
                 dist.print0()
                 dist.print0(f'Stop requested ({_signal_name(stopped)}); saving training state and exiting...')
             # The state goes first: it is what a preempted job needs. Tick 0 (one step) gets none unless last.
-            if (stopped is not None or _every(cfg.state_dump_ticks, clock.index, done)) and (clock.index or done):
+            save_state = (stopped is not None or _every(cfg.state_dump_ticks, clock.index, done)) and (clock.index or done)
+            save_snapshot = _every(cfg.snapshot_ticks, clock.index, done)
+            if nonfinite_steps and (save_state or save_snapshot):  # never write broken weights over good ones
+                dist.print0(f'Warning: the loss of the latest step is NaN/Inf; skipping the checkpoints due at '
+                            f'{cur_nimg / 1000:.1f} kimg')
+                save_state = save_snapshot = False
+            if save_state:
                 _save_state(cfg, model, data.cursor, cur_nimg, rank, world, device, side_group)
-            if _every(cfg.snapshot_ticks, clock.index, done):
+            if save_snapshot:
                 _save_snapshot(cfg, model, cur_nimg, rank)
             stats_file = _append_stats(stats_file, cfg.run_dir, rank)
             dist.update_progress(cur_nimg // 1000, cfg.total_kimg)

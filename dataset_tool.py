@@ -22,6 +22,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import sys
 import tarfile
 import tempfile
@@ -658,10 +659,22 @@ def main(source: str, dest: str, max_images: Optional[int], transform: Optional[
       python dataset_tool.py --source=downloads/cifar10/cifar-10-python.tar.gz \\
           --dest=datasets/cifar10-32x32.zip
     """
+    if os.path.isfile(dest):
+        click.echo(f'Note: --dest {dest} exists and will be replaced once the conversion is complete '
+                   f'(it stays as it is if the conversion fails or is interrupted)')
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
     try:
         convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution)
     except OSError as e:  # e.g. disk full or permission denied while writing --dest
         raise DatasetToolError(f'{e.filename or dest}: {e.strerror or e}')
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    """SIGTERM handler: stop like Ctrl-C (KeyboardInterrupt), so the temporary output is removed and click
+    reports "Aborted!" with exit status 1."""
+    raise KeyboardInterrupt
 
 
 if __name__ == '__main__':

@@ -13,9 +13,12 @@ import importlib.metadata
 import json
 import os
 import platform
+import random
 import re
+import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import click
@@ -24,8 +27,10 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
+from torch_utils import persistence
+from torch_utils.persistence import CheckpointError
 from training import presets, training_loop
-from training.dataset import dataset_fingerprint
+from training.dataset import DatasetError, dataset_fingerprint
 from training.networks import conv_groups_mismatch
 
 # DDP reports a layout mismatch for the gradients of 1x1 convolutions; it copies them correctly anyway.
@@ -47,14 +52,31 @@ ARCH_PRESETS, PRECOND_PRESETS = presets.ARCH_PRESETS, presets.PRECOND_PRESETS
 _STATE_RE = re.compile(r'training-state-(\d+)\.pt')
 
 
-def find_resume_state(path: str) -> str:
-    """--resume: a training-state-*.pt file, or a run folder (its newest training-state-*.pt)."""
+# Exit statuses (README, "Failure modes"): 0 finished, 1 error (one line says which file or option and what to
+# do), 2 command-line usage error, EXIT_STOPPED stopped by SIGTERM/SIGINT (or the cluster's stop hook) after
+# writing a training state: resubmit with --resume=<run folder>.
+EXIT_STOPPED = 3
+
+
+def find_resume_state(path: str, fallback: bool = False) -> str:
+    """--resume: a training-state-*.pt file, or a run folder (its newest training-state-*.pt). With
+    `fallback`, a folder's unreadable newest states are skipped (with a warning) for the newest readable one."""
     if os.path.isdir(path):
         states = [f for f in os.listdir(path) if _STATE_RE.fullmatch(f)]
         if not states:
             raise click.ClickException(f'--resume: no training-state-*.pt in folder "{path}" '
                                        f'(was --dump larger than the run, or did it stop before the first dump?)')
-        return os.path.join(path, max(states, key=lambda f: int(_STATE_RE.fullmatch(f).group(1))))
+        states = [os.path.join(path, f) for f in sorted(states, key=lambda f: -int(_STATE_RE.fullmatch(f).group(1)))]
+        if not fallback:
+            return states[0]
+        for candidate in states:
+            try:
+                training_loop.load_training_state(candidate, mmap=True)  # maps the tensors, reads no data
+                return candidate
+            except CheckpointError as e:
+                dist.print0(f'Warning: --resume-fallback: {str(e).split("; ")[0]}; trying the previous state')
+        raise click.ClickException(f'--resume: none of the {len(states)} training states in "{path}" is readable; '
+                                   f'start a new run or use --transfer with one of its network-snapshot-*.pkl')
     if not _STATE_RE.fullmatch(os.path.basename(path)) or not os.path.isfile(path):
         raise click.ClickException(f'--resume must point to a training-state-*.pt file or a run folder '
                                    f'from a previous training run; got "{path}"')
@@ -160,6 +182,10 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
 @click.option('--transfer', help='Transfer learning from network pickle', metavar='PKL|URL', type=str)
 @click.option('--resume', help='Resume from previous training state (file or run folder)', metavar='PT|DIR',
               type=str)
+@click.option('--resume-fallback', help='--resume=DIR: use the newest readable state if the newest is damaged',
+              metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--nan-patience', help='Stop when the loss is NaN/Inf this many steps in a row (0 = never)',
+              metavar='STEPS', type=click.IntRange(min=0), default=100, show_default=True)
 @click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
 def main(**kwargs):
     """Train diffusion-based generative model using the techniques described in the
@@ -186,6 +212,10 @@ def main(**kwargs):
     c.run_dir = _choose_run_dir(opts, desc) if is_main else None
     if is_main:  # hashing the dataset listing and asking git is rank 0's job alone
         c.provenance = provenance(opts.data, c.dataset_kwargs.max_size, opts)
+    # Everything that can be checked is checked before the run folder exists (rank 0 first: it fills the
+    # download cache for a --transfer URL; any rank failing stops all of them).
+    dist.rank0_first(lambda: check_starting_point(c, opts),
+                     other_error=lambda: click.ClickException('checking --resume/--transfer failed on another process'))
 
     _print_plan(c, opts, world, precision)
     if opts.dry_run:
@@ -193,16 +223,27 @@ def main(**kwargs):
         return
 
     dist.print0('Creating output directory...')
+    created = False
+    if is_main:
+        c.run_dir, created = _make_run_dir(opts, desc, c.run_dir)
     logger = _create_run_dir(c) if is_main else None
+    error, result = None, None
     try:
         result = training_loop.training_loop(**c, device=dist.default_device())
-    except training_loop.CheckpointError as e:
-        raise click.ClickException(str(e))
+    except (CheckpointError, DatasetError, training_loop.TrainingDiverged) as e:
+        error = click.ClickException(_failure_message(e, c.run_dir))
     finally:
         if logger is not None:
+            if error is not None:
+                logger.file.write(f'Error: {error.message}\n')
             logger.close()
+        if result is None and created:
+            _remove_failed_start(c.run_dir)
+    if error is not None:
+        raise error
     if result.stopped is not None:
         dist.print0(f'Stopped early at {result.cur_nimg / 1000:.1f} kimg; continue with --resume={c.run_dir}')
+        click.get_current_context().exit(EXIT_STOPPED)
 
 
 # ----------------------------------------------------------------------------
@@ -232,16 +273,43 @@ def _run_description(dataset_name: str, opts: dnnlib.EasyDict, world: int, batch
     return '-'.join(parts)
 
 
-def _next_run_dir(outdir: str, desc: str) -> str:
-    """<outdir>/<NNNNN>-<desc>: NNNNN is one past the highest number that starts a folder name in outdir,
-    so runs sort in the order they were started."""
+def _next_run_number(outdir: str) -> int:
+    """One past the highest number that starts a folder name in outdir, so runs sort in the order they
+    were started."""
     numbers = []
     if os.path.isdir(outdir):
         for entry in os.scandir(outdir):
             leading = re.match(r'\d+', entry.name)
             if leading is not None and entry.is_dir():
                 numbers.append(int(leading.group()))
-    return os.path.join(outdir, f'{max(numbers, default=-1) + 1:05d}-{desc}')
+    return max(numbers, default=-1) + 1
+
+
+def _next_run_dir(outdir: str, desc: str) -> str:
+    """<outdir>/<NNNNN>-<desc> with the next run number (what the run will most likely get; see claim_run_dir)."""
+    return os.path.join(outdir, f'{_next_run_number(outdir):05d}-{desc}')
+
+
+def claim_run_dir(outdir: str, desc: str, attempts: int = 1000) -> str:
+    """Create <outdir>/<NNNNN>-<desc> with the next free number and return it. os.mkdir either creates the
+    folder or fails because it exists, so runs started at the same moment (cluster array jobs) each get
+    a folder of their own; one that then sees another folder with its number (another --desc) gives the
+    number up and tries again, so numbers stay unique too."""
+    number = -1
+    for _ in range(attempts):
+        number = max(number + 1, _next_run_number(outdir))
+        path = os.path.join(outdir, f'{number:05d}-{desc}')
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        rivals = [e.name for e in os.scandir(outdir) if e.is_dir() and e.name != os.path.basename(path)
+                  and re.match(r'\d+', e.name) and int(re.match(r'\d+', e.name).group()) == number]
+        if not rivals:
+            return path
+        os.rmdir(path)
+        time.sleep(random.uniform(0, 0.05))  # de-synchronise the runs that collided
+    raise click.ClickException(f'--outdir: could not claim a run folder in "{outdir}" after {attempts} attempts')
 
 
 def _choose_run_dir(opts: dnnlib.EasyDict, desc: str) -> str:
@@ -251,6 +319,44 @@ def _choose_run_dir(opts: dnnlib.EasyDict, desc: str) -> str:
     if os.path.exists(run_dir):
         raise click.ClickException(f'output folder "{run_dir}" already exists')
     return run_dir
+
+
+def _make_run_dir(opts: dnnlib.EasyDict, desc: str, planned: str) -> tuple[str, bool]:
+    """Rank 0: create the run folder (claimed atomically unless --nosubdir). Returns (folder, whether this
+    run created it)."""
+    try:
+        if opts.nosubdir:
+            created = not os.path.exists(opts.outdir)
+            os.makedirs(opts.outdir, exist_ok=True)
+            return opts.outdir, created
+        os.makedirs(opts.outdir, exist_ok=True)
+        run_dir = claim_run_dir(opts.outdir, desc)
+    except OSError as e:
+        raise click.ClickException(f'--outdir: cannot create a run folder in "{opts.outdir}" ({e.strerror or e})')
+    if run_dir != planned:
+        print(f'{planned} was taken by another run meanwhile; using {run_dir}')
+    return run_dir, True
+
+
+def _remove_failed_start(run_dir: str) -> None:
+    """A run that failed before its first tick ended leaves only what train.py wrote itself (log.txt,
+    training_options.json): remove the folder, so a failed start leaves nothing behind and uses up no
+    run number. Anything more (stats, checkpoints) is kept."""
+    try:
+        if set(os.listdir(run_dir)) <= {'log.txt', 'training_options.json'}:
+            shutil.rmtree(run_dir)
+    except OSError:
+        pass
+
+
+def _failure_message(e: BaseException, run_dir: str | None) -> str:
+    """One line for a run that stopped with an error: the error (which names the file and what to do),
+    plus where the checkpoints written so far are."""
+    message = ' '.join(str(e).split())
+    states = [f for f in os.listdir(run_dir) if _STATE_RE.fullmatch(f)] if run_dir and os.path.isdir(run_dir) else []
+    if states:
+        message += f' (training states so far are in {run_dir}; continue with --resume={run_dir})'
+    return message
 
 
 def _print_plan(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, world: int, precision: str) -> None:
@@ -274,8 +380,7 @@ def _print_plan(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, world: int, precision
 
 
 def _create_run_dir(c: dnnlib.EasyDict) -> training_loop.Logger:
-    """Rank 0: make the folder, record the options (atomically), and start teeing output into log.txt."""
-    os.makedirs(c.run_dir, exist_ok=True)
+    """Rank 0: record the options in the new run folder (atomically), and start teeing output into log.txt."""
     with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
         json.dump(c, f, indent=2)
     return training_loop.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
@@ -288,10 +393,12 @@ def _create_run_dir(c: dnnlib.EasyDict) -> training_loop.Logger:
 def build_training_options(opts: dnnlib.EasyDict, world: int):
     """CLI options -> training_loop kwargs (validated). Returns (options, dataset name).
 
-    Checks run in this order: the dataset, then option combinations, then --transfer / --resume; the first
-    problem found is reported as a one-line click error."""
+    Checks run in this order: the dataset, then option combinations and --outdir, then --transfer / --resume
+    (that the files exist; check_starting_point reads them); the first problem found is reported as a
+    one-line click error."""
     dataset = _inspect_dataset(opts)
     _validate(opts, world)
+    _check_outdir(opts.outdir)
 
     c = dnnlib.EasyDict()
     c.dataset_kwargs = dnnlib.EasyDict(_dataset_base_kwargs(opts), resolution=dataset.resolution,
@@ -316,6 +423,7 @@ def build_training_options(opts: dnnlib.EasyDict, world: int):
     c.kimg_per_tick = opts.tick
     c.snapshot_ticks = opts.snap
     c.state_dump_ticks = opts.dump
+    c.nan_patience = opts.nan_patience or None
     c.update(_starting_point(opts))
     return c, dataset.name
 
@@ -325,8 +433,13 @@ def _dataset_base_kwargs(opts: dnnlib.EasyDict) -> dict:
                 xflip=opts.xflip, cache=opts.cache)
 
 
+DATASET_SAMPLE = 16  # images decoded before training, spread over the dataset (a moment even for millions)
+
+
 def _inspect_dataset(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
-    """Open --data once to learn its name, resolution and size, and check it has labels if --cond asks for them."""
+    """Open --data once to learn its name, resolution and size, check it has labels if --cond asks for them,
+    and decode DATASET_SAMPLE images spread over it (a damaged or mixed-up dataset shows at once; an image
+    damaged elsewhere stops training later with its name)."""
     if not os.path.exists(opts.data):
         raise click.ClickException(f'--data: "{opts.data}" does not exist; create a dataset with dataset_tool.py')
     try:
@@ -334,9 +447,24 @@ def _inspect_dataset(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
         if opts.cond and not dataset.has_labels:
             raise click.ClickException(f'--cond=True requires labels, but "{opts.data}" has no labels in its '
                                        f'dataset.json; use --cond=False or a labelled dataset')
+        for idx in sorted({round(i * (len(dataset) - 1) / max(DATASET_SAMPLE - 1, 1)) for i in range(DATASET_SAMPLE)}):
+            dataset[idx]
         return dnnlib.EasyDict(name=dataset.name, resolution=dataset.resolution, size=len(dataset))
-    except OSError as err:
+    except (OSError, ValueError) as err:  # DatasetError is both
         raise click.ClickException(f'--data: {err}')
+    except AssertionError as err:  # e.g. images that are not square
+        raise click.ClickException(f'--data: "{opts.data}": {err}; re-create the dataset with dataset_tool.py')
+
+
+def _check_outdir(outdir: str) -> None:
+    """--outdir must be a folder (or not exist yet) that we can write in."""
+    path = os.path.abspath(outdir)
+    while not os.path.exists(path):  # the nearest existing ancestor must be a folder we may write in
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise click.ClickException(f'--outdir: "{path}" is a file, not a folder; pass a folder (created if missing)')
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise click.ClickException(f'--outdir: no permission to write in "{path}"; pass a folder you can write to')
 
 
 def _edm_loss_options(opts: dnnlib.EasyDict) -> dict:
@@ -415,10 +543,77 @@ def _starting_point(opts: dnnlib.EasyDict) -> dict:
         return dict(resume_pkl=opts.transfer, ema_rampup_ratio=None)
     if opts.resume is None:
         return {}
-    state_path = find_resume_state(opts.resume)
+    state_path = find_resume_state(opts.resume, fallback=opts.get('resume_fallback', False))
     kimg = _STATE_RE.fullmatch(os.path.basename(state_path)).group(1)
     pkl = os.path.join(os.path.dirname(state_path), f'network-snapshot-{kimg}.pkl')
     return dict(resume_pkl=pkl if os.path.isfile(pkl) else None, resume_kimg=int(kimg), resume_state_dump=state_path)
+
+
+def check_starting_point(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
+    """--resume / --transfer: read the file now (a training state is only mapped into memory) and compare its
+    tensors with the network the options build (built on the meta device: no memory), so that a wrong,
+    damaged or foreign file stops the run with one line before its folder exists."""
+    state_path, pkl_path = c.get('resume_state_dump'), c.get('resume_pkl')
+    if state_path is None and pkl_path is None:
+        return
+    option = '--resume' if state_path is not None else '--transfer'
+    try:
+        net = _meta_network(c)
+        if state_path is not None:  # the loop then ignores the snapshot beside it (strict load_state_dict)
+            try:
+                state = training_loop.load_training_state(state_path, mmap=True)
+            except CheckpointError as e:
+                if opts.get('resume') and os.path.isdir(opts.resume) and not opts.get('resume_fallback'):
+                    raise CheckpointError(f'{e} (or add --resume-fallback=1 to use the newest readable state '
+                                          f'in that folder)') from None
+                raise
+            expected = {name: tuple(t.shape) for name, t in net.state_dict().items()}
+            found = {name: tuple(t.shape) for name, t in state['net'].items() if isinstance(t, torch.Tensor)}
+            _compare_tensors(state_path, found, expected, missing_ok=False)
+        else:
+            data = persistence.load_network_pkl(pkl_path)
+            ema = data.get('ema')
+            if not isinstance(ema, torch.nn.Module):
+                raise CheckpointError(f'{pkl_path}: holds no network under "ema"; --transfer needs a '
+                                      f'network-snapshot-*.pkl')
+            if getattr(ema, 'label_dim', None) not in (None, getattr(net, 'label_dim', None)):
+                raise CheckpointError(f'{pkl_path}: network has label_dim={ema.label_dim} but the dataset gives '
+                                      f'{net.label_dim} (check --cond and the dataset labels)')
+            expected = dict((name, tuple(t.shape)) for name, t in misc.named_params_and_buffers(net))
+            found = dict((name, tuple(t.shape)) for name, t in misc.named_params_and_buffers(ema))
+            _compare_tensors(pkl_path, found, expected, missing_ok=True)
+    except CheckpointError as e:
+        raise click.ClickException(f'{option}: {" ".join(str(e).split())}') from None
+
+
+def _meta_network(c: dnnlib.EasyDict) -> torch.nn.Module:
+    """The network training_loop will build from c, on the meta device: shapes only, no memory or RNG use."""
+    dataset = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
+    with torch.device('meta'):
+        return dnnlib.util.construct_class_by_name(**c.network_kwargs, img_resolution=dataset.resolution,
+                                                   img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+
+
+def _compare_tensors(path: str, found: dict, expected: dict, missing_ok: bool) -> None:
+    """Raise CheckpointError naming the first tensor of the network built from the options that the file
+    lacks (unless missing_ok) or holds with another shape."""
+    for name, shape in expected.items():
+        if name not in found:
+            if missing_ok:
+                continue
+            problem = f'has no tensor "{name}"'
+        elif found[name] != shape:
+            problem = f'has "{name}" of shape {list(found[name])}, but the options build {list(shape)}'
+        else:
+            continue
+        raise CheckpointError(f'{path}: does not match the network built from the current options ({problem}); '
+                              f'use the same --arch/--precond/--cbase/--cres/--blocks/--cond/--augment as the run '
+                              f'that wrote it')
+    if not missing_ok and set(found) - set(expected):
+        extra = sorted(set(found) - set(expected))[0]
+        raise CheckpointError(f'{path}: does not match the network built from the current options (has an '
+                              f'extra tensor "{extra}"); use the same --arch/--precond/--cbase/--cres/--blocks/'
+                              f'--cond/--augment as the run that wrote it')
 
 
 # ----------------------------------------------------------------------------

@@ -357,7 +357,8 @@ class ImageFolderDataset(Dataset):
         try:
             pixels = self._decode(fname)
         except (OSError, SyntaxError, ValueError, zipfile.BadZipFile) as e:
-            reason = ' '.join(str(e).split()) or type(e).__name__
+            reason = ('not a readable image' if isinstance(e, PIL.UnidentifiedImageError)
+                      else ' '.join(str(e).split()) or type(e).__name__)
             raise DatasetError(f'{self._path}:{fname}: cannot read image ({reason}); the dataset is damaged: '
                                f're-create it with dataset_tool.py') from e
         if pixels.ndim == 2:

@@ -26,6 +26,7 @@ What this loop adds to the paper's:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -36,6 +37,7 @@ import signal
 import sys
 import time
 import warnings
+import zipfile
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -177,6 +179,9 @@ def load_training_state(path: str, mmap: bool = False) -> dict:
     if not head.startswith(b'PK') and head[:1] != b'\x80':  # torch.save's zip archive or its legacy pickle
         raise CheckpointError(f'{path}: not a training state (not a file written by torch.save); pass a '
                               f'training-state-*.pt written by train.py')
+    if head.startswith(b'PK') and not zipfile.is_zipfile(path):
+        raise CheckpointError(f'{path}: truncated training state (its zip directory is missing: the write was cut '
+                              f'short or the copy is incomplete); resume from an earlier training-state-*.pt')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and head.startswith(b'PK'))
     except Exception as e:
@@ -384,7 +389,7 @@ def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network
         logger = Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
     previous_handlers = _install_signal_handlers()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.ExitStack() as cfg.cleanup:
             # DDP complains when a 1x1 convolution's gradient arrives in another memory layout than its
             # bucket; the copy it makes is correct, the message is noise.
             warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
@@ -473,7 +478,19 @@ def _make_data(cfg: dnnlib.EasyDict, layout: _BatchLayout, rank: int, world: int
     cursor = sampler.cursor()
     loader = torch.utils.data.DataLoader(dataset=dataset, sampler=sampler, batch_size=layout.batch_gpu,
                                          **_loader_options(cfg.data_loader_kwargs, device))
-    return dnnlib.EasyDict(dataset=dataset, cursor=cursor, batches=iter(loader))
+    batches = iter(loader)
+    if cfg.get('cleanup') is not None:
+        cfg.cleanup.callback(_stop_workers, batches)
+    return dnnlib.EasyDict(dataset=dataset, cursor=cursor, batches=batches)
+
+
+def _stop_workers(batches) -> None:
+    """Stop the loader's worker processes as soon as training_loop ends, also on an error. They ignore
+    SIGTERM (see _worker_ignore_signals), so multiprocessing's exit handler, which terminates and then
+    joins them, would wait for them forever if they were left to it."""
+    shutdown = getattr(batches, '_shutdown_workers', None)  # torch's multi-process loader iterator
+    if shutdown is not None:
+        shutdown()
 
 
 def _make_networks(cfg: dnnlib.EasyDict, dataset, batch_gpu: int, rank: int,

@@ -197,6 +197,12 @@ def main(**kwargs):
     # Train DDPM++ model for class-conditional CIFAR-10 using 8 GPUs
     torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
         --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
+
+    \b
+    Exit status: 0 finished; 1 error (one line names the file or option and what to do; a run that
+    fails before its first tick leaves nothing at --outdir); 2 command-line usage error; 3 stopped by
+    SIGTERM/SIGINT after writing a training state (continue with --resume=<run folder>). A loss that
+    stays NaN/Inf for --nan-patience steps stops the run (status 1) without writing the broken weights.
     """
     misc.set_malloc_thresholds()  # reuse activation buffers instead of returning them to the OS every step
     opts = dnnlib.EasyDict(kwargs)
@@ -223,7 +229,7 @@ def main(**kwargs):
         return
 
     dist.print0('Creating output directory...')
-    created = False
+    created = []  # folders this run made (removed again if it fails before its first tick ends)
     if is_main:
         c.run_dir, created = _make_run_dir(opts, desc, c.run_dir)
     logger = _create_run_dir(c) if is_main else None
@@ -238,7 +244,7 @@ def main(**kwargs):
                 logger.file.write(f'Error: {error.message}\n')
             logger.close()
         if result is None and created:
-            _remove_failed_start(c.run_dir)
+            _remove_failed_start(created)
     if error is not None:
         raise error
     if result.stopped is not None:
@@ -321,30 +327,38 @@ def _choose_run_dir(opts: dnnlib.EasyDict, desc: str) -> str:
     return run_dir
 
 
-def _make_run_dir(opts: dnnlib.EasyDict, desc: str, planned: str) -> tuple[str, bool]:
-    """Rank 0: create the run folder (claimed atomically unless --nosubdir). Returns (folder, whether this
-    run created it)."""
+def _make_run_dir(opts: dnnlib.EasyDict, desc: str, planned: str) -> tuple[str, list]:
+    """Rank 0: create the run folder (claimed atomically unless --nosubdir). Returns the folder and the
+    folders this made, innermost first."""
+    created = []
     try:
-        if opts.nosubdir:
-            created = not os.path.exists(opts.outdir)
-            os.makedirs(opts.outdir, exist_ok=True)
-            return opts.outdir, created
+        outdir = os.path.abspath(opts.outdir)
+        missing = []
+        while not os.path.exists(outdir):
+            missing.append(outdir)
+            outdir = os.path.dirname(outdir)
         os.makedirs(opts.outdir, exist_ok=True)
+        created = [p for p in missing if os.path.isdir(p)]  # innermost first
+        if opts.nosubdir:
+            return opts.outdir, created
         run_dir = claim_run_dir(opts.outdir, desc)
     except OSError as e:
         raise click.ClickException(f'--outdir: cannot create a run folder in "{opts.outdir}" ({e.strerror or e})')
     if run_dir != planned:
         print(f'{planned} was taken by another run meanwhile; using {run_dir}')
-    return run_dir, True
+    return run_dir, [run_dir] + created
 
 
-def _remove_failed_start(run_dir: str) -> None:
+def _remove_failed_start(created: list) -> None:
     """A run that failed before its first tick ended leaves only what train.py wrote itself (log.txt,
-    training_options.json): remove the folder, so a failed start leaves nothing behind and uses up no
-    run number. Anything more (stats, checkpoints) is kept."""
+    training_options.json): remove the folders it made, so a failed start leaves nothing at --outdir and
+    uses up no run number. A folder holding anything more (stats, checkpoints) is kept."""
+    run_dir, *parents = created  # the run folder, then the folders made to hold it (removed only if empty)
     try:
         if set(os.listdir(run_dir)) <= {'log.txt', 'training_options.json'}:
             shutil.rmtree(run_dir)
+            for folder in parents:
+                os.rmdir(folder)
     except OSError:
         pass
 

@@ -59,3 +59,41 @@ def distributed_worker(rank, world, port, kwargs):
         training_loop.training_loop(**kwargs)
     finally:
         dist.shutdown()
+
+
+class NonFiniteLoss:
+    """The EDM loss, made NaN from the `first`-th call on (call indices count from 0) on the ranks listed in
+    `ranks` (None = all), for `count` calls (None = for ever): a divergence the test controls exactly."""
+
+    def __init__(self, first, count=None, ranks=None, **edm_kwargs):
+        from training.loss import EDMLoss
+        self.loss = EDMLoss(**edm_kwargs)
+        self.first, self.count, self.ranks = first, count, ranks
+        self.calls = 0
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        loss = self.loss(net=net, images=images, labels=labels, augment_pipe=augment_pipe)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        call, self.calls = self.calls, self.calls + 1
+        bad = call >= self.first and (self.count is None or call < self.first + self.count)
+        if bad and (self.ranks is None or rank in self.ranks):
+            loss = loss * float('nan')
+        return loss
+
+
+def diverging_worker(rank, world, port, kwargs, result_dir):
+    """torch.multiprocessing.spawn target: one rank of a run that diverges; writes what ended it."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from torch_utils import distributed as dist
+    from training import training_loop
+    try:
+        training_loop.training_loop(**kwargs)
+        outcome = 'finished'
+    except training_loop.TrainingDiverged as e:
+        outcome = f'diverged: {e}'
+    finally:
+        dist.shutdown()
+    with open(os.path.join(result_dir, f'rank{rank}.txt'), 'w') as f:
+        f.write(outcome)

@@ -475,7 +475,11 @@ class ZipDest:
         os.makedirs(parent, exist_ok=True)
         self.file = dnnlib.util.AtomicFile(dest)
         self.tmp = self.file.tmp
-        self.zf = zipfile.ZipFile(self.file.file, mode='w', compression=zipfile.ZIP_STORED)
+        try:
+            self.zf = zipfile.ZipFile(self.file.file, mode='w', compression=zipfile.ZIP_STORED)
+        except BaseException:  # e.g. Ctrl-C / SIGTERM right now: convert_dataset cannot abort us yet
+            self.file.discard()
+            raise
 
     def write(self, fname: str, data: bytes):
         info = zipfile.ZipInfo(fname, date_time=(1980, 1, 1, 0, 0, 0))  # Fixed time: reproducible zips.

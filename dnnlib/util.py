@@ -104,7 +104,12 @@ class AtomicFile:
         self.path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(self.path))
         fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(self.path)}.', suffix='.tmp')
-        self.file = os.fdopen(fd, mode)
+        try:
+            self.file = os.fdopen(fd, mode)
+        except BaseException:  # e.g. KeyboardInterrupt from a signal: leave no temporary file behind
+            os.close(fd)
+            os.remove(self.tmp)
+            raise
 
     def commit(self) -> None:
         self.file.flush()

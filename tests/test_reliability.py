@@ -444,7 +444,8 @@ def test_signal_stop_exits_with_its_own_status(tiny_zip, tmp_path):
 
     threading.Thread(target=preempt, daemon=True).start()
     result = run_train(['--outdir', outdir, '--data', tiny_zip, '--batch', '16', '--duration', '10'] + TINY)
-    assert result.exit_code == train.EXIT_STOPPED == 3, result.output[-2000:]
+    assert result.exit_code == 3, result.output[-2000:]
+    assert train.EXIT_STOPPED == 3
     assert 'Stop requested (SIGTERM)' in result.output and 'continue with --resume=' in result.output
     assert list(outdir.glob('*/training-state-*.pt'))
 

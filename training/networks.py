@@ -241,18 +241,17 @@ class GroupNorm(torch.nn.Module):
 class AttentionOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k):
-        w = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32)).softmax(dim=2).to(q.dtype)
+        w = torch.bmm(q.to(torch.float32).transpose(1, 2), (k / np.sqrt(k.shape[1])).to(torch.float32)).softmax(dim=2).to(q.dtype)
         ctx.save_for_backward(q, k, w)
         return w
 
     @staticmethod
     def backward(ctx, dw):
         q, k, w = ctx.saved_tensors
-        w32 = w.to(torch.float32)
-        dw32 = dw.to(torch.float32)
-        db = w32 * (dw32 - (dw32 * w32).sum(dim=2, keepdim=True))  # softmax backward in fp32
-        dq = torch.einsum('nck,nqk->ncq', k.to(torch.float32), db).to(q.dtype) / np.sqrt(k.shape[1])
-        dk = torch.einsum('ncq,nqk->nck', q.to(torch.float32), db).to(k.dtype) / np.sqrt(k.shape[1])
+        # Softmax backward w * (dw - sum(dw * w)) in fp32, as one fused pass; then the two products, scaled in place.
+        db = torch._softmax_backward_data(dw.to(torch.float32), w.to(torch.float32), 2, torch.float32)
+        dq = torch.bmm(k.to(torch.float32), db.transpose(1, 2)).to(q.dtype).div_(np.sqrt(k.shape[1]))
+        dk = torch.bmm(q.to(torch.float32), db).to(k.dtype).div_(np.sqrt(k.shape[1]))
         return dq, dk
 
 # 'auto': torch's fused scaled_dot_product_attention for fp32 on CUDA (same numbers to ~1e-7, far less

@@ -113,13 +113,22 @@ def test_channels_last_reaches_every_convolution(options, model_type):
     assert len(layouts) > 10 and all(layouts)
     assert out.is_contiguous()  # the backbone hands back NCHW
 
-def test_one_channel_input_is_converted():
+def test_one_channel_input_is_converted(monkeypatch):
     # A 1-channel NCHW tensor counts as channels_last, but oneDNN reads its strides: _conv_layout fixes them.
+    monkeypatch.setattr(N, 'CHANNELS_LAST', True)
     x = torch.randn(2, 1, 8, 8)
     y = N._conv_layout(x)
     assert torch.equal(x, y) and y.stride(1) == 1
     out = torch.nn.functional.conv2d(y, torch.randn(4, 1, 3, 3), padding=1)
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+def test_channels_last_auto_means_bf16_only(monkeypatch):
+    monkeypatch.setattr(N, 'CHANNELS_LAST', 'auto')
+    x = torch.randn(2, 4, 8, 8)
+    assert N._conv_layout(x) is x                                                      # fp32: NCHW
+    assert N._conv_layout(x.bfloat16()).is_contiguous(memory_format=torch.channels_last)  # bf16: NHWC
+    monkeypatch.setattr(N, 'CHANNELS_LAST', False)
+    assert N._conv_layout(x.bfloat16()).is_contiguous()
 
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 def test_dropout_draws_the_same_numbers_as_F_dropout(memory_format):

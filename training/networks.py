@@ -75,12 +75,19 @@ def _init_param(shape, mode, fan_in, fan_out, scale) -> torch.Tensor:
 FUSED_CONV_BIAS = True  # add the bias inside F.conv2d (one pass over the activations fewer)
 INPLACE_OPS = True      # SiLU in place when no autograd graph needs its input (eval, no_grad,
                         # inference_mode); skip-connection scaling in place (autograd-safe)
-CHANNELS_LAST = True    # on CPU, convolve channels_last (NHWC) activations: oneDNN's fast layout, also in
-                        # backward; the backbones hand back the usual contiguous (NCHW) output
+CHANNELS_LAST = 'auto'  # on CPU, convolve channels_last (NHWC) activations: True always, 'auto' in bfloat16
+                        # only (oneDNN's bf16 kernels need NHWC; in fp32 NCHW measured faster on this project's
+                        # AVX2 CPU, mostly because torch's channels_last GroupNorm is 2-4x slower), False never.
+                        # The backbones hand back the usual contiguous (NCHW) output either way.
+
+def _conv_memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.device.type != 'cpu' or not CHANNELS_LAST or (CHANNELS_LAST == 'auto' and x.dtype != torch.bfloat16):
+        return torch.contiguous_format
+    return torch.channels_last
 
 def _conv_layout(x: torch.Tensor) -> torch.Tensor:
     """x in the memory layout the convolutions run fastest in (a no-op when it already is)."""
-    if CHANNELS_LAST and x.device.type == 'cpu' and x.stride(1) != 1:
+    if _conv_memory_format(x) == torch.channels_last and x.stride(1) != 1:
         # Not x.contiguous(memory_format=...): that keeps a 1-channel NCHW tensor as it is (it counts as
         # channels_last too), and oneDNN, reading its strides, would then run and return NCHW.
         return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
@@ -270,8 +277,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str | Non
     if impl != 'explicit':
         raise ValueError(f'Unknown attention implementation {impl!r}; expected auto, sdpa or explicit')
     w = AttentionOp.apply(q, k)
-    # Computed as [N*heads, L, C/heads] and returned transposed (a view): with one head, the block's
-    # reshape to [N, C, H, W] is then already channels_last, as the output projection wants it.
+    # Computed as [N*heads, L_q, C/heads] so that w's gradient comes out contiguous (the fused softmax
+    # backward would copy a transposed one); returned as a transposed view.
     return torch.bmm(w, v.transpose(1, 2)).transpose(1, 2)
 
 #----------------------------------------------------------------------------
@@ -396,8 +403,8 @@ class UNetBlock(torch.nn.Module):
         if self.num_heads:
             # qkv channels are laid out as [heads, C/heads, 3].
             q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0] * self.num_heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
-            a = attention(q, k, v)
-            x = self.proj(a.reshape(*x.shape)).add_(x)
+            a = attention(q, k, v).reshape(*x.shape)  # a view when possible, in whichever layout
+            x = self.proj(a.contiguous(memory_format=_conv_memory_format(a))).add_(x)
             x = self._scale(x)
         return x
 

@@ -8,6 +8,7 @@ difference in 8-bit pixel levels).
 
     python benchmarks/bench_bf16_accuracy.py                                     # quick-start net, random init
     python benchmarks/bench_bf16_accuracy.py --network=run/network-snapshot-000040.pkl --data=digits-16x16.zip
+    python benchmarks/bench_bf16_accuracy.py --warm-steps=10 --samples=0    # mid-training Adam, no sampling
 
 Without --network the quick-start architecture is built with its random init and every weight perturbed by
 N(0, 0.02^2) (the init's zero-gain output layers would otherwise hide the network behind the skip path).
@@ -38,23 +39,35 @@ def flat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().flatten() for t in tensors])
 
 
-def train_step_difference(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, lr: float,
-                          seed: int = 0) -> dict:
-    """One EDMLoss + Adam step of `net` in fp32 and in bf16 from identical weights and draws; relative differences."""
+def _step(model, optimizer, images, labels, seed):
     from training.loss import EDMLoss
+    optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = EDMLoss()(net=model, images=images, labels=labels)
+    loss.sum().mul(1 / images.shape[0]).backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def train_step_difference(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, lr: float,
+                          warm_steps: int = 0, seed: int = 0) -> dict:
+    """One EDMLoss + Adam step of `net` in fp32 and in bf16 from identical weights, optimizer state and draws
+    (after `warm_steps` shared fp32 steps that give Adam a history); relative differences."""
+    base = copy.deepcopy(net).train().requires_grad_(True)
+    base_opt = torch.optim.Adam(base.parameters(), lr=lr, betas=[0.9, 0.999], eps=1e-8)
+    for i in range(warm_steps):
+        _step(base, base_opt, images, labels, seed=1000 + i)
     results = {}
     for name, bf16 in (('fp32', False), ('bf16', True)):
-        model = copy.deepcopy(net).train().requires_grad_(True)
+        model = copy.deepcopy(base)
         model.use_bf16 = bf16
-        before = flat(model.parameters()).clone()
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=[0.9, 0.999], eps=1e-8)
-        torch.manual_seed(seed)
-        loss = EDMLoss()(net=model, images=images, labels=labels)
-        loss.sum().mul(1 / images.shape[0]).backward()
+        optimizer.load_state_dict(copy.deepcopy(base_opt.state_dict()))
+        before = flat(model.parameters()).clone()
+        loss = _step(model, optimizer, images, labels, seed)
         grad = flat(p.grad for p in model.parameters())
-        optimizer.step()
         after = flat(model.parameters())
-        results[name] = dict(loss=loss.detach(), grad=grad, update=after - before, weights=after)
+        results[name] = dict(loss=loss, grad=grad, update=after - before, weights=after)
     return {key: rel(results['bf16'][key], results['fp32'][key]) for key in ('loss', 'grad', 'update', 'weights')}
 
 
@@ -80,6 +93,8 @@ def main():
     p.add_argument('--data', help='dataset zip/folder for the training batch; default: random pixels')
     p.add_argument('--batch', type=int, default=64, help='training batch')
     p.add_argument('--lr', type=float, default=2e-3, help='Adam learning rate of the step (quick start: 2e-3)')
+    p.add_argument('--warm-steps', type=int, default=0, help='shared fp32 steps first, so Adam has a history '
+                   '(0: the very first step, where Adam moves every weight by +-lr)')
     p.add_argument('--samples', type=int, default=16, help='images sampled')
     p.add_argument('--threads', type=int, default=None)
     args = p.parse_args()
@@ -104,10 +119,13 @@ def main():
         images = torch.randint(0, 256, [args.batch, net.img_channels, net.img_resolution, net.img_resolution]) / 127.5 - 1
         labels = torch.eye(net.label_dim)[torch.randint(net.label_dim, [args.batch])] if net.label_dim else None
 
-    step = train_step_difference(net, images, labels, args.lr)
-    print(f'one training step (batch {args.batch}, Adam lr {args.lr:g}), bf16 vs fp32, ||bf16 - fp32|| / ||fp32||: '
+    step = train_step_difference(net, images, labels, args.lr, warm_steps=args.warm_steps)
+    print(f'one training step (batch {args.batch}, Adam lr {args.lr:g}, after {args.warm_steps} fp32 steps), '
+          f'bf16 vs fp32, ||bf16 - fp32|| / ||fp32||: '
           f'loss {step["loss"]:.2e}, gradient {step["grad"]:.2e}, weight update {step["update"]:.2e}, '
           f'weights after the update {step["weights"]:.2e}')
+    if args.samples < 1:
+        return
     samples = sample_difference(net, args.samples)
     print(f'sampled batch (Heun, 18 steps, seeds 0-{args.samples - 1}): ||bf16 - fp32|| / ||fp32|| = '
           f'{samples["images"]:.2e}, largest difference {samples["max_pixel_levels"]} of 255 pixel levels')

@@ -13,6 +13,8 @@ Diffusion-Based Generative Models" (Karras et al., NeurIPS 2022).
 - `no_weight_init()`: build without random init (before loading a checkpoint, or on the meta device).
 - `conv_groups` (our addition, both U-Nets): grouped 3x3 convolutions inside the U-Net blocks, a smaller
   model; the default 1 is the paper's network and is never recorded in constructor kwargs.
+- `fast_dropout` (our addition, both U-Nets): cheaper dropout masks (`fast_dropout_mask`), other random
+  numbers than the paper's; off by default, and then never recorded in constructor kwargs.
 
 Module paths, class names, constructor kwargs and state_dict names match the paper's public code so
 released checkpoints load unchanged (see torch_utils/persistence.py for the safe loader).
@@ -20,7 +22,8 @@ released checkpoints load unchanged (see torch_utils/persistence.py for the safe
 Precision: fp32 is the default. `use_fp16=True` runs the backbone in float16 on CUDA only (ignored on
 CPU, like the paper). `use_bf16=True` (our addition) runs the backbone in bfloat16 on any device.
 Softmax in attention is always computed in float32; `ATTENTION_IMPL` selects torch's fused SDPA
-(default for fp32 on CUDA) or the explicit form (default on CPU, where it is faster).
+(default for fp32 on CUDA) or the explicit form (default on CPU, where it is faster). Speed switches that
+change nothing but float rounding: FUSED_CONV_BIAS, INPLACE_OPS, CHANNELS_LAST (benchmarks/ time them).
 """
 
 from __future__ import annotations

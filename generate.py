@@ -144,7 +144,7 @@ def sampler_options(fn):
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--grid', help='Also write all images as one grid PNG  [bare --grid: OUTDIR/grid.png]', metavar='[FILE]', is_flag=False, flag_value='', default=None)
 @sampler_options
-@click.option('--bf16', help='Run the network in bfloat16 (faster on CPUs with AVX-512/AMX-bf16; images differ slightly from fp32)', is_flag=True)
+@click.option('--bf16', help='Run the network in bfloat16 (~2x faster with native bf16: AVX-512/AMX CPUs, CUDA; many times slower on AVX2-only CPUs; images differ slightly from fp32)', is_flag=True)
 def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, bf16, **sampler_kwargs):
     """Generate random images using the techniques described in the paper
     "Elucidating the Design Space of Diffusion-Based Generative Models".
@@ -175,6 +175,7 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, b
 def _generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, sampler_kwargs, bf16=False):
     import tqdm
     from torch_utils import distributed as dist
+    from torch_utils import misc
 
     device = dist.default_device()
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -185,6 +186,8 @@ def _generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, gr
                            other_error=lambda: click.ClickException('loading the network failed on another process'))
     if bf16:
         net.use_bf16 = True  # the preconditioner runs its backbone in bfloat16; the sampler stays float64
+        if misc.bf16_warning(device):
+            dist.print0(misc.bf16_warning(device))
 
     if class_idx is not None and not class_idx < net.label_dim:
         raise click.BadParameter(f'{class_idx} is out of range: the network has '

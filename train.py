@@ -159,8 +159,11 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
 # Speed and memory.
 @click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False,
               show_default=True)
-@click.option('--bf16', help='Run the network backbone in bfloat16 (any device)', metavar='BOOL', type=bool,
+@click.option('--bf16', help='Run the network backbone in bfloat16 (fast only with native bf16: CUDA, AVX-512/AMX '
+              'CPUs; slower than fp32 on AVX2-only CPUs and for tiny models)', metavar='BOOL', type=bool,
               default=False, show_default=True)
+@click.option('--fast-dropout', help='Cheaper dropout masks (other random numbers than the paper)', metavar='BOOL',
+              type=bool, default=False, show_default=True)
 @click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1,
               show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True,
@@ -224,6 +227,8 @@ def main(**kwargs):
                      other_error=lambda: click.ClickException('checking --resume/--transfer failed on another process'))
 
     _print_plan(c, opts, world, precision)
+    if opts.bf16 and misc.bf16_warning(dist.default_device()):
+        dist.print0(misc.bf16_warning(dist.default_device()))
     if opts.dry_run:
         dist.print0('Dry run; exiting.')
         return
@@ -539,6 +544,8 @@ def _network_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     kwargs.use_fp16 = opts.fp16
     if opts.bf16:
         kwargs.use_bf16 = True  # our addition; left out otherwise so the kwargs match the paper's
+    if opts.get('fast_dropout'):
+        kwargs.fast_dropout = True  # our addition (training.networks.fast_dropout_mask); left out when off
     return kwargs
 
 

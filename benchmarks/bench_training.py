@@ -1,12 +1,23 @@
-"""Training throughput and memory: sec/kimg and peak memory for the DDPM++ CIFAR-10 configuration and
-a small configuration, measured on whatever device is available (CPU here).
+"""Training throughput and memory: sec/kimg and peak memory of the training loop's step, for the paper's
+DDPM++ CIFAR-10 configuration, the quick-start configuration and a small one, on whatever device is
+available (CPU here).
 
-One training step = the loop's step on one rank without DDP: loss (with augmentation) forward and
-backward, gradient sanitising, Adam, EMA update. Each configuration runs in its own subprocess so its
-peak RSS is its own. Prints the median over --steps timed steps (after --warmup steps).
+One training step = training.training_loop._train_step on one rank without DDP (loss with augmentation,
+forward, backward, gradient sanitising, Adam) plus the EMA update. Prints medians over --steps timed steps
+(after --warmup steps).
 
-    python benchmarks/bench_training.py                 # both configurations
-    python benchmarks/bench_training.py --config small --batch 32 --steps 10
+    python benchmarks/bench_training.py                     # every configuration, fp32, one process each
+    python benchmarks/bench_training.py --config quickstart --bf16            # train.py --bf16=1
+    python benchmarks/bench_training.py --config quickstart --paired --steps 20  # fp32 vs bf16, alternating
+    python benchmarks/bench_training.py --config ddpmpp-cifar10 --before-after --fast-dropout --steps 10
+
+--before-after times the previous main's training/networks.py (`git show <commit>:training/networks.py`,
+loaded as a separate module; --before-commit, default PREVIOUS_MAIN) against the current one: one process,
+the two networks (same initial weights, same random draws) take turns step by step, and the ratio of the
+medians is printed. --paired does the same for the current code in fp32 against bf16. Alternating steps
+make the drifting load of a shared machine hit both alike; the spread is printed so the noise is visible, and
+so is the relative difference of each variant's weights from the fp32 ones after the run (same numbers?).
+Without --before-after/--paired each configuration runs in its own subprocess, so its peak RSS is its own.
 """
 
 from __future__ import annotations
@@ -20,101 +31,216 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# Named networks of training/presets.py and the batch each is timed at.
+# The main branch before the speed work of issue 15 (its networks.py is the paper-equivalent "before").
+PREVIOUS_MAIN = 'ba643d6'
+
+# Named networks of training/presets.py, the batch each is timed at, and its augmentation probability.
 CONFIGS = {
     # Paper: --arch=ddpmpp --precond=edm --cond=1 on CIFAR-10 (32x32, 10 classes), augment 0.12, dropout 0.13.
-    'ddpmpp-cifar10': dict(preset='ddpmpp-cifar10', batch=8),
-    # Small: the same recipe with --cbase=32 --cres=1,2 on 16x16 images.
-    'small': dict(preset='small-16', batch=32),
+    'ddpmpp-cifar10': dict(preset='ddpmpp-cifar10', batch=8, augment=0.12),
+    # scripts/quickstart.py: 16x16 digits, --batch=64, no augmentation, no dropout.
+    'quickstart': dict(preset='quickstart', batch=64, augment=0),
+    # Small: the CIFAR-10 recipe with --cbase=32 --cres=1,2 on 16x16 images.
+    'small': dict(preset='small-16', batch=32, augment=0.12),
 }
 
 
-def run_one(name: str, batch: int, steps: int, warmup: int, threads: int) -> dict:
+def load_networks_module(commit: str) -> types.ModuleType:
+    """training/networks.py as of `commit`, imported as the separate module training._networks_<commit>."""
+    src = subprocess.run(['git', '-C', ROOT, 'show', f'{commit}:training/networks.py'], capture_output=True,
+                         text=True, check=True).stdout
+    name = f'training._networks_{commit}'
+    module = types.ModuleType(name)
+    module.__file__ = f'<{commit}:training/networks.py>'
+    sys.modules[name] = module
+    exec(compile(src, module.__file__, 'exec'), module.__dict__)  # noqa: S102 -- our own git history
+    return module
+
+
+class Trainer:
+    """One network with its EMA, optimizer, loss and augmentation, stepped by the training loop's own step."""
+
+    def __init__(self, label: str, name: str, batch: int, device, bf16: bool = False, networks_module=None,
+                 fast_dropout: bool = False):
+        import torch
+        import dnnlib
+        from training import presets, training_loop
+
+        cfg = CONFIGS[name]
+        self.label, self.batch, self.device = label, batch, device
+        kwargs = presets.network_kwargs(cfg['preset'], use_fp16=False)
+        if not cfg['augment']:
+            kwargs.pop('augment_dim', None)
+        if bf16:
+            kwargs['use_bf16'] = True  # what train.py --bf16=1 sets
+        if fast_dropout:
+            kwargs['fast_dropout'] = True  # what train.py --fast-dropout=1 sets
+        torch.manual_seed(0)  # same initial weights for every variant
+        if networks_module is None:
+            net = dnnlib.util.construct_class_by_name(**kwargs)
+        else:
+            net = getattr(networks_module, kwargs.pop('class_name').rsplit('.', 1)[1])(**kwargs)
+        self.net = net.train().requires_grad_(True).to(device)
+        self.params = sum(p.numel() for p in self.net.parameters())
+        augment_pipe = None
+        if cfg['augment']:
+            augment_pipe = dnnlib.util.construct_class_by_name(
+                class_name='training.augment.AugmentPipe', p=cfg['augment'], xflip=1e8, yflip=1, scale=1,
+                rotate_frac=1, aniso=1, translate_frac=1)
+        self.model = dnnlib.EasyDict(
+            net=self.net, ddp=self.net, loss_fn=dnnlib.util.construct_class_by_name(class_name='training.loss.EDMLoss'),
+            optimizer=torch.optim.Adam(self.net.parameters(), lr=10e-4, betas=[0.9, 0.999], eps=1e-8),
+            augment_pipe=augment_pipe, ema=dnnlib.util.construct_class_by_name(
+                class_name='training.ema.HalfLifeEMA', net=self.net, halflife_kimg=500, rampup_ratio=0.05))
+        self.cfg = dnnlib.EasyDict(loss_scaling=1, batch_size=batch, lr_kwargs=dict(
+            func_name='training.training_loop.linear_rampup_schedule', ref_lr=10e-4, rampup_kimg=10000))
+        self.layout = training_loop._BatchLayout(per_rank=batch, batch_gpu=batch, rounds=1)
+        res, channels, label_dim = kwargs['img_resolution'], kwargs['img_channels'], kwargs['label_dim']
+        images = torch.randint(0, 256, [batch, channels, res, res], dtype=torch.uint8)
+        labels = torch.eye(label_dim)[torch.randint(label_dim, [batch])]
+        self.batches = iter(lambda: (images, labels), None)  # the same batch forever
+        self.cur_nimg = 0
+        self.times = []
+
+    def step(self, seed: int) -> float:
+        import torch
+        from training import training_loop
+        torch.manual_seed(seed)  # every variant draws the same sigma, noise, augmentation and dropout
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        training_loop._train_step(self.cfg, self.model, self.batches, self.layout, self.cur_nimg, self.device)
+        self.cur_nimg += self.batch
+        self.model.ema.update(cur_nimg=self.cur_nimg, batch_size=self.batch)
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def _setup(threads: int):
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def run_one(name: str, batch: int, steps: int, warmup: int, threads: int, bf16: bool) -> dict:
     import psutil
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    import dnnlib
-    from training.training_loop import ema_beta, learning_rate, sanitize_gradients
-
-    cfg = CONFIGS[name]
-    batch = batch or cfg['batch']
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    torch.manual_seed(0)
-    from training import presets
-    kwargs = presets.network_kwargs(cfg['preset'], use_fp16=False)
-    res, label_dim = kwargs['img_resolution'], kwargs['label_dim']
-    net = dnnlib.util.construct_class_by_name(**kwargs).train().requires_grad_(True).to(device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    loss_fn = dnnlib.util.construct_class_by_name(class_name='training.loss.EDMLoss')
-    augment_pipe = dnnlib.util.construct_class_by_name(class_name='training.augment.AugmentPipe', p=0.12,
-                                                       xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
-                                                       translate_frac=1)
-    optimizer = torch.optim.Adam(net.parameters(), lr=10e-4, betas=[0.9, 0.999], eps=1e-8)
-    num_params = sum(p.numel() for p in net.parameters())
-    images_u8 = torch.randint(0, 256, [batch, 3, res, res], dtype=torch.uint8)
-    labels = torch.eye(label_dim)[torch.randint(label_dim, [batch])]
+    device = _setup(threads)
+    batch = batch or CONFIGS[name]['batch']
+    trainer = Trainer('bf16' if bf16 else 'fp32', name, batch, device, bf16=bf16)
     rss_before = psutil.Process().memory_info().rss
-
-    times = []
-    cur_nimg = 0
     for step in range(warmup + steps):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        images = images_u8.to(device).to(torch.float32) / 127.5 - 1
-        loss = loss_fn(net=net, images=images, labels=labels.to(device), augment_pipe=augment_pipe)
-        loss.sum().mul(1 / batch).backward()
-        for g in optimizer.param_groups:
-            g['lr'] = learning_rate(10e-4, cur_nimg, 10000)
-        sanitize_gradients(net.parameters())
-        optimizer.step()
-        beta = ema_beta(batch, cur_nimg, 500, 0.05)
-        with torch.no_grad():
-            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
-        cur_nimg += batch
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
+        t = trainer.step(seed=step)
         if step >= warmup:
-            times.append(time.perf_counter() - t0)
-
+            trainer.times.append(t)
+    times = trainer.times
     sec_per_step = statistics.median(times)
     peak_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return dict(config=name, device=str(device), threads=torch.get_num_threads(), batch=batch,
-                params=num_params, steps=steps, sec_per_step_median=sec_per_step,
+    return dict(config=name, precision=trainer.label, device=str(device), threads=torch.get_num_threads(),
+                batch=batch, params=trainer.params, steps=steps, sec_per_step_median=sec_per_step,
                 sec_per_step_min=min(times), sec_per_kimg=sec_per_step / batch * 1000,
                 peak_rss_gb=peak_rss_kb / 2**20, rss_before_training_gb=rss_before / 2**30,
                 peak_gpu_gb=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == 'cuda' else None)
+
+
+def run_alternating(name: str, batch: int, steps: int, warmup: int, threads: int, before_commit: str | None,
+                    bf16: bool, fast_dropout: bool = False) -> list[dict]:
+    """Variants take turns, one step each; returns one record per variant (median, spread, ratios)."""
+    import torch
+
+    device = _setup(threads)
+    batch = batch or CONFIGS[name]['batch']
+    trainers = []
+    if before_commit is not None:
+        trainers.append(Trainer(f'before fp32 ({before_commit})', name, batch, device,
+                                networks_module=load_networks_module(before_commit)))
+    trainers.append(Trainer('fp32', name, batch, device))
+    if bf16:
+        trainers.append(Trainer('bf16', name, batch, device, bf16=True))
+    if fast_dropout:
+        trainers.append(Trainer('fp32 fast_dropout', name, batch, device, fast_dropout=True))
+    for step in range(warmup + steps):
+        order = trainers if step % 2 == 0 else trainers[::-1]  # neither variant always goes first
+        for trainer in order:
+            t = trainer.step(seed=step)
+            if step >= warmup:
+                trainer.times.append(t)
+    base = statistics.median(trainers[0].times)
+    fp32_trainer = next(t for t in trainers if t.label == 'fp32')
+    fp32 = statistics.median(fp32_trainer.times)
+    ref = torch.cat([p.detach().flatten() for p in fp32_trainer.net.parameters()]).double()
+    records = []
+    for trainer in trainers:
+        med = statistics.median(trainer.times)
+        weights = torch.cat([p.detach().flatten() for p in trainer.net.parameters()]).double()
+        q = statistics.quantiles(trainer.times, n=4) if len(trainer.times) >= 2 else [med, med, med]
+        records.append(dict(config=name, variant=trainer.label, device=str(device), threads=torch.get_num_threads(),
+                            batch=batch, params=trainer.params, steps=steps, sec_per_step_median=med,
+                            sec_per_step_q1=q[0], sec_per_step_q3=q[2], sec_per_kimg=med / batch * 1000,
+                            ratio_vs_first=med / base, ratio_vs_fp32=med / fp32,
+                            weights_rel_diff_vs_fp32=float((weights - ref).norm() / ref.norm())))
+    return records
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', choices=sorted(CONFIGS), action='append', help='default: all')
     parser.add_argument('--batch', type=int, default=None, help='images per step (default: per config)')
-    parser.add_argument('--steps', type=int, default=3, help='timed steps')
+    parser.add_argument('--steps', type=int, default=3, help='timed steps (per variant)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed steps first')
     parser.add_argument('--threads', type=int, default=0, help='torch intra-op threads (default: torch default)')
-    parser.add_argument('--json', action='store_true', help='print one JSON line per config')
+    parser.add_argument('--bf16', action='store_true', help='train.py --bf16=1 (network backbone in bfloat16); '
+                        'with --before-after, an extra alternating variant')
+    parser.add_argument('--paired', action='store_true', help='one process, fp32 and bf16 steps alternating')
+    parser.add_argument('--before-after', action='store_true',
+                        help='one process, previous main (--before-commit) and current networks alternating')
+    parser.add_argument('--fast-dropout', action='store_true', help='with --before-after/--paired: an extra '
+                        'alternating variant with train.py --fast-dropout=1')
+    parser.add_argument('--before-commit', default=PREVIOUS_MAIN, help='git commit whose training/networks.py '
+                        'is "before"  [default: %(default)s, the main branch before issue 15]')
+    parser.add_argument('--json', action='store_true', help='print one JSON line per config / variant')
     parser.add_argument('--_child', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args._child:  # measure one configuration in this (fresh) process
-        print(json.dumps(run_one(args.config[0], args.batch, args.steps, args.warmup, args.threads)))
+        print(json.dumps(run_one(args.config[0], args.batch, args.steps, args.warmup, args.threads, args.bf16)))
         return
 
-    configs = args.config or ['small', 'ddpmpp-cifar10']
+    configs = args.config or ['quickstart', 'small', 'ddpmpp-cifar10']
+    load = os.getloadavg()
+    if args.before_after or args.paired:
+        print(f'# alternating steps in one process, {args.steps} timed per variant; ratio = ratio of medians.'
+              f'  load average: {load}')
+        for name in configs:
+            records = run_alternating(name, args.batch, args.steps, args.warmup, args.threads,
+                                      args.before_commit if args.before_after else None,
+                                      bf16=args.bf16 or args.paired, fast_dropout=args.fast_dropout)
+            for r in records:
+                if args.json:
+                    print(json.dumps(r))
+                    continue
+                print(f"{r['config']:<15s} {r['variant']:<22s} threads={r['threads']} batch={r['batch']:<3d} "
+                      f"params={r['params'] / 1e6:.2f}M  sec/step median={r['sec_per_step_median']:.3f} "
+                      f"(IQR {r['sec_per_step_q1']:.3f}-{r['sec_per_step_q3']:.3f})  sec/kimg={r['sec_per_kimg']:.1f}"
+                      f"  vs {records[0]['variant']}: {r['ratio_vs_first']:.3f}  vs fp32: {r['ratio_vs_fp32']:.3f}"
+                      f"  weights vs fp32: {r['weights_rel_diff_vs_fp32']:.1e} rel")
+        print(f'# load average after: {os.getloadavg()}')
+        return
+
     print(f'# sec/kimg extrapolated from a {args.steps}-step median at the given batch; single process, no DDP.')
-    print(f'# Note: numbers on a shared machine are noisy.  load average: {os.getloadavg()}')
+    print(f'# Note: numbers on a shared machine are noisy.  load average: {load}')
     for name in configs:
         cmd = [sys.executable, os.path.abspath(__file__), '--_child', '--config', name, '--steps', str(args.steps),
-               '--warmup', str(args.warmup), '--threads', str(args.threads)] + (['--batch', str(args.batch)] if args.batch else [])
+               '--warmup', str(args.warmup), '--threads', str(args.threads)] + \
+              (['--batch', str(args.batch)] if args.batch else []) + (['--bf16'] if args.bf16 else [])
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
             print(f'{name}: failed\n{out.stderr[-2000:]}')
@@ -123,7 +249,7 @@ def main():
         if args.json:
             print(json.dumps(r))
         else:
-            print(f"{r['config']:<16s} device={r['device']} threads={r['threads']} batch={r['batch']:<3d} "
+            print(f"{r['config']:<15s} {r['precision']} device={r['device']} threads={r['threads']} batch={r['batch']:<3d} "
                   f"params={r['params'] / 1e6:.2f}M  sec/step median={r['sec_per_step_median']:.3f} "
                   f"(min {r['sec_per_step_min']:.3f})  sec/kimg={r['sec_per_kimg']:.1f}  "
                   f"peak RSS={r['peak_rss_gb']:.2f} GB" +

@@ -105,6 +105,9 @@ def test_hyperparameter_options(tiny_zip, tmp_path):
     assert c.network_kwargs.sigma_data == 0.6  # preconditioning and loss agree on sigma_data
     c, _ = train.build_training_options(options(['--outdir', str(tmp_path), '--data', tiny_zip, '--bf16', '1']), 1)
     assert c.network_kwargs.use_bf16 is True and c.network_kwargs.use_fp16 is False
+    assert 'fast_dropout' not in c.network_kwargs  # off by default: the paper's kwargs
+    c, _ = train.build_training_options(options(['--outdir', str(tmp_path), '--data', tiny_zip, '--fast-dropout', '1']), 1)
+    assert c.network_kwargs.fast_dropout is True
 
 
 def test_transfer_and_resume_options(tiny_zip, tmp_path):

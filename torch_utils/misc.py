@@ -349,6 +349,29 @@ def print_module_summary(module: torch.nn.Module, inputs: Sequence[Any], max_nes
     return outputs
 
 #----------------------------------------------------------------------------
+# bfloat16: fast only where the hardware has it.
+
+def bf16_is_native(device: torch.device | str = 'cpu') -> bool:
+    """Whether bfloat16 convolutions and matmuls run on native hardware here: CUDA, or a CPU that oneDNN
+    runs bf16 on (AVX-512 / AMX). Elsewhere (e.g. AVX2-only CPUs) torch falls back to slow generic kernels
+    and bf16 is many times slower than fp32 (benchmarks/bench_training.py --paired measures it)."""
+    device = torch.device(device)
+    if device.type != 'cpu':
+        return device.type == 'cuda'
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+def bf16_warning(device: torch.device | str = 'cpu') -> Optional[str]:
+    """One-line warning for --bf16 on hardware without native bfloat16 (see bf16_is_native), else None."""
+    if bf16_is_native(device):
+        return None
+    return (f'Warning: --bf16 on a CPU without native bfloat16 (torch reports {torch.backends.cpu.get_cpu_capability()}, '
+            f'no AVX-512/AMX bf16): it runs many times slower than fp32 here; fp32 is the fast choice on this machine')
+
+
+#----------------------------------------------------------------------------
 # Allocator tuning. glibc hands freed blocks above M_MMAP_THRESHOLD back to the OS (munmap) and
 # trims the top of the heap above M_TRIM_THRESHOLD. A diffusion network allocates and frees the same
 # 1-30 MB activation buffers on every evaluation, so by default each one is page-faulted in again;

@@ -13,6 +13,8 @@ Diffusion-Based Generative Models" (Karras et al., NeurIPS 2022).
 - `no_weight_init()`: build without random init (before loading a checkpoint, or on the meta device).
 - `conv_groups` (our addition, both U-Nets): grouped 3x3 convolutions inside the U-Net blocks, a smaller
   model; the default 1 is the paper's network and is never recorded in constructor kwargs.
+- `fast_dropout` (our addition, both U-Nets): cheaper dropout masks (`fast_dropout_mask`), other random
+  numbers than the paper's; off by default, and then never recorded in constructor kwargs.
 
 Module paths, class names, constructor kwargs and state_dict names match the paper's public code so
 released checkpoints load unchanged (see torch_utils/persistence.py for the safe loader).
@@ -20,7 +22,8 @@ released checkpoints load unchanged (see torch_utils/persistence.py for the safe
 Precision: fp32 is the default. `use_fp16=True` runs the backbone in float16 on CUDA only (ignored on
 CPU, like the paper). `use_bf16=True` (our addition) runs the backbone in bfloat16 on any device.
 Softmax in attention is always computed in float32; `ATTENTION_IMPL` selects torch's fused SDPA
-(default for fp32 on CUDA) or the explicit form (default on CPU, where it is faster).
+(default for fp32 on CUDA) or the explicit form (default on CPU, where it is faster). Speed switches that
+change nothing but float rounding: FUSED_CONV_BIAS, INPLACE_OPS, CHANNELS_LAST (benchmarks/ time them).
 """
 
 from __future__ import annotations
@@ -75,6 +78,47 @@ def _init_param(shape, mode, fan_in, fan_out, scale) -> torch.Tensor:
 FUSED_CONV_BIAS = True  # add the bias inside F.conv2d (one pass over the activations fewer)
 INPLACE_OPS = True      # SiLU in place when no autograd graph needs its input (eval, no_grad,
                         # inference_mode); skip-connection scaling in place (autograd-safe)
+CHANNELS_LAST = 'auto'  # on CPU, convolve channels_last (NHWC) activations: True always, 'auto' in bfloat16
+                        # only (oneDNN's bf16 kernels need NHWC; in fp32 NCHW measured faster on this project's
+                        # AVX2 CPU, mostly because torch's channels_last GroupNorm is 2-4x slower), False never.
+                        # The backbones hand back the usual contiguous (NCHW) output either way.
+
+def _conv_memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.device.type != 'cpu' or not CHANNELS_LAST or (CHANNELS_LAST == 'auto' and x.dtype != torch.bfloat16):
+        return torch.contiguous_format
+    return torch.channels_last
+
+def _conv_layout(x: torch.Tensor) -> torch.Tensor:
+    """x in the memory layout the convolutions run fastest in (a no-op when it already is)."""
+    if _conv_memory_format(x) == torch.channels_last and x.stride(1) != 1:
+        # Not x.contiguous(memory_format=...): that keeps a 1-channel NCHW tensor as it is (it counts as
+        # channels_last too), and oneDNN, reading its strides, would then run and return NCHW.
+        return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+    return x
+
+def dropout(x: torch.Tensor, p: float, training: bool, fast: bool = False) -> torch.Tensor:
+    """F.dropout(x, p, training) with the same random numbers in any memory layout: the mask is drawn in
+    logical (NCHW) order, exactly as F.dropout draws it for a contiguous x, then x * mask / (1 - p).
+    fast=True draws the mask with `fast_dropout_mask` instead (other random numbers, cheaper)."""
+    if not training or p == 0:
+        return x
+    if p == 1:
+        return x * 0
+    if fast:
+        return x * fast_dropout_mask(x.shape, p, x.dtype, x.device)
+    mask = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p).div_(1 - p)
+    return x * mask
+
+def fast_dropout_mask(shape, p: float, dtype=torch.float32, device='cpu') -> torch.Tensor:
+    """Dropout mask (0 or 1 / (1 - p')) from 16 random bits per element: one int32 of the global torch
+    generator serves two elements, where bernoulli_ draws a 64-bit uniform per element on CPUs without MKL's
+    generator (AMD) -- several times cheaper. p is rounded to p' = k / 65536 (|p' - p| <= 2^-17) and kept
+    values are scaled by 1 / (1 - p'), so the mask has mean 1 exactly."""
+    numel = int(np.prod(shape))
+    drop = min(max(round(p * 65536), 0), 65535)  # elements whose 16 bits fall below this many values drop
+    bits = torch.randint(-2**31, 2**31 - 1, [(numel + 1) // 2], dtype=torch.int32, device=device)
+    keep = bits.view(torch.int16)[:numel].reshape(shape) >= drop - 32768
+    return keep.to(dtype).mul_(65536 / (65536 - drop))
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     """SiLU; overwrites x when nothing needs it for backward. Callers pass fresh intermediates only."""
@@ -152,6 +196,7 @@ class Conv2d(torch.nn.Module):
         self.register_buffer('resample_filter', make_resample_filter(resample_filter) if up or down else None)
 
     def forward(self, x):
+        x = _conv_layout(x)
         w = self.weight.to(x.dtype) if self.weight is not None else None
         b = self.bias.to(x.dtype) if self.bias is not None else None
         f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
@@ -206,18 +251,17 @@ class GroupNorm(torch.nn.Module):
 class AttentionOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k):
-        w = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32)).softmax(dim=2).to(q.dtype)
+        w = torch.bmm(q.to(torch.float32).transpose(1, 2), (k / np.sqrt(k.shape[1])).to(torch.float32)).softmax(dim=2).to(q.dtype)
         ctx.save_for_backward(q, k, w)
         return w
 
     @staticmethod
     def backward(ctx, dw):
         q, k, w = ctx.saved_tensors
-        w32 = w.to(torch.float32)
-        dw32 = dw.to(torch.float32)
-        db = w32 * (dw32 - (dw32 * w32).sum(dim=2, keepdim=True))  # softmax backward in fp32
-        dq = torch.einsum('nck,nqk->ncq', k.to(torch.float32), db).to(q.dtype) / np.sqrt(k.shape[1])
-        dk = torch.einsum('ncq,nqk->nck', q.to(torch.float32), db).to(k.dtype) / np.sqrt(k.shape[1])
+        # Softmax backward w * (dw - sum(dw * w)) in fp32, as one fused pass; then the two products, scaled in place.
+        db = torch._softmax_backward_data(dw.to(torch.float32), w.to(torch.float32), 2, torch.float32)
+        dq = torch.bmm(k.to(torch.float32), db.transpose(1, 2)).to(q.dtype).div_(np.sqrt(k.shape[1]))
+        dk = torch.bmm(q.to(torch.float32), db).to(k.dtype).div_(np.sqrt(k.shape[1]))
         return dq, dk
 
 # 'auto': torch's fused scaled_dot_product_attention for fp32 on CUDA (same numbers to ~1e-7, far less
@@ -236,7 +280,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str | Non
     if impl != 'explicit':
         raise ValueError(f'Unknown attention implementation {impl!r}; expected auto, sdpa or explicit')
     w = AttentionOp.apply(q, k)
-    return torch.einsum('nqk,nck->ncq', w, v)
+    # Computed as [N*heads, L_q, C/heads] so that w's gradient comes out contiguous (the fused softmax
+    # backward would copy a transposed one); returned as a transposed view.
+    return torch.bmm(w, v.transpose(1, 2)).transpose(1, 2)
 
 #----------------------------------------------------------------------------
 # Grouped convolutions (our addition): an opt-in way to shrink the U-Nets. A group count G applies to
@@ -247,6 +293,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str | Non
 def _only_if_grouped(**kwargs) -> dict:
     """The given group-count kwargs, or {} when they are all 1 (keeps default kwargs the paper's)."""
     return kwargs if any(v != 1 for v in kwargs.values()) else {}
+
+def _only_if_on(**flags) -> dict:
+    """The given boolean kwargs that are on (opt-in options stay out of the paper's constructor kwargs)."""
+    return {name: True for name, on in flags.items() if on}
 
 def conv_groups_mismatch(conv_groups: int, model_channels: int, channel_mult) -> tuple[int, int] | None:
     """First (level, width) of a U-Net whose width model_channels * channel_mult[level] is not divisible
@@ -293,11 +343,14 @@ class UNetBlock(torch.nn.Module):
       the residual sum; init_attn -- for qkv (falls back to `init`).
     conv_groups -- (our addition) groups of the two 3x3 convolutions conv0 and conv1 (see `Conv2d`);
       the 1x1 skip projection, qkv and proj stay dense and mix the channels across groups.
+    fast_dropout -- (our addition) draw the dropout mask with `fast_dropout_mask` (cheaper, other random
+      numbers than the paper's F.dropout; same distribution up to p rounded to a multiple of 2^-16).
     """
+    fast_dropout = False  # class default; set on the instance only when on
     def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False,
                  attention=False, num_heads=None, channels_per_head=64, dropout=0, skip_scale=1,
                  eps=1e-5, resample_filter=[1,1], resample_proj=False, adaptive_scale=True,
-                 init=dict(), init_zero=dict(init_weight=0), init_attn=None, conv_groups=1):
+                 init=dict(), init_zero=dict(init_weight=0), init_attn=None, conv_groups=1, fast_dropout=False):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -309,6 +362,8 @@ class UNetBlock(torch.nn.Module):
         else:
             self.num_heads = out_channels // channels_per_head
         self.dropout = dropout
+        if fast_dropout:  # else the class default, so a default block's pickled state stays the paper's
+            self.fast_dropout = True
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale
         # `affine` maps emb to a (scale, shift) pair, or to a shift only.
@@ -344,15 +399,15 @@ class UNetBlock(torch.nn.Module):
         else:
             x = silu(self.norm1(x.add_(params)))
 
-        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = self.conv1(dropout(x, p=self.dropout, training=self.training, fast=self.fast_dropout))
         x = x.add_(self.skip(orig) if self.skip is not None else orig)
         x = self._scale(x)
 
         if self.num_heads:
             # qkv channels are laid out as [heads, C/heads, 3].
             q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0] * self.num_heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
-            a = attention(q, k, v)
-            x = self.proj(a.reshape(*x.shape)).add_(x)
+            a = attention(q, k, v).reshape(*x.shape)  # a view when possible, in whichever layout
+            x = self.proj(a.contiguous(memory_format=_conv_memory_format(a))).add_(x)
             x = self._scale(x)
         return x
 
@@ -442,15 +497,17 @@ class SongUNet(torch.nn.Module):
         upsampled predictions from all levels.
       resample_filter -- 1-D FIR taps for up/down-sampling: [1,1] (DDPM++), [1,3,3,1] (NCSN++).
 
-    Size (our addition):
+    Size and speed (our additions):
       conv_groups -- group count G of the 3x3 convolutions inside every UNetBlock (their weights
         shrink by G); must divide every level width. 1 is the paper's dense network.
+      fast_dropout -- draw the blocks' dropout masks with `fast_dropout_mask` (cheaper; other random
+        numbers than the paper's F.dropout). Off by default, and then not recorded in the kwargs.
     """
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
                  model_channels=128, channel_mult=[1,2,2,2], channel_mult_emb=4, num_blocks=4,
                  attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type='positional',
                  channel_mult_noise=1, encoder_type='standard', decoder_type='standard',
-                 resample_filter=[1,1], conv_groups=1):
+                 resample_filter=[1,1], conv_groups=1, fast_dropout=False):
         assert embedding_type in ['fourier', 'positional'], f'invalid embedding_type {embedding_type!r}'
         assert encoder_type in ['standard', 'skip', 'residual'], f'invalid encoder_type {encoder_type!r}'
         assert decoder_type in ['standard', 'skip'], f'invalid decoder_type {decoder_type!r}'
@@ -469,6 +526,7 @@ class SongUNet(torch.nn.Module):
             emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5), eps=1e-6,
             resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
             init=init_std, init_zero=init_out, init_attn=init_qkv, **_only_if_grouped(conv_groups=conv_groups),
+            **_only_if_on(fast_dropout=fast_dropout),
         )
 
         # Conditioning MLP: noise-level features (+ class, + augmentation terms) -> emb_channels.
@@ -571,7 +629,7 @@ class SongUNet(torch.nn.Module):
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
-        return aux
+        return aux.contiguous()  # NCHW again after channels_last convolutions (no-op otherwise)
 
 #----------------------------------------------------------------------------
 # ADM (Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis", NeurIPS 2021).
@@ -600,13 +658,15 @@ class DhariwalUNet(torch.nn.Module):
       label_dropout -- training-time probability of blanking a sample's class label
         (classifier-free guidance).
 
-    Size (our addition):
+    Size and speed (our additions):
       conv_groups -- group count G of the 3x3 convolutions inside every UNetBlock (their weights
         shrink by G); must divide every level width. 1 is the paper's dense network.
+      fast_dropout -- draw the blocks' dropout masks with `fast_dropout_mask` (cheaper; other random
+        numbers than the paper's F.dropout). Off by default, and then not recorded in the kwargs.
     """
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
                  model_channels=192, channel_mult=[1,2,3,4], channel_mult_emb=4, num_blocks=3,
-                 attn_resolutions=[32,16,8], dropout=0.10, label_dropout=0, conv_groups=1):
+                 attn_resolutions=[32,16,8], dropout=0.10, label_dropout=0, conv_groups=1, fast_dropout=False):
         check_conv_groups(conv_groups, model_channels, channel_mult)
         super().__init__()
         self.label_dropout = label_dropout
@@ -616,7 +676,7 @@ class DhariwalUNet(torch.nn.Module):
         init_std = dict(init_mode='kaiming_uniform', init_weight=np.sqrt(1/3), init_bias=np.sqrt(1/3))
         init_out = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
         block_cfg = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init_std, init_zero=init_out,
-                         **_only_if_grouped(conv_groups=conv_groups))
+                         **_only_if_grouped(conv_groups=conv_groups), **_only_if_on(fast_dropout=fast_dropout))
 
         # Conditioning MLP: sinusoidal noise features (+ augmentation) -> emb_channels; the class
         # embedding is added after the MLP (see forward).
@@ -687,7 +747,7 @@ class DhariwalUNet(torch.nn.Module):
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
         x = self.out_conv(silu(self.out_norm(x)))
-        return x
+        return x.contiguous()  # NCHW again after channels_last convolutions (no-op otherwise)
 
 #----------------------------------------------------------------------------
 # Preconditioning coefficients (Table 1 of the paper) as pure functions of sigma.

@@ -117,3 +117,34 @@ class EDMLoss:
     def __call__(self, net, images, labels=None, augment_pipe=None):
         sigma = edm_sigma_from_normal(_per_image(torch.randn, images), self.P_mean, self.P_std)
         return _denoising_loss(net, images, sigma, edm_weight(sigma, self.sigma_data), labels, augment_pipe)
+
+#----------------------------------------------------------------------------
+
+@persistence.persistent_class
+class EDM2Loss:
+    """EDM2's loss with learned uncertainty weighting ("Analyzing and Improving the Training Dynamics of
+    Diffusion Models", Karras et al. 2024, config B of Table 1, after Kendall et al. 2018):
+
+        L = lambda(sigma) / e^u(sigma) * (D(y + n; sigma) - y)^2 + u(sigma),
+
+    ln(sigma) ~ N(P_mean, P_std^2), lambda(sigma) = 1 / c_out(sigma)^2 as in EDMLoss, and u(sigma) the
+    network's log-variance head (`net(..., return_logvar=True)`; EDM2's Precond, or an EDM network built
+    with `logvar_channels`). Minimising over u gives e^u = E[lambda (D - y)^2 | sigma], so every noise level
+    contributes an equal share of the gradient. Returns the per-element loss, not reduced. Draws
+    torch.randn([N,1,1,1]) for sigma, then (our addition, for EDM networks) whatever `augment_pipe` draws,
+    then torch.randn_like for the noise. EDM2 itself trains without augmentation (augment_pipe=None)."""
+
+    def __init__(self, P_mean=-0.4, P_std=1.0, sigma_data=0.5):
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sigma_data = sigma_data
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        sigma = edm_sigma_from_normal(_per_image(torch.randn, images), self.P_mean, self.P_std)
+        weight = edm_weight(sigma, self.sigma_data)
+        model_kwargs = {}
+        if augment_pipe is not None:
+            images, model_kwargs['augment_labels'] = augment_pipe(images)
+        noise = torch.randn_like(images) * sigma
+        denoised, logvar = net(images + noise, sigma, labels, return_logvar=True, **model_kwargs)
+        return (weight / logvar.exp()) * ((denoised - images) ** 2) + logvar

@@ -7,6 +7,9 @@ Diffusion-Based Generative Models" (Karras et al., NeurIPS 2022).
 - Preconditioners (Table 1 of the paper): `VPPrecond`, `VEPrecond`, `iDDPMPrecond`, `EDMPrecond`.
   The coefficient formulas are small pure functions (`edm_coefficients`, `vp_coefficients`,
   `ve_coefficients`, `iddpm_coefficients`, `vp_sigma`, `vp_sigma_deriv`, `vp_sigma_inv`, `iddpm_u`).
+- Learned uncertainty (our addition, from EDM2): `VPPrecond`, `VEPrecond` and `EDMPrecond` take
+  `logvar_channels=N` to add EDM2's log-variance head (`forward(..., return_logvar=True)`, used by
+  `training.loss.EDM2Loss`); off by default, and then nothing changes.
 - `no_weight_init()`: build without random init (before loading a checkpoint, or on the meta device).
 
 Module paths, class names, constructor kwargs and state_dict names match the paper's public code so
@@ -743,6 +746,32 @@ def _make_model(model_type, **kwargs):
     return models[model_type](**kwargs)
 
 #----------------------------------------------------------------------------
+# Learned uncertainty (our addition, from EDM2: Karras et al. 2024, config B). An opt-in head
+# u(sigma) = logvar_linear(logvar_fourier(ln(sigma) / 4)), EDM2's own MPFourier + MPConv layers with EDM2's
+# state_dict names, read by training.loss.EDM2Loss through forward(..., return_logvar=True). The head always
+# sees ln(sigma) / 4 (EDM2's c_noise), whatever the preconditioner's own c_noise: the Fourier features
+# expect O(1) inputs (VP's c_noise reaches 999). Off (logvar_channels=None), nothing is added.
+
+def _add_logvar_head(precond, logvar_channels) -> None:
+    if not logvar_channels:
+        return
+    from training import networks_edm2  # imported only when asked: this module's source must stay loadable
+                                        # by the paper's code, which has no networks_edm2
+    # Build after the backbone so its initialisation is unchanged; under no_weight_init draw from a forked
+    # stream so the global one is left alone.
+    with torch.random.fork_rng(devices=[]) if getattr(_init_state, 'skip', False) else contextlib.nullcontext():
+        precond.logvar_fourier = networks_edm2.MPFourier(logvar_channels)
+        precond.logvar_linear = networks_edm2.MPConv(logvar_channels, 1, kernel=[])
+
+def _logvar(precond, sigma) -> torch.Tensor:
+    """u(sigma) as [N, 1, 1, 1] float32, for sigma of shape [N, 1, 1, 1]."""
+    if getattr(precond, 'logvar_linear', None) is None:
+        raise ValueError(f'{type(precond).__name__} has no uncertainty head; construct it with logvar_channels=N '
+                         f'(train.py --uncertainty=1) to use return_logvar / EDM2Loss')
+    c_noise = sigma.to(torch.float32).flatten().log() / 4
+    return precond.logvar_linear(precond.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
+
+#----------------------------------------------------------------------------
 # VP preconditioning (Song et al. 2021, DDPM++).
 
 @persistence.persistent_class
@@ -759,11 +788,13 @@ class VPPrecond(torch.nn.Module):
     epsilon_t -- smallest t seen in training; sigma(epsilon_t) becomes `sigma_min`.
     model_type -- backbone class name ('SongUNet' or 'DhariwalUNet').
     use_bf16 -- (our addition) run the backbone in bfloat16 on any device.
+    logvar_channels -- (our addition) add EDM2's learned-uncertainty head with this many Fourier features
+      (EDM2 uses 128), for forward(..., return_logvar=True) and EDM2Loss; None: no head.
     **model_kwargs -- forwarded to the backbone constructor.
     """
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, beta_d=19.9,
                  beta_min=0.1, M=1000, epsilon_t=1e-5, model_type='SongUNet', use_bf16=False,
-                 **model_kwargs):
+                 logvar_channels=None, **model_kwargs):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -777,10 +808,12 @@ class VPPrecond(torch.nn.Module):
         self.sigma_min = float(self.sigma(torch.as_tensor(epsilon_t, device='cpu')))
         self.sigma_max = float(self.sigma(torch.as_tensor(1.0, device='cpu')))
         self.model = _make_model(model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+        _add_logvar_head(self, logvar_channels)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, **model_kwargs):
         x, sigma, class_labels = _prepare_inputs(x, sigma, class_labels, self.label_dim)
-        return _denoise(self, x, sigma, class_labels, force_fp32, model_kwargs, vp_coefficients(sigma, self.M, self.beta_d, self.beta_min))
+        D_x = _denoise(self, x, sigma, class_labels, force_fp32, model_kwargs, vp_coefficients(sigma, self.M, self.beta_d, self.beta_min))
+        return (D_x, _logvar(self, sigma)) if return_logvar else D_x
 
     def sigma(self, t):
         return vp_sigma(t, self.beta_d, self.beta_min)
@@ -807,10 +840,13 @@ class VEPrecond(torch.nn.Module):
     sigma_min, sigma_max -- noise-level range the model was trained for (samplers read them).
     model_type -- backbone class name ('SongUNet' or 'DhariwalUNet').
     use_bf16 -- (our addition) run the backbone in bfloat16 on any device.
+    logvar_channels -- (our addition) add EDM2's learned-uncertainty head with this many Fourier features
+      (EDM2 uses 128), for forward(..., return_logvar=True) and EDM2Loss; None: no head.
     **model_kwargs -- forwarded to the backbone constructor.
     """
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0.02,
-                 sigma_max=100, model_type='SongUNet', use_bf16=False, **model_kwargs):
+                 sigma_max=100, model_type='SongUNet', use_bf16=False, logvar_channels=None,
+                 **model_kwargs):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -820,10 +856,12 @@ class VEPrecond(torch.nn.Module):
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.model = _make_model(model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+        _add_logvar_head(self, logvar_channels)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, **model_kwargs):
         x, sigma, class_labels = _prepare_inputs(x, sigma, class_labels, self.label_dim)
-        return _denoise(self, x, sigma, class_labels, force_fp32, model_kwargs, ve_coefficients(sigma))
+        D_x = _denoise(self, x, sigma, class_labels, force_fp32, model_kwargs, ve_coefficients(sigma))
+        return (D_x, _logvar(self, sigma)) if return_logvar else D_x
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
@@ -897,11 +935,13 @@ class EDMPrecond(torch.nn.Module):
     sigma_data -- standard deviation of the data distribution, which sets c_skip, c_out and c_in.
     model_type -- backbone class name ('DhariwalUNet' or 'SongUNet').
     use_bf16 -- (our addition) run the backbone in bfloat16 on any device.
+    logvar_channels -- (our addition) add EDM2's learned-uncertainty head with this many Fourier features
+      (EDM2 uses 128), for forward(..., return_logvar=True) and EDM2Loss; None: no head.
     **model_kwargs -- forwarded to the backbone constructor.
     """
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0,
                  sigma_max=float('inf'), sigma_data=0.5, model_type='DhariwalUNet', use_bf16=False,
-                 **model_kwargs):
+                 logvar_channels=None, **model_kwargs):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -912,10 +952,12 @@ class EDMPrecond(torch.nn.Module):
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
         self.model = _make_model(model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+        _add_logvar_head(self, logvar_channels)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, **model_kwargs):
         x, sigma, class_labels = _prepare_inputs(x, sigma, class_labels, self.label_dim)
-        return _denoise(self, x, sigma, class_labels, force_fp32, model_kwargs, edm_coefficients(sigma, self.sigma_data))
+        D_x = _denoise(self, x, sigma, class_labels, force_fp32, model_kwargs, edm_coefficients(sigma, self.sigma_data))
+        return (D_x, _logvar(self, sigma)) if return_logvar else D_x
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)

@@ -45,6 +45,7 @@ from torch_utils import persistence
 from torch_utils.persistence import CheckpointError  # one error type for every unreadable checkpoint
 from torch_utils import training_stats
 from training.ema import ema_beta, ema_halflife_nimg  # noqa: F401 -- the paper's EMA formulas, importable from here too
+from training.loss import EDM2Loss  # noqa: F401 -- EDM2 pickles name it training.training_loop.EDM2Loss
 
 STATE_FORMAT = 'edm-training-state'
 STATE_VERSION = 2  # 2: 'ema' holds the EMA policy's state_dict (for the default policy, as in 1: the module's)
@@ -64,6 +65,20 @@ def linear_rampup_schedule(cur_nimg: int, batch_size: int, ref_lr: float, rampup
     with cur_nimg = images seen before the step."""
     del batch_size
     return learning_rate(ref_lr, cur_nimg, rampup_kimg)
+
+
+def learning_rate_schedule(cur_nimg: float, batch_size: int, ref_lr: float = 100e-4, ref_batches: float = 70e3,
+                           rampup_Mimg: float = 10) -> float:
+    """EDM2's schedule (Karras et al. 2024, config E of Table 1): inverse square-root decay
+    ref_lr / sqrt(max(t / t_ref, 1)) with t_ref = ref_batches * batch_size images, times a linear ramp-up
+    over rampup_Mimg million images. ref_batches=0 or rampup_Mimg=0 turns that part off. Same call
+    convention as linear_rampup_schedule (lr_kwargs func_name 'training.training_loop.learning_rate_schedule')."""
+    lr = ref_lr
+    if ref_batches > 0:
+        lr /= np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
+    if rampup_Mimg > 0:
+        lr *= min(cur_nimg / (rampup_Mimg * 1e6), 1)
+    return float(lr)
 
 
 def sanitize_gradients(params) -> None:

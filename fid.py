@@ -558,8 +558,9 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
         ref = load_reference(ref_path) if dist.get_rank() == 0 else None
         detector_net = load_detector(detector, device=device, trust_pickle=trust_pickle, verbose=verbose)
         dist.print0(f'Network: "{network_pkl}"')
-        return ref, detector_net, generate.load_net(network_pkl, device=device, verbose=verbose)
-    ref, detector_net, network = _rank0_first(load_all)
+        network = generate.load_net(network_pkl, device=device, verbose=verbose)
+        return ref, detector_net, network, generate.load_guide(sampler_kwargs, network, device, verbose=verbose)
+    ref, detector_net, network, sampler_kwargs = _rank0_first(load_all)
 
     fids = []
     for k, rep_seeds in enumerate(repeat_seeds(seeds, repeats)):

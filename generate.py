@@ -60,17 +60,17 @@ def make_grid(images: Sequence[np.ndarray]) -> np.ndarray:
 # Command line.
 
 
-def load_net(network: str, device: torch.device, verbose: bool = True):
+def load_net(network: str, device: torch.device, verbose: bool = True, option: str = '--network'):
     """The CLI's network loader: persistence.load_network (URLs through the download cache) plus the
-    denoiser-interface check, with failures as one-line click errors."""
+    denoiser-interface check, with failures as one-line click errors naming `option`."""
     from torch_utils import persistence
     try:
         net = persistence.load_network(network, key='ema', device=device, verbose=verbose)
         check_denoiser(net, f'the "ema" object in {network}')
     except ValueError as e:  # CheckpointError and the interface check: one line naming the file
-        raise click.ClickException(f'--network {e}') from None
+        raise click.ClickException(f'{option} {e}') from None
     except Exception as e:  # the checkpoint boundary: any other failure becomes one line, not a traceback
-        raise click.ClickException(f'--network {network}: not a loadable network pickle '
+        raise click.ClickException(f'{option} {network}: not a loadable network pickle '
                                    f'({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""})') from None
     return net
 
@@ -87,7 +87,7 @@ def _parse_seeds(ctx, param, value):
 
 # Sampler options shared by generate.py and fid.py's `net` command (the paper's names and defaults).
 _SAMPLER_OPTIONS = [
-    click.option('--sampler', help='Sampler  [default: edm, or ablation when --solver/--disc/--schedule/--scaling is given]', metavar='|'.join(SAMPLERS), type=click.Choice(list(SAMPLERS))),
+    click.option('--sampler', help=f'Sampler: {", ".join(SAMPLERS)}  [default: edm, or ablation when --solver/--disc/--schedule/--scaling is given]', metavar='NAME', type=click.Choice(list(SAMPLERS))),
     click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True),
     click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True)),
     click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True)),
@@ -100,7 +100,31 @@ _SAMPLER_OPTIONS = [
     click.option('--disc', 'discretization', help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm', type=click.Choice(['vp', 've', 'iddpm', 'edm'])),
     click.option('--schedule', help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear', type=click.Choice(['vp', 've', 'linear'])),
     click.option('--scaling', help='Ablate signal scaling s(t)', metavar='vp|none', type=click.Choice(['vp', 'none'])),
+    # Options of the k-diffusion-class samplers (k-diffusion's names); one option serves every sampler taking it.
+    click.option('--eta', help='Ancestral/SDE noise amount (0: ODE)', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True),
+    click.option('--s_noise', 's_noise', help='Ancestral/SDE noise inflation', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True),
+    click.option('--order', help='Linear multistep order (lms)', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True),
+    click.option('--solver_type', 'solver_type', help='dpmpp_2m_sde history term', metavar='midpoint|heun', type=click.Choice(['midpoint', 'heun']), default='midpoint', show_default=True),
+    # Guidance of every network evaluation, for any sampler.
+    click.option('--gnet', help='Guiding network pickle (autoguidance, or CFG with an unconditional model)', metavar='PKL|URL', type=str),
+    click.option('--guidance', help='Guidance weight w: D_g + w (D - D_g)', metavar='FLOAT', type=float, default=1, show_default=True),
+    click.option('--cfg', help='Classifier-free guidance: the network without labels is the guide', is_flag=True),
+    click.option('--guidance-interval', 'guidance_interval', help='Guide only for sigma in [LO, HI]', metavar='LO,HI', callback=lambda ctx, param, value: _parse_interval(value)),
 ]
+
+GUIDANCE_OPTIONS = ('gnet', 'guidance', 'cfg', 'guidance_interval')
+
+
+def _parse_interval(value: str | None) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(','))
+    except ValueError:
+        raise click.BadParameter(f'{value!r} is not LO,HI (two noise levels, e.g. 0.28,5.42)') from None
+    if not 0 <= lo <= hi:
+        raise click.BadParameter(f'{value!r}: need 0 <= LO <= HI')
+    return lo, hi
 
 
 def sampler_kwargs_from_cli(ctx: click.Context, kwargs: dict) -> dict:
@@ -111,6 +135,12 @@ def sampler_kwargs_from_cli(ctx: click.Context, kwargs: dict) -> dict:
     from training.sampling import ABLATION_KWARGS, resolve_sampler, sampler_options_of
     kwargs = dict(kwargs)
     name = kwargs.pop('sampler', None)
+    guidance = {k: kwargs.pop(k) for k in GUIDANCE_OPTIONS}
+    if guidance['cfg'] and guidance['gnet'] is not None:
+        raise click.UsageError('--cfg guides the network with itself (labels zeroed); do not also give --gnet')
+    if guidance['gnet'] is None and not guidance['cfg'] and (guidance['guidance'] != 1
+                                                            or guidance['guidance_interval'] is not None):
+        raise click.UsageError('--guidance and --guidance-interval need a guide: --gnet=PKL or --cfg')
     given = {k: v for k, v in kwargs.items() if v is not None}
     explicit = {k for k in given if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     if name is None:
@@ -124,7 +154,25 @@ def sampler_kwargs_from_cli(ctx: click.Context, kwargs: dict) -> dict:
     if given.get('sigma_min') is not None and given.get('sigma_max') is not None \
             and given['sigma_min'] >= given['sigma_max']:
         raise click.BadParameter('--sigma_min must be smaller than --sigma_max', param_hint='--sigma_min')
-    return dict(sampler=name, **given)
+    return dict(sampler=name, **given, **guidance)
+
+
+def load_guide(sampler_kwargs: dict, net, device: torch.device, verbose: bool = True) -> dict:
+    """sampler_kwargs with --gnet's path replaced by the loaded network, checked against `net` (and --cfg
+    against a network without labels); one-line click errors."""
+    from training.sampling import check_guide
+    if sampler_kwargs.get('cfg') and not int(net.label_dim):
+        raise click.BadParameter('classifier-free guidance needs a class-conditional network; this one has no '
+                                 'class labels', param_hint='--cfg')
+    if sampler_kwargs.get('gnet') is None:
+        return sampler_kwargs
+    path = sampler_kwargs['gnet']
+    gnet = load_net(path, device, verbose=verbose, option='--gnet')
+    try:
+        check_guide(net, gnet, f'--gnet {path}')
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    return dict(sampler_kwargs, gnet=gnet)
 
 
 def sampler_options(fn):
@@ -181,10 +229,15 @@ def _generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, gr
 
     # Rank 0 fetches the network first (filling the download cache); the others then read the cached copy.
     dist.print0(f'Loading network from "{network_pkl}"...')
-    net = dist.rank0_first(lambda: load_net(network_pkl, device, verbose=(rank == 0)),
-                           other_error=lambda: click.ClickException('loading the network failed on another process'))
+    def load_all():
+        net = load_net(network_pkl, device, verbose=(rank == 0))
+        return net, load_guide(sampler_kwargs, net, device, verbose=(rank == 0))
+    net, sampler_kwargs = dist.rank0_first(load_all, other_error=lambda: click.ClickException(
+        'loading the network failed on another process'))
     if bf16:
-        net.use_bf16 = True  # the preconditioner runs its backbone in bfloat16; the sampler stays float64
+        for network in (net, sampler_kwargs.get('gnet')):  # the preconditioner runs its backbone in bfloat16;
+            if network is not None:                          # the sampler stays float64
+                network.use_bf16 = True
 
     if class_idx is not None and not class_idx < net.label_dim:
         raise click.BadParameter(f'{class_idx} is out of range: the network has '

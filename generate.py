@@ -105,7 +105,10 @@ _SAMPLER_OPTIONS = [
     click.option('--s_noise', 's_noise', help='Ancestral/SDE noise inflation', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True),
     click.option('--order', help='Linear multistep order (lms)', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True),
     click.option('--solver_type', 'solver_type', help='dpmpp_2m_sde history term', metavar='midpoint|heun', type=click.Choice(['midpoint', 'heun']), default='midpoint', show_default=True),
-    # Guidance of every network evaluation, for any sampler.
+]
+
+# Guidance of every network evaluation, for any sampler (part of the sampler options; fid.py sweep uses them alone).
+_GUIDANCE_OPTIONS = [
     click.option('--gnet', help='Guiding network pickle (autoguidance, or CFG with an unconditional model)', metavar='PKL|URL', type=str),
     click.option('--guidance', help='Guidance weight w: D_g + w (D - D_g)', metavar='FLOAT', type=float, default=1, show_default=True),
     click.option('--cfg', help='Classifier-free guidance: the network without labels is the guide', is_flag=True),
@@ -135,12 +138,7 @@ def sampler_kwargs_from_cli(ctx: click.Context, kwargs: dict) -> dict:
     from training.sampling import ABLATION_KWARGS, resolve_sampler, sampler_options_of
     kwargs = dict(kwargs)
     name = kwargs.pop('sampler', None)
-    guidance = {k: kwargs.pop(k) for k in GUIDANCE_OPTIONS}
-    if guidance['cfg'] and guidance['gnet'] is not None:
-        raise click.UsageError('--cfg guides the network with itself (labels zeroed); do not also give --gnet')
-    if guidance['gnet'] is None and not guidance['cfg'] and (guidance['guidance'] != 1
-                                                            or guidance['guidance_interval'] is not None):
-        raise click.UsageError('--guidance and --guidance-interval need a guide: --gnet=PKL or --cfg')
+    guidance = guidance_kwargs_from_cli({k: kwargs.pop(k) for k in GUIDANCE_OPTIONS})
     given = {k: v for k, v in kwargs.items() if v is not None}
     explicit = {k for k in given if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     if name is None:
@@ -155,6 +153,18 @@ def sampler_kwargs_from_cli(ctx: click.Context, kwargs: dict) -> dict:
             and given['sigma_min'] >= given['sigma_max']:
         raise click.BadParameter('--sigma_min must be smaller than --sigma_max', param_hint='--sigma_min')
     return dict(sampler=name, **given, **guidance)
+
+
+def guidance_kwargs_from_cli(kwargs: dict) -> dict:
+    """The guidance options (gnet path, guidance, cfg, guidance_interval), checked for consistency; {} when
+    there is no guide (generate_images' defaults)."""
+    guidance = {k: kwargs[k] for k in GUIDANCE_OPTIONS}
+    if guidance['cfg'] and guidance['gnet'] is not None:
+        raise click.UsageError('--cfg guides the network with itself (labels zeroed); do not also give --gnet')
+    if guidance['gnet'] is None and not guidance['cfg'] and (guidance['guidance'] != 1
+                                                            or guidance['guidance_interval'] is not None):
+        raise click.UsageError('--guidance and --guidance-interval need a guide: --gnet=PKL or --cfg')
+    return guidance if guidance['gnet'] is not None or guidance['cfg'] else {}
 
 
 def load_guide(sampler_kwargs: dict, net, device: torch.device, verbose: bool = True) -> dict:
@@ -176,9 +186,16 @@ def load_guide(sampler_kwargs: dict, net, device: torch.device, verbose: bool = 
 
 
 def sampler_options(fn):
-    """Add the sampler options to a click command; they arrive as keyword arguments of
-    training.sampling.generate_images (`sampler` plus that sampler's options, None = not given)."""
-    for option in reversed(_SAMPLER_OPTIONS):
+    """Add the sampler and guidance options to a click command; sampler_kwargs_from_cli turns them into
+    keyword arguments of training.sampling.generate_images (`sampler`, its options, the guidance)."""
+    for option in reversed(_SAMPLER_OPTIONS + _GUIDANCE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def guidance_options(fn):
+    """Add only the guidance options (--gnet, --guidance, --cfg, --guidance-interval)."""
+    for option in reversed(_GUIDANCE_OPTIONS):
         fn = option(fn)
     return fn
 

@@ -628,6 +628,12 @@ class StackedRandomGenerator:
     def randn_like(self, input: torch.Tensor) -> torch.Tensor:
         return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
 
+    def rand_like(self, input: torch.Tensor) -> torch.Tensor:
+        """Uniform [0, 1) numbers, one generator per sample (e.g. dequantisation noise in training.likelihood)."""
+        size = self._check(input.shape)
+        return torch.stack([torch.rand(size[1:], generator=gen, dtype=input.dtype, device=input.device)
+                            for gen in self.generators])
+
     def randint(self, *args, size, **kwargs) -> torch.Tensor:
         size = self._check(size)
         return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
@@ -679,6 +685,41 @@ def resolve_sampler(name: str | None, sampler_kwargs: dict) -> tuple[str, dict]:
     if unknown:  # TypeError, as for any unexpected keyword argument
         raise TypeError(f'sampler {name!r} does not take {", ".join(unknown)}; it takes {", ".join(accepted)}')
     return name, given
+
+
+class _CountingDenoiser:
+    """A 1-pixel stand-in network that counts its evaluations (D = 0)."""
+    img_resolution, img_channels, label_dim, sigma_min, sigma_max = 1, 1, 0, 0, float('inf')
+
+    def __init__(self):
+        self.nfe = 0
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def __call__(self, x, sigma, class_labels=None, **kwargs):
+        self.nfe += 1
+        return torch.zeros_like(x)
+
+
+def count_nfe(name: str, num_steps: int, **sampler_kwargs) -> int:
+    """Network evaluations of sampler `name` with `num_steps` steps, counted by running it on a 1-pixel
+    stand-in (exact for every sampler here, whose evaluation count does not depend on the data):
+    edm/ablation-heun/dpm_2/dpmpp_2s_ancestral 2N-1, the others N."""
+    name, sampler_kwargs = resolve_sampler(name, dict(sampler_kwargs, num_steps=num_steps))
+    net = _CountingDenoiser()
+    SAMPLERS[name](net, torch.zeros([1, 1, 1, 1]), randn_like=torch.zeros_like, **sampler_kwargs)
+    return net.nfe
+
+
+def steps_for_nfe(name: str, nfe: int, **sampler_kwargs) -> int:
+    """The largest number of steps whose network evaluations do not exceed `nfe` (e.g. Heun: (nfe+1)//2)."""
+    if count_nfe(name, 1, **sampler_kwargs) > nfe:
+        raise ValueError(f'sampler {name!r} needs more than {nfe} network evaluations even for one step')
+    num_steps = 1
+    while count_nfe(name, num_steps + 1, **sampler_kwargs) <= nfe:
+        num_steps += 1
+    return num_steps
 
 
 def check_denoiser(net, source: str = 'the network') -> None:

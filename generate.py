@@ -221,6 +221,14 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, b
     \b
     # Generate 1024 images using 2 processes
     torchrun --standalone --nproc_per_node=2 generate.py --outdir=out --seeds=0-999 --network=network-snapshot.pkl
+
+    \b
+    # DPM-Solver++(2M) in 10 steps with classifier-free guidance (a network trained with --label-dropout)
+    python generate.py --outdir=out --network=network-snapshot.pkl --sampler=dpmpp_2m --steps=10 --cfg --guidance=2
+
+    \b
+    # Autoguidance: guided by a smaller or shorter-trained version of the same model
+    python generate.py --outdir=out --network=network-snapshot.pkl --gnet=early-snapshot.pkl --guidance=2
     """
     from torch_utils import distributed as dist
     from torch_utils import misc

@@ -6,14 +6,18 @@ Implements the samplers of "Elucidating the Design Space of Diffusion-Based Gene
                           probability-flow ODE with sigma(t)=t, s(t)=1 and optional stochastic "churn".
   * `ablation_sampler` -- the generalised sampler of Table 1: Euler/Heun, VP/VE/iDDPM/EDM time step
                           discretisations, VP/VE/linear noise schedules, VP/no scaling.
+and the samplers people use beyond the paper, as collected in k-diffusion (Crowson), on the same EDM time
+steps: `euler_ancestral`, `dpm_2`, `lms`, and DPM-Solver++ (Lu et al. 2022) `dpmpp_2s_ancestral`,
+`dpmpp_2m`, `dpmpp_2m_sde`, `dpmpp_3m_sde`; plus guidance of any of them (classifier-free guidance,
+autoguidance, guidance interval) through `GuidedDenoiser`.
 
 Every sampler has the signature
     fn(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=..., sigma_min=...,
-       sigma_max=..., rho=..., **sampler_specific) -> float64 images
+       sigma_max=..., rho=..., **sampler_specific, gnet=None, guidance=1) -> float64 images
 and is registered by name in `SAMPLERS`; `generate_images` and the CLIs (generate.py, fid.py) pick one by
-name. `net` is anything with the denoiser interface: `net(x, sigma, class_labels)`, `round_sigma`,
-`sigma_min`, `sigma_max`, `img_resolution`, `img_channels`, `label_dim` (a preconditioned network, or a
-`GuidedDenoiser` wrapping one).
+name, and its options are read from its signature (`sampler_options_of`). `net` is anything with the
+denoiser interface: `net(x, sigma, class_labels)`, `round_sigma`, `sigma_min`, `sigma_max`,
+`img_resolution`, `img_channels`, `label_dim` (a preconditioned network, or a `GuidedDenoiser` wrapping one).
 
 Randomness follows the paper's public protocol (one torch.Generator per seed), so the same seed gives
 the same image, independent of batch composition and of the number of processes.

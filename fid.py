@@ -450,7 +450,7 @@ def detector_options(fn):
 
 @click.group()
 def main():
-    """Calculate Frechet Inception Distance (FID).
+    """Calculate Frechet Inception Distance (FID); FID against NFE (sweep); log-likelihood (nll).
 
     \b
     Examples:
@@ -464,6 +464,13 @@ def main():
     # The paper's protocol: three disjoint 50k seed ranges, generated in memory, report the minimum
     torchrun --standalone --nproc_per_node=8 fid.py net --network=network-snapshot.pkl \\
         --ref=fid-refs/cifar10-32x32.npz --seeds=0-49999 --repeats=3
+    \b
+    # FID against NFE for several samplers: sweep/sweep.csv, sweep.json, sweep.png
+    python fid.py sweep --network=network-snapshot.pkl --ref=fid-refs/cifar10-32x32.npz \\
+        --samplers=edm,euler,dpmpp_2m,dpmpp_3m_sde --nfe=5,9,17,35 --outdir=sweep
+    \b
+    # Negative log-likelihood in bits/dim (probability-flow ODE)
+    python fid.py nll --network=network-snapshot.pkl --data=datasets/cifar10-32x32.zip --num=1000
     """
 
 

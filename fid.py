@@ -690,6 +690,15 @@ def _previous_rows(outdir: str, config: dict) -> dict:
     return {(row['sampler'], row['num_steps']): row for row in previous.get('rows', [])}
 
 
+def _merged_rows(rows: list[dict], previous: dict, order: list[str]) -> list[dict]:
+    """This run's points plus the earlier points of the same configuration it did not repeat, ordered by
+    sampler (as listed, earlier-only ones last) and NFE: the folder accumulates one table."""
+    merged = {(row['sampler'], row['num_steps']): row for row in previous.values()}
+    merged.update({(row['sampler'], row['num_steps']): row for row in rows})
+    rank = {name: k for k, name in enumerate(order)}
+    return sorted(merged.values(), key=lambda row: (rank.get(row['sampler'], len(order)), row['sampler'], row['nfe']))
+
+
 @main.command()
 @click.option('--network', 'network_pkl', help='Network pickle', metavar='PATH|URL', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Dataset reference statistics', metavar='NPZ|URL', type=str, required=True)
@@ -714,7 +723,8 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
     \b
     Each sampler takes the most steps whose network evaluations fit the NFE (edm/heun, dpm_2 and
     dpmpp_2s_ancestral: 2N-1; the others: N); the table reports the NFE actually used. Points already in
-    OUTDIR/sweep.json from the same configuration are reused, so an interrupted sweep continues.
+    OUTDIR/sweep.json from the same network, reference, seeds, detector and guidance are reused and kept,
+    so an interrupted sweep continues and later runs add points to the same table.
     """
     seeds = _parse_seeds(seeds)
     try:
@@ -768,10 +778,11 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
                              nfe_requested=point['nfe_requested']))
             print(f'[{k + 1}/{len(plan)}] {point["sampler"]} NFE {point["nfe"]} ({point["num_steps"]} steps): '
                   f'FID {fid:g} ({stats.num_images} images, {time.time() - start:.0f} s)', flush=True)
-            _write_sweep(outdir, config, rows)
+            _write_sweep(outdir, config, _merged_rows(rows, previous, [spec.strip() for spec in specs]))
     if dist.get_rank() == 0:
+        rows = _merged_rows(rows, previous, [spec.strip() for spec in specs])
         _write_sweep(outdir, config, rows)
-        print(f'Wrote {os.path.join(outdir, "sweep.csv")}, sweep.json and sweep.png')
+        print(f'Wrote {os.path.join(outdir, "sweep.csv")}, sweep.json and sweep.png ({len(rows)} points)')
     dist.barrier()
 
 

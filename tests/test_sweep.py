@@ -99,6 +99,12 @@ def test_sweep_scores_every_point_and_writes_table_and_plot(tmp_path, detector_f
     res = CliRunner().invoke(fid.main, [a if a != '3,4,5' else '3,4,5,6' for a in args], catch_exceptions=False)
     assert res.exit_code == 0 and len(calls) == 2  # euler and dpmpp_2m_sde at 6; Heun 6 -> 3 steps, done
     assert len(json.loads((out / 'sweep.json').read_text())['rows']) == len(rows) + 2
+    # A run over fewer points keeps the table's other points (ordered by sampler, then NFE).
+    res = CliRunner().invoke(fid.main, [a if a != '3,4,5' else '5' for a in args], catch_exceptions=False)
+    assert res.exit_code == 0 and len(calls) == 2
+    kept = json.loads((out / 'sweep.json').read_text())['rows']
+    assert len(kept) == len(rows) + 2 and [r['sampler'] for r in kept][:3] == ['edm'] * 2 + ['euler']
+    assert [r['nfe'] for r in kept if r['sampler'] == 'euler'] == [3, 4, 5, 6]
 
 
 @pytest.mark.parametrize('extra,needle', [

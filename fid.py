@@ -733,6 +733,7 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
         raise click.BadParameter(f'{e}; expected e.g. 5,9,17,35', param_hint='--nfe') from None
     if not nfe_list or min(nfe_list) < 1:
         raise click.BadParameter('need NFE values >= 1', param_hint='--nfe')
+    guidance = generate.guidance_kwargs_from_cli(guidance)
     specs = [s for s in samplers.split(',') if s.strip()]
     try:
         plan = _sweep_plan(specs, nfe_list)
@@ -740,7 +741,6 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
         raise click.BadParameter(str(e), param_hint='--samplers') from None
     if not plan:
         raise click.BadParameter('no sampler fits any of the NFE values', param_hint='--nfe')
-    guidance = generate.guidance_kwargs_from_cli(guidance)
     config = dict(network=network_pkl, ref=ref_path, seeds=_format_seeds(seeds), num_images=len(seeds),
                   class_idx=class_idx, detector=detector or DETECTOR_URL,
                   guidance={k: list(v) if isinstance(v, tuple) else v for k, v in guidance.items()})

@@ -159,9 +159,10 @@ class GuidedDenoiser:
     with the denoiser interface of `net` (img_resolution, sigma_min, round_sigma, ... come from it).
 
     `gnet` is the guide: autoguidance uses a smaller or shorter-trained model, classifier-free guidance an
-    unconditional model or `UnconditionalDenoiser(net)`. w = guidance = 1 is the plain network and the guide
-    is then never evaluated; so it is not for sigma outside `guidance_interval` = (sigma_lo, sigma_hi).
-    The blend is computed in float64 (w > 1 extrapolates, which magnifies float32 rounding)."""
+    unconditional model or `UnconditionalDenoiser(net)`. w = guidance = 1 is the plain network. The guide is
+    not evaluated at w = 1, nor for sigma outside `guidance_interval` = (sigma_lo, sigma_hi), where the
+    output is the plain network's. The blend is computed in float64 (w > 1 extrapolates, which magnifies
+    float32 rounding)."""
 
     def __init__(self, net, gnet, guidance: float = 1, guidance_interval: tuple[float, float] | None = None):
         if guidance_interval is not None and not guidance_interval[0] <= guidance_interval[1]:

@@ -103,7 +103,7 @@ _SAMPLER_OPTIONS = [
     # Options of the k-diffusion-class samplers (k-diffusion's names); one option serves every sampler taking it.
     click.option('--eta', help='Ancestral/SDE noise amount (0: ODE)', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True),
     click.option('--s_noise', 's_noise', help='Ancestral/SDE noise inflation', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True),
-    click.option('--order', help='Linear multistep order (lms)', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True),
+    click.option('--order', help='Solver order: lms [default: 4], unipc (1-3) [default: 2]', metavar='INT', type=click.IntRange(min=1)),
     click.option('--solver_type', 'solver_type', help='dpmpp_2m_sde history term', metavar='midpoint|heun', type=click.Choice(['midpoint', 'heun']), default='midpoint', show_default=True),
 ]
 
@@ -135,7 +135,7 @@ def sampler_kwargs_from_cli(ctx: click.Context, kwargs: dict) -> dict:
 
     Defaults the chosen sampler does not take are dropped; an option given explicitly that the sampler does
     not take is a usage error (e.g. --S_churn with a sampler without churn)."""
-    from training.sampling import ABLATION_KWARGS, resolve_sampler, sampler_options_of
+    from training.sampling import ABLATION_KWARGS, count_nfe, resolve_sampler, sampler_options_of
     kwargs = dict(kwargs)
     name = kwargs.pop('sampler', None)
     guidance = guidance_kwargs_from_cli({k: kwargs.pop(k) for k in GUIDANCE_OPTIONS})
@@ -152,6 +152,10 @@ def sampler_kwargs_from_cli(ctx: click.Context, kwargs: dict) -> dict:
     if given.get('sigma_min') is not None and given.get('sigma_max') is not None \
             and given['sigma_min'] >= given['sigma_max']:
         raise click.BadParameter('--sigma_min must be smaller than --sigma_max', param_hint='--sigma_min')
+    try:  # values the sampler itself rejects (e.g. --order=4 for unipc): a dry run on a 1-pixel stand-in
+        count_nfe(name, **given)
+    except ValueError as e:
+        raise click.UsageError(f'--sampler={name}: {e}') from None
     return dict(sampler=name, **given, **guidance)
 
 

@@ -218,13 +218,14 @@ def test_cli_guidance_and_samplers(tmp_path, nets):
                        ('cfg', ['--cfg', '--guidance', '2']),
                        ('interval', ['--cfg', '--guidance', '2', '--guidance-interval', '1,10']),
                        ('sde', ['--sampler', 'dpmpp_2m_sde', '--eta', '0.5', '--solver_type', 'heun']),
-                       ('lms', ['--sampler', 'lms', '--order', '2'])):
+                       ('lms', ['--sampler', 'lms', '--order', '2']),
+                       ('unipc', ['--sampler', 'unipc', '--order', '3'])):
         res = run_cli(common + ['--outdir', tmp_path / tag] + extra)
         assert res.exit_code == 0, (tag, res.output)
         outputs[tag] = read_pngs(tmp_path / tag)
         assert len(outputs[tag]) == 4
     assert outputs['w1'] == outputs['plain']
-    for tag in ('auto', 'cfg', 'interval', 'sde', 'lms'):
+    for tag in ('auto', 'cfg', 'interval', 'sde', 'lms', 'unipc'):
         assert outputs[tag] != outputs['plain'], tag
     assert outputs['interval'] != outputs['cfg']
     # The library with the same settings writes the same images.
@@ -243,6 +244,7 @@ def test_cli_guidance_and_samplers(tmp_path, nets):
     (['--sampler', 'dpmpp_2m', '--S_churn', '1'], "does not take S_churn"),
     (['--solver_type', 'rk4'], "'rk4' is not one of"),
     (['--order', '0'], '--order'),
+    (['--sampler', 'unipc', '--order', '4'], 'UniPC order must be 1, 2 or 3'),
     (['--cfg', '--guidance', '2', '--network', 'GRAY'], 'class-conditional'),
     (['--gnet', 'GRAY', '--guidance', '2'], 'img_channels=1 but the network has 3'),
     (['--gnet', 'MISSING', '--guidance', '2'], '--gnet'),

@@ -15,7 +15,8 @@ from training import sampling
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from test_samplers import GaussianDenoiser, _load_golden_net, expected_output, rel_error  # noqa: E402
 
-NEW_SAMPLERS = ['euler_ancestral', 'dpm_2', 'lms', 'dpmpp_2s_ancestral', 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_3m_sde']
+NEW_SAMPLERS = ['euler_ancestral', 'dpm_2', 'lms', 'dpmpp_2s_ancestral', 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_3m_sde',
+                'unipc']
 STOCHASTIC = ['euler_ancestral', 'dpmpp_2s_ancestral', 'dpmpp_2m_sde', 'dpmpp_3m_sde']
 
 
@@ -86,6 +87,10 @@ ODE_CASES = [
     ('dpmpp_2m_sde', dict(eta=0, solver_type='heun'), True, (3.2, 5.5), (32, 64, 128)),
     # 2nd order asymptotically (see dpmpp_3m_sde's docstring); ratios 3.3, 3.7, 3.9 from 64 steps on.
     ('dpmpp_3m_sde', dict(eta=0), True, (3.0, 5.5), (64, 128, 256)),
+    # UniPC-p is of order p + 1 (the corrector adds one): measured 4.1, 4.1 / 9.0, 8.5 / 17.1, 16.6.
+    ('unipc', dict(order=1), True, (3.2, 5.5), (32, 64, 128)),
+    ('unipc', dict(order=2), True, (6.0, 10.0), (32, 64, 128)),
+    ('unipc', dict(order=3), True, (12.0, 20.0), (32, 64, 128)),
 ]
 
 
@@ -127,6 +132,21 @@ def test_deterministic_limits_agree(problem):
     a = sampling.dpmpp_2m_sde_sampler(GaussianDenoiser(mu, std), z, num_steps=9, eta=0)
     b = sampling.dpmpp_2m_sampler(GaussianDenoiser(mu, std), z, num_steps=9)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_unipc_coefficients_meet_their_order_conditions():
+    """sum_m rho_m r_m^(k-1) = -k! h phi_{k+1}(h) / B(h) with phi from its integral definition (quadrature), and
+    for h -> 0 the one-point corrector weight tends to 1/2 (the trapezoidal rule)."""
+    import math
+    from scipy.integrate import quad
+    for h in (0.05, 0.4, 1.5):
+        for r in ([1.0], [-0.8, 1.0], [-0.7, -1.9, 1.0], [-1.1], [-0.9, -2.2]):
+            rho = sampling.unipc_coefficients(r, h)
+            for k in range(1, len(r) + 1):
+                phi = quad(lambda u: math.exp(-h * (1 - u)) * u ** k / math.factorial(k), 0, 1)[0]
+                expected = -math.factorial(k) * h * phi / math.expm1(-h)
+                assert sum(c * rm ** (k - 1) for c, rm in zip(rho, r)) == pytest.approx(expected, rel=1e-9)
+    assert sampling.unipc_coefficients([1.0], 1e-4)[0] == pytest.approx(0.5, abs=1e-4)
 
 
 def test_lms_coefficients_are_exact():
@@ -222,7 +242,7 @@ def test_s_noise_and_eta_scale_the_noise():
 
 NFE = {'euler_ancestral': lambda n: n, 'dpm_2': lambda n: 2 * n - 1, 'lms': lambda n: n,
        'dpmpp_2s_ancestral': lambda n: 2 * n - 1, 'dpmpp_2m': lambda n: n, 'dpmpp_2m_sde': lambda n: n,
-       'dpmpp_3m_sde': lambda n: n}
+       'dpmpp_3m_sde': lambda n: n, 'unipc': lambda n: n}
 
 
 @pytest.mark.parametrize('name', NEW_SAMPLERS)
@@ -255,6 +275,7 @@ def test_registry_and_options():
     assert sampling.sampler_options_of('lms') == common + ('order',)
     assert sampling.sampler_options_of('dpmpp_2m_sde') == common + ('eta', 's_noise', 'solver_type')
     assert sampling.sampler_options_of('dpmpp_2m') == common
+    assert sampling.sampler_options_of('unipc') == common + ('order',)
     with pytest.raises(TypeError, match='does not take S_churn'):
         sampling.resolve_sampler('dpmpp_2m', dict(S_churn=1))
 
@@ -262,6 +283,7 @@ def test_registry_and_options():
 def test_bad_options_raise(problem):
     mu, std, z = problem
     for name, bad in (('lms', dict(order=0)), ('dpmpp_2m_sde', dict(solver_type='rk4')),
-                      ('euler_ancestral', dict(eta=-1)), ('dpmpp_3m_sde', dict(s_noise=-0.5))):
+                      ('euler_ancestral', dict(eta=-1)), ('dpmpp_3m_sde', dict(s_noise=-0.5)),
+                      ('unipc', dict(order=4)), ('unipc', dict(order=0))):
         with pytest.raises(ValueError):
             sampling.SAMPLERS[name](GaussianDenoiser(mu, std), z, num_steps=4, **bad)

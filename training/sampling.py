@@ -8,7 +8,7 @@ Implements the samplers of "Elucidating the Design Space of Diffusion-Based Gene
                           discretisations, VP/VE/linear noise schedules, VP/no scaling.
 and the samplers people use beyond the paper, as collected in k-diffusion (Crowson), on the same EDM time
 steps: `euler_ancestral`, `dpm_2`, `lms`, and DPM-Solver++ (Lu et al. 2022) `dpmpp_2s_ancestral`,
-`dpmpp_2m`, `dpmpp_2m_sde`, `dpmpp_3m_sde`; plus guidance of any of them (classifier-free guidance,
+`dpmpp_2m`, `dpmpp_2m_sde`, `dpmpp_3m_sde`, and UniPC (Zhao et al. 2023) `unipc`; plus guidance of any of them (classifier-free guidance,
 autoguidance, guidance interval) through `GuidedDenoiser`.
 
 Every sampler has the signature
@@ -609,6 +609,53 @@ def dpmpp_3m_sde_sampler(net, latents, class_labels=None, randn_like=torch.randn
     return x
 
 
+def unipc_coefficients(r: Sequence[float], h: float) -> list[float]:
+    """UniPC's weights rho_1..rho_K (Zhao et al. 2023, B(h) = e^{-h} - 1, "bh2") for the normalised differences
+    (D_{r_m} - D) / r_m at lambda + r_m h: the solution of sum_m rho_m r_m^(k-1) = -k! h phi_{k+1}(h) / B(h),
+    k = 1..K, which makes B(h) sum_m rho_m (D_{r_m} - D)/r_m match the exponential integrator's Taylor terms
+    int_0^h e^{-(h - tau)} D^(k) tau^k / k! dtau = h^{k+1} phi_{k+1}(h) D^(k) up to k = K."""
+    h = float(h)
+    rhs, g, factorial = [], math.expm1(-h) / -h - 1, 1.0  # g_k = -h phi_{k+1}(h), from g_1 = -h phi_2(h)
+    for k in range(1, len(r) + 1):
+        rhs.append(g * factorial / math.expm1(-h))
+        factorial *= k + 1
+        g = -g / h - 1 / factorial
+    R = np.array([[float(r_m) ** (k - 1) for r_m in r] for k in range(1, len(r) + 1)])
+    return np.linalg.solve(R, np.array(rhs)).tolist()
+
+
+def unipc_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
+                  sigma_min=0.002, sigma_max=80, rho=7, order=2, gnet=None, guidance=1):
+    """UniPC (Zhao et al. 2023), multistep, data prediction, B(h) = e^{-h} - 1 ("bh2"): each step predicts with
+    UniP-p (the exponential integrator plus p-1 history differences), evaluates D there, and corrects with
+    UniC-p (adding the new difference), which lifts the order from p to p + 1 at no extra evaluation; the
+    history keeps the evaluations at the predicted points. Lower orders while the history fills; the output
+    is D at the last predicted point (sigma_{N-1}). Global order p + 1 (tests: error ratios 4, 8, 16 per
+    doubling for order = 1, 2, 3). NFE = N."""
+    if order not in (1, 2, 3):
+        raise ValueError(f'UniPC order must be 1, 2 or 3, got {order}')
+    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
+    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    x = latents.to(torch.float64) * sigmas[0]
+    history = [(lambda_of(sigmas[0]), denoise(x, sigmas[0]))]  # (lambda, D), oldest first
+    for sigma, sigma_next in zip(sigmas[:-2], sigmas[1:-1]):  # the step to sigma = 0 is D itself
+        lam, denoised = history[-1]
+        h = lambda_of(sigma_next) - lam
+        earlier = history[-2::-1][:order - 1]  # the p - 1 evaluations before this one, newest first
+        r = [float((lam_m - lam) / h) for lam_m, _ in earlier]  # negative: they lie behind
+        differences = [(d_m - denoised) / r_m for (_, d_m), r_m in zip(earlier, r)]
+        x_base = (sigma_next / sigma) * x - torch.expm1(-h) * denoised  # DPM-Solver++(1) = DDIM
+        x_pred = x_base
+        if earlier:
+            x_pred = x_base - torch.expm1(-h) * sum(c * d for c, d in zip(unipc_coefficients(r, h), differences))
+        denoised_next = denoise(x_pred, sigma_next)
+        rho_c = unipc_coefficients(r + [1.0], h)
+        x = x_base - torch.expm1(-h) * (sum(c * d for c, d in zip(rho_c, differences))
+                                        + rho_c[-1] * (denoised_next - denoised))
+        history = (history + [(lambda_of(sigma_next), denoised_next)])[-order:]
+    return history[-1][1]
+
+
 # ----------------------------------------------------------------------------
 # Random numbers and seeds.
 
@@ -657,6 +704,7 @@ SAMPLERS: dict[str, Callable] = {
     'dpmpp_2m': dpmpp_2m_sampler,
     'dpmpp_2m_sde': dpmpp_2m_sde_sampler,
     'dpmpp_3m_sde': dpmpp_3m_sde_sampler,
+    'unipc': unipc_sampler,
 }
 
 # The options that select the ablation sampler when no sampler is named (the paper's generate.py rule).

@@ -8,8 +8,10 @@ with the statistics accumulated in float64. Subcommands:
   python fid.py calc --images=ZIP|DIR --ref=NPZ|URL        FID of a set of images (first --num picked by --seed)
   python fid.py net  --network=PKL --ref=NPZ|URL           the paper's protocol: FID of freshly generated
                                                            images on --repeats disjoint seed ranges, and min
+  python fid.py sweep --network=PKL --ref=NPZ --outdir=DIR FID against NFE for several samplers (CSV, JSON, PNG)
+  python fid.py nll  --network=PKL --data=ZIP|DIR          negative log-likelihood in bits/dim (probability-flow ODE)
 
-All three run multi-process under `torchrun` (each rank a share of the images, sums reduced across ranks).
+All run multi-process under `torchrun` (each rank a share of the images, sums reduced across ranks).
 
 The detector is the standard FID Inception-v3 network, downloaded once through the dnnlib download cache
 (folder: $EDM_CACHE_DIR/downloads, see dnnlib.util.make_cache_dir_path). `--detector=PATH|URL` selects
@@ -24,9 +26,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import math
 import os
 import pickle
 import sys
+import time
 import types
 import zipfile
 from typing import Iterable, Optional
@@ -298,19 +302,20 @@ def _mean_and_covariance(feature_sum: torch.Tensor, outer_sum: torch.Tensor, n: 
     return mean, cov
 
 
-def _open_dataset(image_path: str, num_expected: Optional[int], seed: int):
+def _open_dataset(image_path: str, num_expected: Optional[int], seed: int, use_labels: bool = False):
     from training import dataset  # Imported here: fid.py's math and `net` need no dataset code.
     if not os.path.exists(image_path):
         raise click.ClickException(f'No such image folder or zip: {image_path}')
     try:
-        dataset_obj = dataset.ImageFolderDataset(path=image_path, max_size=num_expected, random_seed=seed)
+        dataset_obj = dataset.ImageFolderDataset(path=image_path, max_size=num_expected, random_seed=seed,
+                                                 use_labels=use_labels)
     except (OSError, ValueError, RuntimeError, zipfile.BadZipFile) as e:
         raise click.ClickException(f'Could not read images from {image_path}: {e}') from e
     if num_expected is not None and len(dataset_obj) < num_expected:
         raise click.ClickException(f'Found {len(dataset_obj)} images in {image_path}, but --num asks for '
                                    f'{num_expected}: add images or lower --num')
     if len(dataset_obj) < 2:
-        raise click.ClickException(f'Found {len(dataset_obj)} images in {image_path}; FID needs at least 2')
+        raise click.ClickException(f'Found {len(dataset_obj)} images in {image_path}; need at least 2')
     check_image_shape(dataset_obj.image_shape, image_path)
     return dataset_obj
 
@@ -449,7 +454,7 @@ def detector_options(fn):
 
 @click.group()
 def main():
-    """Calculate Frechet Inception Distance (FID).
+    """Calculate Frechet Inception Distance (FID); FID against NFE (sweep); log-likelihood (nll).
 
     \b
     Examples:
@@ -463,6 +468,13 @@ def main():
     # The paper's protocol: three disjoint 50k seed ranges, generated in memory, report the minimum
     torchrun --standalone --nproc_per_node=8 fid.py net --network=network-snapshot.pkl \\
         --ref=fid-refs/cifar10-32x32.npz --seeds=0-49999 --repeats=3
+    \b
+    # FID against NFE for several samplers: sweep/sweep.csv, sweep.json, sweep.png
+    python fid.py sweep --network=network-snapshot.pkl --ref=fid-refs/cifar10-32x32.npz \\
+        --samplers=edm,euler,dpmpp_2m,dpmpp_3m_sde --nfe=5,9,17,35 --outdir=sweep
+    \b
+    # Negative log-likelihood in bits/dim (probability-flow ODE)
+    python fid.py nll --network=network-snapshot.pkl --data=datasets/cifar10-32x32.zip --num=1000
     """
 
 
@@ -565,8 +577,9 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
         ref = load_reference(ref_path) if dist.get_rank() == 0 else None
         detector_net = load_detector(detector, device=device, trust_pickle=trust_pickle, verbose=verbose)
         dist.print0(f'Network: "{network_pkl}"')
-        return ref, detector_net, generate.load_net(network_pkl, device=device, verbose=verbose)
-    ref, detector_net, network = _rank0_first(load_all)
+        network = generate.load_net(network_pkl, device=device, verbose=verbose)
+        return ref, detector_net, network, generate.load_guide(sampler_kwargs, network, device, verbose=verbose)
+    ref, detector_net, network, sampler_kwargs = _rank0_first(load_all)
 
     fids = []
     for k, rep_seeds in enumerate(repeat_seeds(seeds, repeats)):
@@ -583,6 +596,281 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
         print(f'FID of {network_pkl} against "{ref_path}": '
               f'{", ".join(f"{x:g}" for x in fids)}; minimum of {repeats}:')
         print(f'{min(fids):g}')
+    dist.barrier()
+
+
+#----------------------------------------------------------------------------
+# NFE-FID sweep: FID of one network for several samplers at several numbers of network evaluations.
+
+# Sweep names that are not registry names: the paper's two ODE solvers on the EDM time steps.
+SWEEP_ALIASES = {
+    'heun': ('edm', {}),                       # Algorithm 1: Heun, NFE = 2N - 1
+    'euler': ('ablation', {'solver': 'euler'}),  # Algorithm 1 with Euler steps (sigma(t) = t, s(t) = 1), NFE = N
+}
+DEFAULT_SWEEP_SAMPLERS = 'edm,euler,euler_ancestral,dpm_2,lms,dpmpp_2s_ancestral,dpmpp_2m,dpmpp_2m_sde,dpmpp_3m_sde,unipc'
+
+
+def _typed_like(default, value: str):
+    """A command-line string as the type of an option's default (int defaults also accept floats)."""
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return int(value) if isinstance(default, int) else float(value)
+        except ValueError:
+            return float(value)
+    return value
+
+
+def parse_sampler_spec(spec: str) -> tuple[str, str, dict]:
+    """'name[:option=value...]' -> (label, registry name, options), e.g. 'dpmpp_2m_sde:eta=0.5:solver_type=heun'.
+    Values take the type of the option's default. Raises ValueError for unknown samplers or options."""
+    import inspect
+    from training.sampling import SAMPLERS, resolve_sampler
+    name, *assignments = spec.strip().split(':')
+    if name not in SAMPLERS and name not in SWEEP_ALIASES:
+        raise ValueError(f'unknown sampler {name!r}; expected one of {", ".join(list(SAMPLERS) + list(SWEEP_ALIASES))}')
+    name, options = SWEEP_ALIASES.get(name, (name, {}))
+    options = dict(options)
+    params = inspect.signature(SAMPLERS[name]).parameters
+    for item in assignments:
+        key, sep, value = item.partition('=')
+        if not sep or key not in params:
+            raise ValueError(f'{spec!r}: {item!r} is not option=value for an option of sampler {name!r}')
+        try:
+            options[key] = _typed_like(params[key].default, value)
+        except ValueError:
+            raise ValueError(f'{spec!r}: {key}={value!r} is not a number') from None
+    resolve_sampler(name, options)  # TypeError for options the sampler does not take
+    return spec.strip(), name, options
+
+
+def _sweep_plan(specs: list[str], nfes: list[int]) -> list[dict]:
+    """One entry per distinct (sampler spec, number of steps): the most steps within each requested NFE."""
+    from training.sampling import count_nfe, steps_for_nfe
+    plan, seen = [], set()
+    for spec in specs:
+        label, name, options = parse_sampler_spec(spec)
+        for nfe in nfes:
+            try:
+                num_steps = steps_for_nfe(name, nfe, **options)
+            except ValueError:
+                continue  # e.g. Heun at NFE 2: not even one step fits
+            if (label, num_steps) not in seen:
+                seen.add((label, num_steps))
+                plan.append(dict(sampler=label, name=name, options=options, nfe_requested=nfe, num_steps=num_steps,
+                                 nfe=count_nfe(name, num_steps, **options)))
+    return plan
+
+
+def _write_sweep(outdir: str, config: dict, rows: list[dict]) -> None:
+    """sweep.json (config + rows), sweep.csv and sweep.png (FID against NFE, log scale), all atomic."""
+    import csv
+    import json
+    from torch_utils.plot import line_plot
+    with dnnlib.util.atomic_write(os.path.join(outdir, 'sweep.json'), 'w') as f:
+        json.dump(dict(config=config, rows=rows), f, indent=1)
+    columns = ['sampler', 'nfe', 'num_steps', 'fid', 'num_images', 'seconds']
+    with dnnlib.util.atomic_write(os.path.join(outdir, 'sweep.csv'), 'w') as f:
+        writer = csv.writer(f, lineterminator='\n')
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([f'{row[c]:.4f}' if c in ('fid', 'seconds') else row[c] for c in columns])
+    series = {}
+    for row in rows:
+        series.setdefault(row['sampler'], ([], []))
+        series[row['sampler']][0].append(row['nfe'])
+        series[row['sampler']][1].append(row['fid'])
+    n = rows[0]['num_images'] if rows else 0
+    line_plot(series, os.path.join(outdir, 'sweep.png'), title=f'FID against NFE ({os.path.basename(config["network"])}, '
+              f'n = {n} images)', xlabel='NFE (network evaluations)', ylabel='FID', log_y=True)
+
+
+def _previous_rows(outdir: str, config: dict) -> dict:
+    """Rows of an earlier sweep into the same folder with the same configuration, by (sampler, num_steps)."""
+    import json
+    try:
+        with open(os.path.join(outdir, 'sweep.json')) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(previous, dict) or previous.get('config') != config:
+        return {}
+    return {(row['sampler'], row['num_steps']): row for row in previous.get('rows', [])}
+
+
+def _merged_rows(rows: list[dict], previous: dict, order: list[str]) -> list[dict]:
+    """This run's points plus the earlier points of the same configuration it did not repeat, ordered by
+    sampler (as listed, earlier-only ones last) and NFE: the folder accumulates one table."""
+    merged = {(row['sampler'], row['num_steps']): row for row in previous.values()}
+    merged.update({(row['sampler'], row['num_steps']): row for row in rows})
+    rank = {name: k for k, name in enumerate(order)}
+    return sorted(merged.values(), key=lambda row: (rank.get(row['sampler'], len(order)), row['sampler'], row['nfe']))
+
+
+@main.command()
+@click.option('--network', 'network_pkl', help='Network pickle', metavar='PATH|URL', type=str, required=True)
+@click.option('--ref', 'ref_path', help='Dataset reference statistics', metavar='NPZ|URL', type=str, required=True)
+@click.option('--samplers', help='Samplers, NAME[:option=value...] each (heun = edm; euler = ablation:solver=euler)',
+              metavar='LIST', type=str, default=DEFAULT_SWEEP_SAMPLERS, show_default=True)
+@click.option('--nfe', 'nfes', help='Numbers of network evaluations', metavar='LIST', type=str,
+              default='5,7,9,13,17,25,35', show_default=True)
+@click.option('--seeds', help='Seeds (the same for every point)', metavar='LIST', type=str, default='0-999',
+              show_default=True)
+@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT',
+              type=click.IntRange(min=0), default=None)
+@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1),
+              default=64, show_default=True)
+@click.option('--outdir', help='Where to write sweep.csv, sweep.json, sweep.png', metavar='DIR', type=str,
+              required=True)
+@generate.guidance_options
+@detector_options
+def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_size, outdir, detector, trust_pickle,
+          **guidance):
+    """FID against NFE: every sampler at every NFE, images generated in memory.
+
+    \b
+    Each sampler takes the most steps whose network evaluations fit the NFE (edm/heun, dpm_2 and
+    dpmpp_2s_ancestral: 2N-1; the others: N); the table reports the NFE actually used. Points already in
+    OUTDIR/sweep.json from the same network, reference, seeds, detector and guidance are reused and kept,
+    so an interrupted sweep continues and later runs add points to the same table.
+    """
+    seeds = _parse_seeds(seeds)
+    try:
+        nfe_list = dnnlib.util.parse_int_list(nfes)
+    except ValueError as e:
+        raise click.BadParameter(f'{e}; expected e.g. 5,9,17,35', param_hint='--nfe') from None
+    if not nfe_list or min(nfe_list) < 1:
+        raise click.BadParameter('need NFE values >= 1', param_hint='--nfe')
+    guidance = generate.guidance_kwargs_from_cli(guidance)
+    specs = [s for s in samplers.split(',') if s.strip()]
+    try:
+        plan = _sweep_plan(specs, nfe_list)
+    except (TypeError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint='--samplers') from None
+    if not plan:
+        raise click.BadParameter('no sampler fits any of the NFE values', param_hint='--nfe')
+    config = dict(network=network_pkl, ref=ref_path, seeds=_format_seeds(seeds), num_images=len(seeds),
+                  class_idx=class_idx, detector=detector or DETECTOR_URL,
+                  guidance={k: list(v) if isinstance(v, tuple) else v for k, v in guidance.items()})
+    _start(0)
+    device = dist.default_device()
+    verbose = dist.get_rank() == 0
+
+    def load_all():
+        os.makedirs(outdir, exist_ok=True)
+        ref = load_reference(ref_path) if dist.get_rank() == 0 else None
+        detector_net = load_detector(detector, device=device, trust_pickle=trust_pickle, verbose=verbose)
+        network = generate.load_net(network_pkl, device=device, verbose=verbose)
+        return ref, detector_net, network, generate.load_guide(guidance, network, device, verbose=verbose)
+    ref, detector_net, network, guidance = _rank0_first(load_all)
+    previous = _previous_rows(outdir, config)
+    rows = []
+    for k, point in enumerate(plan):
+        key = (point['sampler'], point['num_steps'])
+        if key in previous:
+            rows.append(previous[key])
+            dist.print0(f'[{k + 1}/{len(plan)}] {point["sampler"]} NFE {point["nfe"]}: FID {previous[key]["fid"]:g} '
+                        f'(from the previous run)')
+            continue
+        start = time.time()
+        batches = (images.permute(0, 3, 1, 2) for _seeds, images in
+                   generate_images(network, seeds, max_batch_size=max_batch_size, class_idx=class_idx,
+                                   device=device, sampler=point['name'], num_steps=point['num_steps'],
+                                   **point['options'], **guidance))
+        stats = compute_feature_stats(detector_net, batches, len(seeds), device=device,
+                                      desc=f'{point["sampler"]} NFE {point["nfe"]}', source=network_pkl)
+        if dist.get_rank() == 0:
+            fid = _fid_against(stats, ref, ref_path)
+            rows.append(dict(sampler=point['sampler'], nfe=point['nfe'], num_steps=point['num_steps'], fid=fid,
+                             num_images=stats.num_images, seconds=time.time() - start,
+                             nfe_requested=point['nfe_requested']))
+            print(f'[{k + 1}/{len(plan)}] {point["sampler"]} NFE {point["nfe"]} ({point["num_steps"]} steps): '
+                  f'FID {fid:g} ({stats.num_images} images, {time.time() - start:.0f} s)', flush=True)
+            _write_sweep(outdir, config, _merged_rows(rows, previous, [spec.strip() for spec in specs]))
+    if dist.get_rank() == 0:
+        rows = _merged_rows(rows, previous, [spec.strip() for spec in specs])
+        _write_sweep(outdir, config, rows)
+        print(f'Wrote {os.path.join(outdir, "sweep.csv")}, sweep.json and sweep.png ({len(rows)} points)')
+    dist.barrier()
+
+
+#----------------------------------------------------------------------------
+# Negative log-likelihood in bits per dimension (training/likelihood.py), multi-process.
+
+
+@main.command()
+@click.option('--network', 'network_pkl', help='Network pickle', metavar='PATH|URL', type=str, required=True)
+@click.option('--data', 'dataset_path', help='Images to score', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--num', 'num_expected', help='Number of images (picked by --seed)  [default: all]', metavar='INT',
+              type=click.IntRange(min=2))
+@click.option('--seed', help='Random seed: image selection, dequantisation noise and probes', metavar='INT', type=int,
+              default=0, show_default=True)
+@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1),
+              default=64, show_default=True)
+@click.option('--probe', help='Trace estimator: Hutchinson probes, or the exact trace (C*H*W passes)',
+              type=click.Choice(['rademacher', 'gaussian', 'exact']), default='rademacher', show_default=True)
+@click.option('--rtol', help='ODE solver relative tolerance', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+              default=1e-5, show_default=True)
+@click.option('--atol', help='ODE solver absolute tolerance', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+              default=1e-5, show_default=True)
+@click.option('--sigma_min', help='Lowest noise level (the density is that of the data at this noise)', metavar='FLOAT',
+              type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
+@click.option('--sigma_max', help='Highest noise level (prior N(0, sigma_max^2 I))', metavar='FLOAT',
+              type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
+@click.option('--dequantize/--no-dequantize', help='Uniform dequantisation of the 8-bit pixels (else bin centres)',
+              default=True, show_default=True)
+def nll(network_pkl, dataset_path, num_expected, seed, max_batch_size, probe, rtol, atol, sigma_min, sigma_max,
+        dequantize):
+    """Negative log-likelihood in bits/dim via the probability-flow ODE.
+
+    \b
+    Each image gets its own dequantisation noise and probe (seeded by --seed and its index), so the
+    estimate is unbiased; the mean over images is printed with its standard error.
+    """
+    from training import likelihood
+    from training.sampling import StackedRandomGenerator
+    if sigma_min >= sigma_max:
+        raise click.BadParameter('--sigma_min must be smaller than --sigma_max', param_hint='--sigma_min')
+    _start(0)
+    device = dist.default_device()
+
+    def load_all():
+        network = generate.load_net(network_pkl, device=device, verbose=dist.get_rank() == 0)
+        dataset_obj = _open_dataset(dataset_path, num_expected, seed, use_labels=bool(network.label_dim))
+        shape = [network.img_channels, network.img_resolution, network.img_resolution]
+        if list(dataset_obj.image_shape) != shape:
+            raise click.ClickException(f'{dataset_path} holds images of shape {list(dataset_obj.image_shape)} (C,H,W) '
+                                       f'but the network models {shape}')
+        if network.label_dim and dataset_obj.label_dim != network.label_dim:
+            raise click.ClickException(f'the network is conditional on {network.label_dim} classes but '
+                                       f'{dataset_path} has {"no labels" if not dataset_obj.has_labels else f"{dataset_obj.label_dim} classes"}')
+        return network, dataset_obj
+    network, dataset_obj = _rank0_first(load_all)
+    num = len(dataset_obj)
+    dist.print0(f'NLL of {num} images from "{dataset_path}" under "{network_pkl}" ({probe} probes, rtol {rtol:g}, '
+                f'atol {atol:g}, sigma {sigma_min:g}..{sigma_max:g})')
+
+    sums = torch.zeros([3], dtype=torch.float64)  # sum of bpd, of bpd^2, count
+    nfe = 0
+    with tqdm.tqdm(total=num, unit='img', disable=(dist.get_rank() != 0), dynamic_ncols=True) as bar:
+        for indices in _rank_batches(num, max_batch_size):
+            images = torch.stack([torch.as_tensor(dataset_obj[i][0]) for i in indices]).to(device)
+            labels = None
+            if network.label_dim:
+                labels = torch.stack([torch.as_tensor(dataset_obj[i][1]) for i in indices]).to(device)
+            rnd = StackedRandomGenerator(device, [seed * num + i for i in indices])
+            bpd, batch_nfe = likelihood.nll_bits_per_dim(
+                network, images, labels, dequantization=dequantize, rand_like=rnd.rand_like, randn_like=rnd.randn_like,
+                sigma_min=sigma_min, sigma_max=sigma_max, probe=probe, rtol=rtol, atol=atol)
+            sums += torch.stack([bpd.sum(), bpd.square().sum(), torch.tensor(float(len(indices)), dtype=torch.float64)]).cpu()
+            nfe = max(nfe, batch_nfe)
+            bar.update(len(indices) * dist.get_world_size())
+    total, total_sq, count = _all_reduce(sums.to(device)).tolist()
+    if dist.get_rank() == 0:
+        mean = total / count
+        se = math.sqrt(max(total_sq / count - mean ** 2, 0) / (count - 1)) if count > 1 else float('nan')
+        print(f'NLL: {mean:.4f} +- {se:.4f} bits/dim (mean +- standard error over {int(count)} images; '
+              f'at most {nfe} ODE evaluations per batch)')
+        print(f'{mean:g}')
     dist.barrier()
 
 

@@ -60,17 +60,17 @@ def make_grid(images: Sequence[np.ndarray]) -> np.ndarray:
 # Command line.
 
 
-def load_net(network: str, device: torch.device, verbose: bool = True):
+def load_net(network: str, device: torch.device, verbose: bool = True, option: str = '--network'):
     """The CLI's network loader: persistence.load_network (URLs through the download cache) plus the
-    denoiser-interface check, with failures as one-line click errors."""
+    denoiser-interface check, with failures as one-line click errors naming `option`."""
     from torch_utils import persistence
     try:
         net = persistence.load_network(network, key='ema', device=device, verbose=verbose)
         check_denoiser(net, f'the "ema" object in {network}')
     except ValueError as e:  # CheckpointError and the interface check: one line naming the file
-        raise click.ClickException(f'--network {e}') from None
+        raise click.ClickException(f'{option} {e}') from None
     except Exception as e:  # the checkpoint boundary: any other failure becomes one line, not a traceback
-        raise click.ClickException(f'--network {network}: not a loadable network pickle '
+        raise click.ClickException(f'{option} {network}: not a loadable network pickle '
                                    f'({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""})') from None
     return net
 
@@ -87,7 +87,7 @@ def _parse_seeds(ctx, param, value):
 
 # Sampler options shared by generate.py and fid.py's `net` command (the paper's names and defaults).
 _SAMPLER_OPTIONS = [
-    click.option('--sampler', help='Sampler  [default: edm, or ablation when --solver/--disc/--schedule/--scaling is given]', metavar='|'.join(SAMPLERS), type=click.Choice(list(SAMPLERS))),
+    click.option('--sampler', help=f'Sampler: {", ".join(SAMPLERS)}  [default: edm, or ablation when --solver/--disc/--schedule/--scaling is given]', metavar='NAME', type=click.Choice(list(SAMPLERS))),
     click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True),
     click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True)),
     click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True)),
@@ -100,7 +100,34 @@ _SAMPLER_OPTIONS = [
     click.option('--disc', 'discretization', help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm', type=click.Choice(['vp', 've', 'iddpm', 'edm'])),
     click.option('--schedule', help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear', type=click.Choice(['vp', 've', 'linear'])),
     click.option('--scaling', help='Ablate signal scaling s(t)', metavar='vp|none', type=click.Choice(['vp', 'none'])),
+    # Options of the k-diffusion-class samplers (k-diffusion's names); one option serves every sampler taking it.
+    click.option('--eta', help='Ancestral/SDE noise amount (0: ODE)', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True),
+    click.option('--s_noise', 's_noise', help='Ancestral/SDE noise inflation', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True),
+    click.option('--order', help='Solver order: lms [default: 4], unipc (1-3) [default: 2]', metavar='INT', type=click.IntRange(min=1)),
+    click.option('--solver_type', 'solver_type', help='dpmpp_2m_sde history term', metavar='midpoint|heun', type=click.Choice(['midpoint', 'heun']), default='midpoint', show_default=True),
 ]
+
+# Guidance of every network evaluation, for any sampler (part of the sampler options; fid.py sweep uses them alone).
+_GUIDANCE_OPTIONS = [
+    click.option('--gnet', help='Guiding network pickle (autoguidance, or CFG with an unconditional model)', metavar='PKL|URL', type=str),
+    click.option('--guidance', help='Guidance weight w: D_g + w (D - D_g)', metavar='FLOAT', type=float, default=1, show_default=True),
+    click.option('--cfg', help='Classifier-free guidance: the network without labels is the guide', is_flag=True),
+    click.option('--guidance-interval', 'guidance_interval', help='Guide only for sigma in [LO, HI]', metavar='LO,HI', callback=lambda ctx, param, value: _parse_interval(value)),
+]
+
+GUIDANCE_OPTIONS = ('gnet', 'guidance', 'cfg', 'guidance_interval')
+
+
+def _parse_interval(value: str | None) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(','))
+    except ValueError:
+        raise click.BadParameter(f'{value!r} is not LO,HI (two noise levels, e.g. 0.28,5.42)') from None
+    if not 0 <= lo <= hi:
+        raise click.BadParameter(f'{value!r}: need 0 <= LO <= HI')
+    return lo, hi
 
 
 def sampler_kwargs_from_cli(ctx: click.Context, kwargs: dict) -> dict:
@@ -108,9 +135,10 @@ def sampler_kwargs_from_cli(ctx: click.Context, kwargs: dict) -> dict:
 
     Defaults the chosen sampler does not take are dropped; an option given explicitly that the sampler does
     not take is a usage error (e.g. --S_churn with a sampler without churn)."""
-    from training.sampling import ABLATION_KWARGS, resolve_sampler, sampler_options_of
+    from training.sampling import ABLATION_KWARGS, count_nfe, resolve_sampler, sampler_options_of
     kwargs = dict(kwargs)
     name = kwargs.pop('sampler', None)
+    guidance = guidance_kwargs_from_cli({k: kwargs.pop(k) for k in GUIDANCE_OPTIONS})
     given = {k: v for k, v in kwargs.items() if v is not None}
     explicit = {k for k in given if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     if name is None:
@@ -124,13 +152,54 @@ def sampler_kwargs_from_cli(ctx: click.Context, kwargs: dict) -> dict:
     if given.get('sigma_min') is not None and given.get('sigma_max') is not None \
             and given['sigma_min'] >= given['sigma_max']:
         raise click.BadParameter('--sigma_min must be smaller than --sigma_max', param_hint='--sigma_min')
-    return dict(sampler=name, **given)
+    try:  # values the sampler itself rejects (e.g. --order=4 for unipc): a dry run on a 1-pixel stand-in
+        count_nfe(name, **given)
+    except ValueError as e:
+        raise click.UsageError(f'--sampler={name}: {e}') from None
+    return dict(sampler=name, **given, **guidance)
+
+
+def guidance_kwargs_from_cli(kwargs: dict) -> dict:
+    """The guidance options (gnet path, guidance, cfg, guidance_interval), checked for consistency; {} when
+    there is no guide (generate_images' defaults)."""
+    guidance = {k: kwargs[k] for k in GUIDANCE_OPTIONS}
+    if guidance['cfg'] and guidance['gnet'] is not None:
+        raise click.UsageError('--cfg guides the network with itself (labels zeroed); do not also give --gnet')
+    if guidance['gnet'] is None and not guidance['cfg'] and (guidance['guidance'] != 1
+                                                            or guidance['guidance_interval'] is not None):
+        raise click.UsageError('--guidance and --guidance-interval need a guide: --gnet=PKL or --cfg')
+    return guidance if guidance['gnet'] is not None or guidance['cfg'] else {}
+
+
+def load_guide(sampler_kwargs: dict, net, device: torch.device, verbose: bool = True) -> dict:
+    """sampler_kwargs with --gnet's path replaced by the loaded network, checked against `net` (and --cfg
+    against a network without labels); one-line click errors."""
+    from training.sampling import check_guide
+    if sampler_kwargs.get('cfg') and not int(net.label_dim):
+        raise click.BadParameter('classifier-free guidance needs a class-conditional network; this one has no '
+                                 'class labels', param_hint='--cfg')
+    if sampler_kwargs.get('gnet') is None:
+        return sampler_kwargs
+    path = sampler_kwargs['gnet']
+    gnet = load_net(path, device, verbose=verbose, option='--gnet')
+    try:
+        check_guide(net, gnet, f'--gnet {path}')
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    return dict(sampler_kwargs, gnet=gnet)
 
 
 def sampler_options(fn):
-    """Add the sampler options to a click command; they arrive as keyword arguments of
-    training.sampling.generate_images (`sampler` plus that sampler's options, None = not given)."""
-    for option in reversed(_SAMPLER_OPTIONS):
+    """Add the sampler and guidance options to a click command; sampler_kwargs_from_cli turns them into
+    keyword arguments of training.sampling.generate_images (`sampler`, its options, the guidance)."""
+    for option in reversed(_SAMPLER_OPTIONS + _GUIDANCE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def guidance_options(fn):
+    """Add only the guidance options (--gnet, --guidance, --cfg, --guidance-interval)."""
+    for option in reversed(_GUIDANCE_OPTIONS):
         fn = option(fn)
     return fn
 
@@ -156,6 +225,14 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, b
     \b
     # Generate 1024 images using 2 processes
     torchrun --standalone --nproc_per_node=2 generate.py --outdir=out --seeds=0-999 --network=network-snapshot.pkl
+
+    \b
+    # DPM-Solver++(2M) in 10 steps with classifier-free guidance (a network trained with --label-dropout)
+    python generate.py --outdir=out --network=network-snapshot.pkl --sampler=dpmpp_2m --steps=10 --cfg --guidance=2
+
+    \b
+    # Autoguidance: guided by a smaller or shorter-trained version of the same model
+    python generate.py --outdir=out --network=network-snapshot.pkl --gnet=early-snapshot.pkl --guidance=2
     """
     from torch_utils import distributed as dist
     from torch_utils import misc
@@ -182,10 +259,15 @@ def _generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, gr
 
     # Rank 0 fetches the network first (filling the download cache); the others then read the cached copy.
     dist.print0(f'Loading network from "{network_pkl}"...')
-    net = dist.rank0_first(lambda: load_net(network_pkl, device, verbose=(rank == 0)),
-                           other_error=lambda: click.ClickException('loading the network failed on another process'))
+    def load_all():
+        net = load_net(network_pkl, device, verbose=(rank == 0))
+        return net, load_guide(sampler_kwargs, net, device, verbose=(rank == 0))
+    net, sampler_kwargs = dist.rank0_first(load_all, other_error=lambda: click.ClickException(
+        'loading the network failed on another process'))
     if bf16:
-        net.use_bf16 = True  # the preconditioner runs its backbone in bfloat16; the sampler stays float64
+        for network in (net, sampler_kwargs.get('gnet')):  # the preconditioner runs its backbone in bfloat16;
+            if network is not None:                          # the sampler stays float64
+                network.use_bf16 = True
         if misc.bf16_warning(device):
             dist.print0(misc.bf16_warning(device))
 

@@ -147,6 +147,9 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
               show_default=True)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
               default=0.13, show_default=True)
+@click.option('--label-dropout', 'label_dropout', help='Class-label dropout probability (trains the unconditional '
+              'model classifier-free guidance uses)', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0,
+              show_default=True)
 @click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
               default=0.12, show_default=True)
 @click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False, show_default=True)
@@ -501,6 +504,8 @@ def _validate(opts: dnnlib.EasyDict, world: int) -> None:
     if opts.fp16 and opts.bf16:
         raise click.ClickException('--fp16 and --bf16 are mutually exclusive')
     _validate_conv_groups(opts)
+    if opts.label_dropout > 0 and not opts.cond:
+        raise click.ClickException('--label-dropout drops class labels; it needs --cond=1')
     if opts.batch % world != 0:
         raise click.ClickException(f'--batch={opts.batch} is not divisible by the number of ranks ({world})')
     per_rank = opts.batch // world
@@ -541,6 +546,8 @@ def _network_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     if opts.augment:
         kwargs.augment_dim = 9
     kwargs.dropout = opts.dropout
+    if opts.label_dropout > 0:  # only then, so the default kwargs stay the paper's
+        kwargs.label_dropout = opts.label_dropout
     kwargs.use_fp16 = opts.fp16
     if opts.bf16:
         kwargs.use_bf16 = True  # our addition; left out otherwise so the kwargs match the paper's

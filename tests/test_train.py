@@ -110,6 +110,20 @@ def test_hyperparameter_options(tiny_zip, tmp_path):
     assert c.network_kwargs.fast_dropout is True
 
 
+def test_label_dropout_option(tiny_zip, tmp_path):
+    """--label-dropout reaches the network's own label_dropout argument, and only when set: the default
+    network kwargs stay the paper's."""
+    base = ['--outdir', str(tmp_path), '--data', tiny_zip, '--cond', '1', '--cbase', '8', '--cres', '1',
+            '--blocks', '1']
+    c, _ = train.build_training_options(options(base), 1)
+    assert 'label_dropout' not in c.network_kwargs
+    for arch in ('ddpmpp', 'adm'):
+        c, _ = train.build_training_options(options(base + ['--arch', arch, '--label-dropout', '0.1']), 1)
+        assert c.network_kwargs.label_dropout == 0.1
+        net = dnnlib.util.construct_class_by_name(**c.network_kwargs, img_resolution=8, img_channels=3, label_dim=4)
+        assert net.model.label_dropout == 0.1
+
+
 def test_transfer_and_resume_options(tiny_zip, tmp_path):
     pkl = tmp_path / 'net.pkl'
     pkl.write_bytes(b'x')
@@ -140,6 +154,7 @@ def test_transfer_and_resume_options(tiny_zip, tmp_path):
     (['--transfer', 'net.pkl', '--resume', 'EMPTY'], 'cannot be specified at the same time'),
     (['--transfer', 'missing.pkl'], 'is neither a file nor a URL'),
     (['--cres', '2,x'], 'not a comma-separated list of integers'),
+    (['--label-dropout', '0.1'], '--label-dropout drops class labels; it needs --cond=1'),
 ])
 def test_cli_errors_are_one_line(tmp_path, extra, message):
     data = make_dataset_zip(tmp_path / 'nolabels.zip', num_images=8, labels=False)

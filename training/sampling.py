@@ -6,14 +6,18 @@ Implements the samplers of "Elucidating the Design Space of Diffusion-Based Gene
                           probability-flow ODE with sigma(t)=t, s(t)=1 and optional stochastic "churn".
   * `ablation_sampler` -- the generalised sampler of Table 1: Euler/Heun, VP/VE/iDDPM/EDM time step
                           discretisations, VP/VE/linear noise schedules, VP/no scaling.
+and the samplers people use beyond the paper, as collected in k-diffusion (Crowson), on the same EDM time
+steps: `euler_ancestral`, `dpm_2`, `lms`, and DPM-Solver++ (Lu et al. 2022) `dpmpp_2s_ancestral`,
+`dpmpp_2m`, `dpmpp_2m_sde`, `dpmpp_3m_sde`, and UniPC (Zhao et al. 2023) `unipc`; plus guidance of any of them (classifier-free guidance,
+autoguidance, guidance interval) through `GuidedDenoiser`.
 
 Every sampler has the signature
     fn(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=..., sigma_min=...,
-       sigma_max=..., rho=..., **sampler_specific) -> float64 images
+       sigma_max=..., rho=..., **sampler_specific, gnet=None, guidance=1) -> float64 images
 and is registered by name in `SAMPLERS`; `generate_images` and the CLIs (generate.py, fid.py) pick one by
-name. `net` is anything with the denoiser interface: `net(x, sigma, class_labels)`, `round_sigma`,
-`sigma_min`, `sigma_max`, `img_resolution`, `img_channels`, `label_dim` (a preconditioned network, or a
-`GuidedDenoiser` wrapping one).
+name, and its options are read from its signature (`sampler_options_of`). `net` is anything with the
+denoiser interface: `net(x, sigma, class_labels)`, `round_sigma`, `sigma_min`, `sigma_max`,
+`img_resolution`, `img_channels`, `label_dim` (a preconditioned network, or a `GuidedDenoiser` wrapping one).
 
 Randomness follows the paper's public protocol (one torch.Generator per seed), so the same seed gives
 the same image, independent of batch composition and of the number of processes.
@@ -137,20 +141,131 @@ def _noise_range(net, sigma_min: float, sigma_max: float) -> tuple[float, float]
 
 
 # ----------------------------------------------------------------------------
+# Guidance: a denoiser built from two (Ho & Salimans 2022 classifier-free guidance; Karras et al. 2024
+# autoguidance; Kynkaeanniemi et al. 2024 guidance interval). It has the denoiser interface, so every
+# sampler guides every one of its network evaluations without knowing about guidance.
+
+
+def guidance_applies(sigma, guidance_interval) -> torch.Tensor:
+    """True where sigma lies in the closed interval [sigma_lo, sigma_hi] (always, for None)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    if guidance_interval is None:
+        return torch.ones_like(sigma, dtype=torch.bool)
+    lo, hi = guidance_interval
+    return (sigma >= lo) & (sigma <= hi)
+
+
+class GuidedDenoiser:
+    """D_guided(x, sigma) = D_g(x, sigma) + w (D(x, sigma) - D_g(x, sigma))  (EDM2: gnet(x).lerp(net(x), w)),
+    with the denoiser interface of `net` (img_resolution, sigma_min, round_sigma, ... come from it).
+
+    `gnet` is the guide: autoguidance uses a smaller or shorter-trained model, classifier-free guidance an
+    unconditional model or `UnconditionalDenoiser(net)`. w = guidance = 1 is the plain network. The guide is
+    not evaluated at w = 1, nor for sigma outside `guidance_interval` = (sigma_lo, sigma_hi), where the
+    output is the plain network's. The blend is computed in float64 (w > 1 extrapolates, which magnifies
+    float32 rounding)."""
+
+    def __init__(self, net, gnet, guidance: float = 1, guidance_interval: tuple[float, float] | None = None):
+        if guidance_interval is not None and not guidance_interval[0] <= guidance_interval[1]:
+            raise ValueError(f'guidance_interval {tuple(guidance_interval)} must be (sigma_lo, sigma_hi) '
+                             'with sigma_lo <= sigma_hi')
+        self.net, self.gnet, self.guidance = net, gnet, float(guidance)
+        self.guidance_interval = None if guidance_interval is None else tuple(map(float, guidance_interval))
+
+    def __getattr__(self, name):
+        if name in ('net', 'gnet', 'guidance', 'guidance_interval'):
+            raise AttributeError(name)
+        return getattr(self.net, name)
+
+    def __call__(self, x, sigma, class_labels=None, **kwargs):
+        denoised = self.net(x, sigma, class_labels, **kwargs)
+        inside = guidance_applies(sigma, self.guidance_interval)
+        if self.guidance == 1 or not bool(inside.any()):
+            return denoised
+        guide = self.gnet(x, sigma, class_labels, **kwargs).to(torch.float64)
+        w = self.guidance
+        if inside.ndim:  # per-sample sigmas: weight 1 (exactly d, see torch.lerp) outside the interval
+            w = torch.where(inside, w, 1.0).to(torch.float64).reshape(-1, *[1] * (x.ndim - 1))
+        return guide.lerp(denoised.to(torch.float64), w)
+
+
+class UnconditionalDenoiser:
+    """The same network with its class labels zeroed: the unconditional model that label dropout
+    (`label_dropout` > 0 in training) teaches a conditional network, i.e. the guide of classifier-free
+    guidance without a second network."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __getattr__(self, name):
+        if name == 'net':
+            raise AttributeError(name)
+        return getattr(self.net, name)
+
+    def __call__(self, x, sigma, class_labels=None, **kwargs):
+        if class_labels is not None:
+            class_labels = torch.zeros_like(class_labels)
+        return self.net(x, sigma, class_labels, **kwargs)
+
+
+def check_guide(net, gnet, source: str = 'the guiding network') -> None:
+    """Raise ValueError unless `gnet` can guide `net`: callable, same image shape and class labels."""
+    missing = [a for a in ('img_resolution', 'img_channels', 'label_dim') if not hasattr(gnet, a)]
+    if missing or not callable(gnet):
+        raise ValueError(f'{source} is not a denoiser (missing {", ".join(missing) or "__call__"})')
+    for attr in ('img_resolution', 'img_channels', 'label_dim'):
+        if int(getattr(gnet, attr)) != int(getattr(net, attr)):
+            raise ValueError(f'{source} has {attr}={int(getattr(gnet, attr))} but the network has '
+                             f'{int(getattr(net, attr))}; a guide must produce the same images')
+
+
+def guided_denoiser(net, gnet=None, guidance: float = 1, cfg: bool = False,
+                    guidance_interval: tuple[float, float] | None = None):
+    """The denoiser to sample with: `net` itself when there is no guide (so the paper's numbers stay bit for
+    bit), else `net` guided by `gnet` (autoguidance, or CFG with an unconditional model) or by itself without
+    labels (`cfg`), with weight `guidance`, for sigma in `guidance_interval` only. Every sampler passes its
+    `gnet`, `guidance` keywords (EDM2's names) through here; generate_images passes all five."""
+    if cfg and gnet is not None:
+        raise ValueError('classifier-free guidance (cfg) uses the network itself as the guide; '
+                         'do not also give gnet')
+    if cfg:
+        if not int(net.label_dim):
+            raise ValueError('classifier-free guidance (cfg) needs a class-conditional network; this one has '
+                             'no class labels')
+        gnet = UnconditionalDenoiser(net)
+    if gnet is None:
+        if guidance != 1 or guidance_interval is not None:
+            raise ValueError('guidance and guidance_interval need a guide: a second network (gnet) or cfg')
+        return net
+    if not cfg:
+        check_guide(net, gnet)
+    return GuidedDenoiser(net, gnet, guidance, guidance_interval)
+
+
+# ----------------------------------------------------------------------------
 # Samplers.
 
 
+def sampling_sigmas(net, num_steps: int, sigma_min: float, sigma_max: float, rho: float,
+                    device=None) -> torch.Tensor:
+    """The EDM time steps every sampler here walks: sigma_0 > ... > sigma_{N-1} of Eq. 5 inside the
+    network's noise range, snapped by net.round_sigma, then sigma_N = 0 (float64, N+1 values)."""
+    sigma_min, sigma_max = _noise_range(net, sigma_min, sigma_max)
+    t_steps = net.round_sigma(edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=device))
+    t_steps = torch.as_tensor(t_steps, dtype=torch.float64)
+    return torch.cat([t_steps, t_steps.new_zeros(1)])  # t_N = 0
+
+
 def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
-                sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
+                sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
+                gnet=None, guidance=1):
     """The paper's sampler (Algorithm 2; Algorithm 1 when S_churn=0). Returns float64 images.
 
     Network evaluations: 2N-1 (Heun on every step except the last, which is an Euler step to sigma=0).
+    `gnet`, `guidance`: EDM2's guided denoiser (see `guided_denoiser`); off by default, leaving the paper's numbers.
     """
-    sigma_min, sigma_max = _noise_range(net, sigma_min, sigma_max)
-    t_steps = net.round_sigma(edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=latents.device))
-    t_steps = torch.as_tensor(t_steps, dtype=torch.float64)
-    t_steps = torch.cat([t_steps, t_steps.new_zeros(1)])  # t_N = 0
-
+    net = guided_denoiser(net, gnet, guidance)
+    t_steps = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):  # i = 0..N-1
         x_cur = x_next
@@ -205,7 +320,7 @@ def default_sigma_range(discretization: str, epsilon_s: float = 1e-3) -> tuple[f
 def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
                      sigma_min=None, sigma_max=None, rho=7, solver='heun', discretization='edm',
                      schedule='linear', scaling='none', epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1,
-                     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
+                     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, gnet=None, guidance=1):
     """Generalised sampler of Table 1. Integrates the ODE (Eq. 4)
         dx/dt = [sigma'(t)/sigma(t) + s'(t)/s(t)] x - sigma'(t) s(t)/sigma(t) D(x/s(t); sigma(t))
     with Euler or 2nd-order Runge-Kutta (alpha=1: Heun), plus Algorithm 2's churn. Returns float64 images.
@@ -219,6 +334,7 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
     if scaling not in ('vp', 'none'):
         raise ValueError(f'unknown scaling {scaling!r}; expected vp|none')
 
+    net = guided_denoiser(net, gnet, guidance)
     default_min, default_max = default_sigma_range(discretization, epsilon_s)
     sigma_min, sigma_max = _noise_range(net, default_min if sigma_min is None else sigma_min,
                                         default_max if sigma_max is None else sigma_max)
@@ -261,6 +377,287 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
 
 
 # ----------------------------------------------------------------------------
+# Samplers beyond the paper, as collected in k-diffusion (Crowson): ancestral sampling, DPM-Solver-2,
+# linear multistep, and DPM-Solver++ (Lu et al. 2022) with its SDE variants. All walk the EDM time steps
+# (sampling_sigmas) in float64 and draw noise with `randn_like` once per step that ends above sigma = 0.
+# The exponential integrators work in lambda = -ln(sigma) (log signal-to-noise ratio for s(t) = 1), where
+# the probability-flow ODE in data prediction is dx/dlambda = D - x, exactly solvable for constant D.
+
+
+def ode_derivative(x, sigma, denoised):
+    """dx/dsigma = (x - D(x; sigma)) / sigma, the probability-flow ODE for sigma(t) = t, s(t) = 1 (Eq. 4)."""
+    return (x - denoised) / sigma
+
+
+def ancestral_step(sigma, sigma_next, eta: float = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_down, sigma_up) of an ancestral step from sigma to sigma_next: deterministic to sigma_down, then
+    fresh noise of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma_next^2. eta = 1 is DDPM's posterior
+    variance sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2, eta = 0 the ODE."""
+    sigma, sigma_next = torch.as_tensor(sigma, dtype=torch.float64), torch.as_tensor(sigma_next, dtype=torch.float64)
+    if not eta:
+        return sigma_next, torch.zeros_like(sigma_next)
+    sigma_up = torch.minimum(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2).sqrt())
+    return (sigma_next ** 2 - sigma_up ** 2).sqrt(), sigma_up
+
+
+def _denoiser(net, class_labels):
+    """D(x; sigma) in float64, as the samplers call it."""
+    return lambda x, sigma: net(x, sigma, class_labels).to(torch.float64)
+
+
+def _check_eta(eta: float, s_noise: float) -> None:
+    if eta < 0 or s_noise < 0:
+        raise ValueError(f'eta and s_noise must be >= 0, got eta={eta}, s_noise={s_noise}')
+
+
+def euler_ancestral_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
+                            sigma_min=0.002, sigma_max=80, rho=7, eta=1, s_noise=1, gnet=None, guidance=1):
+    """Euler steps down to sigma_down, then noise up to sigma_next (ancestral sampling). NFE = N."""
+    _check_eta(eta, s_noise)
+    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
+    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    x = latents.to(torch.float64) * sigmas[0]
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = x + (sigma_down - sigma) * ode_derivative(x, sigma, denoise(x, sigma))
+        if sigma_next > 0:
+            x = x + randn_like(x) * s_noise * sigma_up
+    return x
+
+
+def dpm_2_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
+                  sigma_min=0.002, sigma_max=80, rho=7, gnet=None, guidance=1):
+    """DPM-Solver-2 in sigma (Karras et al. 2022, Eq. 4 with the midpoint at the geometric mean
+    sigma_mid = sqrt(sigma sigma_next)): 2nd order; Euler on the last step. NFE = 2N - 1."""
+    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
+    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    x = latents.to(torch.float64) * sigmas[0]
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        d = ode_derivative(x, sigma, denoise(x, sigma))
+        if sigma_next == 0:
+            x = x + (sigma_next - sigma) * d
+            continue
+        sigma_mid = (sigma.log() + 0.5 * (sigma_next.log() - sigma.log())).exp()
+        x_mid = x + (sigma_mid - sigma) * d
+        x = x + (sigma_next - sigma) * ode_derivative(x_mid, sigma_mid, denoise(x_mid, sigma_mid))
+    return x
+
+
+def lms_coefficients(sigmas, i: int, order: int) -> list[float]:
+    """Linear multistep weights for the step sigma_i -> sigma_{i+1}: c_j = integral over [sigma_i, sigma_{i+1}]
+    of the Lagrange basis polynomial of node sigma_{i-j} on the nodes sigma_i, ..., sigma_{i-order+1}
+    (so x_{i+1} = x_i + sum_j c_j d_{i-j}). The integrand has degree order-1, so Gauss-Legendre with
+    `order` nodes integrates it exactly."""
+    t = [float(s) for s in sigmas]
+    nodes = [t[i - k] for k in range(order)]
+    gauss_x, gauss_w = np.polynomial.legendre.leggauss(order)
+    half, mid = (t[i + 1] - t[i]) / 2, (t[i + 1] + t[i]) / 2
+    taus = mid + half * gauss_x
+    coeffs = []
+    for j in range(order):
+        basis = np.ones_like(taus)
+        for k in range(order):
+            if k != j:
+                basis *= (taus - nodes[k]) / (nodes[j] - nodes[k])
+        coeffs.append(float(half * np.dot(gauss_w, basis)))
+    return coeffs
+
+
+def lms_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
+                sigma_min=0.002, sigma_max=80, rho=7, order=4, gnet=None, guidance=1):
+    """Linear multistep (Adams-Bashforth on the non-uniform sigma grid) of the given order, starting with
+    lower orders while the history fills. NFE = N."""
+    if order < 1:
+        raise ValueError(f'order must be >= 1, got {order}')
+    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
+    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    x = latents.to(torch.float64) * sigmas[0]
+    history = []  # d_i, d_{i-1}, ... (newest first)
+    for i, sigma in enumerate(sigmas[:-1]):
+        history = [ode_derivative(x, sigma, denoise(x, sigma))] + history[:order - 1]
+        coeffs = lms_coefficients(sigmas, i, len(history))
+        x = x + sum(c * d for c, d in zip(coeffs, history))
+    return x
+
+
+def lambda_of(sigma):
+    """lambda = -ln(sigma), the half log-SNR DPM-Solver steps in (s(t) = 1)."""
+    return -torch.as_tensor(sigma, dtype=torch.float64).log()
+
+
+def dpmpp_2s_ancestral_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
+                               sigma_min=0.002, sigma_max=80, rho=7, eta=1, s_noise=1, gnet=None, guidance=1):
+    """DPM-Solver++(2S) single-step 2nd order to sigma_down, with the intermediate point halfway in lambda,
+    then ancestral noise up to sigma_next; an Euler step where sigma_down = 0. NFE = 2N - 1."""
+    _check_eta(eta, s_noise)
+    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
+    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    x = latents.to(torch.float64) * sigmas[0]
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = denoise(x, sigma)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        if sigma_down == 0:
+            x = x + (sigma_down - sigma) * ode_derivative(x, sigma, denoised)
+        else:
+            h = lambda_of(sigma_down) - lambda_of(sigma)
+            sigma_mid = (-(lambda_of(sigma) + h / 2)).exp()
+            x_mid = (sigma_mid / sigma) * x - torch.expm1(-h / 2) * denoised
+            x = (sigma_down / sigma) * x - torch.expm1(-h) * denoise(x_mid, sigma_mid)
+        if sigma_next > 0:
+            x = x + randn_like(x) * s_noise * sigma_up
+    return x
+
+
+def dpmpp_2m_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
+                     sigma_min=0.002, sigma_max=80, rho=7, gnet=None, guidance=1):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, variable steps): the exact solution of dx/dlambda = D - x
+    with D extrapolated linearly in lambda from the last two evaluations; 1st order on the first step and
+    to sigma = 0 (which lands on D). NFE = N."""
+    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
+    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    x = latents.to(torch.float64) * sigmas[0]
+    denoised_prev = h_prev = None
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = denoise(x, sigma)
+        if sigma_next == 0:
+            x = denoised
+            break
+        h = lambda_of(sigma_next) - lambda_of(sigma)
+        d = denoised
+        if denoised_prev is not None:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * denoised_prev
+        x = (sigma_next / sigma) * x - torch.expm1(-h) * d
+        denoised_prev, h_prev = denoised, h
+    return x
+
+
+def dpmpp_2m_sde_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
+                         sigma_min=0.002, sigma_max=80, rho=7, eta=1, s_noise=1, solver_type='midpoint',
+                         gnet=None, guidance=1):
+    """DPM-Solver++(2M) SDE: the 2M step of the SDE whose noise is eta times the ancestral one; per step
+    x' = (sigma'/sigma) e^{-eta h} x + (1 - e^{-(1+eta) h}) D + 2nd-order history term
+       + sigma' sqrt(1 - e^{-2 eta h}) s_noise eps,
+    the history term by the 'midpoint' or 'heun' rule. eta = 0 is the ODE ('midpoint': exactly 2M). NFE = N."""
+    _check_eta(eta, s_noise)
+    if solver_type not in ('midpoint', 'heun'):
+        raise ValueError(f'unknown solver_type {solver_type!r}; expected midpoint|heun')
+    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
+    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    x = latents.to(torch.float64) * sigmas[0]
+    denoised_prev = h_prev = None
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = denoise(x, sigma)
+        if sigma_next == 0:
+            x = denoised
+            break
+        h = lambda_of(sigma_next) - lambda_of(sigma)
+        eta_h = eta * h
+        phi_1 = -torch.expm1(-h - eta_h)  # 1 - e^{-(1+eta) h}
+        x = (sigma_next / sigma) * (-eta_h).exp() * x + phi_1 * denoised
+        if denoised_prev is not None:
+            r = h_prev / h
+            slope = (denoised - denoised_prev) / r  # h dD/dlambda, estimated
+            if solver_type == 'heun':
+                x = x + (phi_1 / (-h - eta_h) + 1) * slope
+            else:
+                x = x + 0.5 * phi_1 * slope
+        if eta:
+            x = x + randn_like(x) * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt() * s_noise
+        denoised_prev, h_prev = denoised, h
+    return x
+
+
+def dpmpp_3m_sde_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
+                         sigma_min=0.002, sigma_max=80, rho=7, eta=1, s_noise=1, gnet=None, guidance=1):
+    """DPM-Solver++(3M) SDE: as dpmpp_2m_sde with D extrapolated quadratically in lambda from the last three
+    evaluations (phi_2, phi_3 of the exponential integrator at step h (1 + eta)); 1st and 2nd order while
+    the history fills. NFE = N.
+
+    Order: d2 below estimates h^2 D''/2, while the exact integral of the quadratic term is -phi_3 h^2 D''
+    (= -2 phi_3 d2). We keep k-diffusion's weight -phi_3 d2 (the goldens hold its outputs), so the ODE solver
+    (eta = 0) is only 2nd order as N grows (tests/test_ksamplers.py: error ratios -> 4 per doubling; with
+    2 phi_3 they reach 8), though with a smaller error than dpmpp_2m."""
+    _check_eta(eta, s_noise)
+    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
+    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    x = latents.to(torch.float64) * sigmas[0]
+    history = []  # (D, h) of the previous steps, newest first
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = denoise(x, sigma)
+        if sigma_next == 0:
+            x = denoised
+            break
+        h = lambda_of(sigma_next) - lambda_of(sigma)
+        h_eta = h * (eta + 1)
+        x = (-h_eta).exp() * x - torch.expm1(-h_eta) * denoised
+        phi_2 = torch.expm1(-h_eta) / h_eta + 1
+        if len(history) >= 2:
+            (denoised_1, h_1), (denoised_2, h_2) = history[:2]
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0 = (denoised - denoised_1) / r0
+            d1_1 = (denoised_1 - denoised_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_3 = phi_2 / h_eta - 0.5
+            x = x + phi_2 * d1 - phi_3 * d2
+        elif history:
+            denoised_1, h_1 = history[0]
+            x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
+        if eta:
+            x = x + randn_like(x) * sigma_next * (-torch.expm1(-2 * h * eta)).sqrt() * s_noise
+        history = [(denoised, h)] + history[:1]
+    return x
+
+
+def unipc_coefficients(r: Sequence[float], h: float) -> list[float]:
+    """UniPC's weights rho_1..rho_K (Zhao et al. 2023, B(h) = e^{-h} - 1, "bh2") for the normalised differences
+    (D_{r_m} - D) / r_m at lambda + r_m h: the solution of sum_m rho_m r_m^(k-1) = -k! h phi_{k+1}(h) / B(h),
+    k = 1..K, which makes B(h) sum_m rho_m (D_{r_m} - D)/r_m match the exponential integrator's Taylor terms
+    int_0^h e^{-(h - tau)} D^(k) tau^k / k! dtau = h^{k+1} phi_{k+1}(h) D^(k) up to k = K."""
+    h = float(h)
+    rhs, g, factorial = [], math.expm1(-h) / -h - 1, 1.0  # g_k = -h phi_{k+1}(h), from g_1 = -h phi_2(h)
+    for k in range(1, len(r) + 1):
+        rhs.append(g * factorial / math.expm1(-h))
+        factorial *= k + 1
+        g = -g / h - 1 / factorial
+    R = np.array([[float(r_m) ** (k - 1) for r_m in r] for k in range(1, len(r) + 1)])
+    return np.linalg.solve(R, np.array(rhs)).tolist()
+
+
+def unipc_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
+                  sigma_min=0.002, sigma_max=80, rho=7, order=2, gnet=None, guidance=1):
+    """UniPC (Zhao et al. 2023), multistep, data prediction, B(h) = e^{-h} - 1 ("bh2"): each step predicts with
+    UniP-p (the exponential integrator plus p-1 history differences), evaluates D there, and corrects with
+    UniC-p (adding the new difference), which lifts the order from p to p + 1 at no extra evaluation; the
+    history keeps the evaluations at the predicted points. Lower orders while the history fills; the output
+    is D at the last predicted point (sigma_{N-1}). Global order p + 1 (tests: error ratios 4, 8, 16 per
+    doubling for order = 1, 2, 3). NFE = N."""
+    if order not in (1, 2, 3):
+        raise ValueError(f'UniPC order must be 1, 2 or 3, got {order}')
+    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
+    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    x = latents.to(torch.float64) * sigmas[0]
+    history = [(lambda_of(sigmas[0]), denoise(x, sigmas[0]))]  # (lambda, D), oldest first
+    for sigma, sigma_next in zip(sigmas[:-2], sigmas[1:-1]):  # the step to sigma = 0 is D itself
+        lam, denoised = history[-1]
+        h = lambda_of(sigma_next) - lam
+        earlier = history[-2::-1][:order - 1]  # the p - 1 evaluations before this one, newest first
+        r = [float((lam_m - lam) / h) for lam_m, _ in earlier]  # negative: they lie behind
+        differences = [(d_m - denoised) / r_m for (_, d_m), r_m in zip(earlier, r)]
+        x_base = (sigma_next / sigma) * x - torch.expm1(-h) * denoised  # DPM-Solver++(1) = DDIM
+        x_pred = x_base
+        if earlier:
+            x_pred = x_base - torch.expm1(-h) * sum(c * d for c, d in zip(unipc_coefficients(r, h), differences))
+        denoised_next = denoise(x_pred, sigma_next)
+        rho_c = unipc_coefficients(r + [1.0], h)
+        x = x_base - torch.expm1(-h) * (sum(c * d for c, d in zip(rho_c, differences))
+                                        + rho_c[-1] * (denoised_next - denoised))
+        history = (history + [(lambda_of(sigma_next), denoised_next)])[-order:]
+    return history[-1][1]
+
+
+# ----------------------------------------------------------------------------
 # Random numbers and seeds.
 
 
@@ -294,6 +691,12 @@ class StackedRandomGenerator:
     def randn_like(self, input: torch.Tensor) -> torch.Tensor:
         return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
 
+    def rand_like(self, input: torch.Tensor) -> torch.Tensor:
+        """Uniform [0, 1) numbers, one generator per sample (e.g. dequantisation noise in training.likelihood)."""
+        size = self._check(input.shape)
+        return torch.stack([torch.rand(size[1:], generator=gen, dtype=input.dtype, device=input.device)
+                            for gen in self.generators])
+
     def randint(self, *args, size, **kwargs) -> torch.Tensor:
         size = self._check(size)
         return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
@@ -305,20 +708,33 @@ class StackedRandomGenerator:
 SAMPLERS: dict[str, Callable] = {
     'edm': edm_sampler,
     'ablation': ablation_sampler,
+    'euler_ancestral': euler_ancestral_sampler,
+    'dpm_2': dpm_2_sampler,
+    'lms': lms_sampler,
+    'dpmpp_2s_ancestral': dpmpp_2s_ancestral_sampler,
+    'dpmpp_2m': dpmpp_2m_sampler,
+    'dpmpp_2m_sde': dpmpp_2m_sde_sampler,
+    'dpmpp_3m_sde': dpmpp_3m_sde_sampler,
+    'unipc': unipc_sampler,
 }
 
 # The options that select the ablation sampler when no sampler is named (the paper's generate.py rule).
 ABLATION_KWARGS = ('solver', 'discretization', 'schedule', 'scaling')
 
+# Every sampler's inputs, and the guidance keywords every sampler takes: not options of one sampler
+# (generate_images takes guidance as its own arguments and hands the sampler a guided denoiser).
+SAMPLER_INPUTS = ('net', 'latents', 'class_labels', 'randn_like')
+GUIDANCE_KWARGS = ('gnet', 'guidance')
+
 DENOISER_ATTRIBUTES = ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma')
 
 
 def sampler_options_of(name: str) -> tuple[str, ...]:
-    """The keyword options sampler `name` takes besides net, latents, class_labels and randn_like."""
+    """The keyword options sampler `name` takes besides its inputs and the guidance keywords."""
     if name not in SAMPLERS:
         raise ValueError(f'unknown sampler {name!r}; expected one of {", ".join(SAMPLERS)}')
     params = inspect.signature(SAMPLERS[name]).parameters
-    return tuple(p for p in params if p not in ('net', 'latents', 'class_labels', 'randn_like'))
+    return tuple(p for p in params if p not in SAMPLER_INPUTS + GUIDANCE_KWARGS)
 
 
 def resolve_sampler(name: str | None, sampler_kwargs: dict) -> tuple[str, dict]:
@@ -335,34 +751,47 @@ def resolve_sampler(name: str | None, sampler_kwargs: dict) -> tuple[str, dict]:
     return name, given
 
 
+class _CountingDenoiser:
+    """A 1-pixel stand-in network that counts its evaluations (D = 0)."""
+    img_resolution, img_channels, label_dim, sigma_min, sigma_max = 1, 1, 0, 0, float('inf')
+
+    def __init__(self):
+        self.nfe = 0
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def __call__(self, x, sigma, class_labels=None, **kwargs):
+        self.nfe += 1
+        return torch.zeros_like(x)
+
+
+def count_nfe(name: str, num_steps: int, **sampler_kwargs) -> int:
+    """Network evaluations of sampler `name` with `num_steps` steps, counted by running it on a 1-pixel
+    stand-in (exact for every sampler here, whose evaluation count does not depend on the data):
+    edm/ablation-heun/dpm_2/dpmpp_2s_ancestral 2N-1, the others N."""
+    name, sampler_kwargs = resolve_sampler(name, dict(sampler_kwargs, num_steps=num_steps))
+    net = _CountingDenoiser()
+    SAMPLERS[name](net, torch.zeros([1, 1, 1, 1]), randn_like=torch.zeros_like, **sampler_kwargs)
+    return net.nfe
+
+
+def steps_for_nfe(name: str, nfe: int, **sampler_kwargs) -> int:
+    """The largest number of steps whose network evaluations do not exceed `nfe` (e.g. Heun: (nfe+1)//2)."""
+    if count_nfe(name, 1, **sampler_kwargs) > nfe:
+        raise ValueError(f'sampler {name!r} needs more than {nfe} network evaluations even for one step')
+    num_steps = 1
+    while count_nfe(name, num_steps + 1, **sampler_kwargs) <= nfe:
+        num_steps += 1
+    return num_steps
+
+
 def check_denoiser(net, source: str = 'the network') -> None:
     """Raise ValueError unless `net` has the denoiser interface the samplers use."""
     missing = [a for a in DENOISER_ATTRIBUTES if not hasattr(net, a)]
     if missing or not callable(net):
         raise ValueError(f'{source} is not a preconditioned denoiser (missing {", ".join(missing) or "__call__"})')
 
-
-class GuidedDenoiser:
-    """D_guided(x, sigma) = D_g(x, sigma) + w (D(x, sigma) - D_g(x, sigma)), with the denoiser interface of
-    `net`, so every sampler guides every network evaluation without knowing about guidance.
-
-    `gnet` is the guiding network (autoguidance: a smaller or shorter-trained model; classifier-free
-    guidance: an unconditional model). guidance = 1 is the plain network."""
-
-    def __init__(self, net, gnet=None, guidance: float = 1):
-        self.net, self.gnet, self.guidance = net, gnet, float(guidance)
-
-    def __getattr__(self, name):  # img_resolution, sigma_min, round_sigma, ... come from the main network
-        if name in ('net', 'gnet', 'guidance'):
-            raise AttributeError(name)
-        return getattr(self.net, name)
-
-    def __call__(self, x, sigma, class_labels=None, **kwargs):
-        denoised = self.net(x, sigma, class_labels, **kwargs)
-        if self.gnet is None or self.guidance == 1:
-            return denoised
-        guide = self.gnet(x, sigma, class_labels, **kwargs)
-        return guide.lerp(denoised.to(guide.dtype), self.guidance)
 
 # ----------------------------------------------------------------------------
 # Library entry point: sampling of this rank's share of the seeds.
@@ -383,17 +812,20 @@ def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def generate_images(net, seeds: Sequence[int], max_batch_size: int = 64, class_idx: int | None = None,
-                    device=torch.device('cpu'), sampler: str | None = None,
+                    device=torch.device('cpu'), sampler: str | None = None, gnet=None, guidance: float | None = 1,
+                    cfg: bool = False, guidance_interval: tuple[float, float] | None = None,
                     **sampler_kwargs) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (batch_seeds, uint8 images [N,H,W,C] on the CPU) for THIS rank's share of the seed batches.
 
     `sampler` names an entry of SAMPLERS (None: the paper's rule, see resolve_sampler); sampler_kwargs
-    are its options, None meaning "default".
+    are its options, None meaning "default". `gnet`, `guidance`, `cfg`, `guidance_interval`: guidance of
+    every network evaluation (see guided_denoiser); off by default.
     """
     from torch_utils import distributed as dist
 
     sampler, sampler_kwargs = resolve_sampler(sampler, sampler_kwargs)
     sampler_fn = SAMPLERS[sampler]
+    denoiser = guided_denoiser(net, gnet, 1 if guidance is None else guidance, cfg, guidance_interval)
     if max_batch_size < 1:
         raise ValueError(f'max_batch_size must be >= 1, got {max_batch_size}')
     label_dim = int(net.label_dim)
@@ -416,5 +848,5 @@ def generate_images(net, seeds: Sequence[int], max_batch_size: int = 64, class_i
                 class_labels[:, :] = 0
                 class_labels[:, class_idx] = 1
         with torch.no_grad():
-            images = sampler_fn(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+            images = sampler_fn(denoiser, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
         yield [int(seed) for seed in batch_seeds], images_to_uint8(images)

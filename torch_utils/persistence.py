@@ -316,6 +316,8 @@ def _construct(cls: type, args, kwargs: dict):
 def _build(cls: type, args, kwargs, tensors: dict | None, describe: str):
     try:
         obj, skipped_init = _construct(cls, args, kwargs)
+    except ImportError as e:  # a class that needs an optional package (e.g. the VAE encoder of latent models)
+        raise CheckpointError(' '.join(str(e).split())) from None
     except Exception as e:
         raise CheckpointError(f'cannot construct {describe}: {type(e).__name__}: {e}') from None
     if isinstance(obj, torch.nn.Module):

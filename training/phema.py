@@ -44,6 +44,8 @@ def exp_to_std(exp):
     exp = np.float64(exp)
     return np.sqrt((exp + 1) / ((exp + 2) ** 2 * (exp + 3)))
 
+STD_MAX = float(np.sqrt(1 / 12))  # sigma_rel as gamma -> 0 (exp_to_std(0)): longer profiles do not exist
+
 def std_to_exp(std):
     """Exponent gamma with exp_to_std(gamma) = std: the largest real root of the cubic above (float64,
     same shape). Only 0 < std < ~0.289 (gamma > 0) is meaningful."""

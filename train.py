@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import inspect
 import json
 import os
 import platform
@@ -50,12 +49,9 @@ CONFIG_PRESETS, LR_SCHEDULES = presets.CONFIG_PRESETS, presets.LR_SCHEDULES
 def parse_std_list(s):
     """Click type for --ema-stds: EMA lengths sigma_rel, e.g. '0.05,0.1' or '0.05,0.10,...,0.25'."""
     try:
-        stds = dnnlib.util.parse_float_list(s)
+        return phema.parse_std_list(s)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    if not stds or not all(0 < std < phema.STD_MAX for std in stds):
-        raise click.BadParameter(f'"{s}": EMA lengths (sigma_rel) must lie in (0, {phema.STD_MAX:.4f})')
-    return stds
 
 _STATE_RE = re.compile(r'training-state-(\d+)\.pt')
 
@@ -317,8 +313,8 @@ def build_training_options(opts: dnnlib.EasyDict, world: int):
     problem found is reported as a one-line click error."""
     _apply_presets(opts)
     dataset = _inspect_dataset(opts)
-    _validate(opts, world)
     _validate_edm2(opts)
+    _validate(opts, world)
 
     c = dnnlib.EasyDict()
     c.dataset_kwargs = dnnlib.EasyDict(_dataset_base_kwargs(opts), resolution=dataset.resolution,
@@ -510,8 +506,8 @@ def _add_edm2_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
         if opts.arch == 'edm2' or opts.loss == 'edm2':
             c.loss_kwargs = dnnlib.EasyDict(class_name=presets.EDM2_LOSS, **_edm_loss_options(opts))
         else:  # the --precond loss (and, for EDM, its sigma distribution), uncertainty-weighted
-            base = dnnlib.util.get_obj_by_name(PRECOND_PRESETS[opts.precond][1])
-            P = {k: p.default for k, p in inspect.signature(base).parameters.items() if k in ('P_mean', 'P_std')}
+            base = dnnlib.util.construct_class_by_name(class_name=PRECOND_PRESETS[opts.precond][1])
+            P = {k: getattr(base, k) for k in ('P_mean', 'P_std') if hasattr(base, k)}  # EDMLoss's defaults
             c.loss_kwargs = dnnlib.EasyDict(class_name=presets.UNCERTAINTY_LOSSES[opts.precond],
                                             **dict(P, **_edm_loss_options(opts)))
     if opts.lr_schedule == 'isqrt':

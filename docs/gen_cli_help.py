@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / 'docs' / 'cli'
-SCRIPTS = ['dataset_tool', 'train', 'generate', 'fid']
+SCRIPTS = ['dataset_tool', 'train', 'generate', 'fid', 'reconstruct_phema']
 WIDTH = 100
 
 

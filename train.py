@@ -142,8 +142,8 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
 @click.option('--sigma_data', 'sigma_data', help='EDM: std of the data  [default: 0.5]', metavar='FLOAT',
               type=click.FloatRange(min=0, min_open=True))
 # EDM2 (Karras et al. 2024); these add training options only when used.
-@click.option('--preset', help='Configuration preset; options given override it', metavar='|'.join(CONFIG_PRESETS),
-              type=click.Choice(list(CONFIG_PRESETS)))
+@click.option('--preset', help='Configuration preset (edm2-img64-xs|s|m|l|xl, edm2-cifar10, edm2-digits); options '
+              'given override it', metavar='NAME', type=click.Choice(list(CONFIG_PRESETS)))
 @click.option('--loss', help='Loss  [default: that of --precond; edm2 for --arch=edm2]', metavar='vp|ve|edm|edm2',
               type=click.Choice(['vp', 've', 'edm', 'edm2']))
 @click.option('--uncertainty', help='Learned uncertainty weighting of the loss  [default: on for edm2]',

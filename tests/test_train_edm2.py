@@ -284,14 +284,15 @@ def test_edm2_gradients_zero_infinities(tiny_zip, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('args', [['--arch=edm2', '--cbase=8', '--cres=1,2'],
-                                  ['--precond=vp', '--uncertainty=1', '--cbase=16', '--cres=1']])
+                                  ['--arch=ncsnpp', '--precond=vp', '--uncertainty=1', '--cbase=16', '--cres=1']])
 def test_two_ranks_train_networks_with_the_uncertainty_head(tiny_zip, tmp_path, repo_root, args):
+    """Every parameter gets a gradient (DDP), and the random buffers (Fourier features) agree across ranks."""
     env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-           f'--outdir={tmp_path}', f'--data={tiny_zip}', '--cond=1', '--batch=8', '--duration=0.000032',
+           f'--outdir={tmp_path}', f'--data={tiny_zip}', '--cond=1', '--batch=64', '--duration=0.001',
            '--tick=1', '--workers=0', '--seed=1'] + args
     result = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     run = next(p for p in tmp_path.iterdir() if p.is_dir())
     state = torch.load(next(run.glob('training-state-*.pt')), weights_only=True)
-    assert state['cur_nimg'] == 32 and state['rank_digests'][0] == state['rank_digests'][1]
+    assert state['cur_nimg'] == 1024 and state['rank_digests'][0] == state['rank_digests'][1]  # 16 steps of 64

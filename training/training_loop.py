@@ -468,6 +468,12 @@ def _make_networks(cfg: dnnlib.EasyDict, dataset, batch_gpu: int, rank: int,
     augment_pipe = None
     if cfg.augment_kwargs is not None:
         augment_pipe = dnnlib.util.construct_class_by_name(**cfg.augment_kwargs)
+    if dist.get_world_size() > 1:
+        # Ranks build their networks from different seeds, and DDP below (broadcast_buffers=False) no longer
+        # syncs buffers at construction in recent torch: random buffers (the Fourier features of NCSN++ and
+        # EDM2) would differ between ranks. Rank 0's are the network's.
+        for buffer in net.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
     with warnings.catch_warnings():  # recent torch deprecates broadcast_buffers=False; it is what we mean
         warnings.filterwarnings('ignore', message='.*broadcast_buffers.*')
         ddp = torch.nn.parallel.DistributedDataParallel(

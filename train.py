@@ -494,12 +494,13 @@ def _validate_edm2(opts: dnnlib.EasyDict) -> None:
 
 def _add_edm2_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
     """Network family, loss, optimizer, lr schedule and EMA policy of the EDM2 options, added to `c` in place."""
+    ema_stds = opts.ema_stds
     if opts.arch == 'edm2':
         c.network_kwargs.class_name = presets.EDM2_NETWORK
         c.optimizer_kwargs.betas = [0.9, 0.99]
         c.nonfinite_grads = 'zero'  # EDM2 zeroes +-Inf gradients too (the paper clamps them)
-        if opts.ema_stds is None and 'ema' not in opts._given:
-            opts.ema_stds = list(presets.EDM2_EMA_STDS)
+        if ema_stds is None and 'ema' not in opts._given:  # EDM2's EMA unless the paper's is asked for
+            ema_stds = presets.EDM2_EMA_STDS
     elif _uses_uncertainty(opts):
         c.network_kwargs.logvar_channels = presets.LOGVAR_CHANNELS
     if _uses_uncertainty(opts):
@@ -514,8 +515,8 @@ def _add_edm2_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
         c.lr_kwargs = dnnlib.EasyDict(func_name=LR_SCHEDULES['isqrt'], ref_lr=opts.lr,
                                       ref_batches=70000 if opts.decay is None else opts.decay,
                                       rampup_Mimg=opts.lr_rampup / 1000)
-    if opts.ema_stds is not None:
-        c.ema_kwargs = dnnlib.EasyDict(class_name='training.phema.PowerFunctionEMA', stds=list(opts.ema_stds))
+    if ema_stds is not None:
+        c.ema_kwargs = dnnlib.EasyDict(class_name='training.phema.PowerFunctionEMA', stds=list(ema_stds))
 
 
 # ----------------------------------------------------------------------------

@@ -128,8 +128,8 @@ def reconstruction_plan(in_pkls: Sequence[dnnlib.EasyDict], out_kimg: Optional[i
     else:
         times = sorted({p.nimg for p in in_pkls if p.nimg // 1000 == out_kimg})
         if not times:
-            raise click.ClickException(f'--outkimg={out_kimg}: no input snapshot at that kimg (the reconstruction '
-                                       f'time must be one of the inputs\')')
+            raise click.ClickException(f'--outkimg={out_kimg}: no input snapshot at that kimg; the reconstruction '
+                                       f'time must be one of the inputs\' times')
         out_nimg = times[-1]
     used = [p for p in in_pkls if 0 < p.nimg <= out_nimg]
     if not used:

@@ -35,22 +35,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import statistics
 import time
 import zipfile
 
 import click
-import PIL.Image
-import PIL.ImageDraw
-import PIL.ImageFont
 import torch
 import tqdm
 
 import dnnlib
 import fid
-from torch_utils import persistence
+from torch_utils import persistence, plot
 from training import compression, sampling
 
 REGION_HELP = ('all = every conv/linear weight; middle = encoder and decoder layers at the lowest resolution incl. '
@@ -228,74 +224,11 @@ def write_report(rows: list[dict], settings: dict, prefix: str) -> list[str]:
     if measured:
         unit, div = ('MB', 1e6) if max(r['zip_bytes'] for r in measured) >= 1e6 else ('kB', 1e3)
         points = [(r['network'], r['zip_bytes'] / div, r['fid']) for r in measured]
-        image = scatter_plot(points, x_label=f'zip-compressed size ({unit})', y_label='FID',
-                             title=f'FID vs. compressed size ({settings["num"]} images, Heun {settings["steps"]} steps)')
-        with dnnlib.util.atomic_write(prefix + '.png') as f:
-            image.save(f, format='PNG')
+        plot.scatter_plot(points, prefix + '.png', xlabel=f'zip-compressed size ({unit})', ylabel='FID',
+                          title=f'FID vs. compressed size ({settings["num"]} images, Heun {settings["steps"]} steps)')
         written.append(prefix + '.png')
     return written
 
-
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values in [lo, hi], 1, 2 or 5 times a power of ten apart: the finest such spacing that
-    gives at most count + 2 intervals."""
-    span = max(hi - lo, 1e-12)
-    base = 10 ** math.floor(math.log10(span / count))
-    step = next(m * base for m in (1, 2, 5, 10, 20) if span / (m * base) <= count + 2)
-    first = math.ceil(lo / step - 1e-9) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def _axis_range(values: list[float]) -> tuple[float, float]:
-    lo, hi = min(values), max(values)
-    pad = (hi - lo) * 0.08 if hi > lo else (abs(hi) * 0.1 or 1.0)
-    return lo - pad, hi + pad
-
-
-def scatter_plot(points: list[tuple[str, float, float]], x_label: str, y_label: str, title: str,
-                 size: tuple[int, int] = (900, 600)) -> PIL.Image.Image:
-    """White RGB image: axes with ticks and labels, one marker per (name, x, y) point, labelled by name."""
-    width, height = size
-    left, right, top, bottom = 90, 40, 50, 70
-    try:
-        font = PIL.ImageFont.load_default(size=15)  # scalable when Pillow has FreeType
-    except (TypeError, ImportError, OSError):
-        font = PIL.ImageFont.load_default()
-    image = PIL.Image.new('RGB', size, 'white')
-    draw = PIL.ImageDraw.Draw(image)
-    (x0, x1), (y0, y1) = _axis_range([p[1] for p in points]), _axis_range([p[2] for p in points])
-
-    def to_px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (width - left - right),
-                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
-
-    draw.rectangle([left, top, width - right, height - bottom], outline='black')
-    for t in nice_ticks(x0, x1):
-        px, _ = to_px(t, y0)
-        draw.line([px, height - bottom, px, height - bottom + 6], fill='black')
-        draw.line([px, top, px, height - bottom], fill=(225, 225, 225))
-        draw.text((px, height - bottom + 10), f'{t:g}', fill='black', font=font, anchor='mt')
-    for t in nice_ticks(y0, y1):
-        _, py = to_px(x0, t)
-        draw.line([left - 6, py, left, py], fill='black')
-        draw.line([left, py, width - right, py], fill=(225, 225, 225))
-        draw.text((left - 10, py), f'{t:g}', fill='black', font=font, anchor='rm')
-    draw.rectangle([left, top, width - right, height - bottom], outline='black')
-    draw.text(((left + width - right) / 2, height - 25), x_label, fill='black', font=font, anchor='mm')
-    draw.text((width / 2, 22), title, fill='black', font=font, anchor='mm')
-    box = draw.textbbox((0, 0), y_label, font=font)
-    label = PIL.Image.new('RGB', (box[2] + 4, box[3] + 4), 'white')
-    PIL.ImageDraw.Draw(label).text((2, 2), y_label, fill='black', font=font)
-    label = label.rotate(90, expand=True)
-    image.paste(label, (15, (top + height - bottom - label.height) // 2))
-    for name, x, y in points:
-        px, py = to_px(x, y)
-        draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=(200, 40, 40), outline='black')
-        if px + 8 + draw.textlength(name, font=font) < width - 4:
-            draw.text((px + 8, py - 8), name, fill='black', font=font, anchor='lb')
-        else:  # no room on the right: label to the left of the marker
-            draw.text((px - 8, py - 8), name, fill='black', font=font, anchor='rb')
-    return image
 
 #----------------------------------------------------------------------------
 # Command line.

@@ -9,6 +9,7 @@ checks them, names and creates the run folder, and starts training on every rank
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import os
@@ -29,7 +30,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
 from torch_utils.persistence import CheckpointError
-from training import presets, training_loop
+from training import phema, presets, training_loop
 from training.dataset import DatasetError, dataset_fingerprint
 from training.networks import conv_groups_mismatch
 
@@ -48,6 +49,15 @@ def parse_int_list(s):
 
 # The presets live in training/presets.py (benchmarks read them too); these names stay importable from here.
 ARCH_PRESETS, PRECOND_PRESETS = presets.ARCH_PRESETS, presets.PRECOND_PRESETS
+CONFIG_PRESETS, LR_SCHEDULES = presets.CONFIG_PRESETS, presets.LR_SCHEDULES
+
+
+def parse_std_list(s):
+    """Click type for --ema-stds: EMA lengths sigma_rel, e.g. '0.05,0.1' or '0.05,0.10,...,0.25'."""
+    try:
+        return phema.parse_std_list(s)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 _STATE_RE = re.compile(r'training-state-(\d+)\.pt')
 
@@ -124,8 +134,8 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
 @click.option('--data', help='Path to the dataset', metavar='ZIP|DIR', type=str, required=True)
 @click.option('--cond', help='Train class-conditional model', metavar='BOOL', type=bool, default=False,
               show_default=True)
-@click.option('--arch', help='Network architecture', metavar='ddpmpp|ncsnpp|adm',
-              type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
+@click.option('--arch', help='Network architecture', metavar='ddpmpp|ncsnpp|adm|edm2',
+              type=click.Choice(['ddpmpp', 'ncsnpp', 'adm', 'edm2']), default='ddpmpp', show_default=True)
 @click.option('--precond', help='Preconditioning & loss function', metavar='vp|ve|edm',
               type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
 # Optimisation schedule, network size, regularisation and the EDM loss parameters.
@@ -159,6 +169,19 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
               type=click.FloatRange(min=0, min_open=True))
 @click.option('--sigma_data', 'sigma_data', help='EDM: std of the data  [default: 0.5]', metavar='FLOAT',
               type=click.FloatRange(min=0, min_open=True))
+# EDM2 (Karras et al. 2024); these add training options only when used.
+@click.option('--preset', help='Configuration preset (edm2-img64-xs|s|m|l|xl, edm2-cifar10, edm2-digits); options '
+              'given override it', metavar='NAME', type=click.Choice(list(CONFIG_PRESETS)))
+@click.option('--loss', help='Loss  [default: that of --precond; edm2 for --arch=edm2]', metavar='vp|ve|edm|edm2',
+              type=click.Choice(['vp', 've', 'edm', 'edm2']))
+@click.option('--uncertainty', help='Learned uncertainty weighting of the loss  [default: on for edm2]',
+              metavar='BOOL', type=bool)
+@click.option('--lr-schedule', help='Learning rate schedule  [default: rampup; isqrt for --arch=edm2]',
+              metavar='|'.join(LR_SCHEDULES), type=click.Choice(list(LR_SCHEDULES)))
+@click.option('--decay', help='isqrt schedule: decay from  [default: 70000]', metavar='BATCHES',
+              type=click.FloatRange(min=0))
+@click.option('--ema-stds', help='Power-function EMA profiles, e.g. 0.05,0.1  [default: 0.050,0.100 for --arch=edm2]',
+              metavar='LIST', type=parse_std_list)
 # Speed and memory.
 @click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False,
               show_default=True)
@@ -212,6 +235,7 @@ def main(**kwargs):
     """
     misc.set_malloc_thresholds()  # reuse activation buffers instead of returning them to the OS every step
     opts = dnnlib.EasyDict(kwargs)
+    opts._given = _given_on_command_line(click.get_current_context())  # what --preset must not override
     torch.multiprocessing.set_start_method('spawn', force=True)
     dist.init()
     world = dist.get_world_size()
@@ -418,7 +442,9 @@ def build_training_options(opts: dnnlib.EasyDict, world: int):
     Checks run in this order: the dataset, then option combinations and --outdir, then --transfer / --resume
     (that the files exist; check_starting_point reads them); the first problem found is reported as a
     one-line click error."""
+    _apply_presets(opts)
     dataset = _inspect_dataset(opts)
+    _validate_edm2(opts)
     _validate(opts, world)
     _check_outdir(opts.outdir)
 
@@ -447,6 +473,7 @@ def build_training_options(opts: dnnlib.EasyDict, world: int):
     c.state_dump_ticks = opts.dump
     c.nan_patience = opts.nan_patience or None
     c.update(_starting_point(opts))
+    _add_edm2_options(c, opts)
     return c, dataset.name
 
 
@@ -517,6 +544,11 @@ def _validate(opts: dnnlib.EasyDict, world: int) -> None:
 def _validate_conv_groups(opts: dnnlib.EasyDict) -> None:
     """--conv-groups must divide every level width (--cbase x --cres), checked before the network is built."""
     groups = opts.get('conv_groups', 1)
+    if groups == 1:
+        return
+    if opts.arch == 'edm2':
+        raise click.BadParameter('grouped convolutions are an option of the EDM U-Nets (ddpmpp, ncsnpp, adm), '
+                                 'not of --arch=edm2', param_hint='--conv-groups')
     preset = ARCH_PRESETS[opts.arch]
     cbase = opts.cbase if opts.cbase is not None else preset['model_channels']
     cres = opts.cres if opts.cres is not None else preset['channel_mult']
@@ -642,6 +674,97 @@ def _compare_tensors(path: str, found: dict, expected: dict, missing_ok: bool) -
         raise CheckpointError(f'{path}: does not match the network built from the current options (has an '
                               f'extra tensor "{extra}"); use the same --arch/--precond/--cbase/--cres/--blocks/'
                               f'--cond/--augment as the run that wrote it')
+
+
+# ----------------------------------------------------------------------------
+# EDM2 options -> training_loop kwargs. A command line without them gives exactly the paper's kwargs.
+
+
+def _given_on_command_line(ctx: click.Context) -> set:
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT,
+                                                      click.core.ParameterSource.DEFAULT_MAP)}
+
+
+def _given(opts: dnnlib.EasyDict) -> set:
+    """Options given explicitly: recorded by main(); for programmatic callers, those that differ from the default."""
+    if opts.get('_given') is not None:
+        return set(opts._given)
+    defaults = main.make_context('train', ['--outdir', '-', '--data', '-']).params
+    return {name for name, value in defaults.items() if name in opts and opts[name] != value}
+
+
+def _apply_presets(opts: dnnlib.EasyDict) -> None:
+    """Fill in defaults in place, in layers: the CLI's < EDM2's (--arch=edm2) < --preset < options given."""
+    given = _given(opts)
+    opts._given = given
+    preset = CONFIG_PRESETS.get(opts.get('preset'), {})
+    if 'arch' in preset:
+        if 'arch' in given and opts.arch != preset['arch']:
+            raise click.ClickException(f'--preset={opts.preset} is for --arch={preset["arch"]}, not --arch={opts.arch}')
+        opts.arch = preset['arch']
+    layers = [presets.EDM2_DEFAULTS] if opts.arch == 'edm2' else []
+    for layer in layers + [preset]:
+        for name, value in layer.items():
+            if name not in given:
+                opts[name] = copy.deepcopy(value)
+
+
+def _uses_uncertainty(opts: dnnlib.EasyDict) -> bool:
+    return opts.arch == 'edm2' or opts.loss == 'edm2' or bool(opts.uncertainty)
+
+
+def _validate_edm2(opts: dnnlib.EasyDict) -> None:
+    """The EDM2 combinations that cannot work. A network with the uncertainty head must train with a loss that
+    reads it (its parameters would get no gradient, which DDP with several ranks rejects), and vice versa."""
+    given = opts._given
+    if opts.arch == 'edm2':
+        if opts.precond != 'edm':
+            raise click.ClickException('--arch=edm2 has its own (EDM) preconditioning; drop --precond')
+        if opts.loss not in (None, 'edm2') or opts.uncertainty is False:
+            raise click.ClickException('--arch=edm2 trains its uncertainty head with --loss=edm2; drop --loss/--uncertainty')
+        if opts.augment:
+            raise click.ClickException('--arch=edm2 trains without augmentation (its network takes no augment labels); '
+                                       'use --augment=0')
+    if opts.loss == 'edm2':
+        if opts.precond != 'edm':
+            raise click.ClickException('--loss=edm2 trains --precond=edm networks; use --uncertainty=1 for vp/ve')
+        if opts.uncertainty is False:
+            raise click.ClickException('--loss=edm2 is uncertainty-weighted; drop --uncertainty=0')
+    elif opts.loss is not None and opts.loss != opts.precond:
+        raise click.ClickException(f'--loss={opts.loss} trains --precond={opts.loss} networks; use --precond={opts.loss}, '
+                                   f'or --loss=edm2 with --precond=edm')
+    if 'decay' in given and opts.lr_schedule != 'isqrt':
+        raise click.ClickException('--decay applies to --lr-schedule=isqrt only')
+    if opts.ema_stds is not None and 'ema' in given:
+        raise click.ClickException('--ema (half-life) and --ema-stds (power-function EMA) are alternatives; give one')
+
+
+def _add_edm2_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
+    """Network family, loss, optimizer, lr schedule and EMA policy of the EDM2 options, added to `c` in place."""
+    ema_stds = opts.ema_stds
+    if opts.arch == 'edm2':
+        c.network_kwargs.class_name = presets.EDM2_NETWORK
+        c.optimizer_kwargs.betas = [0.9, 0.99]
+        c.nonfinite_grads = 'zero'  # EDM2 zeroes +-Inf gradients too (the paper clamps them)
+        if ema_stds is None and 'ema' not in opts._given:  # EDM2's EMA unless the paper's is asked for
+            ema_stds = presets.EDM2_EMA_STDS
+    elif _uses_uncertainty(opts):
+        c.network_kwargs.logvar_channels = presets.LOGVAR_CHANNELS
+    if _uses_uncertainty(opts):
+        if opts.arch == 'edm2' or opts.loss == 'edm2':
+            c.loss_kwargs = dnnlib.EasyDict(class_name=presets.EDM2_LOSS, **_edm_loss_options(opts))
+        else:  # the --precond loss (and, for EDM, its sigma distribution), uncertainty-weighted
+            base = dnnlib.util.construct_class_by_name(class_name=PRECOND_PRESETS[opts.precond][1])
+            P = {k: getattr(base, k) for k in ('P_mean', 'P_std') if hasattr(base, k)}  # EDMLoss's defaults
+            c.loss_kwargs = dnnlib.EasyDict(class_name=presets.UNCERTAINTY_LOSSES[opts.precond],
+                                            **dict(P, **_edm_loss_options(opts)))
+    if opts.lr_schedule == 'isqrt':
+        c.lr_kwargs = dnnlib.EasyDict(func_name=LR_SCHEDULES['isqrt'], ref_lr=opts.lr,
+                                      ref_batches=70000 if opts.decay is None else opts.decay,
+                                      rampup_Mimg=opts.lr_rampup / 1000)
+    if ema_stds is not None:
+        c.ema_kwargs = dnnlib.EasyDict(class_name='training.phema.PowerFunctionEMA', stds=list(ema_stds))
 
 
 # ----------------------------------------------------------------------------

@@ -83,6 +83,35 @@ def parse_int_list(s, min_value: Optional[int] = None, max_value: Optional[int] 
                              f'{max_count:,} allowed; split it into several runs')
     return [v for lo, hi, _ in parts for v in range(lo, hi + 1)]
 
+
+def parse_float_list(s) -> list[float]:
+    """'0.05,0.1' -> [0.05, 0.1]; 'a,b,...,c' fills in the evenly spaced values b + k (b - a) up to c
+    (EDM2's list syntax, e.g. '0.010,0.015,...,0.250' -> 49 values). Returns the sorted distinct values;
+    lists/numbers pass through. Raises ValueError when malformed or when '...' does not fit evenly."""
+    if isinstance(s, (int, float)):
+        return [float(s)]
+    if isinstance(s, (list, tuple)):
+        return sorted(set(float(x) for x in s))
+    parts = [part.strip() for part in str(s).split(',')]
+    values = []
+    for i, part in enumerate(parts):
+        if part != '...':
+            try:
+                values.append(float(part))
+            except ValueError:
+                raise ValueError(f'{part!r} in {s!r} is not a number') from None
+            continue
+        if i < 2 or i + 1 >= len(parts) or '...' in (parts[i - 2], parts[i - 1], parts[i + 1]):
+            raise ValueError(f"'...' in {s!r} needs two numbers before it and one after (e.g. 0.01,0.02,...,0.05)")
+        a, b, end = float(parts[i - 2]), float(parts[i - 1]), float(parts[i + 1])
+        if a == b:
+            raise ValueError(f"the two numbers before '...' in {s!r} must differ (they set the step)")
+        steps = (end - b) / (b - a)
+        if round(steps) < 1 or abs(steps - round(steps)) > 1e-4:
+            raise ValueError(f"'...' in {s!r}: {end} is not reached from {b} in whole steps of {b - a:g}")
+        values.extend(b + (b - a) * k for k in range(1, round(steps)))  # the end value follows as the next part
+    return sorted(set(round(v, 12) for v in values))  # 0.015 + 0.005 is 0.02, not 0.019999999999999997
+
 # ----------------------------------------------------------------------------
 # Atomic files: a reader never sees a half-written checkpoint, dataset, image or download.
 

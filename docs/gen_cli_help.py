@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / 'docs' / 'cli'
-SCRIPTS = ['dataset_tool', 'train', 'generate', 'fid', 'compress']
+SCRIPTS = ['dataset_tool', 'train', 'generate', 'fid', 'compress', 'reconstruct_phema']
 WIDTH = 100
 
 

@@ -362,6 +362,8 @@ def _build(cls: type, args, kwargs, tensors: dict | None, describe: str, max_par
                                   f'file?; a real network this large loads with load_network_pkl(max_params=...))')
     try:
         obj, skipped_init = _construct(cls, args, kwargs)
+    except ImportError as e:  # a class that needs an optional package (e.g. the VAE encoder of latent models)
+        raise CheckpointError(' '.join(str(e).split())) from None
     except Exception as e:
         raise CheckpointError(f'cannot construct {describe}: {type(e).__name__}: {e}') from None
     if isinstance(obj, torch.nn.Module):

@@ -1,112 +1,183 @@
-"""A small line plot drawn with PIL (matplotlib is not a dependency): axes with tick labels, one polyline
-with markers per series, a legend. Enough for a figure like FID against NFE.
+"""Small plots drawn with PIL (matplotlib is not a dependency): the figures the tools write.
 
-    line_plot({'heun': ([5, 9, 17], [80.1, 31.0, 20.2]), ...}, 'fid-nfe.png', xlabel='NFE', ylabel='FID',
-              log_y=True)
+    line_plot({'heun': ([5, 9, 17], [80.1, 31.0, 20.2]), ...}, 'fid-nfe.png', xlabel='NFE', ylabel='FID', log_y=True)
+    scatter_plot([('baseline', 1.2, 20.3), ('l1-50', 0.7, 22.9)], 'size.png', xlabel='size (MB)', ylabel='FID')
+
+Axes with round tick values, a light grid, rotated y label; `line_plot` draws one polyline with markers per
+series (legend when there are several), `scatter_plot` one labelled marker per point. Files are written
+atomically (dnnlib.util.atomic_write); both also return the image.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
+import dnnlib
+
 # Distinguishable colours (Okabe-Ito, then a few more), cycled.
-COLORS = ['#0072B2', '#D55E00', '#009E73', '#CC79A7', '#E69F00', '#56B4E9', '#000000', '#F0E442', '#999999',
-          '#8C564B', '#7F3C8D']
+COLORS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233), (0, 0, 0),
+          (240, 228, 66), (153, 153, 153), (140, 86, 75), (127, 60, 141)]
+HIGHLIGHT = (214, 39, 40)
+GRID = (230, 230, 230)
 
 
-def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
-    """Round tick positions (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+def nice_ticks(lo: float, hi: float, count: int = 6) -> list[float]:
+    """About `count` round tick values (steps of 1, 2 or 5 x 10^k) covering [lo, hi]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f'axis range [{lo}, {hi}] is not finite')
     if hi <= lo:
-        hi = lo + 1
-    raw = (hi - lo) / max(target - 1, 1)
+        lo, hi = lo - 0.5 * (abs(lo) or 1), hi + 0.5 * (abs(hi) or 1)
+    raw = (hi - lo) / max(count - 1, 1)
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
     first = math.floor(lo / step) * step
-    return [first + k * step for k in range(int(math.ceil((hi - first) / step)) + 1)]
+    ticks = []
+    while not ticks or ticks[-1] < hi - 1e-9 * step:
+        ticks.append(round(first + len(ticks) * step, 12))
+    return ticks
 
 
 def log_ticks(lo: float, hi: float) -> list[float]:
-    """1, 2, 5 x 10^k inside [lo, hi] (at least the two ends' decades)."""
+    """1, 2, 5 x 10^k inside [lo, hi] (at least the two ends)."""
     ticks = []
     for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
         ticks += [m * 10 ** k for m in (1, 2, 5) if lo <= m * 10 ** k <= hi]
     return ticks or [lo, hi]
 
 
-def _label(v: float) -> str:
-    return f'{v:g}' if abs(v) < 1e5 else f'{v:.0e}'
+def _label(value: float) -> str:
+    return f'{value:.6g}'
 
 
-def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | None = None,
+def _font(size: int = 13):
+    try:
+        return PIL.ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
+    except (TypeError, ImportError, OSError):
+        return PIL.ImageFont.load_default()
+
+
+class _Axes:
+    """A white image with a plot frame mapping data coordinates to pixels (y optionally logarithmic)."""
+
+    def __init__(self, size, margins, x_range, y_range, x_ticks, y_ticks, log_y=False, title='', xlabel='', ylabel=''):
+        self.image = PIL.Image.new('RGB', size, 'white')
+        self.draw = draw = PIL.ImageDraw.Draw(self.image)
+        self.font = font = _font()
+        width, height = size
+        left, right, top, bottom = margins
+        self.box = (left, top, width - right, height - bottom)
+        self.x_range, self.y_range = x_range, y_range
+        self.ty: Callable[[float], float] = math.log10 if log_y else float
+        for t in x_ticks:
+            if x_range[0] <= t <= x_range[1]:
+                px, _ = self.to_pixel(t, y_range[0])
+                draw.line([(px, top), (px, height - bottom)], fill=GRID)
+                draw.text((px, height - bottom + 6), _label(t), fill='black', font=font, anchor='ma')
+        for t in y_ticks:
+            if y_range[0] <= t <= y_range[1]:
+                _, py = self.to_pixel(x_range[0], t)
+                draw.line([(left, py), (width - right, py)], fill=GRID)
+                draw.text((left - 6, py), _label(t), fill='black', font=font, anchor='rm')
+        draw.rectangle(self.box, outline='black')
+        if title:
+            draw.text((width / 2, 12), title, fill='black', font=font, anchor='ma')
+        if xlabel:
+            draw.text(((left + width - right) / 2, height - 22), xlabel, fill='black', font=font, anchor='ma')
+        if ylabel:
+            box = draw.textbbox((0, 0), ylabel, font=font)
+            label = PIL.Image.new('RGB', (box[2] + 4, box[3] + 4), 'white')
+            PIL.ImageDraw.Draw(label).text((2, 2), ylabel, fill='black', font=font)
+            label = label.rotate(90, expand=True)
+            self.image.paste(label, (6, int((top + height - bottom) / 2 - label.height / 2)))
+
+    def to_pixel(self, x: float, y: float) -> tuple[float, float]:
+        (x0, x1), (y0, y1) = self.x_range, self.y_range
+        left, top, right, bottom = self.box
+        ty = self.ty
+        return (left + (x - x0) / ((x1 - x0) or 1) * (right - left),
+                bottom - (ty(y) - ty(y0)) / ((ty(y1) - ty(y0)) or 1) * (bottom - top))
+
+    def marker(self, x, y, color, radius=3, outline=None):
+        px, py = self.to_pixel(x, y)
+        self.draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=color, outline=outline)
+        return px, py
+
+    def save(self, path: Optional[str]) -> PIL.Image.Image:
+        if path is not None:
+            with dnnlib.util.atomic_write(path) as f:
+                self.image.save(f, format='PNG')
+        return self.image
+
+
+def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Optional[str] = None,
               title: str = '', xlabel: str = '', ylabel: str = '', log_y: bool = False,
-              size: tuple[int, int] = (900, 600)) -> PIL.Image.Image:
-    """Draw every series (name -> (xs, ys)) as a polyline with markers; save to `path` as PNG if given.
-    Non-finite or (with log_y) non-positive points are skipped."""
-    font = PIL.ImageFont.load_default()
-    width, height = size
-    left, right, top, bottom = 70, 190, 40 if title else 20, 55
-    image = PIL.Image.new('RGB', size, 'white')
-    draw = PIL.ImageDraw.Draw(image)
-
-    def usable(y):
-        return math.isfinite(y) and (y > 0 or not log_y)
-    points = {name: [(float(x), float(y)) for x, y in zip(xs, ys) if usable(float(y))] for name, (xs, ys) in series.items()}
-    all_x = [x for pts in points.values() for x, _ in pts] or [0.0, 1.0]
-    all_y = [y for pts in points.values() for _, y in pts] or [1.0, 2.0]
-    x_ticks = nice_ticks(min(all_x), max(all_x))
-    x_lo, x_hi = min(x_ticks[0], min(all_x)), max(x_ticks[-1], max(all_x))
+              highlight: Optional[tuple[float, float]] = None, size: tuple[int, int] = (900, 600)) -> PIL.Image.Image:
+    """One polyline with markers per series ({name: (xs, ys)}); saved as PNG to `path` if given.
+    Non-finite (with log_y: non-positive) points are skipped. `highlight` = (x, y) rings that point (e.g. the
+    best value) and prints its coordinates."""
+    def usable(x, y):
+        return math.isfinite(x) and math.isfinite(y) and (y > 0 or not log_y)
+    points = {name: [(float(x), float(y)) for x, y in zip(xs, ys) if usable(float(x), float(y))]
+              for name, (xs, ys) in series.items()}
+    every = [p for pts in points.values() for p in pts]
+    if not every:
+        raise ValueError('line_plot: no finite points to draw')
+    xs, ys = [x for x, _ in every], [y for _, y in every]
+    x_ticks = nice_ticks(min(xs), max(xs))
     if log_y:
-        steps = lambda v: [m * 10 ** k for k in range(math.floor(math.log10(v)) - 1, math.ceil(math.log10(v)) + 1)
-                           for m in (1, 2, 5)]
-        y_lo = max(t for t in steps(min(all_y)) if t <= min(all_y))  # the 1-2-5 values around the data
-        y_hi = min(t for t in steps(max(all_y)) if t >= max(all_y))
-        y_ticks = log_ticks(y_lo, y_hi)
-        ty = math.log10
+        around = lambda v: [m * 10 ** k for k in range(math.floor(math.log10(v)) - 1, math.ceil(math.log10(v)) + 1)
+                            for m in (1, 2, 5)]
+        y_range = (max(t for t in around(min(ys)) if t <= min(ys)), min(t for t in around(max(ys)) if t >= max(ys)))
+        y_ticks = log_ticks(*y_range)
     else:
-        y_ticks = nice_ticks(min(all_y), max(all_y))
-        y_lo, y_hi = y_ticks[0], y_ticks[-1]
-        ty = float
-    x0, x1, y0, y1 = left, width - right, height - bottom, top
-
-    def px(x):
-        return x0 + (x - x_lo) / ((x_hi - x_lo) or 1) * (x1 - x0)
-
-    def py(y):
-        return y0 + (ty(y) - ty(y_lo)) / ((ty(y_hi) - ty(y_lo)) or 1) * (y1 - y0)
-
-    # Grid, axes, ticks.
-    for t in x_ticks:
-        if x_lo <= t <= x_hi:
-            draw.line([(px(t), y0), (px(t), y1)], fill='#e6e6e6')
-            draw.text((px(t), y0 + 6), _label(t), fill='black', font=font, anchor='ma')
-    for t in y_ticks:
-        draw.line([(x0, py(t)), (x1, py(t))], fill='#e6e6e6')
-        draw.text((x0 - 6, py(t)), _label(t), fill='black', font=font, anchor='rm')
-    draw.rectangle([x0, y1, x1, y0], outline='black')
-    draw.text(((x0 + x1) / 2, height - 22), xlabel, fill='black', font=font, anchor='ma')
-    draw.text((8, (y0 + y1) / 2), ylabel, fill='black', font=font, anchor='lm')
-    if title:
-        draw.text((width / 2, 12), title, fill='black', font=font, anchor='ma')
-
-    # Series and legend.
+        y_ticks = nice_ticks(min(ys), max(ys))
+        y_range = (y_ticks[0], y_ticks[-1])
+    legend = len(points) > 1
+    axes = _Axes(size, (80, 190 if legend else 20, 40 if title else 20, 55), (x_ticks[0], x_ticks[-1]), y_range,
+                 x_ticks, y_ticks, log_y=log_y, title=title, xlabel=xlabel, ylabel=ylabel)
+    draw, right = axes.draw, axes.box[2]
     for k, (name, pts) in enumerate(points.items()):
         color = COLORS[k % len(COLORS)]
-        xy = [(px(x), py(y)) for x, y in sorted(pts)]
-        if len(xy) > 1:
-            draw.line(xy, fill=color, width=2)
-        for cx, cy in xy:
-            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
-        ly = top + 10 + 18 * k
-        draw.line([(x1 + 15, ly), (x1 + 40, ly)], fill=color, width=2)
-        draw.ellipse([x1 + 24, ly - 3, x1 + 30, ly + 3], fill=color)
-        draw.text((x1 + 46, ly), name, fill='black', font=font, anchor='lm')
-    if path is not None:
-        import dnnlib
-        with dnnlib.util.atomic_write(path) as f:
-            image.save(f, format='PNG')
-    return image
+        pixels = [axes.to_pixel(x, y) for x, y in sorted(pts)]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=color, width=2)
+        for x, y in pts:
+            axes.marker(x, y, color)
+        if legend:
+            ly = axes.box[1] + 10 + 18 * k
+            draw.line([(right + 15, ly), (right + 40, ly)], fill=color, width=2)
+            draw.ellipse([right + 24, ly - 3, right + 30, ly + 3], fill=color)
+            draw.text((right + 46, ly), name, fill='black', font=axes.font, anchor='lm')
+    if highlight is not None:
+        px, py = axes.to_pixel(*highlight)
+        draw.ellipse([px - 7, py - 7, px + 7, py + 7], outline=HIGHLIGHT, width=2)
+        draw.text((px + 10, py - 10), f'({_label(highlight[0])}, {_label(highlight[1])})', fill=HIGHLIGHT,
+                  font=axes.font, anchor='ls')
+    return axes.save(path)
+
+
+def scatter_plot(points: Sequence[tuple[str, float, float]], path: Optional[str] = None, title: str = '',
+                 xlabel: str = '', ylabel: str = '', size: tuple[int, int] = (900, 600)) -> PIL.Image.Image:
+    """One marker per (name, x, y), labelled with its name; saved as PNG to `path` if given."""
+    def padded(values):
+        lo, hi = min(values), max(values)
+        pad = (hi - lo) * 0.08 if hi > lo else (abs(hi) * 0.1 or 1.0)
+        return lo - pad, hi + pad
+    if not points:
+        raise ValueError('scatter_plot: no points to draw')
+    x_range, y_range = padded([p[1] for p in points]), padded([p[2] for p in points])
+    axes = _Axes(size, (80, 30, 40 if title else 20, 55), x_range, y_range, nice_ticks(*x_range), nice_ticks(*y_range),
+                 title=title, xlabel=xlabel, ylabel=ylabel)
+    draw, width = axes.draw, size[0]
+    for name, x, y in points:
+        px, py = axes.marker(x, y, HIGHLIGHT, radius=5, outline='black')
+        if px + 8 + draw.textlength(name, font=axes.font) < width - 4:
+            draw.text((px + 8, py - 8), name, fill='black', font=axes.font, anchor='lb')
+        else:  # no room on the right: label to the left of the marker
+            draw.text((px - 8, py - 8), name, fill='black', font=axes.font, anchor='rb')
+    return axes.save(path)

@@ -63,6 +63,18 @@ def _denoising_loss(net, images, sigma, weight, labels, augment_pipe):
     return weight * ((denoised - clean) ** 2)
 
 
+def _uncertainty_weighted_loss(net, images, sigma, weight, labels, augment_pipe):
+    """EDM2's loss (config B, after Kendall et al. 2018): weight / e^u(sigma) * (D - y)^2 + u(sigma), with
+    u(sigma) the network's log-variance head (net(..., return_logvar=True)). Same draws as
+    _denoising_loss: the augmentation pipe, then the noise."""
+    model_kwargs = {}
+    if augment_pipe is not None:
+        images, model_kwargs['augment_labels'] = augment_pipe(images)
+    noise = torch.randn_like(images) * sigma
+    denoised, logvar = net(images + noise, sigma, labels, return_logvar=True, **model_kwargs)
+    return (weight / logvar.exp()) * ((denoised - images) ** 2) + logvar
+
+
 def _per_image(draw, images):
     """One random number per image, shaped to broadcast over C, H, W."""
     return draw([images.shape[0], 1, 1, 1], device=images.device)
@@ -141,10 +153,25 @@ class EDM2Loss:
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
         sigma = edm_sigma_from_normal(_per_image(torch.randn, images), self.P_mean, self.P_std)
-        weight = edm_weight(sigma, self.sigma_data)
-        model_kwargs = {}
-        if augment_pipe is not None:
-            images, model_kwargs['augment_labels'] = augment_pipe(images)
-        noise = torch.randn_like(images) * sigma
-        denoised, logvar = net(images + noise, sigma, labels, return_logvar=True, **model_kwargs)
-        return (weight / logvar.exp()) * ((denoised - images) ** 2) + logvar
+        return _uncertainty_weighted_loss(net, images, sigma, edm_weight(sigma, self.sigma_data), labels, augment_pipe)
+
+#----------------------------------------------------------------------------
+# Learned uncertainty weighting for the VP and VE rows of Table 1 (our addition, train.py --uncertainty=1;
+# the EDM row is EDM2Loss(P_mean=-1.2, P_std=1.2)): the same sigma distribution and lambda(sigma) as VPLoss /
+# VELoss, the same random draws in the same order, and the loss of EDM2Loss.
+
+@persistence.persistent_class
+class VPUncertaintyLoss(VPLoss):
+    """VPLoss with learned uncertainty weighting: lambda(sigma) / e^u(sigma) * (D - y)^2 + u(sigma)."""
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        sigma = self.sigma(vp_t_from_uniform(_per_image(torch.rand, images), self.epsilon_t))
+        return _uncertainty_weighted_loss(net, images, sigma, snr_weight(sigma), labels, augment_pipe)
+
+@persistence.persistent_class
+class VEUncertaintyLoss(VELoss):
+    """VELoss with learned uncertainty weighting: lambda(sigma) / e^u(sigma) * (D - y)^2 + u(sigma)."""
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        sigma = ve_sigma_from_uniform(_per_image(torch.rand, images), self.sigma_min, self.sigma_max)
+        return _uncertainty_weighted_loss(net, images, sigma, snr_weight(sigma), labels, augment_pipe)

@@ -34,6 +34,7 @@ import copy
 import numpy as np
 import torch
 
+import dnnlib
 from training.ema import ema_beta
 
 #----------------------------------------------------------------------------
@@ -43,6 +44,16 @@ def exp_to_std(exp):
     """sigma_rel of the power-function profile with exponent gamma (float64, same shape)."""
     exp = np.float64(exp)
     return np.sqrt((exp + 1) / ((exp + 2) ** 2 * (exp + 3)))
+
+STD_MAX = float(np.sqrt(1 / 12))  # sigma_rel as gamma -> 0 (exp_to_std(0)): longer profiles do not exist
+
+def parse_std_list(s):
+    """EMA lengths sigma_rel from a command line, '0.05,0.1' or EDM2's '0.010,0.015,...,0.250': sorted,
+    distinct, each in (0, STD_MAX). Raises ValueError with a one-line reason."""
+    stds = dnnlib.util.parse_float_list(s)
+    if not stds or not all(0 < std < STD_MAX for std in stds):
+        raise ValueError(f'"{s}": EMA lengths (sigma_rel) must lie in (0, {STD_MAX:.4f})')
+    return stds
 
 def std_to_exp(std):
     """Exponent gamma with exp_to_std(gamma) = std: the largest real root of the cubic above (float64,

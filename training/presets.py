@@ -1,9 +1,12 @@
 """Configurations as data, in one place: train.py's architecture and preconditioning presets, and the named
 networks that benchmarks (and tests) build.
 
-    ARCH_PRESETS     --arch: the backbones of the paper's Table 7 (channel counts for CIFAR-10 / ImageNet-64)
+    ARCH_PRESETS     --arch: the backbones of the paper's Table 7 (channel counts for CIFAR-10 / ImageNet-64),
+                     and EDM2's magnitude-preserving U-Net
     PRECOND_PRESETS  --precond: the preconditioning and the loss that trains it (Table 1)
     NETWORKS         complete constructor kwargs (class_name included) of named networks
+    EDM2_*, UNCERTAINTY_LOSSES, LR_SCHEDULES, CONFIG_PRESETS
+                     train.py's EDM2 options: --arch=edm2, --loss=edm2, --uncertainty, --lr-schedule, --preset
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ ARCH_PRESETS = {
                    decoder_type='standard', channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
                    channel_mult=[2, 2, 2]),
     'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+    # EDM2 (Karras et al. 2024): training.networks_edm2.Precond, the rest of its layout the UNet's defaults
+    # (channel_mult [1,2,3,4], 3 blocks, attention at 16x16 and 8x8). 192 channels = EDM2's size S.
+    'edm2': dict(model_channels=192),
 }
 
 PRECOND_PRESETS = {
@@ -51,3 +57,60 @@ def network_kwargs(name: str, **overrides) -> dict:
     if name not in NETWORKS:
         raise KeyError(f'unknown network preset {name!r}; expected one of {", ".join(NETWORKS)}')
     return dict(copy.deepcopy(NETWORKS[name]), **overrides)
+
+
+# ----------------------------------------------------------------------------
+# EDM2 ("Analyzing and Improving the Training Dynamics of Diffusion Models", Karras et al. 2024).
+
+EDM2_NETWORK = 'training.networks_edm2.Precond'  # --arch=edm2: EDM preconditioning built in, c_noise = ln(sigma)/4
+EDM2_LOSS = 'training.loss.EDM2Loss'             # --loss=edm2, and always with --arch=edm2
+LOGVAR_CHANNELS = 128                            # width of the uncertainty head EDM2 uses (Precond's default)
+
+# --uncertainty=1: each Table 1 loss with learned uncertainty weighting (EDM: EDM2Loss with EDMLoss's P_mean/P_std).
+UNCERTAINTY_LOSSES = {
+    'vp': 'training.loss.VPUncertaintyLoss',
+    've': 'training.loss.VEUncertaintyLoss',
+    'edm': EDM2_LOSS,
+}
+
+# --lr-schedule: the loop calls func(cur_nimg=, batch_size=, **lr_kwargs).
+LR_SCHEDULES = {
+    'rampup': 'training.training_loop.linear_rampup_schedule',  # the paper: linear warm-up, then constant
+    'isqrt': 'training.training_loop.learning_rate_schedule',   # EDM2: warm-up, then ref_lr / sqrt(t / t_ref)
+}
+
+# What --arch=edm2 changes in train.py's defaults: EDM2's own defaults (learning_rate_schedule's ref_lr and
+# ref_batches, EDM2Loss's P_mean / P_std, the Block's dropout, no augmentation). Values are train.py options.
+EDM2_DEFAULTS = dict(lr=0.0100, lr_schedule='isqrt', decay=70000, dropout=0.0, augment=0.0, P_mean=-0.4, P_std=1.0)
+
+# The EMA profiles EDM2 tracks by default (training.phema.PowerFunctionEMA).
+EDM2_EMA_STDS = [0.050, 0.100]
+
+
+def _edm2_preset(duration_nimg: int, batch: int, cbase: int, lr: float, decay: float, dropout: float,
+                 P_mean: float, P_std: float, **more) -> dict:
+    return dict(arch='edm2', duration=duration_nimg / 1e6, batch=batch, cbase=cbase, lr=lr, decay=decay,
+                dropout=dropout, P_mean=P_mean, P_std=P_std, **more)
+
+
+# --preset: train.py option values (option name -> value). A preset fills in defaults; options given on the
+# command line override it.
+CONFIG_PRESETS = {
+    # EDM2's ImageNet-64 models (pixel space; EDM2's train_edm2.py presets, its Table 3 sizes XS..XL).
+    'edm2-img64-xs': _edm2_preset(1024 << 20, 2048, 128, 0.0120, 35000, 0.00, -0.8, 1.6),
+    'edm2-img64-s': _edm2_preset(1024 << 20, 2048, 192, 0.0100, 35000, 0.00, -0.8, 1.6),
+    'edm2-img64-m': _edm2_preset(2048 << 20, 2048, 256, 0.0090, 35000, 0.10, -0.8, 1.6),
+    'edm2-img64-l': _edm2_preset(1024 << 20, 2048, 320, 0.0080, 35000, 0.10, -0.8, 1.6),
+    'edm2-img64-xl': _edm2_preset(640 << 20, 2048, 384, 0.0070, 35000, 0.10, -0.8, 1.6),
+    # CIFAR-10 32x32 at 39.5M parameters, after the small-scale re-implementation FutureXiang/edm2
+    # (config/cifar10/G.yaml: 128 channels x [1,2,2,2], 3 blocks, dropout 0.13, P -1.2/1.2, x-flips, 4 GPUs x 128
+    # images, 2000 epochs, lr 5e-3 ramped up over 200 epochs, t_ref = 400 epochs = 400 * 50000 / 512 batches).
+    # EDM2's default attention (16x16 and 8x8) where that config has 16x16 only.
+    'edm2-cifar10': _edm2_preset(100_000_000, 512, 128, 0.0050, 400 * 50000 / 512, 0.13, -1.2, 1.2,
+                                 cres=[1, 2, 2, 2], blocks=3, lr_rampup=10000, xflip=True),
+    # The quick-start digits (scripts/quickstart.py: 1,797 16x16 grayscale digits, CPU, minutes): the EDM
+    # quick start's size (32 channels x [1,2,2], 1 block, batch 64, 40 kimg), EDM's P_mean / P_std for small
+    # pixel-space data, warm-up over 2 kimg and t_ref = 50 batches (of a ~600-step run, the proportion EDM2's
+    # img64 runs have: t_ref ~ 1/15 of training).
+    'edm2-digits': _edm2_preset(40_000, 64, 32, 0.0100, 50, 0.0, -1.2, 1.2, cres=[1, 2, 2], blocks=1, lr_rampup=2),
+}

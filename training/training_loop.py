@@ -87,11 +87,16 @@ def learning_rate_schedule(cur_nimg: float, batch_size: int, ref_lr: float = 100
     return float(lr)
 
 
-def sanitize_gradients(params) -> None:
-    """Zero NaN gradients and clamp +-Inf to +-1e5 in place, so one bad batch cannot poison the weights."""
+# What becomes of +-Inf gradients (NaN always becomes 0): the paper's loop clamps them, EDM2's zeroes them.
+NONFINITE_GRAD_VALUES = {'clamp': 1e5, 'zero': 0.0}
+
+
+def sanitize_gradients(params, posinf: float = 1e5) -> None:
+    """Zero NaN gradients and replace +-Inf by +-posinf in place (the paper: 1e5; EDM2: 0), so one bad batch
+    cannot poison the weights."""
     for param in params:
         if param.grad is not None:
-            torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+            torch.nan_to_num(param.grad, nan=0, posinf=posinf, neginf=-posinf, out=param.grad)
 
 
 def _pixels_to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -311,7 +316,7 @@ def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network
                   loss_scaling=1, kimg_per_tick=50, snapshot_ticks=50, state_dump_ticks=500, resume_pkl=None,
                   resume_state_dump=None, resume_kimg=0, cudnn_benchmark=True, device=torch.device('cuda'),
                   print_summary=True, provenance=None, ema_kwargs=None, lr_kwargs=None,
-                  nan_patience=100) -> dnnlib.EasyDict:
+                  nan_patience=100, nonfinite_grads='clamp') -> dnnlib.EasyDict:
     """Train a preconditioned denoiser on every rank of the current process group (none: a single process).
 
     The keyword names and defaults are those of the paper's training loop, so a training_options.json
@@ -355,6 +360,7 @@ def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network
             rampup_kimg=lr_rampup_kimg).
         nan_patience: stop with TrainingDiverged once the loss has been NaN/Inf (on any rank) for this many
             consecutive steps; None = never. Checkpoints due while the latest loss is non-finite are skipped.
+        nonfinite_grads: 'clamp' (the paper: NaN gradients -> 0, +-Inf -> +-1e5) or 'zero' (EDM2: all -> 0).
 
     Returns:
         EasyDict(cur_nimg, stopped): images trained on when the loop ended, and the signal number that
@@ -374,6 +380,9 @@ def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network
     cfg.lr_kwargs = dnnlib.EasyDict(lr_kwargs if lr_kwargs is not None else dict(
         func_name='training.training_loop.linear_rampup_schedule', ref_lr=optimizer_kwargs['lr'],
         rampup_kimg=lr_rampup_kimg))
+    if nonfinite_grads not in NONFINITE_GRAD_VALUES:
+        raise ValueError(f'nonfinite_grads={nonfinite_grads!r}; expected one of {", ".join(NONFINITE_GRAD_VALUES)}')
+    cfg.grad_posinf = NONFINITE_GRAD_VALUES[nonfinite_grads]
     del provenance
     _stop_signal = None
     dist.init()
@@ -514,6 +523,12 @@ def _make_networks(cfg: dnnlib.EasyDict, dataset, batch_gpu: int, rank: int,
     augment_pipe = None
     if cfg.augment_kwargs is not None:
         augment_pipe = dnnlib.util.construct_class_by_name(**cfg.augment_kwargs)
+    if dist.get_world_size() > 1:
+        # Ranks build their networks from different seeds, and DDP below (broadcast_buffers=False) no longer
+        # syncs buffers at construction in recent torch: random buffers (the Fourier features of NCSN++ and
+        # EDM2) would differ between ranks. Rank 0's are the network's.
+        for buffer in net.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
     with warnings.catch_warnings():  # recent torch deprecates broadcast_buffers=False; it is what we mean
         warnings.filterwarnings('ignore', message='.*broadcast_buffers.*')
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -618,7 +633,7 @@ def _train_step(cfg: dnnlib.EasyDict, model: dnnlib.EasyDict, batches, layout: _
         group['lr'] = lr
     grads = [p.grad for p in model.net.parameters() if p.grad is not None]
     grads_finite = torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)).to(device)
-    sanitize_gradients(model.net.parameters())
+    sanitize_gradients(model.net.parameters(), posinf=cfg.grad_posinf)
     model.optimizer.step()
     return torch.stack([~loss_finite, ~grads_finite])
 
@@ -735,6 +750,10 @@ def _save_snapshot(cfg: dnnlib.EasyDict, model: dnnlib.EasyDict, cur_nimg: int, 
     for ema, suffix in model.ema.get():
         contents = dict(ema=ema, loss_fn=model.loss_fn, augment_pipe=model.augment_pipe,
                         dataset_kwargs=dict(cfg.dataset_kwargs))
+        if suffix:
+            # EDM2's layout names files by kimg only; post-hoc EMA (reconstruct_phema.py) needs the exact
+            # images seen, stored as the first key so it can be read without loading the network.
+            contents = dict(cur_nimg=int(cur_nimg), **contents)
         contents = {key: _frozen_cpu_copy(value) if isinstance(value, torch.nn.Module) else value
                     for key, value in contents.items()}
         if rank == 0:

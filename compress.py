@@ -8,8 +8,8 @@
 `prune` and `quantize` read any network snapshot this project loads (a path or URL; the safe loader, no
 embedded code runs) and write a snapshot in the same layout -- the dict with 'ema', 'loss_fn',
 'augment_pipe', 'dataset_kwargs' -- so generate.py and fid.py use it unchanged. Only the 'ema' network is
-compressed; int8 snapshots are for inference (their tensor names differ, so `train.py --transfer` cannot
-start from one). The snapshot also gets a 'compression' entry: a list of the steps applied
+compressed; int8 snapshots are for inference (their tensor names differ, so `train.py --transfer` refuses
+one: start from the float snapshot). The snapshot also gets a 'compression' entry: a list of the steps applied
 so far (oldest first), each a dict of plain values, e.g.
     {'method': 'prune', 'criterion': 'l1', 'scope': 'global', 'region': 'all', 'amount': 0.5, 'seed': 0,
      'source': 'net.pkl', 'sparsity': 0.5}

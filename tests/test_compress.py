@@ -363,6 +363,27 @@ def test_chained_steps_are_recorded_and_refused_where_meaningless(tmp_path):
         assert result.exit_code == 1 and message in result.output and not (tmp_path / 'x.pkl').exists()
 
 
+def test_transfer_from_int8_snapshot_is_refused_and_from_fp16_works(tmp_path):
+    # An int8 snapshot's tensors are named net.<layer>.weight_int8 etc.: --transfer must not silently copy nothing.
+    from test_training_loop import loop_kwargs
+    from training import training_loop as tl
+    data = make_dataset_zip(tmp_path / 'tiny.zip')
+    tl.training_loop(**loop_kwargs(data, tmp_path / 'a', 0.016, snapshot_ticks=1))
+    src = str(tmp_path / 'a' / 'network-snapshot-000000.pkl')
+    run(['quantize', '--network', src, '--dest', tmp_path / 'int8.pkl', '--dtype', 'int8'])
+    with pytest.raises(persistence.CheckpointError, match='none of its tensors matches the network'):
+        tl.training_loop(**loop_kwargs(data, tmp_path / 'b', 0.016, resume_pkl=str(tmp_path / 'int8.pkl'),
+                                       ema_rampup_ratio=None))
+    # fp16 weights keep their names: the run starts from them (first step has lr 0, so weights are unchanged).
+    run(['quantize', '--network', src, '--dest', tmp_path / 'fp16.pkl', '--dtype', 'fp16'])
+    fp16 = persistence.load_network_pkl(tmp_path / 'fp16.pkl')['ema'].state_dict()
+    tl.training_loop(**loop_kwargs(data, tmp_path / 'c', 0.016, resume_pkl=str(tmp_path / 'fp16.pkl'),
+                                   ema_rampup_ratio=None))
+    state = torch.load(next((tmp_path / 'c').glob('training-state-*.pt')), weights_only=True)
+    assert state['net'].keys() == fp16.keys()
+    assert all(torch.equal(state['net'][k], v.float()) for k, v in fp16.items())
+
+
 @pytest.mark.parametrize('args,message', [
     (['prune', '--network', 'MISSING', '--dest', 'OUT'], 'no such file'),
     (['prune', '--network', 'NET', '--dest', 'OUT', '--amount', '1.5'], "Invalid value for '--amount'"),

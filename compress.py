@@ -8,8 +8,8 @@
 `prune` and `quantize` read any network snapshot this project loads (a path or URL; the safe loader, no
 embedded code runs) and write a snapshot in the same layout -- the dict with 'ema', 'loss_fn',
 'augment_pipe', 'dataset_kwargs' -- so generate.py and fid.py use it unchanged. Only the 'ema' network is
-compressed; int8 snapshots are for inference (their tensor names differ, so `train.py --transfer` cannot
-start from one). The snapshot also gets a 'compression' entry: a list of the steps applied
+compressed; int8 snapshots are for inference (their tensor names differ, so `train.py --transfer` refuses
+one: start from the float snapshot). The snapshot also gets a 'compression' entry: a list of the steps applied
 so far (oldest first), each a dict of plain values, e.g.
     {'method': 'prune', 'criterion': 'l1', 'scope': 'global', 'region': 'all', 'amount': 0.5, 'seed': 0,
      'source': 'net.pkl', 'sparsity': 0.5}
@@ -136,20 +136,27 @@ def parameter_counts(net: torch.nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
-def heun_latency(net, num_steps: int = 18, batch: int = 1, runs: int = 5, desc: str = 'latency') -> float:
-    """Median wall time per image of edm_sampler (Heun, 2 num_steps - 1 evaluations) on a batch of `batch`
-    images, over `runs` timed runs after one untimed warm-up run."""
+def heun_latencies(nets: dict, num_steps: int = 18, batch: int = 1, runs: int = 5) -> dict[str, list[float]]:
+    """{name: wall times per image of `runs` timed runs} of edm_sampler (Heun, 2 num_steps - 1 evaluations) on a
+    batch of `batch` images, after one untimed warm-up run of each network.
+
+    The networks take turns run by run (round robin), so a burst of background load on a shared machine slows
+    every network a little rather than one network a lot, and their medians stay comparable."""
     gen = torch.Generator().manual_seed(0)
-    latents = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], generator=gen)
-    labels = torch.eye(int(net.label_dim))[torch.arange(batch) % int(net.label_dim)] if net.label_dim else None
-    times = []
+    inputs = {}
+    for name, net in nets.items():
+        latents = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], generator=gen)
+        labels = torch.eye(int(net.label_dim))[torch.arange(batch) % int(net.label_dim)] if net.label_dim else None
+        inputs[name] = (latents, labels)
+    times = {name: [] for name in nets}
     with torch.no_grad():
-        for k in tqdm.tqdm(range(runs + 1), desc=desc, unit='run', dynamic_ncols=True, leave=False):
-            start = time.perf_counter()
-            sampling.edm_sampler(net, latents, labels, num_steps=num_steps)
-            if k > 0:  # run 0 warms up caches and allocators
-                times.append(time.perf_counter() - start)
-    return statistics.median(times) / batch
+        for k in tqdm.tqdm(range(runs + 1), desc='latency', unit='round', dynamic_ncols=True, leave=False):
+            for name, net in nets.items():
+                start = time.perf_counter()
+                sampling.edm_sampler(net, *inputs[name], num_steps=num_steps)
+                if k > 0:  # round 0 warms up caches and allocators
+                    times[name].append((time.perf_counter() - start) / batch)
+    return times
 
 
 def generated_fid(net, detector, ref: dict, num: int, num_steps: int, batch: int, desc: str) -> float:
@@ -189,7 +196,8 @@ def markdown_table(rows: list[dict], settings: dict) -> str:
     notes = []
     if settings['latency_runs']:
         notes.append(f'Latency: Heun (edm_sampler), {settings["steps"]} steps ({2 * settings["steps"] - 1} network '
-                     f'evaluations), batch {settings["latency_batch"]}, median of {settings["latency_runs"]} runs, '
+                     f'evaluations), batch {settings["latency_batch"]}, median of {settings["latency_runs"]} runs '
+                     f'taken in turns with the other networks (fastest run in the CSV/JSON), '
                      f'{settings["threads"]} CPU thread(s).')
     if settings['num']:
         notes.append(f'FID: {settings["num"]} images (seeds 0-{settings["num"] - 1}), Heun {settings["steps"]} '
@@ -211,8 +219,8 @@ def write_report(rows: list[dict], settings: dict, prefix: str) -> list[str]:
     _write_text(prefix + '.md', markdown_table(rows, settings))
     written.append(prefix + '.md')
     buf = io.StringIO()
-    keys = ['network', 'path', 'compression', 'params', 'nonzero', 'bytes', 'zip_bytes', 'latency_s', 'threads',
-            'fid', 'fid_images']
+    keys = ['network', 'path', 'compression', 'params', 'nonzero', 'bytes', 'zip_bytes', 'latency_s', 'latency_min_s',
+            'threads', 'fid', 'fid_images']
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction='ignore', lineterminator='\n')
     writer.writeheader()
     writer.writerows(rows)
@@ -324,7 +332,8 @@ def quantize(network, dest, dtype):
 @click.option('--batch', help='Generation batch size for FID', metavar='INT', type=click.IntRange(min=1), default=64,
               show_default=True)
 @click.option('--threads', help='CPU threads  [default: torch default]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--latency-runs', help='Timed sampling runs (median); 0 skips latency', metavar='INT',
+@click.option('--latency-runs', help='Timed sampling runs per network (median; networks take turns); 0 skips latency',
+              metavar='INT',
               type=click.IntRange(min=0), default=5, show_default=True)
 @click.option('--latency-batch', help='Images per timed run', metavar='INT', type=click.IntRange(min=1), default=1,
               show_default=True)
@@ -357,7 +366,7 @@ def report(networks, data, ref_path, num, num_steps, batch, threads, latency_run
             stats = fid._dataset_feature_stats(data, num_workers=0, device='cpu', detector=detector_net)
             ref, ref_images = dict(mu=stats.mu, sigma=stats.sigma), stats.num_images
 
-    rows, names = [], set()
+    rows, nets, names = [], {}, set()
     for network in networks:
         snapshot, path = load_snapshot(network)
         net = snapshot['ema']
@@ -371,16 +380,20 @@ def report(networks, data, ref_path, num, num_steps, batch, threads, latency_run
             net = compression.dynamic_int8_linear(net)
             how += ' (dynamic int8 Linear)'
         raw, zipped = file_sizes(path)
-        row = dict(network=name, path=network, compression=how, params=params, nonzero=nonzero, bytes=raw,
-                   zip_bytes=zipped, latency_s=None, threads=threads, fid=None, fid_images=num or None)
-        if latency_runs:
-            row['latency_s'] = heun_latency(net, num_steps, latency_batch, latency_runs, desc=f'latency {name}')
+        rows.append(dict(network=name, path=network, compression=how, params=params, nonzero=nonzero, bytes=raw,
+                         zip_bytes=zipped, latency_s=None, latency_min_s=None, latency_runs_s=None, threads=threads,
+                         fid=None, fid_images=num or None))
+        nets[name] = net
+    if latency_runs:
+        for row, times in zip(rows, heun_latencies(nets, num_steps, latency_batch, latency_runs).values()):
+            row.update(latency_s=statistics.median(times), latency_min_s=min(times), latency_runs_s=times)
+    for row, net in zip(rows, nets.values()):
         if num:
-            row['fid'] = generated_fid(net, detector_net, ref, num, num_steps, batch, desc=f'FID {name}')
-        print(f'{name}: {how}; {params:,} parameters ({nonzero:,} non-zero); {raw:,} bytes ({zipped:,} zipped)'
+            row['fid'] = generated_fid(net, detector_net, ref, num, num_steps, batch, desc=f'FID {row["network"]}')
+        print(f'{row["network"]}: {row["compression"]}; {row["params"]:,} parameters ({row["nonzero"]:,} non-zero); '
+              f'{row["bytes"]:,} bytes ({row["zip_bytes"]:,} zipped)'
               + (f'; {row["latency_s"]:.4g} s/image' if row['latency_s'] is not None else '')
               + (f'; FID {row["fid"]:.2f}' if row['fid'] is not None else ''))
-        rows.append(row)
 
     settings = dict(steps=num_steps, threads=threads, latency_runs=latency_runs, latency_batch=latency_batch,
                     num=num, reference=ref_path or data, reference_images=ref_images,

@@ -171,8 +171,8 @@ def named_params_and_buffers(module: torch.nn.Module) -> list:
 
 @torch.no_grad()
 def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Module,
-                            require_all: bool = False) -> None:
-    """Overwrite dst's tensors in place with the same-named tensors of src.
+                            require_all: bool = False) -> int:
+    """Overwrite dst's tensors in place with the same-named tensors of src; returns how many were copied.
 
     Writing in place (rather than load_state_dict's replacement semantics) keeps dst's device, dtype,
     requires_grad flags and storage, so optimizers and DDP wrappers that hold dst's tensors stay valid.
@@ -181,6 +181,7 @@ def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Mo
     _require_module(src_module, 'copy_params_and_buffers')
     _require_module(dst_module, 'copy_params_and_buffers')
     available = dict(named_params_and_buffers(src_module))
+    copied = 0
     for name, target in named_params_and_buffers(dst_module):
         source = available.get(name)
         if source is None:
@@ -191,6 +192,8 @@ def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Mo
             raise ValueError(f'copy_params_and_buffers: shape mismatch for "{name}": '
                              f'source {tuple(source.shape)}, destination {tuple(target.shape)}')
         target.copy_(source)  # no_grad: requires_grad of target is untouched
+        copied += 1
+    return copied
 
 
 # ----------------------------------------------------------------------------

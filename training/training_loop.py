@@ -558,11 +558,14 @@ def _load_network_pickle(path: str, model: dnnlib.EasyDict, rank: int) -> None:
         raise CheckpointError(f'{path}: network has label_dim={source.label_dim} but the dataset gives '
                               f'{model.net.label_dim} (check --cond and the dataset labels)')
     try:
-        misc.copy_params_and_buffers(src_module=source, dst_module=model.net, require_all=False)
+        copied = misc.copy_params_and_buffers(src_module=source, dst_module=model.net, require_all=False)
         for ema_module, _suffix in model.ema.get():
             misc.copy_params_and_buffers(src_module=source, dst_module=ema_module, require_all=False)
     except ValueError as e:
         raise CheckpointError(f'{path}: {e} (same --arch/--cbase/--cres as that network?)') from None
+    if copied == 0:  # e.g. compress.py's int8 snapshots: their tensors have other names
+        raise CheckpointError(f'{path}: none of its tensors matches the network built from the current options '
+                              f'(an int8 snapshot? transfer from the float snapshot it was made from)')
 
 
 def _load_state_into(state: dict, path: str, net: torch.nn.Module, ema, optimizer: torch.optim.Optimizer) -> None:

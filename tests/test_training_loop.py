@@ -30,6 +30,16 @@ def test_learning_rate_ramps_up_linearly_then_stays():
     assert learning_rate(2e-4, 123, 0) == 2e-4  # no ramp-up
 
 
+def test_edm2_learning_rate_schedule_golden(golden_dir):
+    """EDM2's learning_rate_schedule(cur_nimg, **kwargs) as recorded from NVlabs/edm2: defaults, ramp-up,
+    inverse-sqrt decay, and both parts switched off, up to 2^31 images."""
+    rows = json.loads((golden_dir / 'edm2_schedule.json').read_text())
+    assert len(rows) >= 20 and {r['cur_nimg'] for r in rows} >= {0, 10_000_000, 2**31}
+    for row in rows:
+        lr = tl.learning_rate_schedule(row['cur_nimg'], **row['kwargs'])
+        assert lr == pytest.approx(row['lr'], rel=1e-12, abs=0), row
+
+
 def test_ema_beta_follows_halflife_and_rampup():
     batch = 512
     # Ramp-up: half-life = 5% of the images seen, while that is below the configured half-life.

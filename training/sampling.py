@@ -400,9 +400,13 @@ def ancestral_step(sigma, sigma_next, eta: float = 1) -> tuple[torch.Tensor, tor
     return (sigma_next ** 2 - sigma_up ** 2).sqrt(), sigma_up
 
 
-def _denoiser(net, class_labels):
-    """D(x; sigma) in float64, as the samplers call it."""
-    return lambda x, sigma: net(x, sigma, class_labels).to(torch.float64)
+def _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance):
+    """What every sampler below starts from: the (guided) denoiser D(x; sigma) in float64, the EDM time steps
+    with sigma_N = 0, and x_0 = latents * sigma_0 in float64."""
+    guided = guided_denoiser(net, gnet, guidance)
+    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    denoise = lambda x, sigma: guided(x, sigma, class_labels).to(torch.float64)  # noqa: E731
+    return denoise, sigmas, latents.to(torch.float64) * sigmas[0]
 
 
 def _check_eta(eta: float, s_noise: float) -> None:
@@ -414,9 +418,7 @@ def euler_ancestral_sampler(net, latents, class_labels=None, randn_like=torch.ra
                             sigma_min=0.002, sigma_max=80, rho=7, eta=1, s_noise=1, gnet=None, guidance=1):
     """Euler steps down to sigma_down, then noise up to sigma_next (ancestral sampling). NFE = N."""
     _check_eta(eta, s_noise)
-    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
-    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
-    x = latents.to(torch.float64) * sigmas[0]
+    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = x + (sigma_down - sigma) * ode_derivative(x, sigma, denoise(x, sigma))
@@ -429,9 +431,7 @@ def dpm_2_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, 
                   sigma_min=0.002, sigma_max=80, rho=7, gnet=None, guidance=1):
     """DPM-Solver-2 in sigma (Karras et al. 2022, Eq. 4 with the midpoint at the geometric mean
     sigma_mid = sqrt(sigma sigma_next)): 2nd order; Euler on the last step. NFE = 2N - 1."""
-    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
-    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
-    x = latents.to(torch.float64) * sigmas[0]
+    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         d = ode_derivative(x, sigma, denoise(x, sigma))
         if sigma_next == 0:
@@ -469,9 +469,7 @@ def lms_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
     lower orders while the history fills. NFE = N."""
     if order < 1:
         raise ValueError(f'order must be >= 1, got {order}')
-    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
-    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
-    x = latents.to(torch.float64) * sigmas[0]
+    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
     history = []  # d_i, d_{i-1}, ... (newest first)
     for i, sigma in enumerate(sigmas[:-1]):
         history = [ode_derivative(x, sigma, denoise(x, sigma))] + history[:order - 1]
@@ -490,9 +488,7 @@ def dpmpp_2s_ancestral_sampler(net, latents, class_labels=None, randn_like=torch
     """DPM-Solver++(2S) single-step 2nd order to sigma_down, with the intermediate point halfway in lambda,
     then ancestral noise up to sigma_next; an Euler step where sigma_down = 0. NFE = 2N - 1."""
     _check_eta(eta, s_noise)
-    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
-    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
-    x = latents.to(torch.float64) * sigmas[0]
+    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         denoised = denoise(x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
@@ -513,9 +509,7 @@ def dpmpp_2m_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, variable steps): the exact solution of dx/dlambda = D - x
     with D extrapolated linearly in lambda from the last two evaluations; 1st order on the first step and
     to sigma = 0 (which lands on D). NFE = N."""
-    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
-    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
-    x = latents.to(torch.float64) * sigmas[0]
+    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
     denoised_prev = h_prev = None
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         denoised = denoise(x, sigma)
@@ -542,9 +536,7 @@ def dpmpp_2m_sde_sampler(net, latents, class_labels=None, randn_like=torch.randn
     _check_eta(eta, s_noise)
     if solver_type not in ('midpoint', 'heun'):
         raise ValueError(f'unknown solver_type {solver_type!r}; expected midpoint|heun')
-    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
-    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
-    x = latents.to(torch.float64) * sigmas[0]
+    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
     denoised_prev = h_prev = None
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         denoised = denoise(x, sigma)
@@ -579,9 +571,7 @@ def dpmpp_3m_sde_sampler(net, latents, class_labels=None, randn_like=torch.randn
     (eta = 0) is only 2nd order as N grows (tests/test_ksamplers.py: error ratios -> 4 per doubling; with
     2 phi_3 they reach 8), though with a smaller error than dpmpp_2m."""
     _check_eta(eta, s_noise)
-    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
-    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
-    x = latents.to(torch.float64) * sigmas[0]
+    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
     history = []  # (D, h) of the previous steps, newest first
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         denoised = denoise(x, sigma)
@@ -635,9 +625,7 @@ def unipc_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, 
     doubling for order = 1, 2, 3). NFE = N."""
     if order not in (1, 2, 3):
         raise ValueError(f'UniPC order must be 1, 2 or 3, got {order}')
-    denoise = _denoiser(guided_denoiser(net, gnet, guidance), class_labels)
-    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
-    x = latents.to(torch.float64) * sigmas[0]
+    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
     history = [(lambda_of(sigmas[0]), denoise(x, sigmas[0]))]  # (lambda, D), oldest first
     for sigma, sigma_next in zip(sigmas[:-2], sigmas[1:-1]):  # the step to sigma = 0 is D itself
         lam, denoised = history[-1]

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the golden-vector folder and the slow-test switch."""
+"""Shared pytest fixtures: the golden-vector folder, the slow-test switch, a tiny dataset zip."""
 
 import os
 import pathlib
@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+
+from tinydata import make_dataset_zip
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = ROOT.parent / 'shared' / 'golden'
@@ -58,3 +60,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope='module')
+def tiny_zip(tmp_path_factory) -> str:
+    """A tiny labelled 8x8 dataset zip (tinydata.make_dataset_zip's defaults), one per test module."""
+    return make_dataset_zip(tmp_path_factory.mktemp('data') / 'tiny.zip')

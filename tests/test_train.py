@@ -25,10 +25,6 @@ from tinydata import make_dataset_zip
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-@pytest.fixture(scope='module')
-def tiny_zip(tmp_path_factory):
-    return make_dataset_zip(tmp_path_factory.mktemp('data') / 'tiny.zip')
-
 
 def options(args):
     """Parse a command line exactly as click would (defaults included) into train.py's opts."""

@@ -15,15 +15,10 @@ from click.testing import CliRunner
 
 import dnnlib
 import train
-from tinydata import make_dataset_zip
 from training import presets, training_loop
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-
-@pytest.fixture(scope='module')
-def tiny_zip(tmp_path_factory):
-    return make_dataset_zip(tmp_path_factory.mktemp('data') / 'tiny.zip')
 
 
 def options(args):

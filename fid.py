@@ -538,6 +538,16 @@ def _format_seeds(seeds: list[int]) -> str:
     return f'{len(seeds)} seeds from {min(seeds)} to {max(seeds)}'
 
 
+def _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, sampler_kwargs, device):
+    """What `net` and `sweep` score with: the reference statistics (rank 0 only), the detector, the network,
+    and the sampler kwargs with a --gnet guide loaded. Called through _rank0_first."""
+    verbose = dist.get_rank() == 0
+    ref = load_reference(ref_path) if verbose else None
+    detector_net = load_detector(detector, device=device, trust_pickle=trust_pickle, verbose=verbose)
+    network = generate.load_net(network_pkl, device=device, verbose=verbose)
+    return ref, detector_net, network, generate.load_guide(sampler_kwargs, network, device, verbose=verbose)
+
+
 def _parse_seeds(s: str) -> list[int]:
     try:
         values = parse_seeds(s)
@@ -571,15 +581,9 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
     sampler_kwargs = generate.sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs)
     _start(0)
     device = dist.default_device()
-    verbose = dist.get_rank() == 0
-
-    def load_all():
-        ref = load_reference(ref_path) if dist.get_rank() == 0 else None
-        detector_net = load_detector(detector, device=device, trust_pickle=trust_pickle, verbose=verbose)
-        dist.print0(f'Network: "{network_pkl}"')
-        network = generate.load_net(network_pkl, device=device, verbose=verbose)
-        return ref, detector_net, network, generate.load_guide(sampler_kwargs, network, device, verbose=verbose)
-    ref, detector_net, network, sampler_kwargs = _rank0_first(load_all)
+    dist.print0(f'Network: "{network_pkl}"')
+    ref, detector_net, network, sampler_kwargs = _rank0_first(
+        lambda: _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, sampler_kwargs, device))
 
     fids = []
     for k, rep_seeds in enumerate(repeat_seeds(seeds, repeats)):
@@ -753,14 +757,10 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
                   guidance={k: list(v) if isinstance(v, tuple) else v for k, v in guidance.items()})
     _start(0)
     device = dist.default_device()
-    verbose = dist.get_rank() == 0
 
     def load_all():
         os.makedirs(outdir, exist_ok=True)
-        ref = load_reference(ref_path) if dist.get_rank() == 0 else None
-        detector_net = load_detector(detector, device=device, trust_pickle=trust_pickle, verbose=verbose)
-        network = generate.load_net(network_pkl, device=device, verbose=verbose)
-        return ref, detector_net, network, generate.load_guide(guidance, network, device, verbose=verbose)
+        return _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, guidance, device)
     ref, detector_net, network, guidance = _rank0_first(load_all)
     previous = _previous_rows(outdir, config)
     rows = []

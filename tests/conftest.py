@@ -10,7 +10,9 @@ import torch
 from tinydata import make_dataset_zip
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN = ROOT.parent / 'shared' / 'golden'
+# Every golden test reads this folder: $EDM_GOLDEN_DIR when set (any golden set in the same format then runs
+# through the same tests), else ../shared/golden beside the project.
+GOLDEN = pathlib.Path(os.environ.get('EDM_GOLDEN_DIR') or ROOT.parent / 'shared' / 'golden').resolve()
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -32,9 +34,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope='session')
 def golden_dir() -> pathlib.Path:
-    """The reference outputs in ../shared/golden; tests skip when it is absent."""
+    """The reference outputs ($EDM_GOLDEN_DIR, default ../shared/golden); tests skip when it is absent."""
     if not GOLDEN.is_dir():
-        pytest.skip(f'golden vectors not found at {GOLDEN} (expected ../shared/golden beside the project)')
+        pytest.skip(f'golden vectors not found at {GOLDEN} (set EDM_GOLDEN_DIR or put ../shared/golden beside the project)')
     return GOLDEN
 
 

@@ -71,7 +71,8 @@ def expect_error(tmp_path, source, dest, fragments, **kwargs):
 
 
 def _golden_runs():
-    path = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'golden' / 'dataset_tool_golden.json'
+    from conftest import GOLDEN  # parametrisation runs before fixtures: read the same folder directly
+    path = GOLDEN / 'dataset_tool_golden.json'
     return sorted(json.loads(path.read_text())['runs']) if path.is_file() else ['<golden missing>']
 
 

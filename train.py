@@ -237,6 +237,7 @@ def main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
     opts._given = _given_on_command_line(click.get_current_context())  # what --preset must not override
     torch.multiprocessing.set_start_method('spawn', force=True)
+    owns_process_group = not dist.is_initialized()  # a caller (e.g. a test) may have set one up already
     dist.init()
     world = dist.get_world_size()
     is_main = dist.get_rank() == 0
@@ -277,6 +278,10 @@ def main(**kwargs):
             logger.close()
         if result is None and created:
             _remove_failed_start(created)
+        # Tear the process group down before interpreter exit; left to static destructors it sometimes
+        # aborted a finished 2-rank run ("terminate called without an active exception", exit -6).
+        if owns_process_group:
+            dist.shutdown()
     if error is not None:
         raise error
     if result.stopped is not None:

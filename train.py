@@ -596,7 +596,7 @@ def _loss_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     arch = ARCHITECTURES[opts.arch]
     if arch.loss is not None:
         given = {k: opts[k] for k in arch.loss_options if opts.get(k) is not None}
-        return dnnlib.EasyDict(class_name=arch.loss, **given)
+        return dnnlib.EasyDict(class_name=arch.loss, **copy.deepcopy(arch.loss_kwargs), **given)
     if opts.loss == 'edm2':
         return dnnlib.EasyDict(class_name=presets.EDM2_LOSS, **_edm_loss_options(opts))
     if _uses_uncertainty(opts):

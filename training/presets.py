@@ -141,6 +141,7 @@ class Architecture:
                   channel_mult, num_blocks; train.py adds dropout, use_fp16, augment_dim, ... as for every net)
     network       the network class; None: the --precond preconditioner (PRECOND_PRESETS) around the backbone
     loss          the default loss class; None: the --precond loss (or --loss / --uncertainty's)
+    loss_kwargs   constructor kwargs of that loss fixed by the architecture (e.g. a noise schedule's name)
     loss_options  the train.py options that become loss kwargs when given (or set by `defaults`)
     uncertainty   the network has a learned-uncertainty head built in (its loss must read it)
     defaults      train.py option values it changes: above the CLI's defaults, below --preset and options given
@@ -151,6 +152,7 @@ class Architecture:
     backbone: dict
     network: str | None = None
     loss: str | None = None
+    loss_kwargs: dict = field(default_factory=dict)
     loss_options: tuple = ('P_mean', 'P_std', 'sigma_data')
     uncertainty: bool = False
     defaults: dict = field(default_factory=dict)

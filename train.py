@@ -426,11 +426,11 @@ def _print_plan(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, world: int, precision
     dist.print0()
 
 
-def _create_run_dir(c: dnnlib.EasyDict) -> training_loop.Logger:
+def _create_run_dir(c: dnnlib.EasyDict) -> dnnlib.util.Logger:
     """Rank 0: record the options in the new run folder (atomically), and start teeing output into log.txt."""
     with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
         json.dump(c, f, indent=2)
-    return training_loop.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+    return dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
 
 
 # ----------------------------------------------------------------------------

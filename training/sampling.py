@@ -221,6 +221,23 @@ def check_guide(net, gnet, source: str = 'the guiding network') -> None:
                          f'a guide takes the same class labels or none (an unconditional model)')
 
 
+def check_guidance(has_gnet: bool, guidance: float = 1, cfg: bool = False,
+                   guidance_interval: tuple[float, float] | None = None, label_dim: int | None = None,
+                   spell: Callable[[str], str] = str) -> None:
+    """The one check of a guidance setting (library and CLIs): raise ValueError unless it is consistent.
+    `label_dim` (the network's, when known) is checked for cfg; `spell` names an argument in the message
+    (the CLIs pass their option spelling, e.g. 'gnet' -> '--gnet')."""
+    if cfg and has_gnet:
+        raise ValueError(f'classifier-free guidance ({spell("cfg")}) uses the network itself as the guide; '
+                         f'do not also give {spell("gnet")}')
+    if cfg and label_dim is not None and not int(label_dim):
+        raise ValueError(f'classifier-free guidance ({spell("cfg")}) needs a class-conditional network; this one '
+                         f'has no class labels')
+    if not has_gnet and not cfg and (guidance != 1 or guidance_interval is not None):
+        raise ValueError(f'{spell("guidance")} and {spell("guidance_interval")} need a guide: a second network '
+                         f'({spell("gnet")}) or {spell("cfg")}')
+
+
 def guided_denoiser(net, gnet=None, guidance: float = 1, cfg: bool = False,
                     guidance_interval: tuple[float, float] | None = None):
     """The denoiser to sample with: `net` itself when there is no guide (so the paper's numbers stay bit for
@@ -228,19 +245,12 @@ def guided_denoiser(net, gnet=None, guidance: float = 1, cfg: bool = False,
     labels (`cfg`), with weight `guidance`, for sigma in `guidance_interval` only. Every sampler passes its
     `gnet`, `guidance` keywords (EDM2's names) through here; generate_images passes all five. This is
     where guidance is checked, and the one place a guided denoiser is built."""
-    if cfg and gnet is not None:
-        raise ValueError('classifier-free guidance (cfg) uses the network itself as the guide; '
-                         'do not also give gnet')
+    check_guidance(gnet is not None, guidance, cfg, guidance_interval, label_dim=net.label_dim)
     if cfg:
-        if not int(net.label_dim):
-            raise ValueError('classifier-free guidance (cfg) needs a class-conditional network; this one has '
-                             'no class labels')
         gnet = UnconditionalDenoiser(net)
-    if gnet is None:
-        if guidance != 1 or guidance_interval is not None:
-            raise ValueError('guidance and guidance_interval need a guide: a second network (gnet) or cfg')
+    elif gnet is None:
         return net
-    if not cfg:
+    else:
         check_guide(net, gnet)
     return GuidedDenoiser(net, gnet, guidance, guidance_interval)
 

@@ -12,16 +12,8 @@ into small steps, each a function below:
     _save_state        training-state-*.pt (everything needed to continue bit-exactly)
     _save_snapshot     network-snapshot-*.pkl (what generate.py and fid.py read)
 
-What this loop adds to the paper's:
-- a training state holds tensors and plain data only (readable with torch.load(weights_only=True)), including
-  the data sampler's position and the RNG state of every rank, so a resumed run repeats the uninterrupted run
-  bit for bit on CPU;
-- every checkpoint is written to a temporary name in its folder and then renamed into place;
-- SIGTERM / SIGINT (cluster preemption, Ctrl-C) are turned into an agreed stop at the next step boundary:
-  all ranks write a training state and training_loop returns normally;
-- steps whose loss or gradients are not finite are counted (stats.jsonl: Loss/nonfinite, Loss/nonfinite_grad)
-  and shown on the tick line with the loss; checkpoints are skipped while the loss is not finite, and a run
-  whose loss stays non-finite for nan_patience steps raises TrainingDiverged on every rank.
+What this loop adds to the paper's (resumable tensor-only training states, atomic checkpoints, preemption,
+non-finite losses and gradients) is described in docs/design.md ("Training").
 """
 
 from __future__ import annotations

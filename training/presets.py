@@ -62,9 +62,8 @@ def network_kwargs(name: str, **overrides) -> dict:
     return dict(copy.deepcopy(NETWORKS[name]), **overrides)
 
 
-# ----------------------------------------------------------------------------
-# EDM2 ("Analyzing and Improving the Training Dynamics of Diffusion Models", Karras et al. 2024): class names,
-# then option presets (train.py option values).
+# Classes and functions the options select: EDM2 ("Analyzing and Improving the Training Dynamics of Diffusion
+# Models", Karras et al. 2024), the uncertainty-weighted losses, the lr schedules.
 
 EDM2_NETWORK = 'training.networks_edm2.Precond'  # --arch=edm2: EDM preconditioning built in, c_noise = ln(sigma)/4
 EDM2_LOSS = 'training.loss.EDM2Loss'             # --loss=edm2, and always with --arch=edm2
@@ -82,6 +81,9 @@ LR_SCHEDULES = {
     'rampup': 'training.training_loop.linear_rampup_schedule',  # the paper: linear warm-up, then constant
     'isqrt': 'training.training_loop.learning_rate_schedule',   # EDM2: warm-up, then ref_lr / sqrt(t / t_ref)
 }
+
+# ----------------------------------------------------------------------------
+# Option presets (train.py option values, option name -> value).
 
 # What --arch=edm2 changes in train.py's defaults: EDM2's own defaults (learning_rate_schedule's ref_lr and
 # ref_batches, EDM2Loss's P_mean / P_std, the Block's dropout, no augmentation). Values are train.py options.

@@ -183,7 +183,7 @@ def load_guide(sampler_kwargs: dict, net, device: torch.device, verbose: bool = 
     try:
         check_guidance(sampler_kwargs.get('gnet') is not None, sampler_kwargs.get('guidance', 1),
                        sampler_kwargs.get('cfg', False), sampler_kwargs.get('guidance_interval'),
-                       label_dim=net.label_dim, spell=_option_name)
+                       label_dim=net.label_dim if sampler_kwargs.get('cfg') else None, spell=_option_name)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if sampler_kwargs.get('gnet') is None:

@@ -446,7 +446,7 @@ def build_training_options(opts: dnnlib.EasyDict, world: int):
     _apply_presets(opts)
     dataset = _inspect_dataset(opts)
     _validate_arch(opts)
-    _validate_edm2(opts)
+    _validate_loss_and_schedule(opts)
     _validate(opts, world)
     _check_outdir(opts.outdir)
 
@@ -476,7 +476,7 @@ def build_training_options(opts: dnnlib.EasyDict, world: int):
     c.nan_patience = opts.nan_patience or None
     c.update(_starting_point(opts))
     _add_arch_training(c, opts)
-    _add_edm2_options(c, opts)
+    _add_schedule_and_ema(c, opts)
     return c, dataset.name
 
 
@@ -691,7 +691,8 @@ def _compare_tensors(path: str, found: dict, expected: dict, missing_ok: bool) -
 
 
 # ----------------------------------------------------------------------------
-# EDM2 options -> training_loop kwargs. A command line without them gives exactly the paper's kwargs.
+# Architecture records and the EDM2 options (--preset, --loss, --uncertainty, --lr-schedule, --decay,
+# --ema-stds) -> training_loop kwargs. A command line without them gives exactly the paper's kwargs.
 
 
 def _given_on_command_line(ctx: click.Context) -> set:
@@ -734,7 +735,7 @@ def _validate_arch(opts: dnnlib.EasyDict) -> None:
             raise click.ClickException(refusal.message)
 
 
-def _validate_edm2(opts: dnnlib.EasyDict) -> None:
+def _validate_loss_and_schedule(opts: dnnlib.EasyDict) -> None:
     """The EDM2 option combinations that cannot work. A network with the uncertainty head must train with a loss
     that reads it (its parameters would get no gradient, which DDP with several ranks rejects), and vice versa."""
     given = opts._given
@@ -765,7 +766,7 @@ def _add_arch_training(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
         c.network_kwargs.logvar_channels = presets.LOGVAR_CHANNELS
 
 
-def _add_edm2_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
+def _add_schedule_and_ema(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
     """The lr schedule and EMA policy of the EDM2 options (or of the architecture's defaults), added to `c`."""
     ema_stds = opts.ema_stds
     if ema_stds is None and 'ema' not in opts._given:  # the architecture's EMA unless the paper's is asked for

@@ -290,6 +290,16 @@ def test_sigmas_default_is_the_edm_time_steps_bit_for_bit(problem, name):
     assert n.sigmas[0] == 7.5 and set(custom[:-1].tolist()) <= set(n.sigmas)  # 0.0375 < sigma_min: not clamped
 
 
+def test_generate_images_passes_sigmas(problem):
+    mu, std, _ = problem
+    net = GaussianDenoiser(mu, std, sigma_min=0.002, sigma_max=80)
+    batches = lambda **kw: [im for _, im in sampling.generate_images(net, range(3), sampler='dpmpp_2m', **kw)]
+    default = batches(num_steps=4)
+    same = batches(sigmas=sampling.sampling_sigmas(net, 4, 0.002, 80, 7))
+    other = batches(sigmas=[80.0, 3.0, 0.1, 0.0])
+    assert torch.equal(default[0], same[0]) and not torch.equal(default[0], other[0])
+
+
 def test_bad_sigmas_are_one_line_errors(problem):
     mu, std, z = problem
     for bad in ([3.0, 1.0], [1.0, 3.0, 0.0], [3.0, 0.0, 0.0], [[3.0, 0.0]], [float('nan'), 0.0], [5.0]):

@@ -602,7 +602,8 @@ def _loss_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     if _uses_uncertainty(opts):
         base = dnnlib.util.construct_class_by_name(class_name=PRECOND_PRESETS[opts.precond][1])
         P = {k: getattr(base, k) for k in ('P_mean', 'P_std') if hasattr(base, k)}  # EDMLoss's defaults
-        return dnnlib.EasyDict(class_name=presets.UNCERTAINTY_LOSSES[opts.precond], **dict(P, **_edm_loss_options(opts)))
+        return dnnlib.EasyDict(class_name=presets.UNCERTAINTY_LOSSES[opts.precond],
+                               **dict(P, **_edm_loss_options(opts)))
     return dnnlib.EasyDict(class_name=PRECOND_PRESETS[opts.precond][1], **_edm_loss_options(opts))
 
 

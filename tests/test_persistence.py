@@ -348,7 +348,8 @@ def test_registry_holds_every_library_class_by_its_name():
 
 def test_a_duplicate_library_class_name_is_refused():
     twin = type('EDMPrecond', (), {'__module__': 'training.some_new_family'})
-    with pytest.raises(TypeError, match="'EDMPrecond' is defined in both training.networks and training.some_new_family"):
+    with pytest.raises(TypeError, match="'EDMPrecond' is defined in both training.networks and "
+                                        "training.some_new_family"):
         persistence.persistent_class(twin)
     assert persistence.library_class('EDMPrecond') is networks.EDMPrecond
     # Outside the library, a same-named class is allowed (plain pickle only); the safe loader keeps ours.

@@ -72,7 +72,8 @@ def load_plain(f, name: str, max_params: int = persistence.DEFAULT_MAX_PARAMS) -
     except Exception as e:
         raise CheckpointError(f'{name}: corrupt or truncated checkpoint archive ({one_line(e)}); '
                               f're-download or re-save it') from None
-    if not isinstance(payload, dict) or payload.get('format') != PLAIN_FORMAT or not isinstance(payload.get('objects'), dict):
+    if not isinstance(payload, dict) or payload.get('format') != PLAIN_FORMAT \
+            or not isinstance(payload.get('objects'), dict):
         raise CheckpointError(f'{name}: not an {PLAIN_FORMAT} checkpoint (a torch.save archive of something else)')
     result = {}
     for key, entry in payload['objects'].items():

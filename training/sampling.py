@@ -424,8 +424,8 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
 
 # ----------------------------------------------------------------------------
 # Samplers beyond the paper, as collected in k-diffusion (Crowson): ancestral sampling, DPM-Solver-2,
-# linear multistep, and DPM-Solver++ (Lu et al. 2022) with its SDE variants. All walk the EDM time steps
-# (sampling_sigmas) in float64 and draw noise with `randn_like` once per step that ends above sigma = 0.
+# linear multistep, and DPM-Solver++ (Lu et al. 2022) with its SDE variants. All walk `sigmas` (default: the
+# EDM time steps) in float64 and draw noise with `randn_like` once per step that ends above sigma = 0.
 # The exponential integrators work in lambda = -ln(sigma) (log signal-to-noise ratio for s(t) = 1), where
 # the probability-flow ODE in data prediction is dx/dlambda = D - x, exactly solvable for constant D.
 

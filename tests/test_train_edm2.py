@@ -219,6 +219,7 @@ def test_lr_schedule_and_ema_stds_for_the_papers_networks(tiny_zip, tmp_path):
     (['--arch=edm2', '--loss=edm'], 'trains its uncertainty head with --loss=edm2'),
     (['--arch=edm2', '--uncertainty=0'], 'trains its uncertainty head with --loss=edm2'),
     (['--arch=edm2', '--augment=0.1'], 'trains without augmentation'),
+    (['--arch=edm2', '--conv-groups=2'], 'not of --arch=edm2'),
     (['--loss=edm2', '--precond=vp'], 'use --uncertainty=1 for vp/ve'),
     (['--loss=edm2', '--uncertainty=0'], 'uncertainty-weighted'),
     (['--loss=vp'], '--loss=vp trains --precond=vp networks'),

@@ -162,22 +162,30 @@ def sampler_kwargs_from_cli(ctx: click.Context, kwargs: dict) -> dict:
 def guidance_kwargs_from_cli(kwargs: dict) -> dict:
     """The guidance options (gnet path, guidance, cfg, guidance_interval), checked for consistency; {} when
     there is no guide (generate_images' defaults)."""
+    from training.sampling import check_guidance
     guidance = {k: kwargs[k] for k in GUIDANCE_OPTIONS}
-    if guidance['cfg'] and guidance['gnet'] is not None:
-        raise click.UsageError('--cfg guides the network with itself (labels zeroed); do not also give --gnet')
-    if guidance['gnet'] is None and not guidance['cfg'] and (guidance['guidance'] != 1
-                                                            or guidance['guidance_interval'] is not None):
-        raise click.UsageError('--guidance and --guidance-interval need a guide: --gnet=PKL or --cfg')
+    try:
+        check_guidance(guidance['gnet'] is not None, guidance['guidance'], guidance['cfg'],
+                       guidance['guidance_interval'], spell=_option_name)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     return guidance if guidance['gnet'] is not None or guidance['cfg'] else {}
+
+
+def _option_name(keyword: str) -> str:
+    return '--' + keyword.replace('_', '-')
 
 
 def load_guide(sampler_kwargs: dict, net, device: torch.device, verbose: bool = True) -> dict:
     """sampler_kwargs with --gnet's path replaced by the loaded network, checked against `net` (and --cfg
     against a network without labels); one-line click errors."""
-    from training.sampling import check_guide
-    if sampler_kwargs.get('cfg') and not int(net.label_dim):
-        raise click.BadParameter('classifier-free guidance needs a class-conditional network; this one has no '
-                                 'class labels', param_hint='--cfg')
+    from training.sampling import check_guidance, check_guide
+    try:
+        check_guidance(sampler_kwargs.get('gnet') is not None, sampler_kwargs.get('guidance', 1),
+                       sampler_kwargs.get('cfg', False), sampler_kwargs.get('guidance_interval'),
+                       label_dim=net.label_dim if sampler_kwargs.get('cfg') else None, spell=_option_name)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     if sampler_kwargs.get('gnet') is None:
         return sampler_kwargs
     path = sampler_kwargs['gnet']

@@ -50,6 +50,7 @@ def parse_int_list(s):
 # The presets live in training/presets.py (benchmarks read them too); these names stay importable from here.
 ARCH_PRESETS, PRECOND_PRESETS = presets.ARCH_PRESETS, presets.PRECOND_PRESETS
 CONFIG_PRESETS, LR_SCHEDULES = presets.CONFIG_PRESETS, presets.LR_SCHEDULES
+ARCHITECTURES = presets.ARCHITECTURES  # --arch: one record per architecture, applied generically below
 
 
 def parse_std_list(s):
@@ -134,8 +135,8 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
 @click.option('--data', help='Path to the dataset', metavar='ZIP|DIR', type=str, required=True)
 @click.option('--cond', help='Train class-conditional model', metavar='BOOL', type=bool, default=False,
               show_default=True)
-@click.option('--arch', help='Network architecture', metavar='ddpmpp|ncsnpp|adm|edm2',
-              type=click.Choice(['ddpmpp', 'ncsnpp', 'adm', 'edm2']), default='ddpmpp', show_default=True)
+@click.option('--arch', help='Network architecture', metavar='|'.join(ARCHITECTURES),
+              type=click.Choice(list(ARCHITECTURES)), default='ddpmpp', show_default=True)
 @click.option('--precond', help='Preconditioning & loss function', metavar='vp|ve|edm',
               type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
 # Optimisation schedule, network size, regularisation and the EDM loss parameters.
@@ -430,11 +431,11 @@ def _print_plan(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, world: int, precision
     dist.print0()
 
 
-def _create_run_dir(c: dnnlib.EasyDict) -> training_loop.Logger:
+def _create_run_dir(c: dnnlib.EasyDict) -> dnnlib.util.Logger:
     """Rank 0: record the options in the new run folder (atomically), and start teeing output into log.txt."""
     with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
         json.dump(c, f, indent=2)
-    return training_loop.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+    return dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
 
 
 # ----------------------------------------------------------------------------
@@ -449,7 +450,8 @@ def build_training_options(opts: dnnlib.EasyDict, world: int):
     one-line click error."""
     _apply_presets(opts)
     dataset = _inspect_dataset(opts)
-    _validate_edm2(opts)
+    _validate_arch(opts)
+    _validate_loss_and_schedule(opts)
     _validate(opts, world)
     _check_outdir(opts.outdir)
 
@@ -478,7 +480,8 @@ def build_training_options(opts: dnnlib.EasyDict, world: int):
     c.state_dump_ticks = opts.dump
     c.nan_patience = opts.nan_patience or None
     c.update(_starting_point(opts))
-    _add_edm2_options(c, opts)
+    _add_arch_training(c, opts)
+    _add_schedule_and_ema(c, opts)
     return c, dataset.name
 
 
@@ -551,10 +554,7 @@ def _validate_conv_groups(opts: dnnlib.EasyDict) -> None:
     groups = opts.get('conv_groups', 1)
     if groups == 1:
         return
-    if opts.arch == 'edm2':
-        raise click.BadParameter('grouped convolutions are an option of the EDM U-Nets (ddpmpp, ncsnpp, adm), '
-                                 'not of --arch=edm2', param_hint='--conv-groups')
-    preset = ARCH_PRESETS[opts.arch]
+    preset = ARCHITECTURES[opts.arch].backbone
     cbase = opts.cbase if opts.cbase is not None else preset['model_channels']
     cres = opts.cres if opts.cres is not None else preset['channel_mult']
     bad = conv_groups_mismatch(groups, cbase, cres)
@@ -566,9 +566,11 @@ def _validate_conv_groups(opts: dnnlib.EasyDict) -> None:
 
 
 def _network_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
-    """Architecture preset, preconditioning class, then the per-run overrides."""
-    kwargs = dnnlib.EasyDict(ARCH_PRESETS[opts.arch])
-    kwargs.class_name = PRECOND_PRESETS[opts.precond][0]
+    """Architecture preset, network class (the architecture's, else the preconditioner's), then the per-run
+    overrides."""
+    arch = ARCHITECTURES[opts.arch]
+    kwargs = dnnlib.EasyDict(copy.deepcopy(arch.backbone))
+    kwargs.class_name = arch.network or PRECOND_PRESETS[opts.precond][0]
     sigma_data = _edm_loss_options(opts).get('sigma_data')
     if sigma_data is not None:  # c_skip, c_out, c_in must use the sigma_data the loss weights with
         kwargs.sigma_data = sigma_data
@@ -594,6 +596,19 @@ def _network_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
 
 
 def _loss_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
+    """The architecture's own loss with the loss options given; else --loss=edm2's; else the --precond loss,
+    uncertainty-weighted under --uncertainty (for EDM with EDMLoss's sigma distribution)."""
+    arch = ARCHITECTURES[opts.arch]
+    if arch.loss is not None:
+        given = {k: opts[k] for k in arch.loss_options if opts.get(k) is not None}
+        return dnnlib.EasyDict(class_name=arch.loss, **copy.deepcopy(arch.loss_kwargs), **given)
+    if opts.loss == 'edm2':
+        return dnnlib.EasyDict(class_name=presets.EDM2_LOSS, **_edm_loss_options(opts))
+    if _uses_uncertainty(opts):
+        base = dnnlib.util.construct_class_by_name(class_name=PRECOND_PRESETS[opts.precond][1])
+        P = {k: getattr(base, k) for k in ('P_mean', 'P_std') if hasattr(base, k)}  # EDMLoss's defaults
+        return dnnlib.EasyDict(class_name=presets.UNCERTAINTY_LOSSES[opts.precond],
+                               **dict(P, **_edm_loss_options(opts)))
     return dnnlib.EasyDict(class_name=PRECOND_PRESETS[opts.precond][1], **_edm_loss_options(opts))
 
 
@@ -682,7 +697,8 @@ def _compare_tensors(path: str, found: dict, expected: dict, missing_ok: bool) -
 
 
 # ----------------------------------------------------------------------------
-# EDM2 options -> training_loop kwargs. A command line without them gives exactly the paper's kwargs.
+# Architecture records and the EDM2 options (--preset, --loss, --uncertainty, --lr-schedule, --decay,
+# --ema-stds) -> training_loop kwargs. A command line without them gives exactly the paper's kwargs.
 
 
 def _given_on_command_line(ctx: click.Context) -> set:
@@ -700,7 +716,7 @@ def _given(opts: dnnlib.EasyDict) -> set:
 
 
 def _apply_presets(opts: dnnlib.EasyDict) -> None:
-    """Fill in defaults in place, in layers: the CLI's < EDM2's (--arch=edm2) < --preset < options given."""
+    """Fill in defaults in place, in layers: the CLI's < the architecture's < --preset < options given."""
     given = _given(opts)
     opts._given = given
     preset = CONFIG_PRESETS.get(opts.get('preset'), {})
@@ -708,29 +724,27 @@ def _apply_presets(opts: dnnlib.EasyDict) -> None:
         if 'arch' in given and opts.arch != preset['arch']:
             raise click.ClickException(f'--preset={opts.preset} is for --arch={preset["arch"]}, not --arch={opts.arch}')
         opts.arch = preset['arch']
-    layers = [presets.EDM2_DEFAULTS] if opts.arch == 'edm2' else []
-    for layer in layers + [preset]:
+    for layer in (ARCHITECTURES[opts.arch].defaults, preset):
         for name, value in layer.items():
             if name not in given:
                 opts[name] = copy.deepcopy(value)
 
 
 def _uses_uncertainty(opts: dnnlib.EasyDict) -> bool:
-    return opts.arch == 'edm2' or opts.loss == 'edm2' or bool(opts.uncertainty)
+    return ARCHITECTURES[opts.arch].uncertainty or opts.loss == 'edm2' or bool(opts.uncertainty)
 
 
-def _validate_edm2(opts: dnnlib.EasyDict) -> None:
-    """The EDM2 combinations that cannot work. A network with the uncertainty head must train with a loss that
-    reads it (its parameters would get no gradient, which DDP with several ranks rejects), and vice versa."""
+def _validate_arch(opts: dnnlib.EasyDict) -> None:
+    """The option values the architecture refuses (its record's `refuses`)."""
+    for refusal in ARCHITECTURES[opts.arch].refuses:
+        if opts.get(refusal.option) not in refusal.allowed:
+            raise click.ClickException(refusal.message)
+
+
+def _validate_loss_and_schedule(opts: dnnlib.EasyDict) -> None:
+    """The EDM2 option combinations that cannot work. A network with the uncertainty head must train with a loss
+    that reads it (its parameters would get no gradient, which DDP with several ranks rejects), and vice versa."""
     given = opts._given
-    if opts.arch == 'edm2':
-        if opts.precond != 'edm':
-            raise click.ClickException('--arch=edm2 has its own (EDM) preconditioning; drop --precond')
-        if opts.loss not in (None, 'edm2') or opts.uncertainty is False:
-            raise click.ClickException('--arch=edm2 trains its uncertainty head with --loss=edm2; drop --loss/--uncertainty')
-        if opts.augment:
-            raise click.ClickException('--arch=edm2 trains without augmentation (its network takes no augment labels); '
-                                       'use --augment=0')
     if opts.loss == 'edm2':
         if opts.precond != 'edm':
             raise click.ClickException('--loss=edm2 trains --precond=edm networks; use --uncertainty=1 for vp/ve')
@@ -745,25 +759,24 @@ def _validate_edm2(opts: dnnlib.EasyDict) -> None:
         raise click.ClickException('--ema (half-life) and --ema-stds (power-function EMA) are alternatives; give one')
 
 
-def _add_edm2_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
-    """Network family, loss, optimizer, lr schedule and EMA policy of the EDM2 options, added to `c` in place."""
-    ema_stds = opts.ema_stds
-    if opts.arch == 'edm2':
-        c.network_kwargs.class_name = presets.EDM2_NETWORK
-        c.optimizer_kwargs.betas = [0.9, 0.99]
-        c.nonfinite_grads = 'zero'  # EDM2 zeroes +-Inf gradients too (the paper clamps them)
-        if ema_stds is None and 'ema' not in opts._given:  # EDM2's EMA unless the paper's is asked for
-            ema_stds = presets.EDM2_EMA_STDS
-    elif _uses_uncertainty(opts):
+def _add_arch_training(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
+    """The training_loop kwargs the architecture sets (its record's `training`), in place; and the
+    uncertainty head for a network that has none built in."""
+    arch = ARCHITECTURES[opts.arch]
+    for name, value in copy.deepcopy(arch.training).items():
+        if isinstance(value, dict) and isinstance(c.get(name), dict):
+            c[name].update(value)
+        else:
+            c[name] = value
+    if _uses_uncertainty(opts) and not arch.uncertainty:
         c.network_kwargs.logvar_channels = presets.LOGVAR_CHANNELS
-    if _uses_uncertainty(opts):
-        if opts.arch == 'edm2' or opts.loss == 'edm2':
-            c.loss_kwargs = dnnlib.EasyDict(class_name=presets.EDM2_LOSS, **_edm_loss_options(opts))
-        else:  # the --precond loss (and, for EDM, its sigma distribution), uncertainty-weighted
-            base = dnnlib.util.construct_class_by_name(class_name=PRECOND_PRESETS[opts.precond][1])
-            P = {k: getattr(base, k) for k in ('P_mean', 'P_std') if hasattr(base, k)}  # EDMLoss's defaults
-            c.loss_kwargs = dnnlib.EasyDict(class_name=presets.UNCERTAINTY_LOSSES[opts.precond],
-                                            **dict(P, **_edm_loss_options(opts)))
+
+
+def _add_schedule_and_ema(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
+    """The lr schedule and EMA policy of the EDM2 options (or of the architecture's defaults), added to `c`."""
+    ema_stds = opts.ema_stds
+    if ema_stds is None and 'ema' not in opts._given:  # the architecture's EMA unless the paper's is asked for
+        ema_stds = ARCHITECTURES[opts.arch].ema_stds
     if opts.lr_schedule == 'isqrt':
         c.lr_kwargs = dnnlib.EasyDict(func_name=LR_SCHEDULES['isqrt'], ref_lr=opts.lr,
                                       ref_batches=70000 if opts.decay is None else opts.decay,

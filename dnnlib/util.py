@@ -9,6 +9,7 @@ import io
 import os
 import pickle
 import re
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -32,6 +33,44 @@ class EasyDict(dict):
 
     def __delattr__(self, name: str) -> None:
         del self[name]
+
+
+class Logger:
+    """Replaces sys.stdout and sys.stderr with a tee into `file_name` until close() puts them back."""
+
+    def __init__(self, file_name: Optional[str] = None, file_mode: str = 'a', should_flush: bool = True):
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        self.file = None if file_name is None else open(file_name, file_mode)
+        self.should_flush = should_flush
+        sys.stdout = sys.stderr = self
+
+    def _targets(self) -> list:
+        return [self.stdout] if self.file is None else [self.file, self.stdout]
+
+    def write(self, text: str) -> None:
+        if not text:
+            return
+        for target in self._targets():
+            target.write(text)
+        if self.should_flush:
+            self.flush()
+
+    def flush(self) -> None:
+        for target in self._targets():
+            target.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.flush()
+        if sys.stdout is self:
+            sys.stdout = self.stdout
+        if sys.stderr is self:
+            sys.stderr = self.stderr
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def format_time(seconds: float) -> str:

@@ -4,6 +4,7 @@ its limits, the interval, CFG's label zeroing, EDM2's guided-sampler goldens, ge
 
 from __future__ import annotations
 
+import inspect
 import pathlib
 import subprocess
 import sys
@@ -47,9 +48,11 @@ def pair():
     return net, gnet, z
 
 
-def _run(name, net, z, **kwargs):
+def _run(name, net, z, gnet=None, guidance=1, **kwargs):
+    """Sample with SAMPLERS[name]; a guide is applied as the callers apply it, once, as a guided denoiser."""
     gen = torch.Generator().manual_seed(5)
     randn_like = lambda x: torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    net = sampling.guided_denoiser(net, gnet, guidance)
     return sampling.SAMPLERS[name](net, z, num_steps=5, randn_like=randn_like, **kwargs)
 
 
@@ -86,8 +89,37 @@ def test_guidance_limits_in_every_sampler(pair, name):
                                rtol=1e-12, atol=1e-12)
     guided = _run(name, net(), z, gnet=gnet(), guidance=2)
     assert not torch.allclose(guided, plain)
-    # The keywords and a GuidedDenoiser built by hand are the same thing.
     assert torch.equal(guided, _run(name, sampling.GuidedDenoiser(net(), gnet(), 2), z))
+
+
+def test_only_edm_sampler_takes_the_guidance_keywords(pair):
+    """EDM2's API: edm_sampler(net, ..., gnet=, guidance=) is the guided denoiser applied once; the other
+    samplers take a guided denoiser as their net and have no guidance keywords."""
+    net, gnet, z = pair
+    gen = torch.Generator().manual_seed(5)
+    randn_like = lambda x: torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    by_keywords = sampling.edm_sampler(net(), z, num_steps=5, randn_like=randn_like, gnet=gnet(), guidance=2)
+    assert torch.equal(by_keywords, _run('edm', net(), z, gnet=gnet(), guidance=2))
+    for name, fn in sampling.SAMPLERS.items():
+        params = set(inspect.signature(fn).parameters)
+        assert ('gnet' in params) == (name == 'edm') and ('guidance' in params) == (name == 'edm'), name
+
+
+def test_unconditional_guide_for_a_conditional_network(pair):
+    """CFG with a separately trained unconditional model (EDM2's use): the guide gets no labels, the
+    network its labels (issue 24, defect 2: this was refused as 'label_dim=0 but the network has 4')."""
+    _, _, z = pair
+    mu = torch.zeros([1, 3, 4, 4], dtype=torch.float64)
+    net, guide = LabelRecorder(mu, 0.5, label_dim=4), LabelRecorder(mu + 0.1, 0.7, label_dim=0)
+    labels = torch.eye(4, dtype=torch.float64)[[1, 3]]
+    denoiser = sampling.guided_denoiser(net, guide, guidance=2)
+    x, sigma = 2 * z, torch.tensor(1.5, dtype=torch.float64)
+    out = denoiser(x, sigma, labels)
+    assert torch.equal(net.labels[0], labels) and guide.labels == [None]
+    torch.testing.assert_close(out, guide(x, sigma) + 2 * (net(x, sigma, labels) - guide(x, sigma)),
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match='label_dim=3 but the network has 4'):  # other labels: still refused
+        sampling.guided_denoiser(net, LabelRecorder(mu, 0.7, label_dim=3), guidance=2)
 
 
 def test_guidance_applies_to_every_network_evaluation(pair):
@@ -200,7 +232,8 @@ def nets(tmp_path_factory):
     persistence = pytest.importorskip('torch_utils.persistence')
     folder = tmp_path_factory.mktemp('guide-nets')
     paths = {}
-    for name, kwargs in (('cond', dict()), ('guide', dict(seed=7)), ('gray', dict(img_channels=1, label_dim=0, seed=1))):
+    for name, kwargs in (('cond', dict()), ('guide', dict(seed=7)), ('gray', dict(img_channels=1, label_dim=0, seed=1)),
+                         ('uncond', dict(label_dim=0, seed=3))):
         paths[name] = folder / f'{name}.pkl'
         persistence.save_network_pkl({'ema': make_tiny_net(**kwargs)}, paths[name])
     return paths
@@ -215,6 +248,7 @@ def test_cli_guidance_and_samplers(tmp_path, nets):
     outputs = {}
     for tag, extra in (('plain', []), ('w1', ['--gnet', nets['guide'], '--guidance', '1']),
                        ('auto', ['--gnet', nets['guide'], '--guidance', '2']),
+                       ('uncond', ['--gnet', nets['uncond'], '--guidance', '2']),  # issue 24, defect 2
                        ('cfg', ['--cfg', '--guidance', '2']),
                        ('interval', ['--cfg', '--guidance', '2', '--guidance-interval', '1,10']),
                        ('sde', ['--sampler', 'dpmpp_2m_sde', '--eta', '0.5', '--solver_type', 'heun']),
@@ -225,7 +259,7 @@ def test_cli_guidance_and_samplers(tmp_path, nets):
         outputs[tag] = read_pngs(tmp_path / tag)
         assert len(outputs[tag]) == 4
     assert outputs['w1'] == outputs['plain']
-    for tag in ('auto', 'cfg', 'interval', 'sde', 'lms', 'unipc'):
+    for tag in ('auto', 'uncond', 'cfg', 'interval', 'sde', 'lms', 'unipc'):
         assert outputs[tag] != outputs['plain'], tag
     assert outputs['interval'] != outputs['cfg']
     # The library with the same settings writes the same images.

@@ -268,6 +268,45 @@ def test_samplers_use_the_network_noise_range_and_round_sigma(problem, name):
     assert all(any(abs(s - t) < 1e-9 for t in steps) for s in net.sigmas[::2 if name in ('dpm_2', 'dpmpp_2s_ancestral') else 1])
 
 
+@pytest.mark.parametrize('name', list(sampling.SAMPLERS))
+def test_sigmas_default_is_the_edm_time_steps_bit_for_bit(problem, name):
+    """sigmas=None walks sampling_sigmas; passing those same sigmas gives the same output bit for bit, and
+    other sigmas are walked as given (not clamped or rounded)."""
+    mu, std, z = problem
+    kwargs = dict(discretization='edm', sigma_min=0.002, sigma_max=80) if name == 'ablation' else {}
+    net = lambda: GaussianDenoiser(mu, std, sigma_min=0.05, sigma_max=10.0, round_to=0.01)
+    gen = lambda: torch.Generator().manual_seed(3)
+
+    def run(n, **extra):
+        g = gen()
+        return sampling.SAMPLERS[name](n, z, num_steps=5, randn_like=lambda x: torch.randn(x.shape, generator=g,
+                                       dtype=x.dtype), **kwargs, **extra)
+    default = run(net())
+    sigmas = sampling.sampling_sigmas(net(), 5, 0.002, 80, 7)
+    assert torch.equal(run(net(), sigmas=sigmas), default)
+    custom = torch.tensor([7.5, 2.123, 0.5, 0.0375, 0], dtype=torch.float64)
+    n = GaussianDenoiser(mu, std, sigma_min=0.05, sigma_max=10.0)
+    run(n, sigmas=custom)
+    assert n.sigmas[0] == 7.5 and set(custom[:-1].tolist()) <= set(n.sigmas)  # 0.0375 < sigma_min: not clamped
+
+
+def test_generate_images_passes_sigmas(problem):
+    mu, std, _ = problem
+    net = GaussianDenoiser(mu, std, sigma_min=0.002, sigma_max=80)
+    batches = lambda **kw: [im for _, im in sampling.generate_images(net, range(3), sampler='dpmpp_2m', **kw)]
+    default = batches(num_steps=4)
+    same = batches(sigmas=sampling.sampling_sigmas(net, 4, 0.002, 80, 7))
+    other = batches(sigmas=[80.0, 3.0, 0.1, 0.0])
+    assert torch.equal(default[0], same[0]) and not torch.equal(default[0], other[0])
+
+
+def test_bad_sigmas_are_one_line_errors(problem):
+    mu, std, z = problem
+    for bad in ([3.0, 1.0], [1.0, 3.0, 0.0], [3.0, 0.0, 0.0], [[3.0, 0.0]], [float('nan'), 0.0], [5.0]):
+        with pytest.raises(ValueError, match='sigmas must'):
+            sampling.dpmpp_2m_sampler(GaussianDenoiser(mu, std), z, sigmas=torch.tensor(bad))
+
+
 def test_registry_and_options():
     assert set(NEW_SAMPLERS) <= set(sampling.SAMPLERS)
     common = ('num_steps', 'sigma_min', 'sigma_max', 'rho')

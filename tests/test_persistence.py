@@ -333,3 +333,26 @@ def test_file_url_and_string_paths(tmp_path, monkeypatch):
     with pytest.raises(persistence.CheckpointError) as e:
         persistence.load_network(path.as_uri() + '.missing')
     assert '\n' not in str(e.value) and 'url.pkl.missing' in str(e.value)
+
+#----------------------------------------------------------------------------
+# The registry: {class name: class} of the library, filled by the decorator.
+
+def test_registry_holds_every_library_class_by_its_name():
+    persistence._import_library_modules()
+    registry = persistence._library_classes
+    for name in ('EDMPrecond', 'SongUNet', 'EDMLoss', 'EDM2Loss', 'AugmentPipe', 'Precond', 'UNet'):
+        assert registry[name].__name__ == name and persistence.is_library_class(registry[name])
+    assert all(persistence._origin(cls)[0].split('.')[0] in persistence.LIBRARY_PACKAGES for cls in registry.values())
+    assert persistence.library_class('_StandIn') is None and not persistence.is_library_class(_StandIn)
+
+
+def test_a_duplicate_library_class_name_is_refused():
+    twin = type('EDMPrecond', (), {'__module__': 'training.some_new_family'})
+    with pytest.raises(TypeError, match="'EDMPrecond' is defined in both training.networks and "
+                                        "training.some_new_family"):
+        persistence.persistent_class(twin)
+    assert persistence.library_class('EDMPrecond') is networks.EDMPrecond
+    # Outside the library, a same-named class is allowed (plain pickle only); the safe loader keeps ours.
+    outside = persistence.persistent_class(type('EDMPrecond', (), {'__module__': 'my_script'}))
+    assert persistence.library_class('EDMPrecond') is networks.EDMPrecond
+    assert type(copy.deepcopy(outside())) is outside  # deepcopy keeps the class itself, whatever its name

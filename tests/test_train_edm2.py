@@ -114,6 +114,36 @@ def test_arch_edm2_has_edm2s_defaults(tiny_zip, tmp_path):
     assert 'ema_kwargs' not in c and c.ema_halflife_kimg == 50
 
 
+def test_arch_choices_are_the_architecture_table():
+    arch = next(p for p in train.main.params if p.name == 'arch')
+    assert list(arch.type.choices) == list(presets.ARCHITECTURES) and arch.metavar == '|'.join(presets.ARCHITECTURES)
+
+
+def test_a_new_architecture_is_a_table_entry(tiny_zip, tmp_path, monkeypatch):
+    """Every field of an Architecture record takes effect with no code for it in train.py."""
+    toy = presets.Architecture(
+        backbone=dict(model_type='SongUNet', model_channels=8, channel_mult=[1, 1], num_blocks=1),
+        network='training.networks.EDMPrecond', loss='training.loss.EDM2Loss', loss_kwargs=dict(sigma_data=0.4),
+        loss_options=('P_mean',), uncertainty=False, defaults=dict(lr=0.005, dropout=0.0, augment=0.0),
+        training=dict(optimizer_kwargs=dict(betas=[0.8, 0.9]), nonfinite_grads='zero'), ema_stds=(0.1,),
+        refuses=(presets.Refusal('xflip', (False,), '--arch=toy: no x-flips'),))
+    monkeypatch.setitem(presets.ARCHITECTURES, 'toy', toy)
+    opts = options(['--outdir', str(tmp_path), '--data', tiny_zip, '--P_mean=-1', '--P_std=2'])
+    opts.arch = 'toy'
+    c, _ = train.build_training_options(opts, world=1)
+    assert c.network_kwargs == dict(toy.backbone, class_name='training.networks.EDMPrecond', dropout=0.0,
+                                    use_fp16=False)
+    assert c.loss_kwargs == dict(class_name='training.loss.EDM2Loss', sigma_data=0.4, P_mean=-1)  # not P_std
+    assert c.optimizer_kwargs == dict(class_name='torch.optim.Adam', lr=0.005, betas=[0.8, 0.9], eps=1e-8)
+    assert c.nonfinite_grads == 'zero' and 'augment_kwargs' not in c
+    assert c.ema_kwargs == dict(class_name='training.phema.PowerFunctionEMA', stds=[0.1])
+    assert toy.backbone['channel_mult'] == [1, 1]  # the record is not modified by a run's overrides
+    opts = options(['--outdir', str(tmp_path), '--data', tiny_zip, '--xflip=1'])
+    opts.arch = 'toy'
+    with pytest.raises(train.click.ClickException, match='--arch=toy: no x-flips'):
+        train.build_training_options(opts, world=1)
+
+
 @pytest.mark.parametrize('name', list(presets.CONFIG_PRESETS))
 def test_presets_fill_in_their_numbers(tiny_zip, tmp_path, name):
     preset = presets.CONFIG_PRESETS[name]
@@ -189,6 +219,7 @@ def test_lr_schedule_and_ema_stds_for_the_papers_networks(tiny_zip, tmp_path):
     (['--arch=edm2', '--loss=edm'], 'trains its uncertainty head with --loss=edm2'),
     (['--arch=edm2', '--uncertainty=0'], 'trains its uncertainty head with --loss=edm2'),
     (['--arch=edm2', '--augment=0.1'], 'trains without augmentation'),
+    (['--arch=edm2', '--conv-groups=2'], 'not of --arch=edm2'),
     (['--loss=edm2', '--precond=vp'], 'use --uncertainty=1 for vp/ve'),
     (['--loss=edm2', '--uncertainty=0'], 'uncertainty-weighted'),
     (['--loss=vp'], '--loss=vp trains --precond=vp networks'),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from training import training_loop as tl
-from training.training_loop import ema_beta, learning_rate
+from training.training_loop import ema_beta, linear_rampup_schedule
 from tinydata import make_dataset_zip
 
 
@@ -23,11 +23,12 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 # ---------------------------------------------------------------------------- schedules as formulas
 
 def test_learning_rate_ramps_up_linearly_then_stays():
-    assert learning_rate(1e-3, 0, 10000) == 0
-    assert learning_rate(1e-3, 2_500_000, 10000) == pytest.approx(0.25e-3)
-    assert learning_rate(1e-3, 10_000_000, 10000) == pytest.approx(1e-3)
-    assert learning_rate(1e-3, 50_000_000, 10000) == pytest.approx(1e-3)
-    assert learning_rate(2e-4, 123, 0) == 2e-4  # no ramp-up
+    lr = lambda ref_lr, cur_nimg, rampup_kimg: linear_rampup_schedule(cur_nimg, 64, ref_lr, rampup_kimg)
+    assert lr(1e-3, 0, 10000) == 0
+    assert lr(1e-3, 2_500_000, 10000) == pytest.approx(0.25e-3)
+    assert lr(1e-3, 10_000_000, 10000) == pytest.approx(1e-3)
+    assert lr(1e-3, 50_000_000, 10000) == pytest.approx(1e-3)
+    assert lr(2e-4, 123, 0) == 2e-4  # no ramp-up
 
 
 def test_edm2_learning_rate_schedule_golden(golden_dir):
@@ -142,7 +143,7 @@ def test_resume_is_exact_and_schedules_are_applied(tmp_path):
     # The one resumed step used lr(nimg=48) and EMA beta(nimg=48): ema2 = lerp(net2, ema1, beta).
     kw = loop_kwargs(data, '.', 0)
     lr = s2['optimizer_state']['param_groups'][0]['lr']
-    assert lr == pytest.approx(learning_rate(1e-3, 48, kw['lr_rampup_kimg']), rel=1e-12) and lr < 1e-3
+    assert lr == pytest.approx(linear_rampup_schedule(48, 16, 1e-3, kw['lr_rampup_kimg']), rel=1e-12) and lr < 1e-3
     beta = ema_beta(16, 48, kw['ema_halflife_kimg'], 0.05)  # loop default ema_rampup_ratio
     assert 0 < beta < 1
     for k in s2['ema']:

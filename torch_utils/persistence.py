@@ -1,26 +1,17 @@
-"""Pickle support for network objects, and safe checkpoint loading.
+"""Pickles in the paper's layout, the persistent-class registry, and safe loading.
 
-Writing: classes decorated with `@persistent_class` remember their constructor arguments and pickle in
-the paper's layout: each object reduces to
+Writing: classes decorated with `@persistent_class` remember their constructor arguments and pickle as
     torch_utils.persistence._reconstruct_persistent_obj(meta)
     meta = dict(type='class', version=6, module_src=<source of the defining module>,
                 class_name=<class name>, state=obj.__dict__)
-so `network-snapshot-*.pkl` files written here load in the paper's code and vice versa.
+so snapshots written here load in the paper's code (which executes module_src) and vice versa.
 
-Reading: the paper's loader executes `module_src`, i.e. arbitrary code from the file. We never do.
-`load_network_pkl` uses a restricted unpickler (dnnlib.util.RestrictedUnpickler) that admits only
-tensor/storage rebuilders and plain containers, and rebuilds every persistent object from its class
-name + constructor kwargs + the tensors found in its state. The class comes from the registry that
-`@persistent_class` fills; only classes defined in this library's packages (LIBRARY_PACKAGES) qualify,
-so a new network family in its own module loads without changes here.
-
-We also offer a code-free format ('edm-plain-v1': a `torch.save` zip of class names, JSON kwargs and
-state_dicts) that loads with `torch.load(weights_only=True)`, for sites whose policy forbids pickles:
-`save_network_plain` writes it, `load_network_pkl`/`load_network` (and so every CLI) detect and read it,
-`load_network_plain` reads only it. The README shows the one-line conversion.
-
-Any corrupt, truncated, foreign or disallowed file raises `CheckpointError` (a `ValueError`) with a
-one-line message naming the file.
+Reading: `load_network_pkl` never executes module_src. A restricted unpickler admits only tensor
+rebuilders and plain containers, and each persistent object is rebuilt from class name + constructor kwargs
++ tensors. The class comes from the registry, `{class_name: cls}` of this library's packages
+(LIBRARY_PACKAGES), filled by the decorator; class names are unique there (a duplicate is refused at import).
+The code-free 'edm-plain-v1' format lives in torch_utils/plain_format.py; `load_network_pkl` reads both.
+Every failure is a `CheckpointError` (a `ValueError`) with a one-line message naming the file.
 """
 
 from __future__ import annotations
@@ -30,12 +21,11 @@ import contextlib
 import copy
 import functools
 import importlib
-import importlib.util
 import inspect
 import io
-import json
 import os
 import pickle
+import pkgutil
 import sys
 from typing import Any
 
@@ -46,12 +36,12 @@ import dnnlib
 _version = 6                 # Record version of the paper's layout; its loader rejects any other value.
 PLAIN_FORMAT = 'edm-plain-v1'
 
-# Packages of this library. The safe loader rebuilds a persistent class only if the module that defines it
-# lies in one of them (any module there that decorates its classes, e.g. training/networks_edm2.py); classes
-# defined anywhere else (user scripts, tests, other projects) are refused.
+# Packages of this library. The safe loader rebuilds only persistent classes defined in them; classes defined
+# anywhere else (user scripts, tests) still pickle and unpickle with plain pickle, but are refused by it.
 LIBRARY_PACKAGES = ('training', 'torch_utils')
 
-_persistent_classes: list[type] = []  # The registry: classes produced by @persistent_class, oldest first.
+_library_classes: dict[str, type] = {}  # The registry: class name -> persistent class, for LIBRARY_PACKAGES.
+_other_classes: dict[str, type] = {}    # Persistent classes defined elsewhere (plain pickle only); newest wins.
 
 class CheckpointError(ValueError):
     """A checkpoint could not be loaded; the message is one line and names the file."""
@@ -63,7 +53,7 @@ class CheckpointError(ValueError):
 # keep deep copies of their constructor arguments (`_init_args`, `_init_kwargs`: these attribute names are
 # part of the pickled state, and the paper's code reads them) and pickle as a call to
 # `_reconstruct_persistent_obj(record)`. The record also embeds the defining module's source text, because
-# the paper's loader rebuilds classes from it; our loader only uses it to tell apart same-named classes.
+# the paper's loader rebuilds classes from it; our loaders never read it.
 
 @functools.lru_cache(maxsize=None)
 def _source_of_module(module_name: str) -> str | None:
@@ -123,14 +113,36 @@ def persistent_class(orig_class: type) -> type:
         '__qualname__': orig_class.__qualname__,
         '__doc__': orig_class.__doc__,
     }
+    namespace['__deepcopy__'] = _persistent_deepcopy
     persistent = type(orig_class)(orig_class.__name__, (orig_class,), namespace)
-    _persistent_classes.append(persistent)
+    _register(persistent)
     return persistent
+
+def _register(cls: type) -> None:
+    """Add a persistent class to the registry; a second library class of the same name is an error (a
+    checkpoint names classes by name alone). Re-running the same module replaces its class."""
+    module_name, class_name = _origin(cls)
+    if module_name.split('.')[0] not in LIBRARY_PACKAGES:
+        _other_classes[class_name] = cls
+        return
+    known = _library_classes.get(class_name)
+    if known is not None and _origin(known)[0] != module_name:
+        raise TypeError(f'persistent class {class_name!r} is defined in both {_origin(known)[0]} and {module_name}; '
+                        f'checkpoints name classes by name alone, so library class names must be unique: rename one')
+    _library_classes[class_name] = cls
+
+def _persistent_deepcopy(self, memo: dict):
+    """copy.deepcopy: the same class, a deep copy of the pickled state (what pickling round-trips)."""
+    cls = type(self)
+    obj = cls.__new__(cls)
+    memo[id(self)] = obj
+    _restore_state(obj, copy.deepcopy(_pickled_state(self), memo))
+    return obj
 
 def is_persistent(obj: Any) -> bool:
     """True for decorated classes and their instances."""
     cls = obj if isinstance(obj, type) else type(obj)
-    return cls in _persistent_classes
+    return '_persistent_origin' in cls.__dict__  # set on the decorated class itself, not inherited
 
 #----------------------------------------------------------------------------
 # Reading side, shared by pickle.load, copy.deepcopy and the safe loader. Classes are only ever taken from
@@ -138,51 +150,38 @@ def is_persistent(obj: Any) -> bool:
 
 def is_library_class(cls: type) -> bool:
     """A persistent class defined in one of this library's packages (what the safe loader may build)."""
-    return is_persistent(cls) and _origin(cls)[0].split('.')[0] in LIBRARY_PACKAGES
+    return is_persistent(cls) and _library_classes.get(_origin(cls)[1]) is cls
 
 @functools.lru_cache(maxsize=None)
 def _import_library_modules() -> None:
-    """Import every module of the library packages that decorates classes, so the registry knows all of
-    them (a checkpoint names classes, not modules). Modules are chosen by reading their source first, so
-    unrelated modules are not imported."""
-    import pkgutil
+    """Import every module of the library packages, so the registry holds all their classes (a checkpoint
+    names classes, not modules). A module that cannot be imported here (a missing optional dependency)
+    contributes no classes."""
     for package_name in LIBRARY_PACKAGES:
         try:
             package = importlib.import_module(package_name)
         except ImportError:
             continue
-        for info in pkgutil.iter_modules(package.__path__, prefix=package_name + '.'):
-            spec = importlib.util.find_spec(info.name)
-            try:
-                with open(spec.origin, encoding='utf-8') as f:
-                    if 'persistent_class' not in f.read():
-                        continue
-            except (OSError, TypeError):
-                continue
+        for info in pkgutil.walk_packages(package.__path__, prefix=package_name + '.'):
             if info.name != __name__:
-                importlib.import_module(info.name)
+                try:
+                    importlib.import_module(info.name)
+                except ImportError:
+                    continue
 
-def _source_affinity(cls: type, module_src: str) -> int:
-    """How many persistent classes of `cls`'s module are defined in `module_src` (tells apart same-named
-    classes of different families when a checkpoint carries someone else's source)."""
-    module_name = _origin(cls)[0]
-    return sum(f'class {_origin(c)[1]}' in module_src for c in _persistent_classes if _origin(c)[0] == module_name)
-
-def _class_for_meta(class_name: str, module_src: str | None, library_only: bool) -> type | None:
-    """The registered class a persistent-object record stands for, or None."""
-    candidates = [c for c in reversed(_persistent_classes) if _origin(c)[1] == class_name
-                  and (not library_only or is_library_class(c))]
-    if library_only and not candidates:
+def library_class(class_name: str) -> type | None:
+    """The library's persistent class of that name (importing the library's modules on first need)."""
+    if class_name not in _library_classes:
         _import_library_modules()
-        candidates = [c for c in reversed(_persistent_classes) if _origin(c)[1] == class_name and is_library_class(c)]
-    if not candidates:
-        return None
-    if module_src:
-        for cls in candidates:  # our own pickles and deepcopies carry our source
-            if _source_of_module(_origin(cls)[0]) == module_src:
-                return cls
-        return max(candidates, key=lambda c: _source_affinity(c, module_src))  # stable: newest first on ties
-    return candidates[0]
+    return _library_classes.get(class_name)
+
+def _class_for_meta(class_name: str, library_only: bool) -> type | None:
+    """The registered class a persistent-object record names: the library's, else (plain pickle only) one
+    defined elsewhere; None if there is none."""
+    cls = library_class(class_name)
+    if cls is None and not library_only:
+        cls = _other_classes.get(class_name)
+    return cls
 
 def _restore_state(obj: Any, state: dict) -> None:
     """Put pickled attributes back, through the class's __setstate__ when it has one (nn.Module's fills
@@ -199,10 +198,7 @@ def _reconstruct_persistent_obj(meta: dict) -> Any:
     if record.get('type') != 'class':
         raise pickle.UnpicklingError(f'unsupported persistent object type {record.get("type")!r}')
     class_name = record.get('class_name')
-    cls = _class_for_meta(class_name, record.get('module_src'), library_only=False)
-    if cls is None:
-        _import_library_modules()
-        cls = _class_for_meta(class_name, record.get('module_src'), library_only=False)
+    cls = _class_for_meta(class_name, library_only=False) if isinstance(class_name, str) else None
     if cls is None:
         raise pickle.UnpicklingError(f'no known persistent class named {class_name!r}')
     obj = cls.__new__(cls)
@@ -220,7 +216,6 @@ class _PersistentStub:
         if meta.get('version') != _version:
             raise CheckpointError(f'unsupported persistent object version {meta.get("version")!r} (expected {_version})')
         self.class_name = meta.get('class_name')
-        self.module_src = meta.get('module_src')
         self.state = meta.get('state') or {}
         if not isinstance(self.class_name, str) or not isinstance(self.state, dict):
             raise CheckpointError('malformed persistent object record')
@@ -378,7 +373,7 @@ def _build(cls: type, args, kwargs, tensors: dict | None, describe: str, max_par
     return obj
 
 def _materialize_stub(stub: _PersistentStub, max_params: int):
-    cls = _class_for_meta(stub.class_name, stub.module_src, library_only=True)
+    cls = _class_for_meta(stub.class_name, library_only=True)
     if cls is None:
         raise CheckpointError(f'class {stub.class_name!r} is not a persistent class of this library '
                               f'({", ".join(LIBRARY_PACKAGES)}); refusing to load it')
@@ -412,78 +407,6 @@ def _materialize(obj, max_params: int = DEFAULT_MAX_PARAMS):
     if isinstance(obj, tuple):
         return tuple(_materialize(v, max_params) for v in obj)
     return obj
-
-#----------------------------------------------------------------------------
-# Plain, code-free format.
-
-def _resolve_plain_class(dotted: str) -> type:
-    module_name, _, class_name = str(dotted).rpartition('.')
-    if module_name.split('.')[0] not in LIBRARY_PACKAGES:
-        raise CheckpointError(f'class {dotted!r} is not in this library ({", ".join(LIBRARY_PACKAGES)}); refusing to load it')
-    try:
-        importlib.import_module(module_name)
-    except ImportError:
-        raise CheckpointError(f'unknown class {dotted!r}') from None
-    cls = next((c for c in reversed(_persistent_classes) if _origin(c) == (module_name, class_name)), None)
-    if cls is None:
-        raise CheckpointError(f'unknown class {dotted!r}')
-    return cls
-
-def _json_default(o):
-    if hasattr(o, 'item'):     # numpy / torch scalars
-        return o.item()
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    raise TypeError(f'{type(o).__name__} is not JSON serialisable')
-
-def _to_plain_entry(value) -> dict:
-    if is_persistent(value):
-        cls = type(value)
-        entry = dict(kind='object', cls='.'.join(_origin(cls)),
-                     init_args=json.dumps(list(value._init_args), default=_json_default),
-                     init_kwargs=json.dumps(dict(value._init_kwargs), default=_json_default))
-        if isinstance(value, torch.nn.Module):
-            entry['state_dict'] = {k: v.detach().cpu().clone() for k, v in value.state_dict().items()}
-            entry['training'] = bool(value.training)
-        return entry
-    return dict(kind='json', value=json.dumps(value, default=_json_default))
-
-def save_network_plain(data, path: str | os.PathLike) -> None:
-    """Write `data` (a snapshot dict like {'ema': net, 'loss_fn': ..., 'dataset_kwargs': ...}, or a single
-    network, stored as 'ema') in the code-free 'edm-plain-v1' format, atomically."""
-    if not isinstance(data, dict):
-        data = {'ema': data}
-    payload = dict(format=PLAIN_FORMAT, objects={str(k): _to_plain_entry(v) for k, v in data.items()})
-    with dnnlib.util.atomic_write(path) as f:
-        torch.save(payload, f)
-
-def _load_plain(f, name: str, max_params: int = DEFAULT_MAX_PARAMS) -> dict:
-    try:
-        payload = torch.load(f, weights_only=True, map_location='cpu')
-    except Exception as e:
-        raise CheckpointError(f'{name}: corrupt or truncated checkpoint archive ({_one_line(e)}); re-download or re-save it') from None
-    if not isinstance(payload, dict) or payload.get('format') != PLAIN_FORMAT or not isinstance(payload.get('objects'), dict):
-        raise CheckpointError(f'{name}: not an {PLAIN_FORMAT} checkpoint (a torch.save archive of something else)')
-    result = {}
-    for key, entry in payload['objects'].items():
-        try:
-            if entry['kind'] == 'json':
-                result[key] = json.loads(entry['value'])
-            elif entry['kind'] == 'object':
-                cls = _resolve_plain_class(entry['cls'])
-                args, kwargs = json.loads(entry['init_args']), json.loads(entry['init_kwargs'])
-                obj = _build(cls, tuple(args), kwargs, entry.get('state_dict'), f'{entry["cls"]}(**{_short_kwargs(kwargs)})',
-                             max_params)
-                if isinstance(obj, torch.nn.Module):
-                    obj.train(bool(entry.get('training', False)))
-                result[key] = obj
-            else:
-                raise CheckpointError(f'unknown entry kind {entry["kind"]!r}')
-        except CheckpointError as e:
-            raise CheckpointError(f'{name}: {key}: {e}') from None
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f'{name}: {key}: malformed entry ({_one_line(e)})') from None
-    return result
 
 #----------------------------------------------------------------------------
 # Public loading/saving API.
@@ -532,7 +455,8 @@ def load_network_pkl(path_or_url_or_file, max_params: int = DEFAULT_MAX_PARAMS) 
         if not head:
             raise CheckpointError(f'{name}: empty file, not a network checkpoint')
         if head.startswith(b'PK'):
-            return _load_plain(f, name, max_params)
+            from torch_utils import plain_format
+            return plain_format.load_plain(f, name, max_params)
         if head[:1] != b'\x80':
             raise CheckpointError(f'{name}: not a network pickle or {PLAIN_FORMAT} checkpoint (unrecognised header {head!r})')
         try:
@@ -552,12 +476,18 @@ def load_network_pkl(path_or_url_or_file, max_params: int = DEFAULT_MAX_PARAMS) 
     return data
 
 def load_network_plain(path_or_file, max_params: int = DEFAULT_MAX_PARAMS) -> dict:
-    """Load our code-free 'edm-plain-v1' format only (refuses pickles)."""
+    """Load our code-free 'edm-plain-v1' format only (refuses pickles); see torch_utils/plain_format.py."""
     with _open_source(path_or_file) as (f, name):
         if f.read(2) != b'PK':
             raise CheckpointError(f'{name}: not an {PLAIN_FORMAT} checkpoint (expected a torch.save zip archive)')
         f.seek(0)
-        return _load_plain(f, name, max_params)
+        from torch_utils import plain_format
+        return plain_format.load_plain(f, name, max_params)
+
+def save_network_plain(data, path: str | os.PathLike) -> None:
+    """Write `data` in the code-free 'edm-plain-v1' format, atomically; see torch_utils/plain_format.py."""
+    from torch_utils import plain_format
+    plain_format.save_plain(data, path)
 
 def load_network(path_or_url, key: str = 'ema', device='cpu', verbose: bool = False,
                  max_params: int = DEFAULT_MAX_PARAMS) -> torch.nn.Module:

@@ -39,16 +39,25 @@ def ema_beta(batch_size: int, cur_nimg: int, ema_halflife_kimg: float, ema_rampu
 
 
 class HalfLifeEMA:
-    """The paper's EMA: ema <- beta ema + (1 - beta) net for every parameter after each step, with the
-    half-life `halflife_kimg` (ramped up as `rampup_ratio` x the images seen; None = no ramp-up). Buffers
-    keep the values they had when the copy was made. Its state_dict is the averaged module's, so training
-    states written before policies existed still load."""
+    """The half-life EMA: ema <- beta ema + (1 - beta) net for every parameter after each step, with
+    beta = 0.5^(batch / h) and half-life h = `halflife_kimg` (ramped up as `rampup_ratio` x the images seen;
+    None = no ramp-up). This class has the paper's conventions (Appendix F.1): beta from the images seen
+    before the step, buffers keep the values they had when the copy was made, and the state_dict is the
+    averaged module's (so training states written before policies existed still load).
+    `training.phema.TraditionalEMA` is the same EMA with EDM2's conventions."""
 
     def __init__(self, net: torch.nn.Module, halflife_kimg: float = 500, rampup_ratio: Optional[float] = 0.05):
         self.net = net
         self.halflife_kimg = halflife_kimg
         self.rampup_ratio = rampup_ratio
         self.ema = copy.deepcopy(net).eval().requires_grad_(False)
+
+    def _beta(self, cur_nimg: int, batch_size: int) -> float:
+        return ema_beta(batch_size, cur_nimg - batch_size, self.halflife_kimg, self.rampup_ratio)
+
+    @staticmethod
+    def _average(p_ema: torch.Tensor, p_net: torch.Tensor, beta: float) -> None:
+        p_ema.copy_(p_net.lerp(p_ema, beta))  # the paper's rounding: net + beta (ema - net)
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -57,10 +66,9 @@ class HalfLifeEMA:
 
     @torch.no_grad()
     def update(self, cur_nimg: int, batch_size: int) -> None:
-        # The paper's beta uses the images seen before this step.
-        beta = ema_beta(batch_size, cur_nimg - batch_size, self.halflife_kimg, self.rampup_ratio)
+        beta = self._beta(cur_nimg, batch_size)
         for p_ema, p_net in zip(self.ema.parameters(), self.net.parameters()):
-            p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+            self._average(p_ema, p_net.detach(), beta)
 
     def get(self) -> list:
         return [(self.ema, '')]

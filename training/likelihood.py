@@ -1,21 +1,8 @@
-"""Log-likelihood of data under a diffusion model, via the probability-flow ODE (Song et al. 2021, "Score-Based
-Generative Modeling through SDEs", Sec. 4.3 and App. D.2), in the EDM parameterisation (sigma(t) = t, s(t) = 1).
-
-With s = ln(sigma) the probability-flow ODE (EDM Eq. 4) reads dx/ds = v(x, s) = x - D(x; sigma), and along
-its solution the density obeys the instantaneous change of variables d log p_sigma(x(s)) / ds = -div v, so
-
-    log p_{sigma_min}(x) = log p_{sigma_max}(x(sigma_max)) + integral_{ln sigma_min}^{ln sigma_max} div v ds,
-
-with p_{sigma_max} ~ N(0, sigma_max^2 I) (the sampler's prior; exact up to O(sigma_data^2 / sigma_max^2) per
-dimension) and div v = d - tr(dD/dx). The trace is estimated with Hutchinson's estimator eps^T (dD/dx) eps
-for one fixed probe eps per image (Rademacher or Gaussian; unbiased, one vector-Jacobian product per
-evaluation), or computed exactly (d products; for tiny images and tests). The ODE, augmented with the running
-integral, is solved by an adaptive Dormand-Prince 5(4) method (torch_utils.ode.dopri5) in float64.
-
-For 8-bit images the continuous density becomes a discrete one through uniform dequantisation (Theis et
-al. 2016; Ho et al. 2020): pixel k in {0..255} maps to the bin of width 1/127.5 centred on k/127.5 - 1 (the
-inverse of generate.py's x*127.5 + 128), and log P(k) >= E_u[log p(k/127.5 - 1 + (u - 1/2)/127.5)] - d ln 127.5,
-so the reported negative log-likelihood in bits per dimension is (-log p / d + ln 127.5) / ln 2.
+"""Log-likelihood (bits/dim) of images under a diffusion model through the probability-flow ODE (Song et al.
+2021, Sec. 4.3) in the EDM parameterisation: dx/ds = x - D(x; sigma) in s = ln(sigma), integrated with the
+divergence (Hutchinson's estimator with one fixed probe per image, or exact) by torch_utils.ode.dopri5 in
+float64, plus the N(0, sigma_max^2 I) prior; 8-bit images by uniform dequantisation. The derivation is in
+docs/design.md ("Samplers beyond the paper, guidance, likelihood").
 """
 
 from __future__ import annotations

@@ -51,28 +51,28 @@ def edm_weight(sigma, sigma_data=0.5):
 
 #----------------------------------------------------------------------------
 
+def _denoise(net, images, sigma, labels, augment_pipe, **net_kwargs):
+    """The prelude every loss shares (Eq. 2 / Table 1): optionally augment the clean images y, add Gaussian
+    noise n of std `sigma`, and denoise. Draws: the augmentation pipe's, then the noise. The network gets
+    `augment_labels` only when there is a pipe (EDM2's networks take none). Returns (y, net's output)."""
+    model_kwargs = {}
+    if augment_pipe is not None:
+        images, model_kwargs['augment_labels'] = augment_pipe(images)
+    noise = torch.randn_like(images) * sigma
+    return images, net(images + noise, sigma, labels, **net_kwargs, **model_kwargs)
+
+
 def _denoising_loss(net, images, sigma, weight, labels, augment_pipe):
-    """The part every loss shares (Eq. 2 / Table 1): optionally augment the clean images, corrupt them
-    with Gaussian noise of std `sigma`, denoise, and return the weighted squared error per pixel."""
-    if augment_pipe is None:
-        clean, augment_labels = images, None
-    else:
-        clean, augment_labels = augment_pipe(images)
-    noise = torch.randn_like(clean) * sigma
-    denoised = net(clean + noise, sigma, labels, augment_labels=augment_labels)
+    """lambda(sigma) * (D(y + n; sigma) - y)^2 per pixel."""
+    clean, denoised = _denoise(net, images, sigma, labels, augment_pipe)
     return weight * ((denoised - clean) ** 2)
 
 
 def _uncertainty_weighted_loss(net, images, sigma, weight, labels, augment_pipe):
     """EDM2's loss (config B, after Kendall et al. 2018): weight / e^u(sigma) * (D - y)^2 + u(sigma), with
-    u(sigma) the network's log-variance head (net(..., return_logvar=True)). Same draws as
-    _denoising_loss: the augmentation pipe, then the noise."""
-    model_kwargs = {}
-    if augment_pipe is not None:
-        images, model_kwargs['augment_labels'] = augment_pipe(images)
-    noise = torch.randn_like(images) * sigma
-    denoised, logvar = net(images + noise, sigma, labels, return_logvar=True, **model_kwargs)
-    return (weight / logvar.exp()) * ((denoised - images) ** 2) + logvar
+    u(sigma) the network's log-variance head (net(..., return_logvar=True))."""
+    clean, (denoised, logvar) = _denoise(net, images, sigma, labels, augment_pipe, return_logvar=True)
+    return (weight / logvar.exp()) * ((denoised - clean) ** 2) + logvar
 
 
 def _per_image(draw, images):

@@ -72,15 +72,14 @@ def _init_param(shape, mode, fan_in, fan_out, scale) -> torch.Tensor:
     return weight_init(shape, mode, fan_in, fan_out) * scale
 
 #----------------------------------------------------------------------------
-# Speed options. Each one was measured to help on CPU (benchmarks/bench_networks.py toggles them
-# for before/after numbers); none changes what is computed beyond float rounding.
+# Speed options (timings: README, "Speed"; benchmarks/bench_networks.py toggles them). None changes what is
+# computed beyond float rounding.
 
 FUSED_CONV_BIAS = True  # add the bias inside F.conv2d (one pass over the activations fewer)
 INPLACE_OPS = True      # SiLU in place when no autograd graph needs its input (eval, no_grad,
                         # inference_mode); skip-connection scaling in place (autograd-safe)
 CHANNELS_LAST = 'auto'  # on CPU, convolve channels_last (NHWC) activations: True always, 'auto' in bfloat16
-                        # only (oneDNN's bf16 kernels need NHWC; in fp32 NCHW measured faster on this project's
-                        # AVX2 CPU, mostly because torch's channels_last GroupNorm is 2-4x slower), False never.
+                        # only (oneDNN's bf16 kernels need NHWC; fp32 is faster in NCHW), False never.
                         # The backbones hand back the usual contiguous (NCHW) output either way.
 
 def _conv_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -265,8 +264,8 @@ class AttentionOp(torch.autograd.Function):
         return dq, dk
 
 # 'auto': torch's fused scaled_dot_product_attention for fp32 on CUDA (same numbers to ~1e-7, far less
-# memory); the explicit form elsewhere -- on CPU it measured 1.1-1.7x faster than SDPA for the U-Net's
-# shapes (benchmarks/bench_networks.py) -- and always for fp16/bf16 so the softmax runs in float32.
+# memory); the explicit form elsewhere (faster than SDPA on CPU for the U-Net's shapes) and always for
+# fp16/bf16, so the softmax runs in float32.
 ATTENTION_IMPL = 'auto'   # 'auto' | 'sdpa' | 'explicit'
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str | None = None) -> torch.Tensor:

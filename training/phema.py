@@ -19,10 +19,8 @@ wanted profile in L2 over tau: A x = b with A_ij = <p_i, p_j> and b_i = <p_i, p_
 (solve_posthoc_coefficients). `combine_snapshots` applies the coefficients.
 
 EDM2's EMA policies for the training loop (interface: training/ema.py): `PowerFunctionEMA` (the EDM2
-default, one EMA per sigma_rel) and `TraditionalEMA` (EDM2's half-life EMA with ramp-up). Both follow EDM2's
-call convention: `update(cur_nimg, batch_size)` after every optimizer step, where cur_nimg counts the
-images seen including that step (unlike training.ema.HalfLifeEMA, which reproduces the paper's EDM loop
-and evaluates its beta at the images seen before the step).
+default, one EMA per sigma_rel) and `TraditionalEMA` (training.ema.HalfLifeEMA with EDM2's conventions).
+Both evaluate beta at the images seen including the step (the paper's EMA: before it).
 
 Post-hoc math is float64 numpy; EMA weights are updated in the network's own dtype.
 """
@@ -35,7 +33,7 @@ import numpy as np
 import torch
 
 import dnnlib
-from training.ema import ema_beta
+from training.ema import HalfLifeEMA, ema_beta
 
 #----------------------------------------------------------------------------
 # Profile width <-> exponent.
@@ -193,22 +191,25 @@ class PowerFunctionEMA:
         for ema, ema_state in zip(self.emas, state['emas']):
             ema.load_state_dict(ema_state)
 
-class TraditionalEMA:
-    """Classic EMA with half-life `halflife_Mimg` million images, limited during ramp-up to
-    `rampup_ratio` times the images seen (None: no ramp-up): beta = 0.5^(batch_size / halflife_nimg).
-    Snapshot suffix ''."""
+class TraditionalEMA(HalfLifeEMA):
+    """EDM2's half-life EMA: training.ema.HalfLifeEMA with EDM2's conventions. Half-life `halflife_Mimg`
+    million images (ramped up as `rampup_ratio` x the images seen; None: no ramp-up); beta from the images
+    seen including the step; reset and get() also copy the buffers; state_dict is dict(ema=...). Snapshot
+    suffix ''."""
 
     def __init__(self, net: torch.nn.Module, halflife_Mimg: float = float('inf'), rampup_ratio: float | None = 0.09):
-        self.net = net
+        super().__init__(net, halflife_kimg=halflife_Mimg * 1000, rampup_ratio=rampup_ratio)
         self.halflife_Mimg = halflife_Mimg
-        self.rampup_ratio = rampup_ratio
-        self.ema = _ema_copy(net)
+
+    def _beta(self, cur_nimg: int, batch_size: int) -> float:
+        return ema_beta(batch_size, cur_nimg, self.halflife_kimg, self.rampup_ratio)
+
+    @staticmethod
+    def _average(p_ema: torch.Tensor, p_net: torch.Tensor, beta: float) -> None:
+        p_ema.lerp_(p_net, 1 - float(beta))  # EDM2's rounding: ema + (1 - beta) (net - ema)
 
     def reset(self) -> None:
         _copy_params_and_buffers(self.net, self.ema)
-
-    def update(self, cur_nimg: int, batch_size: int) -> None:
-        _lerp_params(self.ema, self.net, ema_beta(batch_size, cur_nimg, self.halflife_Mimg * 1000, self.rampup_ratio))
 
     def get(self) -> list:
         _sync_buffers(self.net, self.ema)

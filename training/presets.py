@@ -1,17 +1,20 @@
-"""Configurations as data, in one place: train.py's architecture and preconditioning presets, and the named
-networks that benchmarks (and tests) build.
+"""Configurations as data: the architectures train.py's --arch offers (one record each), the constructor
+presets they are built from, and the option presets of --preset.
 
-    ARCH_PRESETS     --arch: the backbones of the paper's Table 7 (channel counts for CIFAR-10 / ImageNet-64),
-                     and EDM2's magnitude-preserving U-Net
-    PRECOND_PRESETS  --precond: the preconditioning and the loss that trains it (Table 1)
-    NETWORKS         complete constructor kwargs (class_name included) of named networks
-    EDM2_*, UNCERTAINTY_LOSSES, LR_SCHEDULES, CONFIG_PRESETS
-                     train.py's EDM2 options: --arch=edm2, --loss=edm2, --uncertainty, --lr-schedule, --preset
+Constructor presets are class kwargs: ARCH_PRESETS (backbones), PRECOND_PRESETS (Table 1's preconditioner
+and loss), NETWORKS (complete named networks; benchmarks build them). Option presets are train.py option
+values: an Architecture's `defaults` (e.g. EDM2_DEFAULTS) and CONFIG_PRESETS. ARCHITECTURES joins them:
+docs/design.md ("Add a network family") describes the record and how train.py applies it.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+# ----------------------------------------------------------------------------
+# Constructor presets (class kwargs).
 
 ARCH_PRESETS = {
     'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
@@ -59,8 +62,8 @@ def network_kwargs(name: str, **overrides) -> dict:
     return dict(copy.deepcopy(NETWORKS[name]), **overrides)
 
 
-# ----------------------------------------------------------------------------
-# EDM2 ("Analyzing and Improving the Training Dynamics of Diffusion Models", Karras et al. 2024).
+# Classes and functions the options select: EDM2 ("Analyzing and Improving the Training Dynamics of Diffusion
+# Models", Karras et al. 2024), the uncertainty-weighted losses, the lr schedules.
 
 EDM2_NETWORK = 'training.networks_edm2.Precond'  # --arch=edm2: EDM preconditioning built in, c_noise = ln(sigma)/4
 EDM2_LOSS = 'training.loss.EDM2Loss'             # --loss=edm2, and always with --arch=edm2
@@ -78,6 +81,9 @@ LR_SCHEDULES = {
     'rampup': 'training.training_loop.linear_rampup_schedule',  # the paper: linear warm-up, then constant
     'isqrt': 'training.training_loop.learning_rate_schedule',   # EDM2: warm-up, then ref_lr / sqrt(t / t_ref)
 }
+
+# ----------------------------------------------------------------------------
+# Option presets (train.py option values, option name -> value).
 
 # What --arch=edm2 changes in train.py's defaults: EDM2's own defaults (learning_rate_schedule's ref_lr and
 # ref_batches, EDM2Loss's P_mean / P_std, the Block's dropout, no augmentation). Values are train.py options.
@@ -113,4 +119,72 @@ CONFIG_PRESETS = {
     # pixel-space data, warm-up over 2 kimg and t_ref = 50 batches (of a ~600-step run, the proportion EDM2's
     # img64 runs have: t_ref ~ 1/15 of training).
     'edm2-digits': _edm2_preset(40_000, 64, 32, 0.0100, 50, 0.0, -1.2, 1.2, cres=[1, 2, 2], blocks=1, lr_rampup=2),
+}
+
+
+# ----------------------------------------------------------------------------
+# The architecture table: one record per --arch choice. train.py applies a record generically (no
+# per-architecture code), so a new network family is its module plus one entry here.
+
+
+class Refusal(NamedTuple):
+    """An option value an architecture cannot train with: train.py stops with `message` unless
+    opts[option] is one of `allowed`."""
+    option: str
+    allowed: tuple
+    message: str
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One --arch choice.
+
+    backbone      constructor kwargs of the network (--cbase, --cres, --blocks override model_channels,
+                  channel_mult, num_blocks; train.py adds dropout, use_fp16, augment_dim, ... as for every net)
+    network       the network class; None: the --precond preconditioner (PRECOND_PRESETS) around the backbone
+    loss          the default loss class; None: the --precond loss (or --loss / --uncertainty's)
+    loss_kwargs   constructor kwargs of that loss fixed by the architecture (e.g. a noise schedule's name)
+    loss_options  the train.py options that become loss kwargs when given (or set by `defaults`)
+    uncertainty   the network has a learned-uncertainty head built in (its loss must read it)
+    defaults      train.py option values it changes: above the CLI's defaults, below --preset and options given
+    training      training_loop kwargs it sets (a dict value updates that kwarg's dict, e.g. optimizer betas)
+    ema_stds      default power-function EMA profiles (training.phema), unless --ema is given; None: the paper's EMA
+    refuses       Refusal records: option values it cannot train with
+    """
+    backbone: dict
+    network: str | None = None
+    loss: str | None = None
+    loss_kwargs: dict = field(default_factory=dict)
+    loss_options: tuple = ('P_mean', 'P_std', 'sigma_data')
+    uncertainty: bool = False
+    defaults: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    ema_stds: tuple | None = None
+    refuses: tuple = ()
+
+
+ARCHITECTURES = {
+    # The paper's three backbones: --precond chooses the preconditioner and loss (Table 1).
+    'ddpmpp': Architecture(backbone=ARCH_PRESETS['ddpmpp']),
+    'ncsnpp': Architecture(backbone=ARCH_PRESETS['ncsnpp']),
+    'adm': Architecture(backbone=ARCH_PRESETS['adm']),
+    # EDM2: its own preconditioned network and uncertainty-weighted loss, optimizer betas, gradient handling,
+    # lr schedule and power-function EMA.
+    'edm2': Architecture(
+        backbone=ARCH_PRESETS['edm2'], network=EDM2_NETWORK, loss=EDM2_LOSS, uncertainty=True,
+        defaults=EDM2_DEFAULTS,
+        training=dict(optimizer_kwargs=dict(betas=[0.9, 0.99]),
+                      nonfinite_grads='zero'),  # EDM2 zeroes +-Inf gradients too (the paper clamps them)
+        ema_stds=tuple(EDM2_EMA_STDS),
+        refuses=(
+            Refusal('precond', ('edm',), '--arch=edm2 has its own (EDM) preconditioning; drop --precond'),
+            Refusal('loss', (None, 'edm2'), '--arch=edm2 trains its uncertainty head with --loss=edm2; '
+                    'drop --loss/--uncertainty'),
+            Refusal('uncertainty', (None, True), '--arch=edm2 trains its uncertainty head with --loss=edm2; '
+                    'drop --loss/--uncertainty'),
+            Refusal('augment', (0,), '--arch=edm2 trains without augmentation (its network takes no augment '
+                    'labels); use --augment=0'),
+            Refusal('conv_groups', (1,), '--conv-groups: grouped convolutions are an option of the EDM U-Nets '
+                    '(ddpmpp, ncsnpp, adm), not of --arch=edm2'),
+        )),
 }

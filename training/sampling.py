@@ -1,26 +1,18 @@
-"""The sampler library: time steps, noise schedules, samplers, per-seed random numbers, batched generation.
+"""The sampler library: time steps, noise schedules, samplers, guidance, per-seed random numbers, batched
+generation.
 
-Implements the samplers of "Elucidating the Design Space of Diffusion-Based Generative Models"
-(Karras et al., NeurIPS 2022):
-  * `edm_sampler`      -- Algorithm 2 (Algorithm 1 when S_churn=0): Heun's 2nd-order method on the
-                          probability-flow ODE with sigma(t)=t, s(t)=1 and optional stochastic "churn".
-  * `ablation_sampler` -- the generalised sampler of Table 1: Euler/Heun, VP/VE/iDDPM/EDM time step
-                          discretisations, VP/VE/linear noise schedules, VP/no scaling.
-and the samplers people use beyond the paper, as collected in k-diffusion (Crowson), on the same EDM time
-steps: `euler_ancestral`, `dpm_2`, `lms`, and DPM-Solver++ (Lu et al. 2022) `dpmpp_2s_ancestral`,
-`dpmpp_2m`, `dpmpp_2m_sde`, `dpmpp_3m_sde`, and UniPC (Zhao et al. 2023) `unipc`; plus guidance of any of them (classifier-free guidance,
-autoguidance, guidance interval) through `GuidedDenoiser`.
+The paper's samplers (`edm_sampler`: Algorithm 2; `ablation_sampler`: Table 1), k-diffusion's collection
+(`euler_ancestral`, `dpm_2`, `lms`, `dpmpp_2s_ancestral`, `dpmpp_2m`, `dpmpp_2m_sde`, `dpmpp_3m_sde`) and
+UniPC (`unipc`). Every sampler has the signature
 
-Every sampler has the signature
-    fn(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=..., sigma_min=...,
-       sigma_max=..., rho=..., **sampler_specific, gnet=None, guidance=1) -> float64 images
-and is registered by name in `SAMPLERS`; `generate_images` and the CLIs (generate.py, fid.py) pick one by
-name, and its options are read from its signature (`sampler_options_of`). `net` is anything with the
-denoiser interface: `net(x, sigma, class_labels)`, `round_sigma`, `sigma_min`, `sigma_max`,
-`img_resolution`, `img_channels`, `label_dim` (a preconditioned network, or a `GuidedDenoiser` wrapping one).
+    fn(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.002,
+       sigma_max=80, rho=7, **its_options, sigmas=None) -> float64 images
 
-Randomness follows the paper's public protocol (one torch.Generator per seed), so the same seed gives
-the same image, independent of batch composition and of the number of processes.
+and is registered in `SAMPLERS`. `sigmas` (N + 1 noise levels ending with 0) replaces the default EDM time
+steps (`sampling_sigmas`). `net` is anything with the denoiser interface (`net(x, sigma, class_labels)`,
+`round_sigma`, `sigma_min`, `sigma_max`, `img_resolution`, `img_channels`, `label_dim`); guidance is such a
+denoiser (`guided_denoiser`), built once by the caller. `edm_sampler` alone also takes EDM2's `gnet`,
+`guidance`. Noise comes only from `randn_like` (one generator per seed: images do not depend on the batch).
 """
 
 from __future__ import annotations
@@ -182,7 +174,8 @@ class GuidedDenoiser:
         inside = guidance_applies(sigma, self.guidance_interval)
         if self.guidance == 1 or not bool(inside.any()):
             return denoised
-        guide = self.gnet(x, sigma, class_labels, **kwargs).to(torch.float64)
+        guide_labels = class_labels if _takes_labels(self.gnet) else None  # an unconditional guide gets none
+        guide = self.gnet(x, sigma, guide_labels, **kwargs).to(torch.float64)
         w = self.guidance
         if inside.ndim:  # per-sample sigmas: weight 1 (exactly d, see torch.lerp) outside the interval
             w = torch.where(inside, w, 1.0).to(torch.float64).reshape(-1, *[1] * (x.ndim - 1))
@@ -208,15 +201,41 @@ class UnconditionalDenoiser:
         return self.net(x, sigma, class_labels, **kwargs)
 
 
+def _takes_labels(denoiser) -> bool:
+    """Whether a denoiser is class-conditional (one without `label_dim` is given the labels, as before)."""
+    return int(getattr(denoiser, 'label_dim', 1)) != 0
+
+
 def check_guide(net, gnet, source: str = 'the guiding network') -> None:
-    """Raise ValueError unless `gnet` can guide `net`: callable, same image shape and class labels."""
+    """Raise ValueError unless `gnet` can guide `net`: callable, same image shape, and either the same class
+    labels or none (an unconditional guide: CFG with a separately trained model, as in EDM2)."""
     missing = [a for a in ('img_resolution', 'img_channels', 'label_dim') if not hasattr(gnet, a)]
     if missing or not callable(gnet):
         raise ValueError(f'{source} is not a denoiser (missing {", ".join(missing) or "__call__"})')
-    for attr in ('img_resolution', 'img_channels', 'label_dim'):
+    for attr in ('img_resolution', 'img_channels'):
         if int(getattr(gnet, attr)) != int(getattr(net, attr)):
             raise ValueError(f'{source} has {attr}={int(getattr(gnet, attr))} but the network has '
                              f'{int(getattr(net, attr))}; a guide must produce the same images')
+    if int(gnet.label_dim) not in (0, int(net.label_dim)):
+        raise ValueError(f'{source} has label_dim={int(gnet.label_dim)} but the network has {int(net.label_dim)}; '
+                         f'a guide takes the same class labels or none (an unconditional model)')
+
+
+def check_guidance(has_gnet: bool, guidance: float = 1, cfg: bool = False,
+                   guidance_interval: tuple[float, float] | None = None, label_dim: int | None = None,
+                   spell: Callable[[str], str] = str) -> None:
+    """The one check of a guidance setting (library and CLIs): raise ValueError unless it is consistent.
+    `label_dim` (the network's, when known) is checked for cfg; `spell` names an argument in the message
+    (the CLIs pass their option spelling, e.g. 'gnet' -> '--gnet')."""
+    if cfg and has_gnet:
+        raise ValueError(f'classifier-free guidance ({spell("cfg")}) uses the network itself as the guide; '
+                         f'do not also give {spell("gnet")}')
+    if cfg and label_dim is not None and not int(label_dim):
+        raise ValueError(f'classifier-free guidance ({spell("cfg")}) needs a class-conditional network; this one '
+                         f'has no class labels')
+    if not has_gnet and not cfg and (guidance != 1 or guidance_interval is not None):
+        raise ValueError(f'{spell("guidance")} and {spell("guidance_interval")} need a guide: a second network '
+                         f'({spell("gnet")}) or {spell("cfg")}')
 
 
 def guided_denoiser(net, gnet=None, guidance: float = 1, cfg: bool = False,
@@ -224,20 +243,14 @@ def guided_denoiser(net, gnet=None, guidance: float = 1, cfg: bool = False,
     """The denoiser to sample with: `net` itself when there is no guide (so the paper's numbers stay bit for
     bit), else `net` guided by `gnet` (autoguidance, or CFG with an unconditional model) or by itself without
     labels (`cfg`), with weight `guidance`, for sigma in `guidance_interval` only. Every sampler passes its
-    `gnet`, `guidance` keywords (EDM2's names) through here; generate_images passes all five."""
-    if cfg and gnet is not None:
-        raise ValueError('classifier-free guidance (cfg) uses the network itself as the guide; '
-                         'do not also give gnet')
+    `gnet`, `guidance` keywords (EDM2's names) through here; generate_images passes all five. This is
+    where guidance is checked, and the one place a guided denoiser is built."""
+    check_guidance(gnet is not None, guidance, cfg, guidance_interval, label_dim=net.label_dim)
     if cfg:
-        if not int(net.label_dim):
-            raise ValueError('classifier-free guidance (cfg) needs a class-conditional network; this one has '
-                             'no class labels')
         gnet = UnconditionalDenoiser(net)
-    if gnet is None:
-        if guidance != 1 or guidance_interval is not None:
-            raise ValueError('guidance and guidance_interval need a guide: a second network (gnet) or cfg')
+    elif gnet is None:
         return net
-    if not cfg:
+    else:
         check_guide(net, gnet)
     return GuidedDenoiser(net, gnet, guidance, guidance_interval)
 
@@ -256,16 +269,42 @@ def sampling_sigmas(net, num_steps: int, sigma_min: float, sigma_max: float, rho
     return torch.cat([t_steps, t_steps.new_zeros(1)])  # t_N = 0
 
 
+def check_sigmas(sigmas) -> torch.Tensor:
+    """A sampler's `sigmas` argument (k-diffusion's convention): sigma_0 > ... > sigma_{N-1} > sigma_N = 0,
+    N >= 1, finite. Returned as float64; raises ValueError with a one-line reason."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f'sigmas must be a 1-D list of at least 2 noise levels ending with 0, '
+                         f'got shape {list(sigmas.shape)}')
+    if not bool(torch.isfinite(sigmas).all()) or sigmas[-1] != 0 or not bool((sigmas[:-1] > 0).all()) \
+            or not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError(f'sigmas must be finite, strictly decreasing and end with exactly one 0, '
+                         f'got {sigmas.tolist()}')
+    return sigmas
+
+
+def noise_levels(net, sigmas, num_steps: int, sigma_min: float, sigma_max: float, rho: float,
+                 device=None) -> torch.Tensor:
+    """The noise levels a sampler walks: `sigmas` as given (checked; not clamped or rounded), or by default
+    the EDM time steps of `sampling_sigmas`, bit for bit what the samplers walked before `sigmas` existed."""
+    if sigmas is None:
+        return sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=device)
+    return check_sigmas(sigmas).to(device)
+
+
 def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
                 sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
-                gnet=None, guidance=1):
+                gnet=None, guidance=1, sigmas=None):
     """The paper's sampler (Algorithm 2; Algorithm 1 when S_churn=0). Returns float64 images.
 
     Network evaluations: 2N-1 (Heun on every step except the last, which is an Euler step to sigma=0).
-    `gnet`, `guidance`: EDM2's guided denoiser (see `guided_denoiser`); off by default, leaving the paper's numbers.
+    `gnet`, `guidance`: EDM2's API for guidance (the only sampler that takes them; see `guided_denoiser`);
+    off by default, leaving the paper's numbers. `sigmas`: noise levels to walk instead of Eq. 5's (N + 1
+    values ending with 0; num_steps, sigma_min, sigma_max, rho are then unused).
     """
     net = guided_denoiser(net, gnet, guidance)
-    t_steps = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    t_steps = noise_levels(net, sigmas, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    num_steps = len(t_steps) - 1
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):  # i = 0..N-1
         x_cur = x_next
@@ -320,10 +359,12 @@ def default_sigma_range(discretization: str, epsilon_s: float = 1e-3) -> tuple[f
 def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
                      sigma_min=None, sigma_max=None, rho=7, solver='heun', discretization='edm',
                      schedule='linear', scaling='none', epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1,
-                     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, gnet=None, guidance=1):
+                     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, sigmas=None):
     """Generalised sampler of Table 1. Integrates the ODE (Eq. 4)
         dx/dt = [sigma'(t)/sigma(t) + s'(t)/s(t)] x - sigma'(t) s(t)/sigma(t) D(x/s(t); sigma(t))
     with Euler or 2nd-order Runge-Kutta (alpha=1: Heun), plus Algorithm 2's churn. Returns float64 images.
+    `sigmas` (N + 1 noise levels ending with 0) replaces the discretisation; the VP schedule is then fitted
+    to [sigma_{N-1}, sigma_0].
     """
     if solver not in ('euler', 'heun'):
         raise ValueError(f'unknown solver {solver!r}; expected euler|heun')
@@ -334,7 +375,9 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
     if scaling not in ('vp', 'none'):
         raise ValueError(f'unknown scaling {scaling!r}; expected vp|none')
 
-    net = guided_denoiser(net, gnet, guidance)
+    if sigmas is not None:
+        sigmas = check_sigmas(sigmas).to(latents.device)
+        sigma_min, sigma_max, num_steps = float(sigmas[-2]), float(sigmas[0]), len(sigmas) - 1
     default_min, default_max = default_sigma_range(discretization, epsilon_s)
     sigma_min, sigma_max = _noise_range(net, default_min if sigma_min is None else sigma_min,
                                         default_max if sigma_max is None else sigma_max)
@@ -343,9 +386,12 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
     beta_d, beta_min = vp_betas(sigma_min, sigma_max, epsilon_s)
     sigma, sigma_deriv, sigma_inv, s, s_deriv = make_schedule(schedule, scaling, beta_d, beta_min)
 
-    sigma_steps = ablation_sigma_steps(discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, C_1, C_2, M,
-                                       device=latents.device)
-    t_steps = sigma_inv(net.round_sigma(sigma_steps)).to(torch.float64)
+    if sigmas is None:
+        sigma_steps = net.round_sigma(ablation_sigma_steps(discretization, num_steps, sigma_min, sigma_max, rho,
+                                                           epsilon_s, C_1, C_2, M, device=latents.device))
+    else:
+        sigma_steps = sigmas[:-1]
+    t_steps = sigma_inv(sigma_steps).to(torch.float64)
     t_steps = torch.cat([t_steps, t_steps.new_zeros(1)])  # t_N = 0
 
     def ode_slope(x, t):  # dx/dt at (x, t); one network evaluation
@@ -378,8 +424,8 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
 
 # ----------------------------------------------------------------------------
 # Samplers beyond the paper, as collected in k-diffusion (Crowson): ancestral sampling, DPM-Solver-2,
-# linear multistep, and DPM-Solver++ (Lu et al. 2022) with its SDE variants. All walk the EDM time steps
-# (sampling_sigmas) in float64 and draw noise with `randn_like` once per step that ends above sigma = 0.
+# linear multistep, and DPM-Solver++ (Lu et al. 2022) with its SDE variants. All walk `sigmas` (default: the
+# EDM time steps) in float64 and draw noise with `randn_like` once per step that ends above sigma = 0.
 # The exponential integrators work in lambda = -ln(sigma) (log signal-to-noise ratio for s(t) = 1), where
 # the probability-flow ODE in data prediction is dx/dlambda = D - x, exactly solvable for constant D.
 
@@ -400,12 +446,11 @@ def ancestral_step(sigma, sigma_next, eta: float = 1) -> tuple[torch.Tensor, tor
     return (sigma_next ** 2 - sigma_up ** 2).sqrt(), sigma_up
 
 
-def _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance):
-    """What every sampler below starts from: the (guided) denoiser D(x; sigma) in float64, the EDM time steps
-    with sigma_N = 0, and x_0 = latents * sigma_0 in float64."""
-    guided = guided_denoiser(net, gnet, guidance)
-    sigmas = sampling_sigmas(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
-    denoise = lambda x, sigma: guided(x, sigma, class_labels).to(torch.float64)  # noqa: E731
+def _start(net, latents, class_labels, sigmas, num_steps, sigma_min, sigma_max, rho):
+    """What every sampler below starts from: the denoiser D(x; sigma) in float64, the noise levels
+    (`sigmas`, or the EDM time steps; sigma_N = 0), and x_0 = latents * sigma_0 in float64."""
+    sigmas = noise_levels(net, sigmas, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    denoise = lambda x, sigma: net(x, sigma, class_labels).to(torch.float64)  # noqa: E731
     return denoise, sigmas, latents.to(torch.float64) * sigmas[0]
 
 
@@ -415,10 +460,10 @@ def _check_eta(eta: float, s_noise: float) -> None:
 
 
 def euler_ancestral_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
-                            sigma_min=0.002, sigma_max=80, rho=7, eta=1, s_noise=1, gnet=None, guidance=1):
+                            sigma_min=0.002, sigma_max=80, rho=7, eta=1, s_noise=1, sigmas=None):
     """Euler steps down to sigma_down, then noise up to sigma_next (ancestral sampling). NFE = N."""
     _check_eta(eta, s_noise)
-    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
+    denoise, sigmas, x = _start(net, latents, class_labels, sigmas, num_steps, sigma_min, sigma_max, rho)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = x + (sigma_down - sigma) * ode_derivative(x, sigma, denoise(x, sigma))
@@ -428,10 +473,10 @@ def euler_ancestral_sampler(net, latents, class_labels=None, randn_like=torch.ra
 
 
 def dpm_2_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
-                  sigma_min=0.002, sigma_max=80, rho=7, gnet=None, guidance=1):
+                  sigma_min=0.002, sigma_max=80, rho=7, sigmas=None):
     """DPM-Solver-2 in sigma (Karras et al. 2022, Eq. 4 with the midpoint at the geometric mean
     sigma_mid = sqrt(sigma sigma_next)): 2nd order; Euler on the last step. NFE = 2N - 1."""
-    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
+    denoise, sigmas, x = _start(net, latents, class_labels, sigmas, num_steps, sigma_min, sigma_max, rho)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         d = ode_derivative(x, sigma, denoise(x, sigma))
         if sigma_next == 0:
@@ -464,12 +509,12 @@ def lms_coefficients(sigmas, i: int, order: int) -> list[float]:
 
 
 def lms_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
-                sigma_min=0.002, sigma_max=80, rho=7, order=4, gnet=None, guidance=1):
+                sigma_min=0.002, sigma_max=80, rho=7, order=4, sigmas=None):
     """Linear multistep (Adams-Bashforth on the non-uniform sigma grid) of the given order, starting with
     lower orders while the history fills. NFE = N."""
     if order < 1:
         raise ValueError(f'order must be >= 1, got {order}')
-    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
+    denoise, sigmas, x = _start(net, latents, class_labels, sigmas, num_steps, sigma_min, sigma_max, rho)
     history = []  # d_i, d_{i-1}, ... (newest first)
     for i, sigma in enumerate(sigmas[:-1]):
         history = [ode_derivative(x, sigma, denoise(x, sigma))] + history[:order - 1]
@@ -484,11 +529,11 @@ def lambda_of(sigma):
 
 
 def dpmpp_2s_ancestral_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
-                               sigma_min=0.002, sigma_max=80, rho=7, eta=1, s_noise=1, gnet=None, guidance=1):
+                               sigma_min=0.002, sigma_max=80, rho=7, eta=1, s_noise=1, sigmas=None):
     """DPM-Solver++(2S) single-step 2nd order to sigma_down, with the intermediate point halfway in lambda,
     then ancestral noise up to sigma_next; an Euler step where sigma_down = 0. NFE = 2N - 1."""
     _check_eta(eta, s_noise)
-    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
+    denoise, sigmas, x = _start(net, latents, class_labels, sigmas, num_steps, sigma_min, sigma_max, rho)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         denoised = denoise(x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
@@ -505,11 +550,11 @@ def dpmpp_2s_ancestral_sampler(net, latents, class_labels=None, randn_like=torch
 
 
 def dpmpp_2m_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
-                     sigma_min=0.002, sigma_max=80, rho=7, gnet=None, guidance=1):
+                     sigma_min=0.002, sigma_max=80, rho=7, sigmas=None):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, variable steps): the exact solution of dx/dlambda = D - x
     with D extrapolated linearly in lambda from the last two evaluations; 1st order on the first step and
     to sigma = 0 (which lands on D). NFE = N."""
-    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
+    denoise, sigmas, x = _start(net, latents, class_labels, sigmas, num_steps, sigma_min, sigma_max, rho)
     denoised_prev = h_prev = None
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         denoised = denoise(x, sigma)
@@ -528,7 +573,7 @@ def dpmpp_2m_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
 
 def dpmpp_2m_sde_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
                          sigma_min=0.002, sigma_max=80, rho=7, eta=1, s_noise=1, solver_type='midpoint',
-                         gnet=None, guidance=1):
+                         sigmas=None):
     """DPM-Solver++(2M) SDE: the 2M step of the SDE whose noise is eta times the ancestral one; per step
     x' = (sigma'/sigma) e^{-eta h} x + (1 - e^{-(1+eta) h}) D + 2nd-order history term
        + sigma' sqrt(1 - e^{-2 eta h}) s_noise eps,
@@ -536,7 +581,7 @@ def dpmpp_2m_sde_sampler(net, latents, class_labels=None, randn_like=torch.randn
     _check_eta(eta, s_noise)
     if solver_type not in ('midpoint', 'heun'):
         raise ValueError(f'unknown solver_type {solver_type!r}; expected midpoint|heun')
-    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
+    denoise, sigmas, x = _start(net, latents, class_labels, sigmas, num_steps, sigma_min, sigma_max, rho)
     denoised_prev = h_prev = None
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         denoised = denoise(x, sigma)
@@ -561,7 +606,7 @@ def dpmpp_2m_sde_sampler(net, latents, class_labels=None, randn_like=torch.randn
 
 
 def dpmpp_3m_sde_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
-                         sigma_min=0.002, sigma_max=80, rho=7, eta=1, s_noise=1, gnet=None, guidance=1):
+                         sigma_min=0.002, sigma_max=80, rho=7, eta=1, s_noise=1, sigmas=None):
     """DPM-Solver++(3M) SDE: as dpmpp_2m_sde with D extrapolated quadratically in lambda from the last three
     evaluations (phi_2, phi_3 of the exponential integrator at step h (1 + eta)); 1st and 2nd order while
     the history fills. NFE = N.
@@ -571,7 +616,7 @@ def dpmpp_3m_sde_sampler(net, latents, class_labels=None, randn_like=torch.randn
     (eta = 0) is only 2nd order as N grows (tests/test_ksamplers.py: error ratios -> 4 per doubling; with
     2 phi_3 they reach 8), though with a smaller error than dpmpp_2m."""
     _check_eta(eta, s_noise)
-    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
+    denoise, sigmas, x = _start(net, latents, class_labels, sigmas, num_steps, sigma_min, sigma_max, rho)
     history = []  # (D, h) of the previous steps, newest first
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         denoised = denoise(x, sigma)
@@ -616,7 +661,7 @@ def unipc_coefficients(r: Sequence[float], h: float) -> list[float]:
 
 
 def unipc_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
-                  sigma_min=0.002, sigma_max=80, rho=7, order=2, gnet=None, guidance=1):
+                  sigma_min=0.002, sigma_max=80, rho=7, order=2, sigmas=None):
     """UniPC (Zhao et al. 2023), multistep, data prediction, B(h) = e^{-h} - 1 ("bh2"): each step predicts with
     UniP-p (the exponential integrator plus p-1 history differences), evaluates D there, and corrects with
     UniC-p (adding the new difference), which lifts the order from p to p + 1 at no extra evaluation; the
@@ -625,7 +670,7 @@ def unipc_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, 
     doubling for order = 1, 2, 3). NFE = N."""
     if order not in (1, 2, 3):
         raise ValueError(f'UniPC order must be 1, 2 or 3, got {order}')
-    denoise, sigmas, x = _start(net, latents, class_labels, num_steps, sigma_min, sigma_max, rho, gnet, guidance)
+    denoise, sigmas, x = _start(net, latents, class_labels, sigmas, num_steps, sigma_min, sigma_max, rho)
     history = [(lambda_of(sigmas[0]), denoise(x, sigmas[0]))]  # (lambda, D), oldest first
     for sigma, sigma_next in zip(sigmas[:-2], sigmas[1:-1]):  # the step to sigma = 0 is D itself
         lam, denoised = history[-1]
@@ -709,9 +754,10 @@ SAMPLERS: dict[str, Callable] = {
 # The options that select the ablation sampler when no sampler is named (the paper's generate.py rule).
 ABLATION_KWARGS = ('solver', 'discretization', 'schedule', 'scaling')
 
-# Every sampler's inputs, and the guidance keywords every sampler takes: not options of one sampler
-# (generate_images takes guidance as its own arguments and hands the sampler a guided denoiser).
-SAMPLER_INPUTS = ('net', 'latents', 'class_labels', 'randn_like')
+# Every sampler's inputs (`sigmas`: optional noise levels, a tensor rather than an option), and edm_sampler's
+# EDM2 guidance keywords: not options of one sampler (generate_images takes guidance as its own arguments and
+# hands the sampler a guided denoiser).
+SAMPLER_INPUTS = ('net', 'latents', 'class_labels', 'randn_like', 'sigmas')
 GUIDANCE_KWARGS = ('gnet', 'guidance')
 
 DENOISER_ATTRIBUTES = ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma')
@@ -802,17 +848,20 @@ def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
 def generate_images(net, seeds: Sequence[int], max_batch_size: int = 64, class_idx: int | None = None,
                     device=torch.device('cpu'), sampler: str | None = None, gnet=None, guidance: float | None = 1,
                     cfg: bool = False, guidance_interval: tuple[float, float] | None = None,
-                    **sampler_kwargs) -> Iterator[tuple[list[int], torch.Tensor]]:
+                    sigmas=None, **sampler_kwargs) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (batch_seeds, uint8 images [N,H,W,C] on the CPU) for THIS rank's share of the seed batches.
 
     `sampler` names an entry of SAMPLERS (None: the paper's rule, see resolve_sampler); sampler_kwargs
     are its options, None meaning "default". `gnet`, `guidance`, `cfg`, `guidance_interval`: guidance of
-    every network evaluation (see guided_denoiser); off by default.
+    every network evaluation (see guided_denoiser); off by default. `sigmas`: noise levels for the sampler
+    to walk instead of its default time steps.
     """
     from torch_utils import distributed as dist
 
     sampler, sampler_kwargs = resolve_sampler(sampler, sampler_kwargs)
     sampler_fn = SAMPLERS[sampler]
+    if sigmas is not None:
+        sampler_kwargs['sigmas'] = check_sigmas(sigmas).to(device)
     denoiser = guided_denoiser(net, gnet, 1 if guidance is None else guidance, cfg, guidance_interval)
     if max_batch_size < 1:
         raise ValueError(f'max_batch_size must be >= 1, got {max_batch_size}')

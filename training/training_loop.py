@@ -12,16 +12,8 @@ into small steps, each a function below:
     _save_state        training-state-*.pt (everything needed to continue bit-exactly)
     _save_snapshot     network-snapshot-*.pkl (what generate.py and fid.py read)
 
-What this loop adds to the paper's:
-- a training state holds tensors and plain data only (readable with torch.load(weights_only=True)), including
-  the data sampler's position and the RNG state of every rank, so a resumed run repeats the uninterrupted run
-  bit for bit on CPU;
-- every checkpoint is written to a temporary name in its folder and then renamed into place;
-- SIGTERM / SIGINT (cluster preemption, Ctrl-C) are turned into an agreed stop at the next step boundary:
-  all ranks write a training state and training_loop returns normally;
-- steps whose loss or gradients are not finite are counted (stats.jsonl: Loss/nonfinite, Loss/nonfinite_grad)
-  and shown on the tick line with the loss; checkpoints are skipped while the loss is not finite, and a run
-  whose loss stays non-finite for nan_patience steps raises TrainingDiverged on every rank.
+What this loop adds to the paper's (resumable tensor-only training states, atomic checkpoints, preemption,
+non-finite losses and gradients) is described in docs/design.md ("Training").
 """
 
 from __future__ import annotations
@@ -60,17 +52,12 @@ STATE_VERSION = 2  # 2: 'ema' holds the EMA policy's state_dict (for the default
 # Schedules (pure functions; the loop and the tests call these).
 
 
-def learning_rate(base_lr: float, cur_nimg: int, lr_rampup_kimg: float) -> float:
-    """Linear warm-up: lr * min(nimg / (lr_rampup_kimg * 1000), 1). Zero at the very first step."""
-    return base_lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-
-
 def linear_rampup_schedule(cur_nimg: int, batch_size: int, ref_lr: float, rampup_kimg: float) -> float:
-    """The paper's learning-rate schedule: linear warm-up to ref_lr over rampup_kimg, then constant. The
-    loop calls the schedule named in lr_kwargs['func_name'] as f(cur_nimg=, batch_size=, **lr_kwargs),
-    with cur_nimg = images seen before the step."""
+    """The paper's learning-rate schedule: linear warm-up, ref_lr * min(nimg / (rampup_kimg * 1000), 1) (zero at
+    the very first step), then constant. The loop calls the schedule named in lr_kwargs['func_name'] as
+    f(cur_nimg=, batch_size=, **lr_kwargs), with cur_nimg = images seen before the step."""
     del batch_size
-    return learning_rate(ref_lr, cur_nimg, rampup_kimg)
+    return ref_lr * min(cur_nimg / max(rampup_kimg * 1000, 1e-8), 1)
 
 
 def learning_rate_schedule(cur_nimg: float, batch_size: int, ref_lr: float = 100e-4, ref_batches: float = 70e3,
@@ -102,48 +89,6 @@ def sanitize_gradients(params, posinf: float = 1e5) -> None:
 def _pixels_to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels [0, 255] -> float32 [-1, 1], the data range the denoiser is trained on."""
     return images.to(torch.float32) / 127.5 - 1
-
-
-# ----------------------------------------------------------------------------
-# Log file: rank 0 mirrors everything it prints into run_dir/log.txt.
-
-
-class Logger:
-    """Replaces sys.stdout and sys.stderr with a tee into `file_name` until close() puts them back."""
-
-    def __init__(self, file_name: Optional[str] = None, file_mode: str = 'a', should_flush: bool = True):
-        self.stdout, self.stderr = sys.stdout, sys.stderr
-        self.file = None if file_name is None else open(file_name, file_mode)
-        self.should_flush = should_flush
-        sys.stdout = sys.stderr = self
-
-    def _targets(self) -> list:
-        return [self.stdout] if self.file is None else [self.file, self.stdout]
-
-    def write(self, text: str) -> None:
-        if not text:
-            return
-        for target in self._targets():
-            target.write(text)
-        if self.should_flush:
-            self.flush()
-
-    def flush(self) -> None:
-        for target in self._targets():
-            target.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        self.flush()
-        if sys.stdout is self:
-            sys.stdout = self.stdout
-        if sys.stderr is self:
-            sys.stderr = self.stderr
-        if self.file is not None:
-            self.file.close()
-            self.file = None
 
 
 # ----------------------------------------------------------------------------
@@ -393,9 +338,9 @@ def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network
 
     # train.py already tees the output into log.txt; direct callers get the same file.
     logger = None
-    if rank == 0 and run_dir is not None and not isinstance(sys.stdout, Logger):
+    if rank == 0 and run_dir is not None and not isinstance(sys.stdout, dnnlib.util.Logger):
         os.makedirs(run_dir, exist_ok=True)
-        logger = Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
+        logger = dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
     previous_handlers = _install_signal_handlers()
     try:
         with warnings.catch_warnings(), contextlib.ExitStack() as cfg.cleanup:

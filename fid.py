@@ -48,6 +48,7 @@ from training.sampling import MAX_SEED, SAMPLER_ALIASES, generate_images, parse_
 from torch_utils import cli
 from torch_utils import distributed as dist
 from torch_utils import misc
+from torch_utils.ode import SolverError
 
 DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
                 'inception-2015-12-05.pkl')
@@ -303,13 +304,17 @@ def _mean_and_covariance(feature_sum: torch.Tensor, outer_sum: torch.Tensor, n: 
     return mean, cov
 
 
+# A bare `generate.py --grid` writes OUTDIR/grid.png beside the samples: not one of them.
+GRID_NAMES = ('grid.png',)
+
+
 def _open_dataset(image_path: str, num_expected: Optional[int], seed: int, use_labels: bool = False):
     from training import dataset  # Imported here: fid.py's math and `net` need no dataset code.
     if not os.path.exists(image_path):
         raise click.ClickException(f'No such image folder or zip: {image_path}')
     try:
         dataset_obj = dataset.ImageFolderDataset(path=image_path, max_size=num_expected, random_seed=seed,
-                                                 use_labels=use_labels)
+                                                 use_labels=use_labels, exclude=GRID_NAMES)
     except (OSError, ValueError, RuntimeError, zipfile.BadZipFile) as e:
         raise click.ClickException(f'Could not read images from {image_path}: {e}') from e
     if num_expected is not None and len(dataset_obj) < num_expected:
@@ -409,6 +414,10 @@ def load_reference(ref_path: str) -> dict:
     mu, sigma = ref['mu'], ref['sigma']
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise click.ClickException(f'{ref_path}: mu {mu.shape} and sigma {sigma.shape} do not fit together')
+    for key in ('mu', 'sigma'):
+        if not np.issubdtype(ref[key].dtype, np.number) or not np.isfinite(ref[key]).all():
+            raise click.ClickException(f'{ref_path}: "{key}" holds NaN/Inf or non-numbers; the reference is damaged, '
+                                       f'make it again with `python fid.py ref`')
     return ref
 
 
@@ -800,14 +809,14 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
               default=64, show_default=True)
 @click.option('--probe', help='Trace estimator: Hutchinson probes, or the exact trace (C*H*W passes)',
               type=click.Choice(['rademacher', 'gaussian', 'exact']), default='rademacher', show_default=True)
-@click.option('--rtol', help='ODE solver relative tolerance', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+@click.option('--rtol', help='ODE solver relative tolerance', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True),
               default=1e-5, show_default=True)
-@click.option('--atol', help='ODE solver absolute tolerance', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+@click.option('--atol', help='ODE solver absolute tolerance', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True),
               default=1e-5, show_default=True)
 @click.option('--sigma_min', help='Lowest noise level (the density is that of the data at this noise)', metavar='FLOAT',
-              type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
+              type=cli.FiniteFloatRange(min=0, min_open=True), default=0.002, show_default=True)
 @click.option('--sigma_max', help='Highest noise level (prior N(0, sigma_max^2 I))', metavar='FLOAT',
-              type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
+              type=cli.FiniteFloatRange(min=0, min_open=True), default=80, show_default=True)
 @click.option('--dequantize/--no-dequantize', help='Uniform dequantisation of the 8-bit pixels (else bin centres)',
               default=True, show_default=True)
 def nll(network_pkl, dataset_path, num_expected, seed, max_batch_size, probe, rtol, atol, sigma_min, sigma_max,
@@ -850,9 +859,12 @@ def nll(network_pkl, dataset_path, num_expected, seed, max_batch_size, probe, rt
             if network.label_dim:
                 labels = torch.stack([torch.as_tensor(dataset_obj[i][1]) for i in indices]).to(device)
             rnd = StackedRandomGenerator(device, [seed * num + i for i in indices])
-            bpd, batch_nfe = likelihood.nll_bits_per_dim(
-                network, images, labels, dequantization=dequantize, rand_like=rnd.rand_like, randn_like=rnd.randn_like,
-                sigma_min=sigma_min, sigma_max=sigma_max, probe=probe, rtol=rtol, atol=atol)
+            try:
+                bpd, batch_nfe = likelihood.nll_bits_per_dim(
+                    network, images, labels, dequantization=dequantize, rand_like=rnd.rand_like,
+                    randn_like=rnd.randn_like, sigma_min=sigma_min, sigma_max=sigma_max, probe=probe, rtol=rtol, atol=atol)
+            except SolverError as e:
+                raise click.ClickException(f'--rtol/--atol: {cli.first_line(e)}') from None
             sums += torch.stack([bpd.sum(), bpd.square().sum(), torch.tensor(float(len(indices)), dtype=torch.float64)]).cpu()
             nfe = max(nfe, batch_nfe)
             bar.update(len(indices) * dist.get_world_size())

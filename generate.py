@@ -70,7 +70,7 @@ def make_grid(images: Sequence[np.ndarray]) -> np.ndarray:
 @click.option('--subdirs', help='Create subdirectory for every 1000 seeds', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--grid', help='Also write all images as one grid PNG  [bare --grid: OUTDIR/grid.png]', metavar='[FILE]', is_flag=False, flag_value='', default=None)
+@click.option('--grid', help='Also write all images as one grid PNG  [bare --grid: OUTDIR/grid.png, which fid.py skips]', metavar='[FILE]', is_flag=False, flag_value='', default=None)
 @sampler_options
 @click.option('--bf16', help='Run the network in bfloat16 (~2x faster with native bf16: AVX-512/AMX CPUs, CUDA; many times slower on AVX2-only CPUs; images differ slightly from fp32)', is_flag=True)
 def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, bf16, **sampler_kwargs):

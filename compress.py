@@ -320,7 +320,7 @@ def quantize(network, dest, dtype):
               is_flag=True)
 @click.option('--out', 'prefix', help='Output prefix: writes PREFIX.md, .csv, .json and .png', metavar='PREFIX',
               type=str, default='compress-report', show_default=True)
-@fid.detector_options
+@cli.detector_options
 def report(networks, data, ref_path, num, num_steps, batch, threads, latency_runs, latency_batch, int8_dynamic,
            prefix, detector, trust_pickle):
     """Parameters, non-zero parameters, bytes on disk (raw and zip), CPU latency and FID of each network."""

@@ -417,9 +417,9 @@ def test_net_repeats_on_disjoint_seed_ranges(folders, detector_file, tmp_path, m
             batch = list(seeds[i:i + max_batch_size])
             yield batch, torch.from_numpy(np.stack([_fake_images(s) for s in batch]))  # [N,H,W,C] uint8
 
-    import generate
+    from torch_utils import cli
     monkeypatch.setattr(fid, 'generate_images', generate_images)
-    monkeypatch.setattr(generate, 'load_net', lambda path, device, verbose=True: torch.nn.Identity())
+    monkeypatch.setattr(cli, 'load_net', lambda path, device, verbose=True: torch.nn.Identity())
 
     dest = tmp_path / 'ref.npz'
     run_cli(['ref', '--data', folders.a, '--dest', dest, '--workers', 0, '--detector', detector_file])
@@ -445,9 +445,12 @@ def test_repeat_seeds_never_overlap():
     reps = fid.repeat_seeds(list(range(5, 10)) + [20], 4)
     flat = [s for r in reps for s in r]
     assert len(flat) == len(set(flat))
-    assert fid._parse_seeds('0-3,7') == [0, 1, 2, 3, 7]
-    with pytest.raises(fid.click.BadParameter):
-        fid._parse_seeds('5-1')
+    from torch_utils import cli
+    parse = cli.seeds_callback(min_count=2, example='0-49999')
+    assert parse(None, None, '0-3,7') == [0, 1, 2, 3, 7]
+    for bad in ('5-1', '3', '1,1'):
+        with pytest.raises(fid.click.BadParameter):
+            parse(None, None, bad)
 
 #----------------------------------------------------------------------------
 # Multi-process: torchrun with 2 ranks gives the statistics of 1 process.

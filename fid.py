@@ -572,6 +572,7 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
     dist.print0(f'Network: "{network_pkl}"')
     ref, detector_net, network, sampler_kwargs = _rank0_first(
         lambda: _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, sampler_kwargs, device))
+    cli.check_class(class_idx, network)  # (every rank has the network: all stop alike)
 
     fids = []
     for k, rep_seeds in enumerate(repeat_seeds(seeds, repeats)):
@@ -764,6 +765,7 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
                 _previous_rows(outdir, config)  # refuse a damaged table or another sweep's before any work
         return _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, guidance, device)
     ref, detector_net, network, guidance = _rank0_first(load_all)
+    cli.check_class(class_idx, network)
     previous = _previous_rows(outdir, config)
     rows = []
     for k, point in enumerate(plan):

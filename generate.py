@@ -22,7 +22,7 @@ import torch
 
 from dnnlib.util import parse_int_list  # noqa: F401 -- re-exported (the paper's generate.parse_int_list)
 from torch_utils.cli import (  # noqa: F401 -- the shared CLI layer; these names stay importable from here
-    GUIDANCE_KWARGS as GUIDANCE_OPTIONS, SAMPLER_OPTIONS as _SAMPLER_OPTIONS, guidance_kwargs_from_cli,
+    GUIDANCE_KWARGS as GUIDANCE_OPTIONS, SAMPLER_OPTIONS as _SAMPLER_OPTIONS, check_class, guidance_kwargs_from_cli,
     guidance_options, load_guide, load_net, sampler_kwargs_from_cli, sampler_options, seeds_callback)
 from training.sampling import (  # noqa: F401 -- re-exported for scripts written against the paper's generate.py
     SAMPLERS, StackedRandomGenerator, ablation_sampler, check_denoiser, edm_sampler, generate_images,
@@ -130,10 +130,7 @@ def _generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, gr
         if misc.bf16_warning(device):
             dist.print0(misc.bf16_warning(device))
 
-    if class_idx is not None and not class_idx < net.label_dim:
-        raise click.BadParameter(f'{class_idx} is out of range: the network has '
-                                 + (f'{net.label_dim} classes (0..{net.label_dim - 1})' if net.label_dim
-                                    else 'no class labels (unconditional)'), param_hint='--class')
+    check_class(class_idx, net)
 
     grid_path = None if grid is None else (grid or os.path.join(outdir, 'grid.png'))
     if grid and not os.path.isdir(os.path.dirname(os.path.abspath(grid))):

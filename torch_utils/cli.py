@@ -217,6 +217,14 @@ def load_net(network: str, device: torch.device, verbose: bool = True, option: s
     return net
 
 
+def check_class(class_idx: int | None, net) -> None:
+    """--class must name one of the network's classes."""
+    if class_idx is not None and not class_idx < int(net.label_dim):
+        raise click.BadParameter(f'{class_idx} is out of range: the network has '
+                                 + (f'{net.label_dim} classes (0..{net.label_dim - 1})' if net.label_dim
+                                    else 'no class labels (unconditional)'), param_hint='--class')
+
+
 def load_guide(sampler_kwargs: dict, net, device: torch.device, verbose: bool = True) -> dict:
     """sampler_kwargs with --gnet's path replaced by the loaded network, checked against `net` (and --cfg
     against a network without labels); one-line click errors."""

@@ -24,7 +24,7 @@ import fid
 import generate
 import reconstruct_phema
 import train
-from torch_utils import cli, persistence
+from torch_utils import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLIS = ['train.py', 'generate.py', 'fid.py', 'dataset_tool.py', 'compress.py', 'reconstruct_phema.py']
@@ -98,14 +98,6 @@ def test_load_net_errors_are_one_line(tmp_path):
 # Tiny inputs for the property test.
 
 
-def _tiny_net(label_dim=0):
-    from training import networks
-    torch.manual_seed(0)
-    return networks.EDMPrecond(img_resolution=8, img_channels=3, label_dim=label_dim, model_type='SongUNet',
-                               model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[],
-                               dropout=0).eval().requires_grad_(False)
-
-
 class _Detector(torch.nn.Module):
     """A stand-in FID detector: per-channel means and standard deviations (6 features)."""
 
@@ -115,10 +107,9 @@ class _Detector(torch.nn.Module):
 
 
 @pytest.fixture(scope='module')
-def inputs(tmp_path_factory, tiny_zip):
+def inputs(tmp_path_factory, tiny_zip, tiny_net_pkl):
     root = tmp_path_factory.mktemp('cli-inputs')
-    net = root / 'net.pkl'
-    persistence.save_network_pkl({'ema': _tiny_net()}, net)
+    net = tiny_net_pkl
     det = root / 'det.pt'
     torch.jit.save(torch.jit.script(_Detector()), str(det))
     ref = root / 'ref.npz'

@@ -57,11 +57,6 @@ REGION_HELP = ('all = every conv/linear weight; middle = encoder and decoder lay
 # Snapshots in and out.
 
 
-def load_snapshot(network: str) -> tuple[dict, str]:
-    """(snapshot dict, local file) for a path or URL: torch_utils.cli's loader (one-line errors)."""
-    return cli.load_snapshot(network, option='--network')
-
-
 def save_snapshot(data: dict, dest: str, step: dict) -> None:
     """Append `step` to the snapshot's 'compression' list and write it atomically (the paper's pickle layout)."""
     data = dict(data)
@@ -254,7 +249,7 @@ def prune(network, dest, amount, method, scope, region, seed):
     block that enters a resolution belongs to it. Prints the sparsity reached per region: embedding (the
     noise/class mapping network), ends, between (the other resolutions), middle, and the total.
     """
-    data, _path = load_snapshot(network)
+    data, _path = cli.load_snapshot(network)
     net = data['ema']
     if isinstance(net, compression.Int8Network):
         raise click.ClickException(f'--network {network} holds int8 weights; prune the float network first, '
@@ -281,7 +276,7 @@ def prune(network, dest, amount, method, scope, region, seed):
               type=click.Choice(['int8', 'fp16', 'bf16']), required=True)
 def quantize(network, dest, dtype):
     """Store the weights of a snapshot's network in low precision."""
-    data, _path = load_snapshot(network)
+    data, _path = cli.load_snapshot(network)
     net = data['ema']
     if isinstance(net, compression.Int8Network):
         raise click.ClickException(f'--network {network} already holds int8 weights')
@@ -347,7 +342,7 @@ def report(networks, data, ref_path, num, num_steps, batch, threads, latency_run
 
     rows, nets, names = [], {}, set()
     for network in networks:
-        snapshot, path = load_snapshot(network)
+        snapshot, path = cli.load_snapshot(network)
         net = snapshot['ema']
         name = os.path.splitext(os.path.basename(network.rstrip('/')))[0]
         while name in names:

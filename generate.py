@@ -18,7 +18,6 @@ from typing import Sequence
 import click
 import numpy as np
 import PIL.Image
-import torch
 
 from dnnlib.util import parse_int_list  # noqa: F401 -- re-exported (the paper's generate.parse_int_list)
 from torch_utils.cli import (  # noqa: F401 -- the shared CLI layer; these names stay importable from here

@@ -143,10 +143,6 @@ def reconstruction_plan(in_pkls: Sequence[dnnlib.EasyDict], out_kimg: Optional[i
     return used, out_nimg
 
 
-def _load(path: str) -> dict:
-    return cli.load_snapshot(path, option='--indir', verbose=False)[0]
-
-
 def check_profiles(in_pkls: Sequence[dnnlib.EasyDict], out_std: Sequence[float]) -> None:
     """Snapshots of a single EMA profile can only reproduce that profile: refuse other lengths."""
     in_std = sorted({round(p.std, 3) for p in in_pkls})
@@ -184,7 +180,7 @@ def reconstruct(in_pkls: Sequence[dnnlib.EasyDict], out_std: Sequence[float], ou
 
         def parameters():
             for pkl in in_pkls:
-                last['data'] = _load(pkl.path)
+                last['data'] = cli.load_snapshot(pkl.path, option='--indir', verbose=False)[0]
                 yield {name: p.detach() for name, p in last['data']['ema'].named_parameters()}
                 if progress is not None:
                     progress()

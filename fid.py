@@ -44,7 +44,7 @@ import tqdm
 
 import dnnlib
 from training.dataset import dataset_fingerprint
-from training.sampling import MAX_SEED, SAMPLER_ALIASES, generate_images, parse_sampler_spec  # noqa: F401
+from training.sampling import MAX_SEED, generate_images, parse_sampler_spec  # noqa: F401 -- (re-exported)
 from torch_utils import cli
 from torch_utils import distributed as dist
 from torch_utils import misc
@@ -595,7 +595,6 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
 #----------------------------------------------------------------------------
 # NFE-FID sweep: FID of one network for several samplers at several numbers of network evaluations.
 
-SWEEP_ALIASES = SAMPLER_ALIASES  # heun = edm, euler = ablation:solver=euler (training.sampling)
 DEFAULT_SWEEP_SAMPLERS = 'edm,euler,euler_ancestral,dpm_2,lms,dpmpp_2s_ancestral,dpmpp_2m,dpmpp_2m_sde,dpmpp_3m_sde,unipc'
 
 

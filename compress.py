@@ -46,7 +46,7 @@ import tqdm
 
 import dnnlib
 import fid
-from torch_utils import persistence, plot
+from torch_utils import cli, persistence, plot
 from training import compression, sampling
 
 REGION_HELP = ('all = every conv/linear weight; middle = encoder and decoder layers at the lowest resolution incl. '
@@ -55,32 +55,6 @@ REGION_HELP = ('all = every conv/linear weight; middle = encoder and decoder lay
 
 #----------------------------------------------------------------------------
 # Snapshots in and out.
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def load_snapshot(network: str) -> tuple[dict, str]:
-    """(snapshot dict, local file) for a path or URL (URLs through the dnnlib download cache).
-    Raises a one-line ClickException for a missing, unreadable or non-network file."""
-    path = network
-    if dnnlib.util.is_url(network, allow_file_urls=True):
-        try:
-            path = dnnlib.util.open_url(network, return_filename=True)
-        except (OSError, ValueError) as e:
-            raise click.ClickException(f'--network {network}: cannot fetch it ({_first_line(e)})') from None
-    elif not os.path.isfile(network):
-        raise click.ClickException(f'--network {network}: no such file; pass a network snapshot path or URL')
-    try:
-        data = persistence.load_network_pkl(path)
-    except ValueError as e:  # persistence.CheckpointError: one line naming the file
-        raise click.ClickException(f'--network: {_first_line(e)}') from None
-    if not isinstance(data.get('ema'), torch.nn.Module):
-        raise click.ClickException(f'--network {network}: no network under key "ema" (keys: {sorted(map(str, data))})')
-    data['ema'].eval().requires_grad_(False)
-    return data, path
 
 
 def save_snapshot(data: dict, dest: str, step: dict) -> None:
@@ -92,7 +66,7 @@ def save_snapshot(data: dict, dest: str, step: dict) -> None:
         os.makedirs(folder, exist_ok=True)
         persistence.save_network_pkl(data, dest)
     except OSError as e:
-        raise click.ClickException(f'--dest {dest}: cannot write it ({e.strerror or _first_line(e)})') from None
+        raise click.ClickException(f'--dest {dest}: cannot write it ({e.strerror or cli.first_line(e)})') from None
 
 
 def describe(steps) -> str:
@@ -259,7 +233,7 @@ def main():
 @click.option('--network', 'network', help='Network snapshot to prune', metavar='PKL|URL', type=str, required=True)
 @click.option('--dest', help='Where to write the pruned snapshot', metavar='PKL', type=str, required=True)
 @click.option('--amount', help='Fraction of the selected weights to zero', metavar='FLOAT',
-              type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.5, show_default=True)
+              type=cli.FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=0.5, show_default=True)
 @click.option('--method', help='Which weights: smallest magnitude or random', type=click.Choice(['l1', 'random']),
               default='l1', show_default=True)
 @click.option('--scope', help='global: rank all selected weights together; local: prune each tensor by --amount',
@@ -275,7 +249,7 @@ def prune(network, dest, amount, method, scope, region, seed):
     block that enters a resolution belongs to it. Prints the sparsity reached per region: embedding (the
     noise/class mapping network), ends, between (the other resolutions), middle, and the total.
     """
-    data, _path = load_snapshot(network)
+    data, _path = cli.load_snapshot(network)
     net = data['ema']
     if isinstance(net, compression.Int8Network):
         raise click.ClickException(f'--network {network} holds int8 weights; prune the float network first, '
@@ -302,7 +276,7 @@ def prune(network, dest, amount, method, scope, region, seed):
               type=click.Choice(['int8', 'fp16', 'bf16']), required=True)
 def quantize(network, dest, dtype):
     """Store the weights of a snapshot's network in low precision."""
-    data, _path = load_snapshot(network)
+    data, _path = cli.load_snapshot(network)
     net = data['ema']
     if isinstance(net, compression.Int8Network):
         raise click.ClickException(f'--network {network} already holds int8 weights')
@@ -341,7 +315,7 @@ def quantize(network, dest, dtype):
               is_flag=True)
 @click.option('--out', 'prefix', help='Output prefix: writes PREFIX.md, .csv, .json and .png', metavar='PREFIX',
               type=str, default='compress-report', show_default=True)
-@fid.detector_options
+@cli.detector_options
 def report(networks, data, ref_path, num, num_steps, batch, threads, latency_runs, latency_batch, int8_dynamic,
            prefix, detector, trust_pickle):
     """Parameters, non-zero parameters, bytes on disk (raw and zip), CPU latency and FID of each network."""
@@ -368,7 +342,7 @@ def report(networks, data, ref_path, num, num_steps, batch, threads, latency_run
 
     rows, nets, names = [], {}, set()
     for network in networks:
-        snapshot, path = load_snapshot(network)
+        snapshot, path = cli.load_snapshot(network)
         net = snapshot['ema']
         name = os.path.splitext(os.path.basename(network.rstrip('/')))[0]
         while name in names:

@@ -663,7 +663,13 @@ def main(source: str, dest: str, max_images: Optional[int], transform: Optional[
       python dataset_tool.py --source=downloads/cifar10/cifar-10-python.tar.gz \\
           --dest=datasets/cifar10-32x32.zip
     """
-    if os.path.isfile(dest):
+    try:  # bad values are usage errors (status 2, like those click finds itself)
+        if max_images is not None and max_images < 1:
+            _fail(f'--max-images={max_images}: must be at least 1')
+        build_transform(transform, *(resolution if resolution is not None else (None, None)))
+    except DatasetToolError as e:
+        raise click.UsageError(e.message) from None
+    if os.path.isfile(dest) and str(dest).lower().endswith('.zip'):  # (a folder --dest must be new or empty)
         click.echo(f'Note: --dest {dest} exists and will be replaced once the conversion is complete '
                    f'(it stays as it is if the conversion fails or is interrupted)')
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C

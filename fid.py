@@ -23,6 +23,7 @@ trusted (as in the paper's code), anything else needs `--trust-pickle`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -42,11 +43,12 @@ import torch
 import tqdm
 
 import dnnlib
-import generate
 from training.dataset import dataset_fingerprint
-from training.sampling import MAX_SEED, generate_images, parse_seeds
+from training.sampling import MAX_SEED, generate_images, parse_sampler_spec  # noqa: F401 -- (re-exported)
+from torch_utils import cli
 from torch_utils import distributed as dist
 from torch_utils import misc
+from torch_utils.ode import SolverError
 
 DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
                 'inception-2015-12-05.pkl')
@@ -263,7 +265,7 @@ def compute_feature_stats(detector: torch.nn.Module, batches: Iterable[torch.Ten
                     features = detector(images.to(device), return_features=True)
             except RuntimeError as e:
                 raise click.ClickException(f'The detector failed on images of shape {list(images.shape)} '
-                                           f'from {source}: {str(e).splitlines()[0]}') from e
+                                           f'from {source}: {cli.first_line(e)}') from e
             features = features.to(torch.float64).reshape(images.shape[0], -1)
             if feature_sum is None:
                 feature_sum, outer_sum = _zero_sums(features.shape[1], device)
@@ -302,13 +304,17 @@ def _mean_and_covariance(feature_sum: torch.Tensor, outer_sum: torch.Tensor, n: 
     return mean, cov
 
 
+# A bare `generate.py --grid` writes OUTDIR/grid.png beside the samples: not one of them.
+GRID_NAMES = ('grid.png',)
+
+
 def _open_dataset(image_path: str, num_expected: Optional[int], seed: int, use_labels: bool = False):
     from training import dataset  # Imported here: fid.py's math and `net` need no dataset code.
     if not os.path.exists(image_path):
         raise click.ClickException(f'No such image folder or zip: {image_path}')
     try:
         dataset_obj = dataset.ImageFolderDataset(path=image_path, max_size=num_expected, random_seed=seed,
-                                                 use_labels=use_labels)
+                                                 use_labels=use_labels, exclude=GRID_NAMES)
     except (OSError, ValueError, RuntimeError, zipfile.BadZipFile) as e:
         raise click.ClickException(f'Could not read images from {image_path}: {e}') from e
     if num_expected is not None and len(dataset_obj) < num_expected:
@@ -408,6 +414,10 @@ def load_reference(ref_path: str) -> dict:
     mu, sigma = ref['mu'], ref['sigma']
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise click.ClickException(f'{ref_path}: mu {mu.shape} and sigma {sigma.shape} do not fit together')
+    for key in ('mu', 'sigma'):
+        if not np.issubdtype(ref[key].dtype, np.number) or not np.isfinite(ref[key]).all():
+            raise click.ClickException(f'{ref_path}: "{key}" holds NaN/Inf or non-numbers; the reference is damaged, '
+                                       f'make it again with `python fid.py ref`')
     return ref
 
 
@@ -438,18 +448,7 @@ def _start(workers: int) -> None:
     dist.init()
 
 
-_detector_options = [
-    click.option('--detector', help='Feature detector: TorchScript file or pickle  [default: standard '
-                 'Inception-v3 URL]', metavar='PATH|URL', type=str, default=None),
-    click.option('--trust-pickle', help='Allow a --detector pickle to run its embedded code (trusted files only)',
-                 is_flag=True),
-]
-
-
-def detector_options(fn):
-    for option in reversed(_detector_options):
-        fn = option(fn)
-    return fn
+detector_options = cli.detector_options  # --detector, --trust-pickle
 
 
 @click.group()
@@ -544,46 +543,36 @@ def _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, sampler_kwa
     verbose = dist.get_rank() == 0
     ref = load_reference(ref_path) if verbose else None
     detector_net = load_detector(detector, device=device, trust_pickle=trust_pickle, verbose=verbose)
-    network = generate.load_net(network_pkl, device=device, verbose=verbose)
-    return ref, detector_net, network, generate.load_guide(sampler_kwargs, network, device, verbose=verbose)
-
-
-def _parse_seeds(s: str) -> list[int]:
-    try:
-        values = parse_seeds(s)
-    except ValueError as e:
-        raise click.BadParameter(f'{e}; expected e.g. 0-49999', param_hint='--seeds') from None
-    if len(values) < 2 or len(set(values)) != len(values):
-        raise click.BadParameter('need at least 2 distinct seeds', param_hint='--seeds')
-    return values
+    network = cli.load_net(network_pkl, device=device, verbose=verbose)
+    return ref, detector_net, network, cli.load_guide(sampler_kwargs, network, device, verbose=verbose)
 
 
 @main.command()
 @click.option('--network', 'network_pkl', help='Network pickle', metavar='PATH|URL', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Dataset reference statistics', metavar='NPZ|URL', type=str, required=True)
 @click.option('--seeds', help='Seeds of the first repeat, e.g. 0-49999', metavar='LIST', type=str,
-              default='0-49999', show_default=True)
+              callback=cli.seeds_callback(min_count=2, example='0-49999'), default='0-49999', show_default=True)
 @click.option('--repeats', help='Number of disjoint seed ranges', metavar='INT', type=click.IntRange(min=1),
               default=3, show_default=True)
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT',
               type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1),
               default=64, show_default=True)
-@generate.sampler_options
+@cli.sampler_options
 @detector_options
 def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detector, trust_pickle,
         **sampler_kwargs):
     """FID of a network on --repeats disjoint seed ranges, images generated in memory; reports the minimum."""
-    seeds = _parse_seeds(seeds)
     if max(repeat_seeds(seeds, repeats)[-1]) > MAX_SEED:
         raise click.BadParameter(f'the last of {repeats} repeats would need seeds above {MAX_SEED}; '
                                  f'use lower --seeds or fewer --repeats', param_hint='--seeds')
-    sampler_kwargs = generate.sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs)
+    sampler_kwargs = cli.sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs)
     _start(0)
     device = dist.default_device()
     dist.print0(f'Network: "{network_pkl}"')
     ref, detector_net, network, sampler_kwargs = _rank0_first(
         lambda: _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, sampler_kwargs, device))
+    cli.check_class(class_idx, network)  # (every rank has the network: all stop alike)
 
     fids = []
     for k, rep_seeds in enumerate(repeat_seeds(seeds, repeats)):
@@ -606,45 +595,7 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
 #----------------------------------------------------------------------------
 # NFE-FID sweep: FID of one network for several samplers at several numbers of network evaluations.
 
-# Sweep names that are not registry names: the paper's two ODE solvers on the EDM time steps.
-SWEEP_ALIASES = {
-    'heun': ('edm', {}),                       # Algorithm 1: Heun, NFE = 2N - 1
-    'euler': ('ablation', {'solver': 'euler'}),  # Algorithm 1 with Euler steps (sigma(t) = t, s(t) = 1), NFE = N
-}
 DEFAULT_SWEEP_SAMPLERS = 'edm,euler,euler_ancestral,dpm_2,lms,dpmpp_2s_ancestral,dpmpp_2m,dpmpp_2m_sde,dpmpp_3m_sde,unipc'
-
-
-def _typed_like(default, value: str):
-    """A command-line string as the type of an option's default (int defaults also accept floats)."""
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
-        try:
-            return int(value) if isinstance(default, int) else float(value)
-        except ValueError:
-            return float(value)
-    return value
-
-
-def parse_sampler_spec(spec: str) -> tuple[str, str, dict]:
-    """'name[:option=value...]' -> (label, registry name, options), e.g. 'dpmpp_2m_sde:eta=0.5:solver_type=heun'.
-    Values take the type of the option's default. Raises ValueError for unknown samplers or options."""
-    import inspect
-    from training.sampling import SAMPLERS, resolve_sampler
-    name, *assignments = spec.strip().split(':')
-    if name not in SAMPLERS and name not in SWEEP_ALIASES:
-        raise ValueError(f'unknown sampler {name!r}; expected one of {", ".join(list(SAMPLERS) + list(SWEEP_ALIASES))}')
-    name, options = SWEEP_ALIASES.get(name, (name, {}))
-    options = dict(options)
-    params = inspect.signature(SAMPLERS[name]).parameters
-    for item in assignments:
-        key, sep, value = item.partition('=')
-        if not sep or key not in params:
-            raise ValueError(f'{spec!r}: {item!r} is not option=value for an option of sampler {name!r}')
-        try:
-            options[key] = _typed_like(params[key].default, value)
-        except ValueError:
-            raise ValueError(f'{spec!r}: {key}={value!r} is not a number') from None
-    resolve_sampler(name, options)  # TypeError for options the sampler does not take
-    return spec.strip(), name, options
 
 
 def _sweep_plan(specs: list[str], nfes: list[int]) -> list[dict]:
@@ -688,17 +639,64 @@ def _write_sweep(outdir: str, config: dict, rows: list[dict]) -> None:
               f'n = {n} images)', xlabel='NFE (network evaluations)', ylabel='FID', log_y=True)
 
 
-def _previous_rows(outdir: str, config: dict) -> dict:
-    """Rows of an earlier sweep into the same folder with the same configuration, by (sampler, num_steps)."""
-    import json
+def _sweep_outdir(outdir: str) -> None:
+    """Create --outdir (rank 0); one line when it is a file or cannot be created."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.BadParameter(f'{outdir} is a file; pass a folder (created if missing)', param_hint='--outdir')
     try:
-        with open(os.path.join(outdir, 'sweep.json')) as f:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as e:
+        raise click.ClickException(f'--outdir {outdir}: cannot create it ({e.strerror or cli.first_line(e)})') from None
+
+
+@contextlib.contextmanager
+def _sweep_lock(outdir: str):
+    """Hold OUTDIR/.sweep.lock (an advisory lock; the OS releases it when the process ends) while reading
+    and rewriting sweep.json, so sweeps into one folder merge their points instead of overwriting them."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    with open(os.path.join(outdir, '.sweep.lock'), 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _previous_rows(outdir: str, config: dict) -> dict:
+    """Rows of an earlier sweep into the same folder with the same configuration, by (sampler, num_steps).
+    A damaged sweep.json, or one of another configuration, is refused (its points are never overwritten)."""
+    import json
+    path = os.path.join(outdir, 'sweep.json')
+    try:
+        with open(path) as f:
             previous = json.load(f)
-    except (OSError, ValueError):
+        if not isinstance(previous, dict) or not isinstance(previous.get('rows', []), list):
+            raise ValueError('not a sweep table')
+        rows = {(row['sampler'], row['num_steps']): row for row in previous.get('rows', [])}
+    except FileNotFoundError:
         return {}
-    if not isinstance(previous, dict) or previous.get('config') != config:
-        return {}
-    return {(row['sampler'], row['num_steps']): row for row in previous.get('rows', [])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise click.ClickException(f'{path} is damaged ({cli.first_line(e)}); move it away to start a new '
+                                   f'table, or pass another --outdir') from None
+    if previous.get('config') != config:
+        differ = sorted(k for k in set(config) | set(previous.get('config') or {})
+                        if config.get(k) != (previous.get('config') or {}).get(k))
+        raise click.ClickException(f'{path} holds a sweep with another {", ".join(differ) or "configuration"}; '
+                                   f'pass another --outdir (its points are kept)')
+    return rows
+
+
+def _merge_sweep(outdir: str, config: dict, rows: list[dict], specs: list[str]) -> list[dict]:
+    """Under the folder's lock: this run's points merged into the table now on disk (which other sweeps into
+    the same folder may have extended meanwhile), written back; returns the merged rows."""
+    with _sweep_lock(outdir):
+        merged = _merged_rows(rows, _previous_rows(outdir, config), [spec.strip() for spec in specs])
+        _write_sweep(outdir, config, merged)
+    return merged
 
 
 def _merged_rows(rows: list[dict], previous: dict, order: list[str]) -> list[dict]:
@@ -718,14 +716,14 @@ def _merged_rows(rows: list[dict], previous: dict, order: list[str]) -> list[dic
 @click.option('--nfe', 'nfes', help='Numbers of network evaluations', metavar='LIST', type=str,
               default='5,7,9,13,17,25,35', show_default=True)
 @click.option('--seeds', help='Seeds (the same for every point)', metavar='LIST', type=str, default='0-999',
-              show_default=True)
+              callback=cli.seeds_callback(min_count=2, example='0-999'), show_default=True)
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT',
               type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1),
               default=64, show_default=True)
 @click.option('--outdir', help='Where to write sweep.csv, sweep.json, sweep.png', metavar='DIR', type=str,
               required=True)
-@generate.guidance_options
+@cli.guidance_options
 @detector_options
 def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_size, outdir, detector, trust_pickle,
           **guidance):
@@ -735,16 +733,17 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
     Each sampler takes the most steps whose network evaluations fit the NFE (edm/heun, dpm_2 and
     dpmpp_2s_ancestral: 2N-1; the others: N); the table reports the NFE actually used. Points already in
     OUTDIR/sweep.json from the same network, reference, seeds, detector and guidance are reused and kept,
-    so an interrupted sweep continues and later runs add points to the same table.
+    so an interrupted sweep continues and later runs add points to the same table. Sweeps running into
+    one folder at once merge their points (under a lock); a damaged sweep.json, or one from another
+    configuration, is refused and kept.
     """
-    seeds = _parse_seeds(seeds)
     try:
         nfe_list = dnnlib.util.parse_int_list(nfes)
     except ValueError as e:
         raise click.BadParameter(f'{e}; expected e.g. 5,9,17,35', param_hint='--nfe') from None
     if not nfe_list or min(nfe_list) < 1:
         raise click.BadParameter('need NFE values >= 1', param_hint='--nfe')
-    guidance = generate.guidance_kwargs_from_cli(guidance)
+    guidance = cli.guidance_kwargs_from_cli(guidance)
     specs = [s for s in samplers.split(',') if s.strip()]
     try:
         plan = _sweep_plan(specs, nfe_list)
@@ -759,9 +758,13 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
     device = dist.default_device()
 
     def load_all():
-        os.makedirs(outdir, exist_ok=True)
+        if dist.get_rank() == 0:
+            _sweep_outdir(outdir)
+            with _sweep_lock(outdir):
+                _previous_rows(outdir, config)  # refuse a damaged table or another sweep's before any work
         return _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, guidance, device)
     ref, detector_net, network, guidance = _rank0_first(load_all)
+    cli.check_class(class_idx, network)
     previous = _previous_rows(outdir, config)
     rows = []
     for k, point in enumerate(plan):
@@ -785,10 +788,9 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
                              nfe_requested=point['nfe_requested']))
             print(f'[{k + 1}/{len(plan)}] {point["sampler"]} NFE {point["nfe"]} ({point["num_steps"]} steps): '
                   f'FID {fid:g} ({stats.num_images} images, {time.time() - start:.0f} s)', flush=True)
-            _write_sweep(outdir, config, _merged_rows(rows, previous, [spec.strip() for spec in specs]))
+            _merge_sweep(outdir, config, rows, specs)
     if dist.get_rank() == 0:
-        rows = _merged_rows(rows, previous, [spec.strip() for spec in specs])
-        _write_sweep(outdir, config, rows)
+        rows = _merge_sweep(outdir, config, rows, specs)
         print(f'Wrote {os.path.join(outdir, "sweep.csv")}, sweep.json and sweep.png ({len(rows)} points)')
     dist.barrier()
 
@@ -808,14 +810,14 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
               default=64, show_default=True)
 @click.option('--probe', help='Trace estimator: Hutchinson probes, or the exact trace (C*H*W passes)',
               type=click.Choice(['rademacher', 'gaussian', 'exact']), default='rademacher', show_default=True)
-@click.option('--rtol', help='ODE solver relative tolerance', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+@click.option('--rtol', help='ODE solver relative tolerance', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True),
               default=1e-5, show_default=True)
-@click.option('--atol', help='ODE solver absolute tolerance', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+@click.option('--atol', help='ODE solver absolute tolerance', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True),
               default=1e-5, show_default=True)
 @click.option('--sigma_min', help='Lowest noise level (the density is that of the data at this noise)', metavar='FLOAT',
-              type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
+              type=cli.FiniteFloatRange(min=0, min_open=True), default=0.002, show_default=True)
 @click.option('--sigma_max', help='Highest noise level (prior N(0, sigma_max^2 I))', metavar='FLOAT',
-              type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
+              type=cli.FiniteFloatRange(min=0, min_open=True), default=80, show_default=True)
 @click.option('--dequantize/--no-dequantize', help='Uniform dequantisation of the 8-bit pixels (else bin centres)',
               default=True, show_default=True)
 def nll(network_pkl, dataset_path, num_expected, seed, max_batch_size, probe, rtol, atol, sigma_min, sigma_max,
@@ -834,7 +836,7 @@ def nll(network_pkl, dataset_path, num_expected, seed, max_batch_size, probe, rt
     device = dist.default_device()
 
     def load_all():
-        network = generate.load_net(network_pkl, device=device, verbose=dist.get_rank() == 0)
+        network = cli.load_net(network_pkl, device=device, verbose=dist.get_rank() == 0)
         dataset_obj = _open_dataset(dataset_path, num_expected, seed, use_labels=bool(network.label_dim))
         shape = [network.img_channels, network.img_resolution, network.img_resolution]
         if list(dataset_obj.image_shape) != shape:
@@ -858,9 +860,12 @@ def nll(network_pkl, dataset_path, num_expected, seed, max_batch_size, probe, rt
             if network.label_dim:
                 labels = torch.stack([torch.as_tensor(dataset_obj[i][1]) for i in indices]).to(device)
             rnd = StackedRandomGenerator(device, [seed * num + i for i in indices])
-            bpd, batch_nfe = likelihood.nll_bits_per_dim(
-                network, images, labels, dequantization=dequantize, rand_like=rnd.rand_like, randn_like=rnd.randn_like,
-                sigma_min=sigma_min, sigma_max=sigma_max, probe=probe, rtol=rtol, atol=atol)
+            try:
+                bpd, batch_nfe = likelihood.nll_bits_per_dim(
+                    network, images, labels, dequantization=dequantize, rand_like=rnd.rand_like,
+                    randn_like=rnd.randn_like, sigma_min=sigma_min, sigma_max=sigma_max, probe=probe, rtol=rtol, atol=atol)
+            except SolverError as e:
+                raise click.ClickException(f'--rtol/--atol: {cli.first_line(e)}') from None
             sums += torch.stack([bpd.sum(), bpd.square().sum(), torch.tensor(float(len(indices)), dtype=torch.float64)]).cpu()
             nfe = max(nfe, batch_nfe)
             bar.update(len(indices) * dist.get_world_size())

@@ -18,9 +18,11 @@ from typing import Sequence
 import click
 import numpy as np
 import PIL.Image
-import torch
 
 from dnnlib.util import parse_int_list  # noqa: F401 -- re-exported (the paper's generate.parse_int_list)
+from torch_utils.cli import (  # noqa: F401 -- the shared CLI layer; these names stay importable from here
+    GUIDANCE_KWARGS as GUIDANCE_OPTIONS, SAMPLER_OPTIONS as _SAMPLER_OPTIONS, check_class, guidance_kwargs_from_cli,
+    guidance_options, load_guide, load_net, sampler_kwargs_from_cli, sampler_options, seeds_callback)
 from training.sampling import (  # noqa: F401 -- re-exported for scripts written against the paper's generate.py
     SAMPLERS, StackedRandomGenerator, ablation_sampler, check_denoiser, edm_sampler, generate_images,
     parse_seeds, seed_batches)
@@ -60,166 +62,14 @@ def make_grid(images: Sequence[np.ndarray]) -> np.ndarray:
 # Command line.
 
 
-def load_net(network: str, device: torch.device, verbose: bool = True, option: str = '--network'):
-    """The CLI's network loader: persistence.load_network (URLs through the download cache) plus the
-    denoiser-interface check, with failures as one-line click errors naming `option`."""
-    from torch_utils import persistence
-    try:
-        net = persistence.load_network(network, key='ema', device=device, verbose=verbose)
-        check_denoiser(net, f'the "ema" object in {network}')
-    except ValueError as e:  # CheckpointError and the interface check: one line naming the file
-        raise click.ClickException(f'{option} {e}') from None
-    except Exception as e:  # the checkpoint boundary: any other failure becomes one line, not a traceback
-        raise click.ClickException(f'{option} {network}: not a loadable network pickle '
-                                   f'({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""})') from None
-    return net
-
-
-def _parse_seeds(ctx, param, value):
-    try:
-        seeds = parse_seeds(value)
-    except ValueError as e:
-        raise click.BadParameter(f'{e}; expected e.g. 0-63 or 1,2,5-10') from None
-    if not seeds:
-        raise click.BadParameter('empty seed list')
-    return seeds
-
-
-# Sampler options shared by generate.py and fid.py's `net` command (the paper's names and defaults).
-_SAMPLER_OPTIONS = [
-    click.option('--sampler', help=f'Sampler: {", ".join(SAMPLERS)}  [default: edm, or ablation when --solver/--disc/--schedule/--scaling is given]', metavar='NAME', type=click.Choice(list(SAMPLERS))),
-    click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True),
-    click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True)),
-    click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True)),
-    click.option('--rho', help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True),
-    click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
-    click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
-    click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True),
-    click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True),
-    click.option('--solver', help='Ablate ODE solver', metavar='euler|heun', type=click.Choice(['euler', 'heun'])),
-    click.option('--disc', 'discretization', help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm', type=click.Choice(['vp', 've', 'iddpm', 'edm'])),
-    click.option('--schedule', help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear', type=click.Choice(['vp', 've', 'linear'])),
-    click.option('--scaling', help='Ablate signal scaling s(t)', metavar='vp|none', type=click.Choice(['vp', 'none'])),
-    # Options of the k-diffusion-class samplers (k-diffusion's names); one option serves every sampler taking it.
-    click.option('--eta', help='Ancestral/SDE noise amount (0: ODE)', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True),
-    click.option('--s_noise', 's_noise', help='Ancestral/SDE noise inflation', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True),
-    click.option('--order', help='Solver order: lms [default: 4], unipc (1-3) [default: 2]', metavar='INT', type=click.IntRange(min=1)),
-    click.option('--solver_type', 'solver_type', help='dpmpp_2m_sde history term', metavar='midpoint|heun', type=click.Choice(['midpoint', 'heun']), default='midpoint', show_default=True),
-]
-
-# Guidance of every network evaluation, for any sampler (part of the sampler options; fid.py sweep uses them alone).
-_GUIDANCE_OPTIONS = [
-    click.option('--gnet', help='Guiding network pickle (autoguidance, or CFG with an unconditional model)', metavar='PKL|URL', type=str),
-    click.option('--guidance', help='Guidance weight w: D_g + w (D - D_g)', metavar='FLOAT', type=float, default=1, show_default=True),
-    click.option('--cfg', help='Classifier-free guidance: the network without labels is the guide', is_flag=True),
-    click.option('--guidance-interval', 'guidance_interval', help='Guide only for sigma in [LO, HI]', metavar='LO,HI', callback=lambda ctx, param, value: _parse_interval(value)),
-]
-
-GUIDANCE_OPTIONS = ('gnet', 'guidance', 'cfg', 'guidance_interval')
-
-
-def _parse_interval(value: str | None) -> tuple[float, float] | None:
-    if value is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in value.split(','))
-    except ValueError:
-        raise click.BadParameter(f'{value!r} is not LO,HI (two noise levels, e.g. 0.28,5.42)') from None
-    if not 0 <= lo <= hi:
-        raise click.BadParameter(f'{value!r}: need 0 <= LO <= HI')
-    return lo, hi
-
-
-def sampler_kwargs_from_cli(ctx: click.Context, kwargs: dict) -> dict:
-    """The sampler options of a command line as generate_images kwargs (`sampler` plus its options).
-
-    Defaults the chosen sampler does not take are dropped; an option given explicitly that the sampler does
-    not take is a usage error (e.g. --S_churn with a sampler without churn)."""
-    from training.sampling import ABLATION_KWARGS, count_nfe, resolve_sampler, sampler_options_of
-    kwargs = dict(kwargs)
-    name = kwargs.pop('sampler', None)
-    guidance = guidance_kwargs_from_cli({k: kwargs.pop(k) for k in GUIDANCE_OPTIONS})
-    given = {k: v for k, v in kwargs.items() if v is not None}
-    explicit = {k for k in given if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
-    if name is None:
-        name = 'ablation' if explicit & set(ABLATION_KWARGS) else 'edm'
-    accepted = set(sampler_options_of(name))
-    given = {k: v for k, v in given.items() if k in accepted or k in explicit}
-    try:
-        name, given = resolve_sampler(name, given)
-    except (TypeError, ValueError) as e:
-        raise click.UsageError(str(e)) from None
-    if given.get('sigma_min') is not None and given.get('sigma_max') is not None \
-            and given['sigma_min'] >= given['sigma_max']:
-        raise click.BadParameter('--sigma_min must be smaller than --sigma_max', param_hint='--sigma_min')
-    try:  # values the sampler itself rejects (e.g. --order=4 for unipc): a dry run on a 1-pixel stand-in
-        count_nfe(name, **given)
-    except ValueError as e:
-        raise click.UsageError(f'--sampler={name}: {e}') from None
-    return dict(sampler=name, **given, **guidance)
-
-
-def guidance_kwargs_from_cli(kwargs: dict) -> dict:
-    """The guidance options (gnet path, guidance, cfg, guidance_interval), checked for consistency; {} when
-    there is no guide (generate_images' defaults)."""
-    from training.sampling import check_guidance
-    guidance = {k: kwargs[k] for k in GUIDANCE_OPTIONS}
-    try:
-        check_guidance(guidance['gnet'] is not None, guidance['guidance'], guidance['cfg'],
-                       guidance['guidance_interval'], spell=_option_name)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    return guidance if guidance['gnet'] is not None or guidance['cfg'] else {}
-
-
-def _option_name(keyword: str) -> str:
-    return '--' + keyword.replace('_', '-')
-
-
-def load_guide(sampler_kwargs: dict, net, device: torch.device, verbose: bool = True) -> dict:
-    """sampler_kwargs with --gnet's path replaced by the loaded network, checked against `net` (and --cfg
-    against a network without labels); one-line click errors."""
-    from training.sampling import check_guidance, check_guide
-    try:
-        check_guidance(sampler_kwargs.get('gnet') is not None, sampler_kwargs.get('guidance', 1),
-                       sampler_kwargs.get('cfg', False), sampler_kwargs.get('guidance_interval'),
-                       label_dim=net.label_dim if sampler_kwargs.get('cfg') else None, spell=_option_name)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    if sampler_kwargs.get('gnet') is None:
-        return sampler_kwargs
-    path = sampler_kwargs['gnet']
-    gnet = load_net(path, device, verbose=verbose, option='--gnet')
-    try:
-        check_guide(net, gnet, f'--gnet {path}')
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    return dict(sampler_kwargs, gnet=gnet)
-
-
-def sampler_options(fn):
-    """Add the sampler and guidance options to a click command; sampler_kwargs_from_cli turns them into
-    keyword arguments of training.sampling.generate_images (`sampler`, its options, the guidance)."""
-    for option in reversed(_SAMPLER_OPTIONS + _GUIDANCE_OPTIONS):
-        fn = option(fn)
-    return fn
-
-
-def guidance_options(fn):
-    """Add only the guidance options (--gnet, --guidance, --cfg, --guidance-interval)."""
-    for option in reversed(_GUIDANCE_OPTIONS):
-        fn = option(fn)
-    return fn
-
-
 @click.command()
 @click.option('--network', 'network_pkl', help='Network pickle filename', metavar='PATH|URL', type=str, required=True)
 @click.option('--outdir', help='Where to save the output images', metavar='DIR', type=str, required=True)
-@click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', callback=_parse_seeds, default='0-63', show_default=True)
+@click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', callback=seeds_callback(), default='0-63', show_default=True)
 @click.option('--subdirs', help='Create subdirectory for every 1000 seeds', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--grid', help='Also write all images as one grid PNG  [bare --grid: OUTDIR/grid.png]', metavar='[FILE]', is_flag=False, flag_value='', default=None)
+@click.option('--grid', help='Also write all images as one grid PNG  [bare --grid: OUTDIR/grid.png, which fid.py skips]', metavar='[FILE]', is_flag=False, flag_value='', default=None)
 @sampler_options
 @click.option('--bf16', help='Run the network in bfloat16 (~2x faster with native bf16: AVX-512/AMX CPUs, CUDA; many times slower on AVX2-only CPUs; images differ slightly from fp32)', is_flag=True)
 def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, bf16, **sampler_kwargs):
@@ -279,10 +129,7 @@ def _generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, gr
         if misc.bf16_warning(device):
             dist.print0(misc.bf16_warning(device))
 
-    if class_idx is not None and not class_idx < net.label_dim:
-        raise click.BadParameter(f'{class_idx} is out of range: the network has '
-                                 + (f'{net.label_dim} classes (0..{net.label_dim - 1})' if net.label_dim
-                                    else 'no class labels (unconditional)'), param_hint='--class')
+    check_class(class_idx, net)
 
     grid_path = None if grid is None else (grid or os.path.join(outdir, 'grid.png'))
     if grid and not os.path.isdir(os.path.dirname(os.path.abspath(grid))):

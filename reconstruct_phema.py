@@ -44,8 +44,7 @@ import tqdm
 
 import dnnlib
 import fid
-import generate
-from torch_utils import misc, persistence, plot
+from torch_utils import cli, misc, persistence, plot
 from training import phema
 from training.sampling import generate_images
 
@@ -144,14 +143,14 @@ def reconstruction_plan(in_pkls: Sequence[dnnlib.EasyDict], out_kimg: Optional[i
     return used, out_nimg
 
 
-def _load(path: str) -> dict:
-    try:
-        data = persistence.load_network_pkl(path)
-    except persistence.CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-    if not isinstance(data.get('ema'), torch.nn.Module):
-        raise click.ClickException(f'{path}: no network under "ema"')
-    return data
+def check_profiles(in_pkls: Sequence[dnnlib.EasyDict], out_std: Sequence[float]) -> None:
+    """Snapshots of a single EMA profile can only reproduce that profile: refuse other lengths."""
+    in_std = sorted({round(p.std, 3) for p in in_pkls})
+    other = [s for s in out_std if round(float(s), 3) not in in_std]
+    if len(in_std) == 1 and other:
+        raise click.ClickException(f'the input snapshots hold one EMA profile (sigma_rel {in_std[0]:.3f}), from which '
+                                   f'only that profile can be reconstructed, not {other[0]:.3f}; train with two or '
+                                   f'more --ema-stds (e.g. 0.05,0.1), or pass --outstd={in_std[0]:.3f}')
 
 
 def _with_network(data: dict, params: dict, nimg: int) -> dict:
@@ -181,7 +180,7 @@ def reconstruct(in_pkls: Sequence[dnnlib.EasyDict], out_std: Sequence[float], ou
 
         def parameters():
             for pkl in in_pkls:
-                last['data'] = _load(pkl.path)
+                last['data'] = cli.load_snapshot(pkl.path, option='--indir', verbose=False)[0]
                 yield {name: p.detach() for name, p in last['data']['ema'].named_parameters()}
                 if progress is not None:
                     progress()
@@ -239,24 +238,14 @@ def _std_list(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
-def _seed_list(ctx, param, value):
-    try:
-        seeds = dnnlib.util.parse_int_list(value)
-    except ValueError as e:
-        raise click.BadParameter(f'{e}; expected e.g. 0-999') from None
-    if len(set(seeds)) < 2 or len(set(seeds)) != len(seeds):
-        raise click.BadParameter('need at least 2 distinct seeds')
-    return seeds
-
-
 def _sweep_options(fn):
-    """--sweep and its options: fid.py's detector options and generate.py's sampler options."""
-    fn = fid.detector_options(fn)
-    fn = generate.sampler_options(fn)
+    """--sweep and its options: the detector and sampler options (torch_utils.cli)."""
+    fn = cli.detector_options(fn)
+    fn = cli.sampler_options(fn)
     for option in reversed([
         click.option('--sweep', help='Also score every reconstruction with FID: table + plot in --outdir', is_flag=True),
         click.option('--ref', 'ref_path', help='--sweep: dataset reference statistics', metavar='NPZ|URL', type=str),
-        click.option('--seeds', help='--sweep: seeds of the generated images', metavar='LIST', callback=_seed_list,
+        click.option('--seeds', help='--sweep: seeds of the generated images', metavar='LIST', callback=cli.seeds_callback(min_count=2, example='0-999'),
                      default='0-49999', show_default=True),
         click.option('--gen-batch', help='--sweep: maximum batch size when generating', metavar='INT',
                      type=click.IntRange(min=1), default=64, show_default=True),
@@ -298,10 +287,11 @@ def main(in_dir, in_prefix, in_std, out_dir, out_prefix, out_std, out_kimg, skip
     """
     if os.environ.get('WORLD_SIZE', '1') != '1':
         raise click.ClickException('reconstruct_phema.py runs in one process; start it without torchrun')
-    sampler_kwargs = generate.sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs)
+    sampler_kwargs = cli.sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs)
     if sweep and ref_path is None:
         raise click.UsageError('--sweep needs --ref (reference statistics, from `fid.py ref`)')
     in_pkls, out_nimg = reconstruction_plan(list_input_pickles(in_dir, in_prefix, in_std), out_kimg)
+    check_profiles(in_pkls, out_std)
     if skip_existing and not sweep:
         out_std = [s for s in out_std if not os.path.isfile(output_path(out_dir, out_prefix, out_nimg, s))]
     print(f'Reconstructing {len(out_std)} EMA length(s) at {out_nimg} images from {len(in_pkls)} snapshots '

@@ -9,7 +9,9 @@ checks them, names and creates the run folder, and starts training on every rank
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import importlib.metadata
 import json
 import os
@@ -26,6 +28,7 @@ import click
 import torch
 
 import dnnlib
+from torch_utils import cli
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
@@ -140,7 +143,7 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
 @click.option('--precond', help='Preconditioning & loss function', metavar='vp|ve|edm',
               type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
 # Optimisation schedule, network size, regularisation and the EDM loss parameters.
-@click.option('--duration', help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True),
+@click.option('--duration', help='Training duration', metavar='MIMG', type=cli.FiniteFloatRange(min=0, min_open=True),
               default=200, show_default=True)
 @click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512,
               show_default=True)
@@ -150,26 +153,26 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
 @click.option('--blocks', help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--conv-groups', help='Groups of the 3x3 convs in U-Net blocks (must divide the widths)', metavar='INT',
               type=click.IntRange(min=1), default=1, show_default=True)
-@click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+@click.option('--lr', help='Learning rate', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True),
               default=10e-4, show_default=True)
-@click.option('--lr-rampup', help='Learning rate ramp-up', metavar='KIMG', type=click.FloatRange(min=0),
+@click.option('--lr-rampup', help='Learning rate ramp-up', metavar='KIMG', type=cli.FiniteFloatRange(min=0),
               default=10000, show_default=True)
-@click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5,
+@click.option('--ema', help='EMA half-life', metavar='MIMG', type=cli.FiniteFloatRange(min=0), default=0.5,
               show_default=True)
-@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
+@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, max=1),
               default=0.13, show_default=True)
 @click.option('--label-dropout', 'label_dropout', help='Class-label dropout probability (trains the unconditional '
-              'model classifier-free guidance uses)', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0,
+              'model classifier-free guidance uses)', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, max=1), default=0,
               show_default=True)
-@click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
+@click.option('--augment', help='Augment probability', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, max=1),
               default=0.12, show_default=True)
 @click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--P_mean', 'P_mean', help='EDM loss: mean of ln(sigma)  [default: -1.2]', metavar='FLOAT',
-              type=float)
+              type=cli.FLOAT)
 @click.option('--P_std', 'P_std', help='EDM loss: std of ln(sigma)  [default: 1.2]', metavar='FLOAT',
-              type=click.FloatRange(min=0, min_open=True))
+              type=cli.FiniteFloatRange(min=0, min_open=True))
 @click.option('--sigma_data', 'sigma_data', help='EDM: std of the data  [default: 0.5]', metavar='FLOAT',
-              type=click.FloatRange(min=0, min_open=True))
+              type=cli.FiniteFloatRange(min=0, min_open=True))
 # EDM2 (Karras et al. 2024); these add training options only when used.
 @click.option('--preset', help='Configuration preset (edm2-img64-xs|s|m|l|xl, edm2-cifar10, edm2-digits); options '
               'given override it', metavar='NAME', type=click.Choice(list(CONFIG_PRESETS)))
@@ -180,7 +183,7 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
 @click.option('--lr-schedule', help='Learning rate schedule  [default: rampup; isqrt for --arch=edm2]',
               metavar='|'.join(LR_SCHEDULES), type=click.Choice(list(LR_SCHEDULES)))
 @click.option('--decay', help='isqrt schedule: decay from  [default: 70000]', metavar='BATCHES',
-              type=click.FloatRange(min=0))
+              type=cli.FiniteFloatRange(min=0))
 @click.option('--ema-stds', help='Power-function EMA profiles, e.g. 0.05,0.1  [default: 0.050,0.100 for --arch=edm2]',
               metavar='LIST', type=parse_std_list)
 # Speed and memory.
@@ -191,7 +194,7 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
               default=False, show_default=True)
 @click.option('--fast-dropout', help='Cheaper dropout masks (other random numbers than the paper)', metavar='BOOL',
               type=bool, default=False, show_default=True)
-@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1,
+@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True), default=1,
               show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True,
               show_default=True)
@@ -272,11 +275,11 @@ def main(**kwargs):
         result = training_loop.training_loop(**c, device=dist.default_device())
     except (CheckpointError, DatasetError, training_loop.TrainingDiverged) as e:
         error = click.ClickException(_failure_message(e, c.run_dir))
+    except OSError as e:  # e.g. a full disk; the checkpoints written so far stay complete (atomic writes)
+        error = click.ClickException(_failure_message(_write_error(e, c.run_dir), c.run_dir))
     finally:
         if logger is not None:
-            if error is not None:
-                logger.file.write(f'Error: {error.message}\n')
-            logger.close()
+            _close_log(logger, error)
         if result is None and created:
             _remove_failed_start(created)
         # Tear the process group down before interpreter exit; left to static destructors it sometimes
@@ -358,11 +361,26 @@ def claim_run_dir(outdir: str, desc: str, attempts: int = 1000) -> str:
 
 def _choose_run_dir(opts: dnnlib.EasyDict, desc: str) -> str:
     if opts.nosubdir:
+        _check_nosubdir(opts)
         return opts.outdir
     run_dir = _next_run_dir(opts.outdir, desc)
     if os.path.exists(run_dir):
         raise click.ClickException(f'output folder "{run_dir}" already exists')
     return run_dir
+
+
+def _check_nosubdir(opts: dnnlib.EasyDict) -> None:
+    """--nosubdir writes into --outdir itself: it must be empty (or new), unless --resume continues the run
+    that is there (a later --resume would otherwise pick another run's newer state)."""
+    outdir = opts.outdir
+    if not os.path.isdir(outdir) or not os.listdir(outdir):
+        return
+    if opts.get('resume') is not None:
+        resumed = opts.resume if os.path.isdir(opts.resume) else os.path.dirname(os.path.abspath(opts.resume))
+        if os.path.isdir(resumed) and os.path.samefile(resumed, outdir):
+            return
+    raise click.ClickException(f'--nosubdir: "{outdir}" is not empty (its files would mix with this run\'s); '
+                               f'pass a new or empty folder, or --resume={outdir} to continue the run in it')
 
 
 def _make_run_dir(opts: dnnlib.EasyDict, desc: str, planned: str) -> tuple[str, list]:
@@ -399,6 +417,39 @@ def _remove_failed_start(created: list) -> None:
                 os.rmdir(folder)
     except OSError:
         pass
+
+
+def _disk_of(path: str) -> str:
+    """The mount point of the file system holding `path`."""
+    path = os.path.abspath(path)
+    while not os.path.ismount(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def _write_error(e: OSError, run_dir: str | None) -> str:
+    """One line for a failed write during training, naming the file and, when it is full, the disk."""
+    where = e.filename or run_dir or '--outdir'
+    message = f'cannot write {where}: {e.strerror or cli.first_line(e)}'
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        message += f' (the disk mounted at {_disk_of(os.fspath(where))} is full: free space on it or pass another --outdir)'
+    return message
+
+
+def _close_log(logger: training_loop.Logger, error: click.ClickException | None) -> None:
+    """Record the error in log.txt and stop teeing into it; a log that cannot be written (full disk) is
+    given up quietly, since the error itself is printed."""
+    try:
+        if error is not None:
+            logger.file.write(f'Error: {error.message}\n')
+        logger.close()
+    except OSError:
+        if sys.stdout is logger:
+            sys.stdout = logger.stdout
+        if sys.stderr is logger:
+            sys.stderr = logger.stderr
+        with contextlib.suppress(OSError):
+            logger.file.close()
 
 
 def _failure_message(e: BaseException, run_dir: str | None) -> str:
@@ -651,11 +702,7 @@ def check_starting_point(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
             found = {name: tuple(t.shape) for name, t in state['net'].items() if isinstance(t, torch.Tensor)}
             _compare_tensors(state_path, found, expected, missing_ok=False)
         else:
-            data = persistence.load_network_pkl(pkl_path)
-            ema = data.get('ema')
-            if not isinstance(ema, torch.nn.Module):
-                raise CheckpointError(f'{pkl_path}: holds no network under "ema"; --transfer needs a '
-                                      f'network-snapshot-*.pkl')
+            ema = persistence.load_network(pkl_path, verbose=dist.get_rank() == 0)
             if getattr(ema, 'label_dim', None) not in (None, getattr(net, 'label_dim', None)):
                 raise CheckpointError(f'{pkl_path}: network has label_dim={ema.label_dim} but the dataset gives '
                                       f'{net.label_dim} (check --cond and the dataset labels)')

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import importlib
 import io
+import math
 import os
 import pickle
 import re
@@ -84,6 +85,13 @@ def format_time(seconds: float) -> str:
         return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
     return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
 
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty): how the CLIs
+    report an error from a library in one line."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
 _INT_RANGE = re.compile(r'^\s*(-?\d+)\s*-\s*(-?\d+)\s*$')
 
 
@@ -139,6 +147,8 @@ def parse_float_list(s) -> list[float]:
                 values.append(float(part))
             except ValueError:
                 raise ValueError(f'{part!r} in {s!r} is not a number') from None
+            if not math.isfinite(values[-1]):
+                raise ValueError(f'{part!r} in {s!r} is not a finite number')
             continue
         if i < 2 or i + 1 >= len(parts) or '...' in (parts[i - 2], parts[i - 1], parts[i + 1]):
             raise ValueError(f"'...' in {s!r} needs two numbers before it and one after (e.g. 0.01,0.02,...,0.05)")
@@ -187,7 +197,8 @@ class AtomicFile:
         os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # closing flushes, which fails on a full disk: remove the file anyway
+            self.file.close()
         with contextlib.suppress(OSError):
             os.remove(self.tmp)
 

@@ -68,3 +68,16 @@ def one_thread():
 def tiny_zip(tmp_path_factory) -> str:
     """A tiny labelled 8x8 dataset zip (tinydata.make_dataset_zip's defaults), one per test module."""
     return make_dataset_zip(tmp_path_factory.mktemp('data') / 'tiny.zip')
+
+
+@pytest.fixture(scope='module')
+def tiny_net_pkl(tmp_path_factory) -> str:
+    """A snapshot of an untrained unconditional 8x8 EDMPrecond (SongUNet, 8 channels, one level)."""
+    from torch_utils import persistence
+    from training import networks
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=8,
+                              channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0)
+    path = tmp_path_factory.mktemp('net') / 'tiny-uncond.pkl'
+    persistence.save_network_pkl({'ema': net.eval().requires_grad_(False)}, path)
+    return str(path)

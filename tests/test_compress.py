@@ -389,6 +389,7 @@ def test_transfer_from_int8_snapshot_is_refused_and_from_fp16_works(tmp_path):
     (['prune', '--network', 'MISSING', '--dest', 'OUT'], 'no such file'),
     (['prune', '--network', 'NET', '--dest', 'OUT', '--amount', '1.5'], "Invalid value for '--amount'"),
     (['prune', '--network', 'NET', '--dest', 'OUT', '--amount', '0'], "Invalid value for '--amount'"),
+    (['prune', '--network', 'NET', '--dest', 'OUT', '--amount', 'nan'], "'--amount': 'nan' is not a finite number"),
     (['prune', '--network', 'JUNK', '--dest', 'OUT'], 'corrupt or truncated network pickle'),
     (['quantize', '--network', 'NET', '--dest', 'OUT', '--dtype', 'int4'], "Invalid value for '--dtype'"),
     (['report', '--network', 'NET'], 'exactly one of --data or --ref'),

@@ -458,3 +458,33 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, repo_root, subproce
     res = CliRunner().invoke(dataset_tool.main, [f'--source={tmp_path / "s"}', f'--dest={tmp_path / "o.zip"}',
                                                  '--resolution=64'])
     assert res.exit_code == 2 and 'WxH' in res.output
+
+
+@pytest.mark.parametrize('args,needle', [
+    (['--resolution=0x0'], 'must be positive'),
+    (['--resolution=24x24'], 'power of two'),
+    (['--resolution=32x16'], 'must be square'),
+    (['--max-images=0'], 'at least 1'),
+    (['--max-images=-3'], 'at least 1'),
+    (['--resolution=abc'], 'WxH'),
+])
+def test_bad_values_are_usage_errors_with_status_2(tmp_path, rng, args, needle):
+    """One exit status for every bad value, as click gives for the ones it finds (they exited 1 or 2)."""
+    save_png(tmp_path / 's' / 'a.png', rand_img(rng, 16, 16))
+    res = CliRunner().invoke(dataset_tool.main, [f'--source={tmp_path / "s"}', f'--dest={tmp_path / "o.zip"}'] + args)
+    errors = [line for line in res.output.splitlines() if line.startswith('Error')]
+    assert res.exit_code == 2 and len(errors) == 1 and needle in errors[0], res.output
+    assert not (tmp_path / 'o.zip').exists()
+
+
+def test_existing_non_zip_dest_file_is_refused_in_one_message(tmp_path, rng):
+    """It said "will be replaced", then refused and kept the file: now it only refuses."""
+    save_png(tmp_path / 's' / 'a.png', rand_img(rng, 16, 16))
+    (tmp_path / 'out').write_text('keep')
+    res = CliRunner().invoke(dataset_tool.main, [f'--source={tmp_path / "s"}', f'--dest={tmp_path / "out"}'])
+    assert res.exit_code == 1 and 'will be replaced' not in res.output and 'is not a folder' in res.output, res.output
+    assert (tmp_path / 'out').read_text() == 'keep'
+    # A .zip --dest is replaced (and says so).
+    (tmp_path / 'o.zip').write_text('old')
+    res = CliRunner().invoke(dataset_tool.main, [f'--source={tmp_path / "s"}', f'--dest={tmp_path / "o.zip"}'])
+    assert res.exit_code == 0 and 'will be replaced' in res.output

@@ -162,3 +162,28 @@ def test_format_time():
     assert util.format_time(65) == '1m 05s'
     assert util.format_time(3725) == '1h 02m 05s'
     assert util.format_time(90000) == '1d 01h 00m'
+
+
+def test_atomic_file_discard_removes_the_file_when_close_fails(tmp_path):
+    """On a full disk closing flushes and fails; discard() must still remove the hidden temporary file
+    (dataset_tool left a .old.zip.*.tmp that kept the disk full, issue 24)."""
+    af = util.AtomicFile(tmp_path / 'old.zip')
+    real = af.file
+
+    class FullDisk:
+        def close(self):
+            real.close()
+            raise OSError(28, 'No space left on device')
+    af.file = FullDisk()
+    af.discard()
+    assert os.listdir(tmp_path) == []
+
+
+def test_first_line():
+    assert util.first_line(ValueError('one\ntwo')) == 'one' and util.first_line(OSError()) == 'OSError'
+
+
+def test_parse_float_list_rejects_non_finite():
+    for s in ('nan', '0.1,inf', '-inf'):
+        with pytest.raises(ValueError, match='finite'):
+            util.parse_float_list(s)

@@ -417,9 +417,9 @@ def test_net_repeats_on_disjoint_seed_ranges(folders, detector_file, tmp_path, m
             batch = list(seeds[i:i + max_batch_size])
             yield batch, torch.from_numpy(np.stack([_fake_images(s) for s in batch]))  # [N,H,W,C] uint8
 
-    import generate
+    from torch_utils import cli
     monkeypatch.setattr(fid, 'generate_images', generate_images)
-    monkeypatch.setattr(generate, 'load_net', lambda path, device, verbose=True: torch.nn.Identity())
+    monkeypatch.setattr(cli, 'load_net', lambda path, device, verbose=True: torch.nn.Identity())
 
     dest = tmp_path / 'ref.npz'
     run_cli(['ref', '--data', folders.a, '--dest', dest, '--workers', 0, '--detector', detector_file])
@@ -445,9 +445,12 @@ def test_repeat_seeds_never_overlap():
     reps = fid.repeat_seeds(list(range(5, 10)) + [20], 4)
     flat = [s for r in reps for s in r]
     assert len(flat) == len(set(flat))
-    assert fid._parse_seeds('0-3,7') == [0, 1, 2, 3, 7]
-    with pytest.raises(fid.click.BadParameter):
-        fid._parse_seeds('5-1')
+    from torch_utils import cli
+    parse = cli.seeds_callback(min_count=2, example='0-49999')
+    assert parse(None, None, '0-3,7') == [0, 1, 2, 3, 7]
+    for bad in ('5-1', '3', '1,1'):
+        with pytest.raises(fid.click.BadParameter):
+            parse(None, None, bad)
 
 #----------------------------------------------------------------------------
 # Multi-process: torchrun with 2 ranks gives the statistics of 1 process.
@@ -539,3 +542,99 @@ def test_failure_on_rank0_stops_every_rank(command, folders, tmp_path, subproces
     # notices when the process is gone, and NCCL not at all until the timeout).
     assert 'failed on another process' in proc.stderr and 'Connection closed by peer' not in proc.stderr
     assert time.time() - t0 < 200  # far below the collective timeout
+
+#----------------------------------------------------------------------------
+# Reliability (issue 24): non-finite options, damaged references, the grid beside the samples, sweep folders.
+
+
+def _one_error_line(result) -> str:
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert result.exit_code != 0 and len(errors) == 1 and 'Traceback' not in result.output, result.output
+    return errors[0]
+
+
+@pytest.mark.parametrize('option', ['--rtol=nan', '--atol=nan', '--sigma_max=inf', '--sigma_min=nan'])
+def test_nll_refuses_non_finite_options(option):
+    """NaN tolerances passed the range check and the solver never finished (it hung for > 200 s)."""
+    res = run_cli(['nll', '--network', 'net.pkl', '--data', 'd.zip', option], expect_ok=False)
+    assert res.exit_code == 2 and 'not a finite number' in _one_error_line(res)
+
+
+def test_calc_refuses_a_reference_holding_nan(folders, detector_file, tmp_path):
+    ref = tmp_path / 'ref.npz'
+    run_cli(['ref', '--data', folders.a, '--dest', ref, '--workers', 0, '--detector', detector_file])
+    stats = dict(np.load(ref))
+    stats['mu'][3] = np.nan
+    np.savez(tmp_path / 'nan.npz', **stats)
+    res = run_cli(['calc', '--images', folders.b, '--ref', tmp_path / 'nan.npz', '--num', 40, '--workers', 0,
+                   '--detector', detector_file], expect_ok=False)
+    line = _one_error_line(res)
+    assert 'nan.npz' in line and '"mu" holds NaN/Inf' in line
+
+
+def test_calc_skips_the_grid_generate_writes_beside_the_samples(folders, detector_file, tmp_path):
+    """A bare `generate.py --grid` writes OUTDIR/grid.png; fid.py does not count it as a sample."""
+    import shutil
+    samples = tmp_path / 'out'
+    shutil.copytree(folders.b, samples)
+    Image.fromarray(np.zeros([64, 64, 3], np.uint8)).save(samples / 'grid.png')
+    ref = tmp_path / 'ref.npz'
+    run_cli(['ref', '--data', folders.a, '--dest', ref, '--workers', 0, '--detector', detector_file])
+    with_grid = run_cli(['calc', '--images', samples, '--ref', ref, '--num', 40, '--workers', 0,
+                         '--detector', detector_file])
+    plain = run_cli(['calc', '--images', folders.b, '--ref', ref, '--num', 40, '--workers', 0,
+                     '--detector', detector_file])
+    assert last_number(with_grid) == last_number(plain)
+
+
+@pytest.fixture
+def sweep_setup(folders, detector_file, tmp_path, tiny_net_pkl):
+    ref = tmp_path / 'ref.npz'
+    run_cli(['ref', '--data', folders.a, '--dest', ref, '--workers', 0, '--detector', detector_file])
+
+    def args(outdir, samplers):
+        return ['sweep', '--network', tiny_net_pkl, '--ref', ref, '--samplers', samplers, '--nfe', 2,
+                '--seeds', '0-3', '--outdir', outdir, '--detector', detector_file]
+    return args
+
+
+def test_two_sweeps_into_one_folder_keep_both_points(sweep_setup, tmp_path, monkeypatch):
+    """Two sweeps writing one --outdir at once: the table gets both runs' points (merged under a lock)."""
+    other, out = tmp_path / 'other', tmp_path / 'out'
+    run_cli(sweep_setup(other, 'euler'))  # what the concurrent run writes, made ahead
+    real, calls = fid.generate_images, []
+
+    def generate_meanwhile(*args, **kwargs):  # the other run finishes while this one generates
+        if not calls:
+            import shutil
+            shutil.copy(other / 'sweep.json', out / 'sweep.json')
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fid, 'generate_images', generate_meanwhile)
+    run_cli(sweep_setup(out, 'dpmpp_2m'))
+    rows = json.loads((out / 'sweep.json').read_text())['rows']
+    assert sorted(r['sampler'] for r in rows) == ['dpmpp_2m', 'euler']
+    assert 'euler' in (out / 'sweep.csv').read_text()
+
+
+@pytest.mark.parametrize('content,needle', [('{"rows": [', 'is damaged'),
+                                            ('{"config": {"network": "x"}, "rows": []}', 'another')])
+def test_sweep_refuses_a_damaged_or_foreign_table_and_keeps_it(sweep_setup, tmp_path, content, needle):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'sweep.json').write_text(content)
+    line = _one_error_line(run_cli(sweep_setup(out, 'euler'), expect_ok=False))
+    assert str(out / 'sweep.json') in line and needle in line
+    assert (out / 'sweep.json').read_text() == content
+
+
+def test_sweep_outdir_that_is_a_file_is_one_line(sweep_setup, tmp_path):
+    (tmp_path / 'f').write_text('x')
+    line = _one_error_line(run_cli(sweep_setup(tmp_path / 'f', 'euler'), expect_ok=False))
+    assert 'is a file' in line and (tmp_path / 'f').read_text() == 'x'
+
+
+def test_net_and_sweep_refuse_a_class_the_network_lacks(sweep_setup, tmp_path, tiny_net_pkl, detector_file):
+    line = _one_error_line(run_cli(sweep_setup(tmp_path / 'o', 'euler') + ['--class', 0], expect_ok=False))
+    assert 'no class labels' in line

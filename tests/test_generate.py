@@ -211,6 +211,16 @@ def test_cli_grayscale_subdirs_class_and_ablation(tmp_path, tiny_gray_pkl, tiny_
     (['--seeds', '1,x'], "'x'"),
     (['--seeds', '9-3'], 'empty'),
     (['--sigma_min', '5', '--sigma_max', '1'], 'smaller'),
+    # Non-finite values passed the range checks and gave blank images with status 0 (issue 24).
+    (['--sigma_max', 'nan'], "'nan' is not a finite number"),
+    (['--sigma_min', 'inf'], "'inf' is not a finite number"),
+    (['--rho', 'nan'], "'nan' is not a finite number"),
+    (['--S_noise', 'nan'], "'nan' is not a finite number"),
+    (['--S_churn', 'inf'], "'inf' is not a finite number"),
+    (['--S_max', 'nan'], "'nan' is not a finite number"),
+    (['--eta', 'inf'], "'inf' is not a finite number"),
+    (['--guidance', 'nan', '--cfg'], "'nan' is not a finite number"),
+    (['--guidance-interval', 'nan,1', '--cfg'], 'need 0 <= LO <= HI'),
 ])
 def test_cli_rejects_bad_options(tmp_path, args, needle):
     out = tmp_path / 'out'

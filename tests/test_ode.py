@@ -75,3 +75,31 @@ def test_limits():
         ode.dopri5(gaussian_decay, torch.ones([1, 1], dtype=torch.float64), 0, 3, rtol=1e-12, atol=1e-12, max_steps=5)
     with pytest.raises(ValueError):
         ode.dopri5(gaussian_decay, torch.ones([1, 1], dtype=torch.float64), 0, 1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('rtol,atol', [(math.nan, math.nan), (math.nan, 1e-5), (1e-5, math.inf), (-1e-5, 1e-5)])
+def test_non_finite_or_negative_tolerances_are_refused(rtol, atol):
+    """NaN tolerances made every step 'rejected' with an ever smaller step: fid.py nll hung (issue 24)."""
+    calls = []
+    f = lambda t, y: calls.append(t) or -y  # noqa: E731
+    with pytest.raises(ValueError, match='rtol'):
+        ode.dopri5(f, torch.ones([1, 1], dtype=torch.float64), 0, 1, rtol=rtol, atol=atol)
+    assert not calls
+
+
+def test_a_nan_derivative_stops_at_once():
+    f = lambda t, y: torch.full_like(y, math.nan)  # noqa: E731
+    with pytest.raises(ode.SolverError, match='NaN error estimate') as e:
+        ode.dopri5(f, torch.ones([1, 1], dtype=torch.float64), 0, 1, first_step=0.1)
+    assert '\n' not in str(e.value)
+
+
+def test_steps_are_bounded_with_one_line():
+    """Whatever the tolerances, the solver ends: at max_steps (default 10,000) or when the step underflows."""
+    stiff = lambda t, y: -1e12 * (y - math.cos(t))  # noqa: E731
+    with pytest.raises(ode.SolverError, match='more than 50 steps') as e:
+        ode.dopri5(stiff, torch.ones([1, 1], dtype=torch.float64), 0, 1, max_steps=50)
+    assert '\n' not in str(e.value) and isinstance(e.value, RuntimeError)
+    with pytest.raises(ode.SolverError, match='underflowed'):  # tolerances no step can meet
+        ode.dopri5(lambda t, y: -y, torch.ones([1, 1], dtype=torch.float64), 1, 2, rtol=1e-300, atol=1e-300,
+                   first_step=1e-3, max_steps=1000)

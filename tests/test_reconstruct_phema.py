@@ -205,3 +205,13 @@ def test_outputs_written_next_to_the_inputs_need_inprefix(run, tmp_path):
     result = CliRunner().invoke(R.main, [f'--indir={indir}', '--inprefix=network-snapshot', f'--outdir={tmp_path / "o"}',
                                          '--outstd=0.08'])
     assert result.exit_code == 0, result.output
+
+
+def test_one_input_profile_reconstructs_only_itself(run, tmp_path):
+    """From one profile only that profile can be reconstructed; it wrote the 0.050 weights under 0.100."""
+    args = [f'--indir={run.dir}', f'--outdir={tmp_path / "o"}', '--instd=0.05']
+    result = CliRunner().invoke(R.main, args + ['--outstd=0.1'])
+    errors = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert 'one EMA profile (sigma_rel 0.050)' in errors[0] and '--outstd=0.050' in errors[0]
+    assert not (tmp_path / 'o').exists()

@@ -325,3 +325,55 @@ def test_sigterm_saves_state_and_exits_with_status_3(slow_data, tmp_path, repo_r
     assert len(states) == 1
     state = torch.load(states[0], weights_only=True)
     assert 0 < state['cur_nimg'] < 1_000_000
+
+
+# ----------------------------------------------------------------------------
+# Reliability (issue 24).
+
+TINY = ['--cbase', '8', '--cres', '1', '--blocks', '1', '--batch', '4', '--workers', '0', '--seed', '0']
+
+
+@pytest.mark.parametrize('option', ['--duration=inf', '--duration=nan', '--ema=nan', '--lr=inf', '--P_mean=nan'])
+def test_non_finite_options_are_usage_errors(tiny_zip, tmp_path, option):
+    """They passed the range checks and ended in a 22-line traceback, even with -n."""
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'r'), '--data', tiny_zip, '-n', option] + TINY)
+    assert result.exit_code == 2 and 'Traceback' not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and 'is not a finite number' in errors[0]
+
+
+def test_full_disk_is_one_line_naming_the_disk(tiny_zip, tmp_path, monkeypatch):
+    """A write failing with ENOSPC (and log.txt failing with it) ends in one line, not two tracebacks."""
+    import errno as errno_module
+
+    def full_disk(run_dir, **kwargs):
+        class FullFile:
+            def write(self, text):
+                raise OSError(errno_module.ENOSPC, 'No space left on device')
+            flush = close = lambda self: FullFile.write(self, '')
+        assert isinstance(sys.stdout, train.training_loop.Logger)
+        sys.stdout.file = FullFile()  # train.py's log.txt tee
+        raise OSError(errno_module.ENOSPC, 'No space left on device', os.path.join(run_dir, 'training-state.pt'))
+    monkeypatch.setattr(train.training_loop, 'training_loop', full_disk)
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'r'), '--data', tiny_zip] + TINY)
+    assert result.exit_code == 1 and 'Traceback' not in result.output, (result.output, result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and 'No space left on device' in errors[0], result.output
+    assert 'training-state.pt' in errors[0] and f'the disk mounted at {train._disk_of(str(tmp_path))} is full' in errors[0]
+    assert not isinstance(sys.stdout, train.training_loop.Logger)
+
+
+def test_nosubdir_refuses_a_folder_holding_another_run(tiny_zip, tmp_path):
+    """--nosubdir into an existing run folder mixed two runs; a later --resume picked the wrong state."""
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'log.txt').write_text('an earlier run\n')
+    args = ['--outdir', str(tmp_path / 'run'), '--data', tiny_zip, '--nosubdir', '-n'] + TINY
+    result = CliRunner().invoke(train.main, args)
+    assert result.exit_code == 1 and 'is not empty' in result.output and '--resume=' in result.output, result.output
+    # A new or empty folder, or resuming the run that is there, is fine.
+    (tmp_path / 'empty').mkdir()
+    assert CliRunner().invoke(train.main, [a if a != str(tmp_path / 'run') else str(tmp_path / 'empty')
+                                           for a in args]).exit_code == 0
+    train._check_nosubdir(dnnlib.EasyDict(outdir=str(tmp_path / 'run'), resume=str(tmp_path / 'run')))
+    train._check_nosubdir(dnnlib.EasyDict(outdir=str(tmp_path / 'run'),
+                                          resume=str(tmp_path / 'run' / 'training-state-000004.pt')))

@@ -12,6 +12,7 @@ extrapolation) and the last stage is reused as the next step's first (FSAL).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -31,6 +32,10 @@ A = [
 B = [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0]
 B_HAT = [5179 / 57600, 0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40]
 E = [b - bh for b, bh in zip(B, B_HAT)]
+
+
+class SolverError(RuntimeError):
+    """The solver cannot reach t1: too many steps, a step size that underflows, or a non-finite derivative."""
 
 
 @dataclasses.dataclass
@@ -61,11 +66,16 @@ def initial_step(f, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction: fl
 
 
 def dopri5(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Tensor, t0: float, t1: float,
-           rtol: float = 1e-5, atol: float = 1e-5, first_step: float | None = None, max_steps: int = 100_000,
+           rtol: float = 1e-5, atol: float = 1e-5, first_step: float | None = None, max_steps: int = 10_000,
            safety: float = 0.9, min_factor: float = 0.2, max_factor: float = 10.0) -> tuple[torch.Tensor, SolverStats]:
-    """Integrate dy/dt = f(t, y) from t0 to t1 (either direction); returns y(t1) and the solver statistics."""
-    if rtol <= 0 and atol <= 0:
-        raise ValueError('need rtol > 0 or atol > 0')
+    """Integrate dy/dt = f(t, y) from t0 to t1 (either direction); returns y(t1) and the solver statistics.
+
+    Stops with SolverError (one line) after `max_steps` attempted steps, when the step size no longer moves
+    t, or when the error estimate is NaN (e.g. f returned NaN), so it never loops forever."""
+    if not all(math.isfinite(v) and v >= 0 for v in (rtol, atol)) or (rtol <= 0 and atol <= 0):
+        raise ValueError(f'need finite rtol >= 0 and atol >= 0, not both 0 (got rtol={rtol}, atol={atol})')
+    if not (math.isfinite(t0) and math.isfinite(t1)):
+        raise ValueError(f'need finite t0 and t1 (got {t0}, {t1})')
     stats = SolverStats()
     t0, t1 = float(t0), float(t1)
     if t0 == t1:
@@ -78,9 +88,13 @@ def dopri5(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Tensor, t
     last_rejected = False
     while direction * (t1 - t) > 0:
         if stats.accepted + stats.rejected >= max_steps:
-            raise RuntimeError(f'dopri5: more than {max_steps} steps between t={t0} and t={t1}; loosen rtol/atol')
+            raise SolverError(f'dopri5: more than {max_steps} steps between t={t0:g} and t={t1:g} (at t={t:g}); '
+                              f'loosen rtol/atol')
         h = min(h, abs(t1 - t))
         dt = direction * h
+        if t + dt == t:
+            raise SolverError(f'dopri5: the step size underflowed at t={t:g} (between t={t0:g} and t={t1:g}); '
+                              f'loosen rtol/atol')
         ks = [k1]
         for i in range(1, 7):
             y_stage = y + dt * sum(a * k for a, k in zip(A[i], ks) if a != 0)
@@ -89,6 +103,8 @@ def dopri5(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Tensor, t
         y_new = y_stage  # stage 7 is evaluated at the 5th-order solution (A[6] == B)
         err = dt * sum(e * k for e, k in zip(E, ks) if e != 0)
         norm = float(error_norm(err, y, y_new, rtol, atol).max())
+        if math.isnan(norm):  # (an infinite one just rejects the step)
+            raise SolverError(f'dopri5: NaN error estimate at t={t:g} (the derivative is not finite there)')
         if norm <= 1:
             t = t1 if h == abs(t1 - t) else t + dt
             y, k1 = y_new, ks[6]

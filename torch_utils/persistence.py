@@ -489,32 +489,35 @@ def save_network_plain(data, path: str | os.PathLike) -> None:
     from torch_utils import plain_format
     plain_format.save_plain(data, path)
 
-def load_network(path_or_url, key: str = 'ema', device='cpu', verbose: bool = False,
-                 max_params: int = DEFAULT_MAX_PARAMS) -> torch.nn.Module:
-    """Load one network (default: the EMA weights) in eval mode with requires_grad disabled.
-
-    URLs go through the dnnlib download cache (fetched once; `verbose` shows the download). Every failure
-    is a CheckpointError with a one-line message naming the file and what to do."""
+def load_snapshot(path_or_url, key: str = 'ema', verbose: bool = False,
+                  max_params: int = DEFAULT_MAX_PARAMS) -> tuple[dict, str]:
+    """(snapshot dict, local file) of a network snapshot path or URL (URLs through the dnnlib download cache,
+    fetched once; `verbose` shows the download), checked to hold a network under `key`. Every failure is a
+    CheckpointError with a one-line message naming the file and what to do."""
     source = path_or_url
+    name = getattr(path_or_url, 'name', '<file object>')
     if isinstance(path_or_url, (str, os.PathLike)):
         name = os.fspath(path_or_url)
         if dnnlib.util.is_url(name, allow_file_urls=True):
             try:
                 source = dnnlib.util.open_url(name, verbose=verbose, return_filename=True)
             except (OSError, ValueError) as e:
-                raise CheckpointError(f'{name}: cannot fetch it ({_first_line(e)})') from None
+                raise CheckpointError(f'{name}: cannot fetch it ({dnnlib.util.first_line(e)})') from None
         elif not os.path.isfile(name):
             raise CheckpointError(f'{name}: no such file; pass a network pickle path or URL')
     data = load_network_pkl(source, max_params=max_params)
-    net = data.get(key)
-    if not isinstance(net, torch.nn.Module):
-        name = os.fspath(path_or_url) if isinstance(path_or_url, (str, os.PathLike)) else getattr(path_or_url, 'name', '<file object>')
+    if not isinstance(data.get(key), torch.nn.Module):
         raise CheckpointError(f'{name}: no network under key {key!r} (keys: {sorted(map(str, data))})')
-    return net.eval().requires_grad_(False).to(device)
+    return data, source
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+
+def load_network(path_or_url, key: str = 'ema', device='cpu', verbose: bool = False,
+                 max_params: int = DEFAULT_MAX_PARAMS) -> torch.nn.Module:
+    """Load one network (default: the EMA weights) of a snapshot (load_snapshot) in eval mode with
+    requires_grad disabled."""
+    data, _source = load_snapshot(path_or_url, key=key, verbose=verbose, max_params=max_params)
+    return data[key].eval().requires_grad_(False).to(device)
+
 
 def save_network_pkl(data: dict, path: str | os.PathLike) -> None:
     """Atomically write `data` with plain pickle, i.e. in the paper's snapshot layout."""

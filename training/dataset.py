@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import zipfile
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import PIL.Image
@@ -278,10 +278,12 @@ class ImageFolderDataset(Dataset):
         path: the folder or `.zip` file.
         resolution: expected image size; a mismatch is an error (None = accept what is stored).
         use_pyspng: decode PNGs with pyspng when it is installed (faster than Pillow).
+        exclude: member names (with '/' separators) that are not part of the dataset.
         **super_kwargs: passed to `Dataset` (max_size, use_labels, xflip, random_seed, cache).
     """
 
-    def __init__(self, path: str, resolution: Optional[int] = None, use_pyspng: bool = True, **super_kwargs):
+    def __init__(self, path: str, resolution: Optional[int] = None, use_pyspng: bool = True,
+                 exclude: Sequence[str] = (), **super_kwargs):
         self._path = str(path)
         self._use_pyspng = use_pyspng
         self._zipfile = None
@@ -289,7 +291,8 @@ class ImageFolderDataset(Dataset):
 
         self._kind, self._members = self._scan()
         PIL.Image.init()
-        self._image_names = sorted(f for f in self._members if _extension(f) in PIL.Image.EXTENSION)
+        self._image_names = sorted(f for f in self._members if _extension(f) in PIL.Image.EXTENSION
+                                   and f not in exclude)
         if not self._image_names:
             raise DatasetError(f'{self._path}: no image files found')
 

@@ -785,6 +785,50 @@ def resolve_sampler(name: str | None, sampler_kwargs: dict) -> tuple[str, dict]:
     return name, given
 
 
+# Sampler-spec names that are not registry names: the paper's two ODE solvers on the EDM time steps.
+SAMPLER_ALIASES = {
+    'heun': ('edm', {}),                         # Algorithm 1: Heun, NFE = 2N - 1
+    'euler': ('ablation', {'solver': 'euler'}),  # Algorithm 1 with Euler steps (sigma(t) = t, s(t) = 1), NFE = N
+}
+
+
+def _typed_like(default, value: str):
+    """A spec's value string as the type of the option's default (int defaults also accept floats); numbers
+    must be finite."""
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            number = int(value) if isinstance(default, int) else float(value)
+        except ValueError:
+            number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f'{value!r} is not a finite number')
+        return number
+    return value
+
+
+def parse_sampler_spec(spec: str) -> tuple[str, str, dict]:
+    """The one sampler-spec syntax, 'name[:option=value...]' -> (label, registry name, options), e.g.
+    'dpmpp_2m_sde:eta=0.5:solver_type=heun'; names are SAMPLERS or SAMPLER_ALIASES. Values take the type of
+    the option's default. Raises ValueError for unknown samplers, options or non-numbers (TypeError, as
+    resolve_sampler, for options the sampler does not take)."""
+    name, *assignments = spec.strip().split(':')
+    if name not in SAMPLERS and name not in SAMPLER_ALIASES:
+        raise ValueError(f'unknown sampler {name!r}; expected one of {", ".join(list(SAMPLERS) + list(SAMPLER_ALIASES))}')
+    name, options = SAMPLER_ALIASES.get(name, (name, {}))
+    options = dict(options)
+    params = inspect.signature(SAMPLERS[name]).parameters
+    for item in assignments:
+        key, sep, value = item.partition('=')
+        if not sep or key not in params:
+            raise ValueError(f'{spec!r}: {item!r} is not option=value for an option of sampler {name!r}')
+        try:
+            options[key] = _typed_like(params[key].default, value)
+        except ValueError as e:
+            raise ValueError(f'{spec!r}: {key}={value!r} is not a {"finite " if "finite" in str(e) else ""}number') from None
+    resolve_sampler(name, options)
+    return spec.strip(), name, options
+
+
 class _CountingDenoiser:
     """A 1-pixel stand-in network that counts its evaluations (D = 0)."""
     img_resolution, img_channels, label_dim, sigma_min, sigma_max = 1, 1, 0, 0, float('inf')

@@ -493,12 +493,11 @@ def _load_network_pickle(path: str, model: dnnlib.EasyDict, rank: int) -> None:
     if rank != 0:
         dist.barrier()  # let rank 0 fill the download cache first
     try:
-        data = persistence.load_network_pkl(path)
+        source = persistence.load_network(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f'{path}: cannot load network snapshot ({e})') from None
     if rank == 0:
         dist.barrier()
-    source = data['ema']
     if getattr(source, 'label_dim', model.net.label_dim) != model.net.label_dim:
         raise CheckpointError(f'{path}: network has label_dim={source.label_dim} but the dataset gives '
                               f'{model.net.label_dim} (check --cond and the dataset labels)')

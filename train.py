@@ -436,7 +436,7 @@ def _write_error(e: OSError, run_dir: str | None) -> str:
     return message
 
 
-def _close_log(logger: training_loop.Logger, error: click.ClickException | None) -> None:
+def _close_log(logger: dnnlib.util.Logger, error: click.ClickException | None) -> None:
     """Record the error in log.txt and stop teeing into it; a log that cannot be written (full disk) is
     given up quietly, since the error itself is printed."""
     try:

@@ -351,7 +351,7 @@ def test_full_disk_is_one_line_naming_the_disk(tiny_zip, tmp_path, monkeypatch):
             def write(self, text):
                 raise OSError(errno_module.ENOSPC, 'No space left on device')
             flush = close = lambda self: FullFile.write(self, '')
-        assert isinstance(sys.stdout, train.training_loop.Logger)
+        assert isinstance(sys.stdout, train.dnnlib.util.Logger)
         sys.stdout.file = FullFile()  # train.py's log.txt tee
         raise OSError(errno_module.ENOSPC, 'No space left on device', os.path.join(run_dir, 'training-state.pt'))
     monkeypatch.setattr(train.training_loop, 'training_loop', full_disk)
@@ -360,7 +360,7 @@ def test_full_disk_is_one_line_naming_the_disk(tiny_zip, tmp_path, monkeypatch):
     errors = [line for line in result.output.splitlines() if line.startswith('Error')]
     assert len(errors) == 1 and 'No space left on device' in errors[0], result.output
     assert 'training-state.pt' in errors[0] and f'the disk mounted at {train._disk_of(str(tmp_path))} is full' in errors[0]
-    assert not isinstance(sys.stdout, train.training_loop.Logger)
+    assert not isinstance(sys.stdout, train.dnnlib.util.Logger)
 
 
 def test_nosubdir_refuses_a_folder_holding_another_run(tiny_zip, tmp_path):

@@ -418,7 +418,8 @@ def test_net_repeats_on_disjoint_seed_ranges(folders, detector_file, tmp_path, m
             yield batch, torch.from_numpy(np.stack([_fake_images(s) for s in batch]))  # [N,H,W,C] uint8
 
     import generate
-    monkeypatch.setattr(fid, 'generate_images', generate_images)
+    import metrics.features
+    monkeypatch.setattr(metrics.features, 'generate_images', generate_images)
     monkeypatch.setattr(generate, 'load_net', lambda path, device, verbose=True: torch.nn.Identity())
 
     dest = tmp_path / 'ref.npz'

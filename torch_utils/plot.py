@@ -1,10 +1,11 @@
 """Small plots drawn with PIL (matplotlib is not a dependency): the figures the tools write.
 
-    line_plot({'heun': ([5, 9, 17], [80.1, 31.0, 20.2]), ...}, 'fid-nfe.png', xlabel='NFE', ylabel='FID', log_y=True)
+    line_plot({'heun': ([5, 9, 17], [80.1, 31.0, 20.2]), ...}, 'fid-nfe.png', xlabel='NFE', ylabel='FID', log_y=True,
+              intervals={'heun': ([78.0, 30.1, 19.5], [82.3, 32.0, 21.0])})   # optional error bars
     scatter_plot([('baseline', 1.2, 20.3), ('l1-50', 0.7, 22.9)], 'size.png', xlabel='size (MB)', ylabel='FID')
 
 Axes with round tick values, a light grid, rotated y label; `line_plot` draws one polyline with markers per
-series (legend when there are several), `scatter_plot` one labelled marker per point. Files are written
+series (legend when there are several; optional error bars), `scatter_plot` one labelled marker per point. Files are written
 atomically (dnnlib.util.atomic_write); both also return the image.
 """
 
@@ -116,15 +117,21 @@ class _Axes:
 
 def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Optional[str] = None,
               title: str = '', xlabel: str = '', ylabel: str = '', log_y: bool = False,
-              highlight: Optional[tuple[float, float]] = None, size: tuple[int, int] = (900, 600)) -> PIL.Image.Image:
+              highlight: Optional[tuple[float, float]] = None, size: tuple[int, int] = (900, 600),
+              intervals: Optional[Mapping[str, tuple[Sequence[float], Sequence[float]]]] = None) -> PIL.Image.Image:
     """One polyline with markers per series ({name: (xs, ys)}); saved as PNG to `path` if given.
     Non-finite (with log_y: non-positive) points are skipped. `highlight` = (x, y) rings that point (e.g. the
-    best value) and prints its coordinates."""
+    best value) and prints its coordinates. `intervals` = {name: (lows, highs)}, one pair per point of that
+    series: drawn as error bars (non-finite ends are skipped)."""
     def usable(x, y):
         return math.isfinite(x) and math.isfinite(y) and (y > 0 or not log_y)
     points = {name: [(float(x), float(y)) for x, y in zip(xs, ys) if usable(float(x), float(y))]
               for name, (xs, ys) in series.items()}
+    bars = {name: [(float(x), float(lo), float(hi)) for x, y, lo, hi in zip(series[name][0], series[name][1], *pair)
+                   if usable(float(x), float(y)) and usable(float(x), float(lo)) and usable(float(x), float(hi))]
+            for name, pair in (intervals or {}).items() if name in series}
     every = [p for pts in points.values() for p in pts]
+    every += [(x, y) for b in bars.values() for x, lo, hi in b for y in (lo, hi)]  # the axes hold the bars
     if not every:
         raise ValueError('line_plot: no finite points to draw')
     xs, ys = [x for x, _ in every], [y for _, y in every]
@@ -146,6 +153,11 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
         pixels = [axes.to_pixel(x, y) for x, y in sorted(pts)]
         if len(pixels) > 1:
             draw.line(pixels, fill=color, width=2)
+        for x, lo, hi in bars.get(name, []):
+            (px, p_lo), (_, p_hi) = axes.to_pixel(x, lo), axes.to_pixel(x, hi)
+            draw.line([(px, p_lo), (px, p_hi)], fill=color, width=1)
+            for py in (p_lo, p_hi):
+                draw.line([(px - 4, py), (px + 4, py)], fill=color, width=1)
         for x, y in pts:
             axes.marker(x, y, color)
         if legend:

@@ -110,8 +110,7 @@ def _device_and_detector(detector, trust_pickle, device):
 
 def _check_metrics(metric_names, ref, detector):
     """Before any image is generated: the reference holds what the metrics need (rank 0 holds the reference)."""
-    from metrics.metric_specs import check_requirements, resolve_metrics
-    check_requirements(resolve_metrics(metric_names), ref, _detectors.detector_name(detector))
+    metrics.check(metric_names, ref, detector)
 
 
 def format_results(results: dict) -> str:

@@ -26,6 +26,16 @@ def _options(options: Optional[dict]) -> dict:
     return merged
 
 
+def check(metrics, ref: Optional[dict], detector) -> list:
+    """The metric specs of `metrics`, after checking that the reference holds what they need and the detector
+    (a Detector or a --detector spec) fits them: call before generating any image."""
+    from metrics.detectors import Detector, detector_name
+    specs = resolve_metrics(metrics)
+    kind = detector.name if isinstance(detector, Detector) else detector_name(detector)
+    check_requirements(specs, ref, kind)
+    return specs
+
+
 def evaluate(specs, stats: FeatureStats, ref: dict, options: Optional[dict] = None) -> dict:
     """Every spec's numbers for features already extracted (pure apart from the bootstrap's seeded RNG)."""
     check_dimension(stats, ref)

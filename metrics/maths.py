@@ -6,7 +6,7 @@
   cubic polynomial kernel k(x, y) = (x^T y / d + 1)^3 averaged over random subsets, as StyleGAN2-ADA.
 - `manifold_radii`, `inside_manifold`, `precision_recall`: improved precision and recall (Kynkäänniemi et
   al. 2019), k-nearest-neighbour balls in feature space (k = 3).
-- `bootstrap_weights`, `fid_of_weighted`, `basic_interval`: the bootstrap behind FID's confidence interval
+- `bootstrap_weights`, `ResampledFrechet`, `basic_interval`: the bootstrap behind FID's confidence interval
   and the paired comparison (see `basic_interval` for why the basic, not the percentile, interval).
 """
 
@@ -56,30 +56,48 @@ def mean_and_covariance(feature_sum: torch.Tensor, outer_sum: torch.Tensor, n: i
     return mean, cov
 
 
-def symmetric_sqrt(sigma: np.ndarray) -> np.ndarray:
-    """S with S S = sigma for a symmetric PSD matrix (eigendecomposition; negative rounding clipped)."""
-    w, v = np.linalg.eigh(np.asarray(sigma, np.float64))
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+class ResampledFrechet:
+    """The Fréchet distance of resamples of one feature set [n, d] against one reference, for bootstraps:
+    `fd(weights)` with weights[i] copies of row i. Agrees with `frechet_distance` of the resample's mean and
+    unbiased covariance to rounding (used for replicates, never for the reported value).
 
+    Tr (sigma sigma_ref)^(1/2) is the sum of the square roots of the eigenvalues of S sigma S (S = sigma_ref^(1/2)),
+    a symmetric d x d matrix. With sigma = C^T W C / (n - 1) (C the rows centred on the resample's mean,
+    W = diag(weights)), S sigma S = A^T A for A = W^(1/2) C S / (n - 1)^(1/2), whose non-zero eigenvalues are
+    those of the n x n matrix A A^T = W^(1/2) C sigma_ref C^T W^(1/2) / (n - 1): when n < d (1,000 images
+    of 2048-d Inception features) each replicate is an n x n, not a d x d, eigenproblem."""
 
-def frechet_distance_fast(mu, sigma, mu_ref, sigma_ref_sqrt, trace_ref: float) -> float:
-    """The same distance for many `sigma` against one reference: Tr (sigma sigma_ref)^(1/2) = sum of the square
-    roots of the eigenvalues of the symmetric S_ref sigma S_ref (S_ref = symmetric_sqrt(sigma_ref)), one
-    `eigvalsh` instead of a general `sqrtm`. Agrees with `frechet_distance` to rounding; for bootstrap
-    replicates, never for the reported value."""
-    m = sigma_ref_sqrt @ sigma @ sigma_ref_sqrt
-    eig = np.linalg.eigvalsh((m + m.T) / 2)
-    return float(np.square(mu - mu_ref).sum() + np.trace(sigma) + trace_ref - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+    def __init__(self, features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray):
+        self.f = np.asarray(features, np.float64)
+        self.mu_ref, self.sigma_ref = np.asarray(mu_ref, np.float64), np.asarray(sigma_ref, np.float64)
+        self.trace_ref = float(np.trace(self.sigma_ref))
+        n, d = self.f.shape
+        self.sq_norms = np.square(self.f).sum(1)
+        if n < d:
+            self.f_sigma = self.f @ self.sigma_ref           # [n, d]
+            self.gram = self.f_sigma @ self.f.T               # F sigma_ref F^T [n, n]
+        else:
+            w, v = np.linalg.eigh(self.sigma_ref)
+            self.sqrt_ref = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
+    def __call__(self, weights: np.ndarray) -> float:
+        w = np.asarray(weights, np.float64)
+        n = w.sum()
+        mu = w @ self.f / n
+        trace = (w @ self.sq_norms - n * mu @ mu) / (n - 1)
+        if hasattr(self, 'gram'):
+            keep = w > 0
+            v = self.f_sigma[keep] @ mu
+            g = self.gram[np.ix_(keep, keep)] - v[:, None] - v[None, :] + mu @ self.sigma_ref @ mu
+            r = np.sqrt(w[keep])
+            m = g * r[:, None] * r[None, :] / (n - 1)
+        else:
+            centred = self.f - mu
+            sigma = (centred * w[:, None]).T @ centred / (n - 1)
+            m = self.sqrt_ref @ sigma @ self.sqrt_ref
+        eig = np.linalg.eigvalsh((m + m.T) / 2)
+        return float(np.square(mu - self.mu_ref).sum() + trace + self.trace_ref - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
 
-def weighted_mean_and_covariance(features: np.ndarray, weights: np.ndarray):
-    """Mean and unbiased covariance of the multiset that holds features[i] weights[i] times (a bootstrap
-    resample as integer counts)."""
-    w = np.asarray(weights, np.float64)
-    n = w.sum()
-    mu = w @ features / n
-    centred = features - mu
-    return mu, (centred * w[:, None]).T @ centred / (n - 1)
 
 #----------------------------------------------------------------------------
 # Kernel Inception Distance (KID).

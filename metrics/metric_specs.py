@@ -26,11 +26,11 @@ class Context:
     options: dict          # see DEFAULT_OPTIONS
     cache: dict = dataclasses.field(default_factory=dict)
 
-    def ref_sqrt(self):
-        """(S_ref, Tr sigma_ref) for the fast Fréchet distance of bootstrap replicates, computed once."""
-        if 'ref_sqrt' not in self.cache:
-            self.cache['ref_sqrt'] = (maths.symmetric_sqrt(self.ref['sigma']), float(np.trace(self.ref['sigma'])))
-        return self.cache['ref_sqrt']
+    def resampled_fd(self) -> maths.ResampledFrechet:
+        """The Fréchet distance of bootstrap resamples of these generated features, set up once."""
+        if 'resampled_fd' not in self.cache:
+            self.cache['resampled_fd'] = maths.ResampledFrechet(self.gen.features, self.ref['mu'], self.ref['sigma'])
+        return self.cache['resampled_fd']
 
 
 DEFAULT_OPTIONS = dict(
@@ -64,8 +64,7 @@ def _fd(ctx: Context) -> float:
 
 
 def _fd_replicate(ctx: Context, weights: np.ndarray) -> float:
-    mu, sigma = maths.weighted_mean_and_covariance(ctx.gen.features.astype(np.float64), weights)
-    return maths.frechet_distance_fast(mu, sigma, ctx.ref['mu'], *ctx.ref_sqrt())
+    return ctx.resampled_fd()(weights)
 
 
 def bootstrap_replicates(ctx: Context, replicate: Callable, num: int, seed: int) -> dict:
@@ -83,7 +82,7 @@ def _fid_ci(ctx: Context) -> dict:
     reps = bootstrap_replicates(ctx, lambda c, w: dict(fid=_fd_replicate(c, w)), ctx.options['bootstrap'],
                                 ctx.options['seed'])
     lo, hi = maths.basic_interval(fid, reps['fid'], ctx.options['confidence'])
-    return dict(fid=fid, fid_lo=lo, fid_hi=hi)
+    return dict(fid=fid, fid_lo=max(lo, 0.0), fid_hi=hi)  # a Fréchet distance is never negative
 
 
 def _kid(ctx: Context) -> dict:

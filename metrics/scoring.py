@@ -99,7 +99,6 @@ def compare(metrics, source_a, source_b, ref, detector, device=torch.device('cpu
     for s in stats:
         check_dimension(s, ref)
         contexts.append(Context(s, ref, options))
-    contexts[1].cache = contexts[0].cache = {}  # shared reference square root
     point = [{}, {}]
     for spec in specs:
         for k, ctx in enumerate(contexts):

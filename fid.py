@@ -113,22 +113,6 @@ def _check_metrics(metric_names, ref, detector):
     metrics.check(metric_names, ref, detector)
 
 
-def format_results(results: dict) -> str:
-    """'FID 12.3 [11.8, 12.9]; KID 0.0123 +- 0.0004; precision 0.712; recall 0.520' for a score() result."""
-    parts = []
-    for key, label in (('fid', 'FID'), ('fd_dinov2', 'FD_DINOv2'), ('kid', 'KID'), ('precision', 'precision'),
-                       ('recall', 'recall')):
-        if key not in results:
-            continue
-        text = f'{label} {results[key]:.6g}'
-        if f'{key}_lo' in results:
-            text += f' [{results[key + "_lo"]:.6g}, {results[key + "_hi"]:.6g}]'
-        if f'{key}_std' in results:
-            text += f' +- {results[key + "_std"]:.3g}'
-        parts.append(text)
-    return '; '.join(parts)
-
-
 def _metric_options(bootstrap: int = 100, confidence: float = 0.95) -> dict:
     return dict(bootstrap=bootstrap, confidence=confidence)
 
@@ -195,7 +179,7 @@ def calc(image_path, ref_path, num_expected, seed, batch, workers, metric_names,
     results = metrics.score(metric_names, source, ref, detector_net, device=device,
                             options=_metric_options(bootstrap, confidence))
     if dist.get_rank() == 0:
-        print(f'{format_results(results)} ({results["num_images"]} images from "{image_path}")')
+        print(f'{metrics.format_results(results)} ({results["num_images"]} images from "{image_path}")')
         key = [k for k in ('fid', 'fd_dinov2', 'kid', 'precision') if k in results][0]
         print(f'{key.upper() if key == "fid" else key} of {results["num_images"]} images from "{image_path}" against "{ref_path}":')
         print(f'{results[key]:g}')  # Last line: the bare number, as the paper's script prints it.
@@ -308,7 +292,7 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, metric
                                 options=_metric_options(bootstrap, confidence), desc=f'repeat {k + 1}/{repeats}')
         if dist.get_rank() == 0:
             values.append(results[_headline(results)])
-            print(f'repeat {k + 1}/{repeats}: seeds {_format_seeds(rep_seeds)}: {format_results(results)} '
+            print(f'repeat {k + 1}/{repeats}: seeds {_format_seeds(rep_seeds)}: {metrics.format_results(results)} '
                   f'({results["num_images"]} images)')
     if dist.get_rank() == 0:
         label = 'FID' if _headline(results) == 'fid' else _headline(results)
@@ -512,7 +496,7 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
                              num_images=results['num_images'], seconds=time.time() - start,
                              nfe_requested=point['nfe_requested']))
             print(f'[{k + 1}/{len(plan)}] {point["sampler"]} NFE {point["nfe"]} ({point["num_steps"]} steps): '
-                  f'{format_results(results)} ({results["num_images"]} images, {time.time() - start:.0f} s)', flush=True)
+                  f'{metrics.format_results(results)} ({results["num_images"]} images, {time.time() - start:.0f} s)', flush=True)
             _write_sweep(outdir, config, _merged_rows(rows, previous, [spec.strip() for spec in specs]))
     if dist.get_rank() == 0:
         rows = _merged_rows(rows, previous, [spec.strip() for spec in specs])

@@ -15,4 +15,4 @@ from metrics.errors import MetricsError
 from metrics.features import FeatureStats, ImageSource, NetworkSource, compute_feature_stats, extract
 from metrics.metric_specs import DEFAULT_OPTIONS, METRICS, MetricSpec, resolve_metrics
 from metrics.reference import load_reference, save_reference
-from metrics.scoring import check, compare, evaluate, score
+from metrics.scoring import check, compare, evaluate, format_results, score

@@ -119,3 +119,19 @@ def compare(metrics, source_a, source_b, ref, detector, device=torch.device('cpu
         table[key] = dict(a=point[0][key], b=point[1][key], diff=diff, lo=lo, hi=hi, significant=bool(not lo <= 0 <= hi))
     table['num_images'] = stats[0].num_images
     return table
+
+
+def format_results(results: dict) -> str:
+    """'FID 12.3 [11.8, 12.9]; KID 0.0123 +- 0.0004; precision 0.712; recall 0.520' for a score() result."""
+    parts = []
+    for key, label in (('fid', 'FID'), ('fd_dinov2', 'FD_DINOv2'), ('kid', 'KID'), ('precision', 'precision'),
+                       ('recall', 'recall')):
+        if key not in results:
+            continue
+        text = f'{label} {results[key]:.6g}'
+        if f'{key}_lo' in results:
+            text += f' [{results[key + "_lo"]:.6g}, {results[key + "_hi"]:.6g}]'
+        if f'{key}_std' in results:
+            text += f' +- {results[key + "_std"]:.3g}'
+        parts.append(text)
+    return '; '.join(parts)

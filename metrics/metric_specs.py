@@ -94,7 +94,8 @@ def _kid(ctx: Context) -> dict:
 def _kid_replicate(ctx: Context, weights: np.ndarray) -> dict:
     o = ctx.options
     # Subsets seeded by the resample itself: the two sides of a paired comparison draw the same subsets.
-    subset_seed = (o['seed'] + int(np.dot(weights[:64], np.arange(1, 65)))) % 2**32
+    head = weights[:64]
+    subset_seed = (o["seed"] + int(np.dot(head, np.arange(1, len(head) + 1)))) % 2**32
     return dict(kid=maths.kid(_expanded(ctx, weights), ctx.ref['features'], o['kid_replicate_subsets'],
                               o['kid_subset_size'], subset_seed)[0])
 

@@ -164,3 +164,19 @@ def test_train_metrics_writes_jsonl_and_curve(tiny_zip, tmp_path, one_thread, de
     # Without a reference: a one-line usage error before anything runs.
     bad = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'x'), '--data', tiny_zip, '--metrics', 'fid'])
     assert bad.exit_code == 2 and '--metrics-ref' in bad.output
+
+
+@pytest.mark.slow
+def test_features_from_two_ranks_match_one(detector_file, tmp_path, subprocess_env, repo_root):
+    import subprocess
+    import sys
+    data = write_folder(tmp_path / 'd', make_images(7, 37))  # odd count: ranks get unequal shares
+    args = ['ref', f'--data={data}', '--batch=4', '--workers=0', '--features', f'--detector={detector_file}']
+    one, two = tmp_path / 'one.npz', tmp_path / 'two.npz'
+    subprocess.run([sys.executable, 'fid.py', *args, f'--dest={one}'], cwd=repo_root, env=subprocess_env,
+                   check=True, timeout=120, capture_output=True)
+    subprocess.run(['torchrun', '--standalone', '--nproc_per_node=2', 'fid.py', *args, f'--dest={two}'],
+                   cwd=repo_root, env=subprocess_env, check=True, timeout=120, capture_output=True)
+    a, b = np.load(one), np.load(two)
+    np.testing.assert_array_equal(a['features'], b['features'])  # gathered in dataset order
+    assert a['features'].shape == (37, 8)

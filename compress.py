@@ -45,7 +45,7 @@ import torch
 import tqdm
 
 import dnnlib
-import fid
+import metrics
 from torch_utils import cli, persistence, plot
 from training import compression, sampling
 
@@ -133,15 +133,11 @@ def heun_latencies(nets: dict, num_steps: int = 18, batch: int = 1, runs: int = 
     return times
 
 
-def generated_fid(net, detector, ref: dict, num: int, num_steps: int, batch: int, desc: str) -> float:
-    """FID of `num` images generated in memory (seeds 0..num-1, Heun) against reference statistics."""
-    batches = (images.permute(0, 3, 1, 2) for _seeds, images in
-               sampling.generate_images(net, range(num), max_batch_size=batch, num_steps=num_steps))
-    stats = fid.compute_feature_stats(detector, batches, num, desc=desc, source=desc)
-    if stats.mu.shape != ref['mu'].shape:
-        raise click.ClickException(f'The detector gives {stats.mu.shape[0]} features but the reference has '
-                                   f'{ref["mu"].shape[0]}: it was made with another detector')
-    return float(fid.calculate_fid_from_inception_stats(stats.mu, stats.sigma, ref['mu'], ref['sigma']))
+def generated_scores(net, detector, ref: dict, num: int, num_steps: int, batch: int, desc: str,
+                     metric_names=('fid',), options=None) -> dict:
+    """The metrics (default FID) of `num` images generated in memory (seeds 0..num-1, Heun) against a reference."""
+    source = metrics.NetworkSource(net, range(num), batch, name=desc, sampler='edm', num_steps=num_steps)
+    return cli.one_line_errors(metrics.score)(metric_names, source, ref, detector, options=options, desc=desc)
 
 #----------------------------------------------------------------------------
 # Report files: Markdown, CSV, JSON, and a PNG plot drawn with PIL.
@@ -163,10 +159,18 @@ def _fmt(key: str, value) -> str:
     return str(value)
 
 
+def _fmt_fid(row: dict) -> str:
+    text = _fmt('fid', row.get('fid'))
+    if row.get('fid_lo') is not None:
+        text += f' [{row["fid_lo"]:.2f}, {row["fid_hi"]:.2f}]'
+    return text
+
+
 def markdown_table(rows: list[dict], settings: dict) -> str:
     lines = ['| ' + ' | '.join(title for _key, title in COLUMNS) + ' |',
              '|' + '|'.join('---' if key in ('network', 'compression') else '---:' for key, _ in COLUMNS) + '|']
-    lines += ['| ' + ' | '.join(_fmt(key, r.get(key)) for key, _ in COLUMNS) + ' |' for r in rows]
+    lines += ['| ' + ' | '.join(_fmt_fid(r) if key == 'fid' else _fmt(key, r.get(key)) for key, _ in COLUMNS) + ' |'
+              for r in rows]
     notes = []
     if settings['latency_runs']:
         notes.append(f'Latency: Heun (edm_sampler), {settings["steps"]} steps ({2 * settings["steps"] - 1} network '
@@ -176,7 +180,9 @@ def markdown_table(rows: list[dict], settings: dict) -> str:
     if settings['num']:
         notes.append(f'FID: {settings["num"]} images (seeds 0-{settings["num"] - 1}), Heun {settings["steps"]} '
                      f'steps, against {settings["reference"]} ({settings["reference_images"]} images); '
-                     f'detector {settings["detector"]}.')
+                     f'detector {settings["detector"]}'
+                     + (f'; [lo, hi]: {100 * settings["confidence"]:g}% bootstrap interval over the generated images'
+                        if any(r.get('fid_lo') is not None for r in rows) else '') + '.')
     notes.append('zip bytes: the file in a zip archive (deflate, level 9).')
     return '\n'.join(lines) + '\n\n' + '\n'.join(notes) + '\n'
 
@@ -194,7 +200,7 @@ def write_report(rows: list[dict], settings: dict, prefix: str) -> list[str]:
     written.append(prefix + '.md')
     buf = io.StringIO()
     keys = ['network', 'path', 'compression', 'params', 'nonzero', 'bytes', 'zip_bytes', 'latency_s', 'latency_min_s',
-            'threads', 'fid', 'fid_images']
+            'threads', 'fid', 'fid_lo', 'fid_hi', 'kid', 'kid_std', 'precision', 'recall', 'fid_images']
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction='ignore', lineterminator='\n')
     writer.writeheader()
     writer.writerows(rows)
@@ -206,7 +212,8 @@ def write_report(rows: list[dict], settings: dict, prefix: str) -> list[str]:
     if measured:
         unit, div = ('MB', 1e6) if max(r['zip_bytes'] for r in measured) >= 1e6 else ('kB', 1e3)
         points = [(r['network'], r['zip_bytes'] / div, r['fid']) for r in measured]
-        plot.scatter_plot(points, prefix + '.png', xlabel=f'zip-compressed size ({unit})', ylabel='FID',
+        intervals = [(r.get('fid_lo', float('nan')), r.get('fid_hi', float('nan'))) for r in measured]
+        plot.scatter_plot(points, prefix + '.png', xlabel=f'zip-compressed size ({unit})', ylabel='FID', intervals=intervals,
                           title=f'FID vs. compressed size ({settings["num"]} images, Heun {settings["steps"]} steps)')
         written.append(prefix + '.png')
     return written
@@ -315,9 +322,11 @@ def quantize(network, dest, dtype):
               is_flag=True)
 @click.option('--out', 'prefix', help='Output prefix: writes PREFIX.md, .csv, .json and .png', metavar='PREFIX',
               type=str, default='compress-report', show_default=True)
+@cli.metrics_option('fid_ci', ' (fid is always scored)')
+@cli.bootstrap_options
 @cli.detector_options
 def report(networks, data, ref_path, num, num_steps, batch, threads, latency_runs, latency_batch, int8_dynamic,
-           prefix, detector, trust_pickle):
+           prefix, metric_names, bootstrap, confidence, detector, trust_pickle):
     """Parameters, non-zero parameters, bytes on disk (raw and zip), CPU latency and FID of each network."""
     if num and (data is None) == (ref_path is None):
         raise click.UsageError('FID needs exactly one of --data or --ref (or --num 0 to skip FID)')
@@ -330,15 +339,23 @@ def report(networks, data, ref_path, num, num_steps, batch, threads, latency_run
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
 
+    if 'fid' not in metric_names and 'fid_ci' not in metric_names:
+        metric_names = ['fid'] + metric_names
+    specs = cli.one_line_errors(metrics.resolve_metrics)(metric_names)
     detector_net, ref, ref_images = None, None, None
     if num:
-        detector_net = fid.load_detector(detector, trust_pickle=trust_pickle)
+        detector_net = cli.one_line_errors(metrics.load_detector)(detector, trust_pickle=trust_pickle)
         if ref_path is not None:
-            ref = fid.load_reference(ref_path)
+            ref = cli.one_line_errors(metrics.load_reference)(ref_path)
             ref_images = int(ref['num_images']) if 'num_images' in ref else None
+            cli.one_line_errors(metrics.check)(metric_names, ref, detector_net)
         else:  # one process, no DataLoader workers: the detector, not the loading, is the bottleneck
-            stats = fid._dataset_feature_stats(data, num_workers=0, device='cpu', detector=detector_net)
-            ref, ref_images = dict(mu=stats.mu, sigma=stats.sigma), stats.num_images
+            keep = any(spec.needs_ref_features for spec in specs)
+            stats = cli.one_line_errors(lambda: metrics.extract(metrics.ImageSource(data, num_workers=0), detector_net,
+                                                            keep_features=keep, desc='reference'))()
+            ref, ref_images = dict(mu=stats.mu, sigma=stats.sigma, path=data), stats.num_images
+            if keep:
+                ref['features'] = stats.features
 
     rows, nets, names = [], {}, set()
     for network in networks:
@@ -363,15 +380,18 @@ def report(networks, data, ref_path, num, num_steps, batch, threads, latency_run
             row.update(latency_s=statistics.median(times), latency_min_s=min(times), latency_runs_s=times)
     for row, net in zip(rows, nets.values()):
         if num:
-            row['fid'] = generated_fid(net, detector_net, ref, num, num_steps, batch, desc=f'FID {row["network"]}')
+            scores = generated_scores(net, detector_net, ref, num, num_steps, batch, f'FID {row["network"]}',
+                                      metric_names, dict(bootstrap=bootstrap, confidence=confidence))
+            row.update({k: v for k, v in scores.items() if k not in ('num_images', 'seconds')})
         print(f'{row["network"]}: {row["compression"]}; {row["params"]:,} parameters ({row["nonzero"]:,} non-zero); '
               f'{row["bytes"]:,} bytes ({row["zip_bytes"]:,} zipped)'
               + (f'; {row["latency_s"]:.4g} s/image' if row['latency_s'] is not None else '')
-              + (f'; FID {row["fid"]:.2f}' if row['fid'] is not None else ''))
+              + (f'; FID {_fmt_fid(row)}' if row['fid'] is not None else ''))
 
     settings = dict(steps=num_steps, threads=threads, latency_runs=latency_runs, latency_batch=latency_batch,
                     num=num, reference=ref_path or data, reference_images=ref_images,
-                    detector=detector or 'standard Inception-v3', int8_dynamic=int8_dynamic)
+                    detector=detector or 'standard Inception-v3', int8_dynamic=int8_dynamic, metrics=metric_names,
+                    bootstrap=bootstrap, confidence=confidence)
     written = write_report(rows, settings, prefix)
     print(markdown_table(rows, settings))
     print('Wrote ' + ', '.join(written))

@@ -1,376 +1,74 @@
-"""Fréchet Inception Distance (FID), the metric the EDM paper reports.
+"""Fréchet Inception Distance (FID), the metric the EDM paper reports, and the other metrics of `metrics/`.
 
 FID = ||mu - mu_ref||^2 + Tr(Sigma + Sigma_ref - 2 (Sigma Sigma_ref)^(1/2))
 over 2048-d pool features of the TensorFlow Inception-v3 (2015-12-05) network evaluated on uint8 images,
 with the statistics accumulated in float64. Subcommands:
 
-  python fid.py ref  --data=ZIP|DIR --dest=NPZ             reference statistics (mu, sigma) of a dataset
+  python fid.py ref  --data=ZIP|DIR --dest=NPZ             reference statistics (mu, sigma [, --features]) of a dataset
   python fid.py calc --images=ZIP|DIR --ref=NPZ|URL        FID of a set of images (first --num picked by --seed)
   python fid.py net  --network=PKL --ref=NPZ|URL           the paper's protocol: FID of freshly generated
                                                            images on --repeats disjoint seed ranges, and min
-  python fid.py sweep --network=PKL --ref=NPZ --outdir=DIR FID against NFE for several samplers (CSV, JSON, PNG)
+  python fid.py sweep --network=PKL --ref=NPZ --outdir=DIR FID (with its interval) against NFE for several samplers
+  python fid.py compare --network=A.pkl --network-b=B.pkl --ref=NPZ   paired difference of two networks / settings
   python fid.py nll  --network=PKL --data=ZIP|DIR          negative log-likelihood in bits/dim (probability-flow ODE)
 
-All run multi-process under `torchrun` (each rank a share of the images, sums reduced across ranks).
+`--metrics=fid,fid_ci,kid,pr,fd_dinov2` selects metrics (metrics/metric_specs.py); KID and precision/recall
+need a reference made with `ref --features`. All run multi-process under `torchrun` (each rank a share of
+the images, sums reduced across ranks).
 
 The detector is the standard FID Inception-v3 network, downloaded once through the dnnlib download cache
 (folder: $EDM_CACHE_DIR/downloads, see dnnlib.util.make_cache_dir_path). `--detector=PATH|URL` selects
 another copy: a TorchScript module file, or a pickle like the official one. Pickles can execute code
 when loaded, so they are first read with a restricted unpickler that only extracts an embedded TorchScript
 module (the official file wraps one); running a pickle's own code needs trust: the official default URL is
-trusted (as in the paper's code), anything else needs `--trust-pickle`.
+trusted (as in the paper's code), anything else needs `--trust-pickle`. `--detector=dinov2[:PATH]` is
+DINOv2 for FD_DINOv2 (weights supplied by the user, never downloaded).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import io
 import math
 import os
-import pickle
-import sys
 import time
-import types
-import zipfile
-from typing import Iterable, Optional
+from typing import Optional
 
 import click
 import numpy as np
-import scipy.linalg
 import torch
 import tqdm
 
 import dnnlib
+import metrics
+from metrics import detectors as _detectors
+from metrics import features as _features
+from metrics import maths as _maths
+from metrics import reference as _reference
 from training.dataset import dataset_fingerprint
-from training.sampling import MAX_SEED, generate_images, parse_sampler_spec  # noqa: F401 -- (re-exported)
+from training.sampling import MAX_SEED, override_sampler_kwargs, parse_sampler_spec  # noqa: F401 -- (re-exported)
 from torch_utils import cli
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils.ode import SolverError
 
-DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
-                'inception-2015-12-05.pkl')
-TRUSTED_DETECTOR_URLS = frozenset([DETECTOR_URL])  # Pickles from here may run their embedded code.
-
 #----------------------------------------------------------------------------
-# Fréchet distance between two Gaussians (pure numpy/scipy, float64).
+# The library's functions under the names the paper's fid.py and earlier versions of this file used; errors
+# as one-line click exceptions.
+
+DETECTOR_URL = _detectors.DETECTOR_URL
+TRUSTED_DETECTOR_URLS = _detectors.TRUSTED_DETECTOR_URLS
+FeatureStats = _features.FeatureStats
+calculate_fid_from_inception_stats = _maths.frechet_distance
+load_detector = cli.one_line_errors(_detectors.load_detector)
+compute_feature_stats = cli.one_line_errors(_features.compute_feature_stats)
+check_image_shape = cli.one_line_errors(_features.check_image_shape)
+save_reference = _reference.save_reference
+load_reference = cli.one_line_errors(_reference.load_reference)
+_rank_batches = _features.rank_batches
+_all_reduce = _features._all_reduce  # pylint: disable=protected-access
 
 
-def _sqrtm(a: np.ndarray) -> np.ndarray:
-    """Principal matrix square root, real part.
-
-    The paper called sqrtm(..., disp=False), which returned (root, error_estimate); SciPy deprecated and
-    then removed `disp`, and current versions return the root alone. Accept either return signature.
-    """
-    root = scipy.linalg.sqrtm(a)
-    if isinstance(root, tuple):
-        root = root[0]
-    return np.real(root)
-
-
-def calculate_fid_from_inception_stats(mu, sigma, mu_ref, sigma_ref) -> float:
-    """FID between N(mu, sigma) and N(mu_ref, sigma_ref), computed in float64."""
-    mu, mu_ref = np.asarray(mu, np.float64), np.asarray(mu_ref, np.float64)
-    sigma, sigma_ref = np.asarray(sigma, np.float64), np.asarray(sigma_ref, np.float64)
-    if mu.shape != mu_ref.shape or sigma.shape != sigma_ref.shape or sigma.shape != mu.shape * 2:
-        raise ValueError(f'Mismatched statistics: mu {mu.shape}, sigma {sigma.shape} vs '
-                         f'mu_ref {mu_ref.shape}, sigma_ref {sigma_ref.shape}')
-    # Squared distance of the means, plus the trace term of the 2-Wasserstein distance between the
-    # Gaussians, which needs the square root of the (generally non-symmetric) product of covariances.
-    mean_term = np.square(mu - mu_ref).sum()
-    cov_root = _sqrtm(np.dot(sigma, sigma_ref))
-    return float(mean_term + np.trace(sigma + sigma_ref - cov_root * 2))
-
-#----------------------------------------------------------------------------
-# Detector loading: TorchScript files, or pickles (restricted unpickler first, full pickle only if trusted).
-
-
-class UntrustedPickleError(pickle.UnpicklingError):
-    """The pickle needs to run code to load and nobody said it may."""
-
-
-_ZIP_MAGIC = b'PK\x03\x04'
-
-# Globals a data-only pickle may reference: none of them can run caller-chosen code.
-_SAFE_GLOBALS = dnnlib.util.allow_exactly([
-    ('collections', 'OrderedDict'), ('builtins', 'bytearray'), ('builtins', 'set'), ('builtins', 'frozenset'),
-    ('_codecs', 'encode'),  # how protocol-2 pickles store bytes
-    ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-    ('numpy', 'ndarray'), ('numpy', 'dtype'),
-])
-
-
-def _find_torchscript(obj, depth: int = 0) -> Optional[torch.jit.ScriptModule]:
-    """Search a plain-data object tree for serialised TorchScript bytes and load the first one found."""
-    if depth > 8:
-        return None
-    if isinstance(obj, np.ndarray) and obj.dtype == np.uint8:
-        obj = obj.tobytes()
-    if isinstance(obj, (bytes, bytearray)):
-        if bytes(obj[:4]) != _ZIP_MAGIC:
-            return None
-        try:
-            module = torch.jit.load(io.BytesIO(bytes(obj)), map_location='cpu')
-        except Exception:  # A zip that is not TorchScript: keep looking.
-            return None
-        # Only a module with the detector's own interface can stand for the wrapper object.
-        args = [a.name for a in module.forward.schema.arguments]
-        return module if 'return_features' in args else None
-    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    for child in children:
-        found = _find_torchscript(child, depth + 1)
-        if found is not None:
-            return found
-    return None
-
-
-def _reconstruct_detector_safely(meta):
-    """Stand-in for torch_utils.persistence._reconstruct_persistent_obj that never runs module_src.
-
-    Persistent objects carry their class source code plus `state`; a detector wrapping a TorchScript
-    module must keep that module serialised in its state (ScriptModules cannot be pickled directly).
-    """
-    state = meta.get('state') if isinstance(meta, dict) else None
-    found = _find_torchscript(state)
-    if found is None:
-        raise UntrustedPickleError('persistent object without an embedded TorchScript module '
-                                   '(loading it would run its embedded source code)')
-    return found
-
-
-def _safe_detector_global(module: str, name: str):
-    """Allowlist for reading a detector pickle without running its code (dnnlib.util.RestrictedUnpickler)."""
-    if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
-        return _reconstruct_detector_safely
-    return _SAFE_GLOBALS(module, name)
-
-
-def _reconstruct_with_source(meta):
-    """The paper's persistent-object protocol: run the embedded module source, rebuild the class, set state.
-
-    Used only for trusted pickles (it executes code from the file)."""
-    if not isinstance(meta, dict) or meta.get('type') != 'class':
-        raise pickle.UnpicklingError('unsupported persistent object record')
-    src = meta['module_src']
-    module = types.ModuleType('_fid_detector_' + hashlib.sha256(src.encode('utf-8')).hexdigest()[:16])
-    sys.modules[module.__name__] = module
-    exec(compile(src, module.__name__, 'exec'), module.__dict__)  # noqa: S102 -- trusted input only
-    cls = getattr(module, meta['class_name'])
-    obj = cls.__new__(cls)
-    state = meta.get('state') or {}
-    if callable(getattr(obj, '__setstate__', None)):
-        obj.__setstate__(state)
-    else:
-        obj.__dict__.update(state)
-    return obj
-
-
-def _trusted_detector_global(module: str, name: str):
-    """Everything, as plain pickle would, with persistent objects rebuilt from their embedded source."""
-    if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
-        return _reconstruct_with_source  # our persistence module never runs embedded source
-    return True
-
-
-def _load_detector_bytes(data: bytes, source: str, trusted: bool) -> torch.nn.Module:
-    if data[:4] == _ZIP_MAGIC:  # TorchScript archive: code-free as far as Python is concerned.
-        try:
-            return torch.jit.load(io.BytesIO(data), map_location='cpu')
-        except Exception as e:
-            raise click.ClickException(f'Detector {source} is a zip archive but not a TorchScript module '
-                                       f'(save one with torch.jit.save): {e}') from e
-    try:
-        obj = dnnlib.util.RestrictedUnpickler(io.BytesIO(data), _safe_detector_global, what='detector pickle').load()
-    except (UntrustedPickleError, dnnlib.util.DisallowedPickleError) as e:
-        if not trusted:
-            raise click.ClickException(
-                f'Detector {source} is a pickle that runs code when loaded ({e}). Pass --trust-pickle if you '
-                f'trust this file, or convert it once with torch.jit.save and pass the TorchScript file') from e
-        try:  # Trusted: what the paper's pickle.load does, including the embedded source code.
-            obj = dnnlib.util.RestrictedUnpickler(io.BytesIO(data), _trusted_detector_global, what='trusted detector pickle').load()
-        except Exception as e2:
-            raise click.ClickException(f'Could not unpickle the detector {source}: {e2}') from e2
-    except Exception as e:
-        raise click.ClickException(f'Detector {source} is neither a TorchScript module nor a readable '
-                                   f'pickle: {e}') from e
-    if not isinstance(obj, torch.nn.Module):
-        raise click.ClickException(f'Detector {source} holds a {type(obj).__name__}, not a torch module')
-    return obj
-
-
-def load_detector(detector: Optional[str] = None, device=torch.device('cpu'), trust_pickle: bool = False,
-                  verbose: bool = True, num_attempts: int = 10) -> torch.nn.Module:
-    """Load the feature detector: called as detector(uint8 [N,3,H,W], return_features=True) -> [N, D]."""
-    source = detector or DETECTOR_URL
-    try:
-        with dnnlib.util.open_url(source, verbose=verbose, num_attempts=num_attempts) as f:
-            data = f.read()
-    except (OSError, ValueError) as e:
-        cache = ''
-        if dnnlib.util.is_url(source):
-            cache = f' (cache folder: {dnnlib.util.make_cache_dir_path("downloads")}, set by $EDM_CACHE_DIR)'
-        raise click.ClickException(f'Could not load the FID detector: {e}{cache} A local copy can also be given '
-                                   f'as --detector=PATH (a TorchScript file or the official pickle).') from e
-    net = _load_detector_bytes(data, source, trusted=trust_pickle or source in TRUSTED_DETECTOR_URLS)
-    for param in net.parameters():  # (ScriptModules lack requires_grad_.)
-        param.requires_grad_(False)
-    return net.eval().to(device)
-
-#----------------------------------------------------------------------------
-# Feature statistics: float64 sums and outer-product sums, reduced across ranks.
-
-
-@dataclasses.dataclass
-class FeatureStats:
-    mu: np.ndarray      # [D] float64
-    sigma: np.ndarray   # [D, D] float64, unbiased (N - 1)
-    num_images: int
-
-
-def _all_reduce(x: torch.Tensor, op=torch.distributed.ReduceOp.SUM) -> torch.Tensor:
-    if dist.get_world_size() > 1:
-        torch.distributed.all_reduce(x, op=op)
-    return x
-
-
-def check_image_shape(shape, source: str) -> None:
-    """Images must be [C, H, W] uint8 with C = 1 (repeated to RGB) or 3, at least 2x2 pixels."""
-    if len(shape) != 3 or shape[0] not in (1, 3) or min(shape[1:]) < 2:
-        raise click.ClickException(f'Images in {source} have shape {list(shape)} (C,H,W); FID needs '
-                                   f'1 (grayscale) or 3 (RGB) channels and at least 2x2 pixels')
-
-
-def compute_feature_stats(detector: torch.nn.Module, batches: Iterable[torch.Tensor], num_images: int,
-                          device=torch.device('cpu'), desc: str = 'FID features',
-                          source: str = 'images') -> FeatureStats:
-    """Accumulate this rank's uint8 [N,C,H,W] batches, reduce over ranks, return mean and covariance.
-
-    `num_images` is the total over all ranks (it sizes the progress bar and is checked at the end).
-    """
-    world = dist.get_world_size()
-    feature_sum = outer_sum = None  # sum of f and sum of f f^T over this rank's images
-    count = 0
-    with tqdm.tqdm(total=num_images, unit='img', desc=desc, disable=(dist.get_rank() != 0),
-                   dynamic_ncols=True) as bar:
-        for images in batches:
-            if images.shape[0] == 0:
-                continue
-            check_image_shape(images.shape[1:], source)
-            if images.shape[1] == 1:
-                images = images.repeat([1, 3, 1, 1])
-            try:
-                with torch.no_grad():
-                    features = detector(images.to(device), return_features=True)
-            except RuntimeError as e:
-                raise click.ClickException(f'The detector failed on images of shape {list(images.shape)} '
-                                           f'from {source}: {cli.first_line(e)}') from e
-            features = features.to(torch.float64).reshape(images.shape[0], -1)
-            if feature_sum is None:
-                feature_sum, outer_sum = _zero_sums(features.shape[1], device)
-            feature_sum += features.sum(0)
-            outer_sum += features.T @ features
-            count += images.shape[0]
-            bar.update(images.shape[0] * world)  # Ranks progress in step; show the global rate.
-
-    # Ranks without images still take part in the reductions: agree on the feature dimension first.
-    local_dim = 0 if feature_sum is None else feature_sum.shape[0]
-    dim = _all_reduce(torch.tensor([local_dim], dtype=torch.int64, device=device),
-                      op=torch.distributed.ReduceOp.MAX).item()
-    if feature_sum is None:
-        feature_sum, outer_sum = _zero_sums(dim, device)
-    n = int(_all_reduce(torch.tensor([count], dtype=torch.int64, device=device)).item())
-    _all_reduce(feature_sum)
-    _all_reduce(outer_sum)
-    if n != num_images:
-        raise RuntimeError(f'Expected {num_images} images over all ranks, got {n}')
-    if n < 2:
-        raise click.ClickException(f'Need at least 2 images to estimate a covariance, got {n} from {source}')
-    mean, cov = _mean_and_covariance(feature_sum, outer_sum, n)
-    return FeatureStats(mu=mean.cpu().numpy(), sigma=cov.cpu().numpy(), num_images=n)
-
-
-def _zero_sums(dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.zeros([dim], dtype=torch.float64, device=device),
-            torch.zeros([dim, dim], dtype=torch.float64, device=device))
-
-
-def _mean_and_covariance(feature_sum: torch.Tensor, outer_sum: torch.Tensor, n: int):
-    """Sample mean and unbiased covariance from the running sums:
-    cov = (sum f f^T - n mean mean^T) / (n - 1)."""
-    mean = feature_sum / n
-    cov = (outer_sum - torch.outer(mean, mean) * n) / (n - 1)
-    return mean, cov
-
-
-# A bare `generate.py --grid` writes OUTDIR/grid.png beside the samples: not one of them.
-GRID_NAMES = ('grid.png',)
-
-
-def _open_dataset(image_path: str, num_expected: Optional[int], seed: int, use_labels: bool = False):
-    from training import dataset  # Imported here: fid.py's math and `net` need no dataset code.
-    if not os.path.exists(image_path):
-        raise click.ClickException(f'No such image folder or zip: {image_path}')
-    try:
-        dataset_obj = dataset.ImageFolderDataset(path=image_path, max_size=num_expected, random_seed=seed,
-                                                 use_labels=use_labels, exclude=GRID_NAMES)
-    except (OSError, ValueError, RuntimeError, zipfile.BadZipFile) as e:
-        raise click.ClickException(f'Could not read images from {image_path}: {e}') from e
-    if num_expected is not None and len(dataset_obj) < num_expected:
-        raise click.ClickException(f'Found {len(dataset_obj)} images in {image_path}, but --num asks for '
-                                   f'{num_expected}: add images or lower --num')
-    if len(dataset_obj) < 2:
-        raise click.ClickException(f'Found {len(dataset_obj)} images in {image_path}; need at least 2')
-    check_image_shape(dataset_obj.image_shape, image_path)
-    return dataset_obj
-
-
-def _rank_batches(num_items: int, max_batch_size: int) -> list[list[int]]:
-    """This rank's batches of item indices.
-
-    0..num_items-1 is cut into the fewest near-equal consecutive slots (at most max_batch_size items
-    each) that divide evenly among the ranks; slots are dealt round-robin, so rank r takes slots r,
-    r + world, r + 2 world, ... Empty slots (fewer items than slots) are dropped.
-    """
-    world, rank = dist.get_world_size(), dist.get_rank()
-    slots_per_rank = -(-num_items // (max_batch_size * world))  # ceiling division
-    slots = torch.arange(num_items).tensor_split(slots_per_rank * world)
-    return [slot.tolist() for slot in slots[rank::world] if len(slot) > 0]
-
-
-def _dataset_feature_stats(image_path: str, num_expected: Optional[int] = None, seed: int = 0,
-                           max_batch_size: int = 64, num_workers: int = 3, prefetch_factor: int = 2,
-                           device=None, detector=None, trust_pickle: bool = False) -> FeatureStats:
-    device = torch.device(device) if device is not None else dist.default_device()
-
-    def open_data_and_detector():  # cheap dataset checks before the detector download
-        dataset_obj = _open_dataset(image_path, num_expected, seed)
-        det = detector if isinstance(detector, torch.nn.Module) else load_detector(
-            detector, device=device, trust_pickle=trust_pickle, verbose=(dist.get_rank() == 0))
-        return dataset_obj, det
-    dataset_obj, detector = _rank0_first(open_data_and_detector)
-    dist.print0(f'Inception features of {len(dataset_obj)} images in "{image_path}"')
-
-    if hasattr(os, 'sched_getaffinity'):
-        num_workers = min(num_workers, len(os.sched_getaffinity(0)))  # More than the cores only adds overhead.
-    loader = torch.utils.data.DataLoader(dataset_obj, batch_sampler=_rank_batches(len(dataset_obj), max_batch_size),
-                                         num_workers=num_workers,
-                                         prefetch_factor=(prefetch_factor if num_workers > 0 else None))
-    return compute_feature_stats(detector, _images_from(loader, image_path), len(dataset_obj), device=device,
-                                 source=image_path)
-
-
-def _images_from(loader, source: str):
-    """The loader's image batches; unreadable or mismatched images become a one-line error."""
-    try:
-        for images, _labels in loader:
-            yield images
-    except (OSError, ValueError) as e:
-        lines = [line for line in str(e).splitlines() if line.strip()]  # Worker errors end with the cause.
-        raise click.ClickException(f'Could not read images from {source}: {lines[-1] if lines else e}') from e
-
-
+@cli.one_line_errors
 def calculate_inception_stats(image_path: str, num_expected: Optional[int] = None, seed: int = 0,
                               max_batch_size: int = 64, num_workers: int = 3, prefetch_factor: int = 2,
                               device=None, detector=None, trust_pickle: bool = False):
@@ -379,53 +77,11 @@ def calculate_inception_stats(image_path: str, num_expected: Optional[int] = Non
     With `num_expected`, that many images are picked by `seed` (the dataset's max_size/random_seed
     selection, as in the paper). `detector` is a path/URL or a loaded module (default: the standard one).
     """
-    s = _dataset_feature_stats(image_path, num_expected=num_expected, seed=seed, max_batch_size=max_batch_size,
-                               num_workers=num_workers, prefetch_factor=prefetch_factor, device=device,
-                               detector=detector, trust_pickle=trust_pickle)
+    device = torch.device(device) if device is not None else dist.default_device()
+    source = metrics.ImageSource(image_path, num_expected, seed, max_batch_size, num_workers, prefetch_factor)
+    det = _detectors.load_detector(detector, device=device, trust_pickle=trust_pickle, verbose=dist.get_rank() == 0)
+    s = metrics.extract(source, det, device=device)
     return s.mu, s.sigma
-
-#----------------------------------------------------------------------------
-# Reference statistics files.
-
-
-def save_reference(dest_path: str, stats: FeatureStats, **extra) -> None:
-    """Atomically write mu, sigma (the paper's layout) plus extra keys such as num_images."""
-    os.makedirs(os.path.dirname(dest_path) or '.', exist_ok=True)
-    with dnnlib.util.atomic_write(dest_path) as f:
-        np.savez(f, mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images),
-                 **{k: np.asarray(v) for k, v in extra.items()})
-
-
-def load_reference(ref_path: str) -> dict:
-    """Load reference statistics (.npz path or URL) and check that mu and sigma fit together."""
-    try:
-        with dnnlib.util.open_url(ref_path, verbose=(dist.get_rank() == 0)) as f:
-            data = f.read()
-        if not data.startswith(b'PK'):  # np.load would take anything else for a pickle and say so
-            raise click.ClickException(f'{ref_path} is not a .npz file of reference statistics (it is '
-                                       f'{"empty" if not data else "not a zip archive"}); make one with '
-                                       f'`python fid.py ref --data=... --dest=...`')
-        ref = dict(np.load(io.BytesIO(data), allow_pickle=False))
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise click.ClickException(f'Could not load reference statistics from {ref_path}: {e}') from e
-    if 'mu' not in ref or 'sigma' not in ref:
-        raise click.ClickException(f'{ref_path} has keys {sorted(ref)}; reference statistics need "mu" and '
-                                   f'"sigma" (make them with `python fid.py ref`)')
-    mu, sigma = ref['mu'], ref['sigma']
-    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
-        raise click.ClickException(f'{ref_path}: mu {mu.shape} and sigma {sigma.shape} do not fit together')
-    for key in ('mu', 'sigma'):
-        if not np.issubdtype(ref[key].dtype, np.number) or not np.isfinite(ref[key]).all():
-            raise click.ClickException(f'{ref_path}: "{key}" holds NaN/Inf or non-numbers; the reference is damaged, '
-                                       f'make it again with `python fid.py ref`')
-    return ref
-
-
-def _fid_against(stats: FeatureStats, ref: dict, ref_path: str) -> float:
-    if stats.mu.shape != ref['mu'].shape:
-        raise click.ClickException(f'The detector gives {stats.mu.shape[0]} features but {ref_path} has '
-                                   f'{ref["mu"].shape[0]}: the reference was made with another detector')
-    return calculate_fid_from_inception_stats(stats.mu, stats.sigma, ref['mu'], ref['sigma'])
 
 #----------------------------------------------------------------------------
 # Command line.
@@ -448,10 +104,21 @@ def _start(workers: int) -> None:
     dist.init()
 
 
-detector_options = cli.detector_options  # --detector, --trust-pickle
+def _device_and_detector(detector, trust_pickle, device):
+    """The detector on this rank (call through _rank0_first: rank 0 fills the download cache)."""
+    return metrics.load_detector(detector, device=device, trust_pickle=trust_pickle, verbose=dist.get_rank() == 0)
 
 
-@click.group()
+def _check_metrics(metric_names, ref, detector):
+    """Before any image is generated: the reference holds what the metrics need (rank 0 holds the reference)."""
+    metrics.check(metric_names, ref, detector)
+
+
+def _metric_options(bootstrap: int = 100, confidence: float = 0.95) -> dict:
+    return dict(bootstrap=bootstrap, confidence=confidence)
+
+
+@click.group(cls=cli.Group)
 def main():
     """Calculate Frechet Inception Distance (FID); FID against NFE (sweep); log-likelihood (nll).
 
@@ -472,6 +139,10 @@ def main():
     python fid.py sweep --network=network-snapshot.pkl --ref=fid-refs/cifar10-32x32.npz \\
         --samplers=edm,euler,dpmpp_2m,dpmpp_3m_sde --nfe=5,9,17,35 --outdir=sweep
     \b
+    # Paired comparison with intervals: did autoguidance help? (A: guided, B: the same without)
+    python fid.py compare --network=net.pkl --gnet=small.pkl --guidance=2 --b=guidance=1 \\
+        --ref=fid-refs/cifar10-32x32.npz --seeds=0-9999 --metrics=fid,kid
+    \b
     # Negative log-likelihood in bits/dim (probability-flow ODE)
     python fid.py nll --network=network-snapshot.pkl --data=datasets/cifar10-32x32.zip --num=1000
     """
@@ -488,18 +159,31 @@ def main():
               show_default=True)
 @click.option('--workers', help='DataLoader worker processes per rank', metavar='INT', type=click.IntRange(min=0),
               default=3, show_default=True)
-@detector_options
-def calc(image_path, ref_path, num_expected, seed, batch, workers, detector, trust_pickle):
-    """Calculate FID for a given set of images."""
+@cli.metrics_option('fid')
+@cli.bootstrap_options
+@cli.detector_options
+def calc(image_path, ref_path, num_expected, seed, batch, workers, metric_names, bootstrap, confidence, detector,
+         trust_pickle):
+    """Calculate FID (or --metrics) for a given set of images."""
     _start(workers)
+    device = dist.default_device()
     dist.print0(f'Reference statistics: "{ref_path}"')
     ref = _rank0_first(lambda: load_reference(ref_path) if dist.get_rank() == 0 else None)
-    stats = _dataset_feature_stats(image_path, num_expected=num_expected, seed=seed, max_batch_size=batch,
-                                   num_workers=workers, detector=detector, trust_pickle=trust_pickle)
     if dist.get_rank() == 0:
-        fid = _fid_against(stats, ref, ref_path)
-        print(f'FID of {stats.num_images} images from "{image_path}" against "{ref_path}":')
-        print(f'{fid:g}')  # Last line: the bare number, as the paper's script prints it.
+        _check_metrics(metric_names, ref, detector)
+
+    def open_source_and_detector():  # cheap dataset checks before the detector download
+        source = metrics.ImageSource(image_path, num_expected, seed, batch, workers)
+        return source, _device_and_detector(detector, trust_pickle, device)
+    source, detector_net = _rank0_first(open_source_and_detector)
+    dist.print0(f'Features of {len(source)} images in "{image_path}"')
+    results = metrics.score(metric_names, source, ref, detector_net, device=device,
+                            options=_metric_options(bootstrap, confidence))
+    if dist.get_rank() == 0:
+        print(f'{metrics.format_results(results)} ({results["num_images"]} images from "{image_path}")')
+        key = [k for k in ('fid', 'fd_dinov2', 'kid', 'precision') if k in results][0]
+        print(f'{key.upper() if key == "fid" else key} of {results["num_images"]} images from "{image_path}" against "{ref_path}":')
+        print(f'{results[key]:g}')  # Last line: the bare number, as the paper's script prints it.
     dist.barrier()
 
 
@@ -510,18 +194,26 @@ def calc(image_path, ref_path, num_expected, seed, batch, workers, detector, tru
               show_default=True)
 @click.option('--workers', help='DataLoader worker processes per rank', metavar='INT', type=click.IntRange(min=0),
               default=3, show_default=True)
-@detector_options
-def ref(dataset_path, dest_path, batch, workers, detector, trust_pickle):
+@click.option('--features', 'with_features', help='Also store the features (needed by kid, pr)', is_flag=True)
+@cli.detector_options
+def ref(dataset_path, dest_path, batch, workers, with_features, detector, trust_pickle):
     """Calculate dataset reference statistics needed by 'calc'."""
     _start(workers)
-    stats = _dataset_feature_stats(dataset_path, max_batch_size=batch, num_workers=workers, detector=detector,
-                                   trust_pickle=trust_pickle)
+    device = dist.default_device()
+
+    def open_source_and_detector():
+        source = metrics.ImageSource(dataset_path, None, 0, batch, workers)
+        return source, _device_and_detector(detector, trust_pickle, device)
+    source, detector_net = _rank0_first(open_source_and_detector)
+    dist.print0(f'Features of {len(source)} images in "{dataset_path}"')
+    stats = metrics.extract(source, detector_net, device=device, keep_features=with_features)
     if not dest_path.endswith('.npz'):
         dest_path += '.npz'  # What np.savez(dest_path) did in the paper's code.
-    dist.print0(f'Writing reference statistics ({stats.num_images} images) to "{dest_path}"')
+    dist.print0(f'Writing reference statistics ({stats.num_images} images{", with features" if with_features else ""}) '
+                f'to "{dest_path}"')
     if dist.get_rank() == 0:
-        save_reference(dest_path, stats, dataset_sha256=dataset_fingerprint(dataset_path)['sha256'],
-                       detector=(detector or DETECTOR_URL))
+        save_reference(dest_path, stats, with_features=with_features,
+                       dataset_sha256=dataset_fingerprint(dataset_path)['sha256'], detector=(detector or DETECTOR_URL))
     dist.barrier()
 
 
@@ -537,14 +229,22 @@ def _format_seeds(seeds: list[int]) -> str:
     return f'{len(seeds)} seeds from {min(seeds)} to {max(seeds)}'
 
 
-def _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, sampler_kwargs, device):
-    """What `net` and `sweep` score with: the reference statistics (rank 0 only), the detector, the network,
-    and the sampler kwargs with a --gnet guide loaded. Called through _rank0_first."""
+def _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, sampler_kwargs, device, metric_names=('fid',)):
+    """What `net`, `sweep` and `compare` score with: the reference statistics (rank 0 only; checked to hold
+    what the metrics need), the detector, the network, and the sampler kwargs with a --gnet guide loaded.
+    Called through _rank0_first."""
     verbose = dist.get_rank() == 0
     ref = load_reference(ref_path) if verbose else None
-    detector_net = load_detector(detector, device=device, trust_pickle=trust_pickle, verbose=verbose)
+    if verbose:
+        _check_metrics(metric_names, ref, detector)
+    detector_net = _device_and_detector(detector, trust_pickle, device)
     network = cli.load_net(network_pkl, device=device, verbose=verbose)
     return ref, detector_net, network, cli.load_guide(sampler_kwargs, network, device, verbose=verbose)
+
+
+def _headline(results: dict) -> str:
+    """The key whose value a command prints last: FID when scored, else the first metric's first number."""
+    return next(k for k in ('fid', 'fd_dinov2', 'kid', 'precision') if k in results)
 
 
 @main.command()
@@ -558,10 +258,12 @@ def _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, sampler_kwa
               type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1),
               default=64, show_default=True)
+@cli.metrics_option('fid')
+@cli.bootstrap_options
 @cli.sampler_options
-@detector_options
-def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detector, trust_pickle,
-        **sampler_kwargs):
+@cli.detector_options
+def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, metric_names, bootstrap, confidence,
+        detector, trust_pickle, **sampler_kwargs):
     """FID of a network on --repeats disjoint seed ranges, images generated in memory; reports the minimum."""
     if max(repeat_seeds(seeds, repeats)[-1]) > MAX_SEED:
         raise click.BadParameter(f'the last of {repeats} repeats would need seeds above {MAX_SEED}; '
@@ -571,24 +273,23 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
     device = dist.default_device()
     dist.print0(f'Network: "{network_pkl}"')
     ref, detector_net, network, sampler_kwargs = _rank0_first(
-        lambda: _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, sampler_kwargs, device))
+        lambda: _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, sampler_kwargs, device, metric_names))
     cli.check_class(class_idx, network)  # (every rank has the network: all stop alike)
 
-    fids = []
+    values = []
     for k, rep_seeds in enumerate(repeat_seeds(seeds, repeats)):
-        batches = (images.permute(0, 3, 1, 2) for _batch_seeds, images in
-                   generate_images(network, rep_seeds, max_batch_size=max_batch_size,
-                                            class_idx=class_idx, device=device, **sampler_kwargs))
-        stats = compute_feature_stats(detector_net, batches, len(rep_seeds), device=device,
-                                      desc=f'repeat {k + 1}/{repeats}', source=network_pkl)
+        source = metrics.NetworkSource(network, rep_seeds, max_batch_size, class_idx, name=network_pkl, **sampler_kwargs)
+        results = metrics.score(metric_names, source, ref, detector_net, device=device,
+                                options=_metric_options(bootstrap, confidence), desc=f'repeat {k + 1}/{repeats}')
         if dist.get_rank() == 0:
-            fids.append(_fid_against(stats, ref, ref_path))
-            print(f'repeat {k + 1}/{repeats}: seeds {_format_seeds(rep_seeds)}: FID {fids[-1]:g} '
-                  f'({stats.num_images} images)')
+            values.append(results[_headline(results)])
+            print(f'repeat {k + 1}/{repeats}: seeds {_format_seeds(rep_seeds)}: {metrics.format_results(results)} '
+                  f'({results["num_images"]} images)')
     if dist.get_rank() == 0:
-        print(f'FID of {network_pkl} against "{ref_path}": '
-              f'{", ".join(f"{x:g}" for x in fids)}; minimum of {repeats}:')
-        print(f'{min(fids):g}')
+        label = 'FID' if _headline(results) == 'fid' else _headline(results)
+        print(f'{label} of {network_pkl} against "{ref_path}": '
+              f'{", ".join(f"{x:g}" for x in values)}; minimum of {repeats}:')
+        print(f'{min(values):g}')
     dist.barrier()
 
 
@@ -623,20 +324,27 @@ def _write_sweep(outdir: str, config: dict, rows: list[dict]) -> None:
     from torch_utils.plot import line_plot
     with dnnlib.util.atomic_write(os.path.join(outdir, 'sweep.json'), 'w') as f:
         json.dump(dict(config=config, rows=rows), f, indent=1)
-    columns = ['sampler', 'nfe', 'num_steps', 'fid', 'num_images', 'seconds']
+    values = [k for k in ('fid', 'fid_lo', 'fid_hi', 'fd_dinov2', 'kid', 'kid_std', 'precision', 'recall')
+              if any(k in row for row in rows)]
+    columns = ['sampler', 'nfe', 'num_steps', *values, 'num_images', 'seconds']
     with dnnlib.util.atomic_write(os.path.join(outdir, 'sweep.csv'), 'w') as f:
         writer = csv.writer(f, lineterminator='\n')
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([f'{row[c]:.4f}' if c in ('fid', 'seconds') else row[c] for c in columns])
-    series = {}
+            writer.writerow([('' if row.get(c) is None else f'{row[c]:.4f}' if c in values or c == 'seconds'
+                              else row[c]) for c in columns])
+    series, intervals = {}, {}
     for row in rows:
         series.setdefault(row['sampler'], ([], []))
         series[row['sampler']][0].append(row['nfe'])
         series[row['sampler']][1].append(row['fid'])
+        intervals.setdefault(row['sampler'], ([], []))
+        intervals[row['sampler']][0].append(row.get('fid_lo', float('nan')))
+        intervals[row['sampler']][1].append(row.get('fid_hi', float('nan')))
     n = rows[0]['num_images'] if rows else 0
+    ci = f', {100 * config.get("confidence", 0.95):g}% intervals' if any('fid_lo' in row for row in rows) else ''
     line_plot(series, os.path.join(outdir, 'sweep.png'), title=f'FID against NFE ({os.path.basename(config["network"])}, '
-              f'n = {n} images)', xlabel='NFE (network evaluations)', ylabel='FID', log_y=True)
+              f'n = {n} images{ci})', xlabel='NFE (network evaluations)', ylabel='FID', log_y=True, intervals=intervals)
 
 
 def _sweep_outdir(outdir: str) -> None:
@@ -723,10 +431,12 @@ def _merged_rows(rows: list[dict], previous: dict, order: list[str]) -> list[dic
               default=64, show_default=True)
 @click.option('--outdir', help='Where to write sweep.csv, sweep.json, sweep.png', metavar='DIR', type=str,
               required=True)
+@cli.metrics_option('fid_ci', ' (fid is always scored)')
+@cli.bootstrap_options
 @cli.guidance_options
-@detector_options
-def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_size, outdir, detector, trust_pickle,
-          **guidance):
+@cli.detector_options
+def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_size, outdir, metric_names, bootstrap,
+          confidence, detector, trust_pickle, **guidance):
     """FID against NFE: every sampler at every NFE, images generated in memory.
 
     \b
@@ -735,8 +445,11 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
     OUTDIR/sweep.json from the same network, reference, seeds, detector and guidance are reused and kept,
     so an interrupted sweep continues and later runs add points to the same table. Sweeps running into
     one folder at once merge their points (under a lock); a damaged sweep.json, or one from another
-    configuration, is refused and kept.
+    configuration, is refused and kept. With fid_ci (the default) every point carries its bootstrap
+    interval (fid_lo, fid_hi) and the plot draws it.
     """
+    if 'fid' not in metric_names and 'fid_ci' not in metric_names:
+        metric_names = ['fid'] + metric_names
     try:
         nfe_list = dnnlib.util.parse_int_list(nfes)
     except ValueError as e:
@@ -753,7 +466,8 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
         raise click.BadParameter('no sampler fits any of the NFE values', param_hint='--nfe')
     config = dict(network=network_pkl, ref=ref_path, seeds=_format_seeds(seeds), num_images=len(seeds),
                   class_idx=class_idx, detector=detector or DETECTOR_URL,
-                  guidance={k: list(v) if isinstance(v, tuple) else v for k, v in guidance.items()})
+                  guidance={k: list(v) if isinstance(v, tuple) else v for k, v in guidance.items()},
+                  metrics=metric_names, bootstrap=bootstrap, confidence=confidence)
     _start(0)
     device = dist.default_device()
 
@@ -762,7 +476,7 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
             _sweep_outdir(outdir)
             with _sweep_lock(outdir):
                 _previous_rows(outdir, config)  # refuse a damaged table or another sweep's before any work
-        return _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, guidance, device)
+        return _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, guidance, device, metric_names)
     ref, detector_net, network, guidance = _rank0_first(load_all)
     cli.check_class(class_idx, network)
     previous = _previous_rows(outdir, config)
@@ -775,23 +489,105 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
                         f'(from the previous run)')
             continue
         start = time.time()
-        batches = (images.permute(0, 3, 1, 2) for _seeds, images in
-                   generate_images(network, seeds, max_batch_size=max_batch_size, class_idx=class_idx,
-                                   device=device, sampler=point['name'], num_steps=point['num_steps'],
-                                   **point['options'], **guidance))
-        stats = compute_feature_stats(detector_net, batches, len(seeds), device=device,
-                                      desc=f'{point["sampler"]} NFE {point["nfe"]}', source=network_pkl)
+        source = metrics.NetworkSource(network, seeds, max_batch_size, class_idx, name=network_pkl,
+                                       sampler=point['name'], num_steps=point['num_steps'], **point['options'],
+                                       **guidance)
+        results = metrics.score(metric_names, source, ref, detector_net, device=device,
+                                options=_metric_options(bootstrap, confidence),
+                                desc=f'{point["sampler"]} NFE {point["nfe"]}')
         if dist.get_rank() == 0:
-            fid = _fid_against(stats, ref, ref_path)
-            rows.append(dict(sampler=point['sampler'], nfe=point['nfe'], num_steps=point['num_steps'], fid=fid,
-                             num_images=stats.num_images, seconds=time.time() - start,
+            values = {k: v for k, v in results.items() if k not in ('num_images', 'seconds')}
+            rows.append(dict(sampler=point['sampler'], nfe=point['nfe'], num_steps=point['num_steps'], **values,
+                             num_images=results['num_images'], seconds=time.time() - start,
                              nfe_requested=point['nfe_requested']))
             print(f'[{k + 1}/{len(plan)}] {point["sampler"]} NFE {point["nfe"]} ({point["num_steps"]} steps): '
-                  f'FID {fid:g} ({stats.num_images} images, {time.time() - start:.0f} s)', flush=True)
+                  f'{metrics.format_results(results)} ({results["num_images"]} images, {time.time() - start:.0f} s)', flush=True)
             _merge_sweep(outdir, config, rows, specs)
     if dist.get_rank() == 0:
         rows = _merge_sweep(outdir, config, rows, specs)
         print(f'Wrote {os.path.join(outdir, "sweep.csv")}, sweep.json and sweep.png ({len(rows)} points)')
+    dist.barrier()
+
+
+#----------------------------------------------------------------------------
+# Paired comparison: two networks, or one network under two sampler settings, on the same seeds.
+
+
+def format_comparison(table: dict, confidence: float) -> list[str]:
+    lines = [f'{"metric":<10} {"A":>10} {"B":>10} {"A - B":>10}  {100 * confidence:g}% interval of A - B']
+    for key, row in table.items():
+        if key == 'num_images':
+            continue
+        lines.append(f'{key:<10} {row["a"]:>10.5g} {row["b"]:>10.5g} {row["diff"]:>+10.4g}  [{row["lo"]:+.4g}, '
+                     f'{row["hi"]:+.4g}]  {"significant" if row["significant"] else "not significant"}')
+    return lines
+
+
+@main.command()
+@click.option('--network', 'network_pkl', help='Network pickle (side A)', metavar='PATH|URL', type=str, required=True)
+@click.option('--network-b', 'network_b', help='Network pickle of side B  [default: --network]', metavar='PATH|URL',
+              type=str)
+@click.option('--b', 'b_overrides', help="Side B's sampler settings: A's with these changes, e.g. guidance=1 or "
+              'sampler=dpmpp_2m:num_steps=9', metavar='KEY=VALUE[:...]', type=str, default='')
+@click.option('--ref', 'ref_path', help='Dataset reference statistics', metavar='NPZ|URL', type=str, required=True)
+@click.option('--seeds', help='Seeds (the same for both sides)', metavar='LIST', type=str, default='0-999',
+              callback=cli.seeds_callback(min_count=2, example='0-999'), show_default=True)
+@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT',
+              type=click.IntRange(min=0), default=None)
+@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1),
+              default=64, show_default=True)
+@click.option('--out', 'out_path', help='Also write the table as JSON', metavar='JSON', type=str)
+@cli.metrics_option('fid')
+@cli.bootstrap_options
+@cli.sampler_options
+@cli.detector_options
+def compare(network_pkl, network_b, b_overrides, ref_path, seeds, class_idx, max_batch_size, out_path, metric_names,
+            bootstrap, confidence, detector, trust_pickle, **sampler_kwargs):
+    """Paired comparison: two networks, or two sampler settings, on the same seeds and reference.
+
+    \b
+    Each metric's difference A - B comes with a paired bootstrap interval over the seeds (the same
+    resample for both sides, so what the seeds share cancels) and is called significant when the
+    interval excludes 0. Example: did autoguidance help?
+      python fid.py compare --network=net.pkl --gnet=small.pkl --guidance=2 --b=guidance=1 \\
+          --ref=ref.npz --seeds=0-999 --metrics=fid,kid
+    """
+    sampler_kwargs = cli.sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs)
+    try:
+        kwargs_b = override_sampler_kwargs(sampler_kwargs, b_overrides)
+    except (TypeError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint='--b') from None
+    if network_b in (None, network_pkl) and kwargs_b == sampler_kwargs:
+        raise click.UsageError('both sides are the same: give --network-b or --b')
+    _start(0)
+    device = dist.default_device()
+
+    def load_all():
+        ref, det, net_a, kw_a = _load_for_scoring(ref_path, detector, trust_pickle, network_pkl, sampler_kwargs,
+                                                  device, metric_names)
+        net_b = net_a if network_b in (None, network_pkl) else cli.load_net(
+            network_b, device=device, verbose=dist.get_rank() == 0, option='--network-b')
+        return ref, det, net_a, kw_a, net_b, cli.load_guide(kwargs_b, net_b, device, verbose=dist.get_rank() == 0)
+    ref, detector_net, net_a, kw_a, net_b, kw_b = _rank0_first(load_all)
+    sources = [metrics.NetworkSource(net, seeds, max_batch_size, class_idx, name=name, **kw)
+               for net, kw, name in ((net_a, kw_a, network_pkl), (net_b, kw_b, network_b or network_pkl))]
+    table = metrics.compare(metric_names, *sources, ref, detector_net, device=device,
+                            options=_metric_options(bootstrap, confidence))
+    if dist.get_rank() == 0:
+        describe = lambda kw: ', '.join(f'{k}={type(v).__name__ if isinstance(v, torch.nn.Module) else v}'  # noqa: E731
+                                        for k, v in kw.items())
+        print(f'A: {network_pkl} ({describe(kw_a)})')
+        print(f'B: {network_b or network_pkl} ({describe(kw_b)})')
+        print(f'{table["num_images"]} seeds ({_format_seeds(seeds)}), reference "{ref_path}", {bootstrap} paired '
+              f'bootstrap replicates')
+        for line in format_comparison(table, confidence):
+            print(line)
+        if out_path:
+            import json
+            with dnnlib.util.atomic_write(out_path, 'w') as f:
+                json.dump(dict(a=network_pkl, b=network_b or network_pkl, b_overrides=b_overrides,
+                               seeds=_format_seeds(seeds), ref=ref_path, confidence=confidence, bootstrap=bootstrap,
+                               table=table), f, indent=1)
     dist.barrier()
 
 
@@ -837,7 +633,7 @@ def nll(network_pkl, dataset_path, num_expected, seed, max_batch_size, probe, rt
 
     def load_all():
         network = cli.load_net(network_pkl, device=device, verbose=dist.get_rank() == 0)
-        dataset_obj = _open_dataset(dataset_path, num_expected, seed, use_labels=bool(network.label_dim))
+        dataset_obj = _features.open_dataset(dataset_path, num_expected, seed, use_labels=bool(network.label_dim))
         shape = [network.img_channels, network.img_resolution, network.img_resolution]
         if list(dataset_obj.image_shape) != shape:
             raise click.ClickException(f'{dataset_path} holds images of shape {list(dataset_obj.image_shape)} (C,H,W) '

@@ -43,10 +43,9 @@ import torch
 import tqdm
 
 import dnnlib
-import fid
+import metrics
 from torch_utils import cli, misc, persistence, plot
 from training import phema
-from training.sampling import generate_images
 
 # ----------------------------------------------------------------------------
 # Input snapshots.
@@ -190,29 +189,23 @@ def reconstruct(in_pkls: Sequence[dnnlib.EasyDict], out_std: Sequence[float], ou
             yield dnnlib.EasyDict(std=float(std), nimg=int(out_nimg), data=_with_network(last['data'], params, out_nimg))
 
 # ----------------------------------------------------------------------------
-# Our addition: FID of each reconstruction (fid.py's detector, statistics and reference; generated in memory).
-
-
-def fid_of_network(net: torch.nn.Module, detector, ref: dict, ref_path: str, seeds: Sequence[int],
-                   max_batch_size: int, device, sampler_kwargs: dict, desc: str = 'FID') -> tuple[float, int]:
-    """(FID, number of images) of `net` on `seeds`, the way `fid.py net` computes one repeat."""
-    batches = (images.permute(0, 3, 1, 2) for _seeds, images in
-               generate_images(net, seeds, max_batch_size=max_batch_size, device=device, **sampler_kwargs))
-    stats = fid.compute_feature_stats(detector, batches, len(seeds), device=device, desc=desc, source=desc)
-    return fid._fid_against(stats, ref, ref_path), stats.num_images  # pylint: disable=protected-access
+# Our addition: FID (and --metrics) of each reconstruction, generated in memory, scored by the metrics library.
 
 
 def write_sweep_table(rows: list[dict], stem: str, meta: dict) -> list[str]:
     """The sweep as <stem>.csv, .json (rows + how they were measured), .md and a PNG plot of FID against
     sigma_rel (torch_utils.plot). Returns the paths written."""
-    columns = ['std', 'fid', 'num_images', 'kimg', 'network']
+    values = [k for k in ('fid', 'fid_lo', 'fid_hi', 'kid', 'kid_std', 'precision', 'recall', 'fd_dinov2')
+              if any(k in row for row in rows)]
+    columns = ['std', *values, 'num_images', 'kimg', 'network']
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator='\n')
     writer.writeheader()
-    writer.writerows({k: row[k] for k in columns} for row in rows)
+    writer.writerows({k: row.get(k) for k in columns} for row in rows)
     best = min(rows, key=lambda row: row['fid'])
     md = [f'| sigma_rel | FID (n={rows[0]["num_images"]}) |', '|---|---|']
-    md += [f'| {row["std"]:.3f} | {row["fid"]:.2f}{" (best)" if row is best else ""} |' for row in rows]
+    interval = lambda row: f' [{row["fid_lo"]:.2f}, {row["fid_hi"]:.2f}]' if 'fid_lo' in row else ''  # noqa: E731
+    md += [f'| {row["std"]:.3f} | {row["fid"]:.2f}{interval(row)}{" (best)" if row is best else ""} |' for row in rows]
     paths = []
     for ext, content in (('csv', text.getvalue()), ('json', json.dumps(dict(meta, rows=rows), indent=2) + '\n'),
                          ('md', '\n'.join(md) + '\n')):
@@ -220,7 +213,8 @@ def write_sweep_table(rows: list[dict], stem: str, meta: dict) -> list[str]:
         with dnnlib.util.atomic_write(paths[-1], 'w') as f:
             f.write(content)
     paths.append(f'{stem}.png')
-    plot.line_plot({'FID': ([r['std'] for r in rows], [r['fid'] for r in rows])}, paths[-1],
+    intervals = {'FID': ([r.get('fid_lo', float('nan')) for r in rows], [r.get('fid_hi', float('nan')) for r in rows])}
+    plot.line_plot({'FID': ([r['std'] for r in rows], [r['fid'] for r in rows])}, paths[-1], intervals=intervals,
                    xlabel='EMA length sigma_rel', ylabel=f'FID (n={rows[0]["num_images"]})',
                    title=f'Post-hoc EMA at {rows[0]["kimg"]} kimg', highlight=(best['std'], best['fid']))
     return paths
@@ -239,8 +233,10 @@ def _std_list(ctx, param, value):
 
 
 def _sweep_options(fn):
-    """--sweep and its options: the detector and sampler options (torch_utils.cli)."""
+    """--sweep and its options: the metrics' detector, metric and interval options, and the sampler options."""
     fn = cli.detector_options(fn)
+    fn = cli.bootstrap_options(fn)
+    fn = cli.metrics_option('fid_ci', ' (--sweep; fid is always scored)')(fn)
     fn = cli.sampler_options(fn)
     for option in reversed([
         click.option('--sweep', help='Also score every reconstruction with FID: table + plot in --outdir', is_flag=True),
@@ -271,7 +267,8 @@ def _sweep_options(fn):
               type=click.IntRange(min=1), default=8, show_default=True)
 @_sweep_options
 def main(in_dir, in_prefix, in_std, out_dir, out_prefix, out_std, out_kimg, skip_existing, max_batch_size,
-         sweep, ref_path, seeds, gen_batch, detector, trust_pickle, **sampler_kwargs):
+         sweep, ref_path, seeds, gen_batch, metric_names, bootstrap, confidence, detector, trust_pickle,
+         **sampler_kwargs):
     """Reconstruct networks with any EMA length from the power-function EMA snapshots of a training run
     (post-hoc EMA of "Analyzing and Improving the Training Dynamics of Diffusion Models").
 
@@ -301,7 +298,10 @@ def main(in_dir, in_prefix, in_std, out_dir, out_prefix, out_std, out_kimg, skip
     except OSError as e:
         raise click.ClickException(f'--outdir {out_dir}: cannot create it ({e.strerror or e})') from None
 
-    scorer = _make_scorer(ref_path, detector, trust_pickle, seeds, gen_batch, sampler_kwargs) if sweep else None
+    if 'fid' not in metric_names and 'fid_ci' not in metric_names:
+        metric_names = ['fid'] + metric_names
+    scorer = _make_scorer(ref_path, detector, trust_pickle, seeds, gen_batch, sampler_kwargs, metric_names,
+                          dict(bootstrap=bootstrap, confidence=confidence)) if sweep else None
     rows = []
     num_batches = (len(out_std) - 1) // max_batch_size + 1 if out_std else 0
     with tqdm.tqdm(total=num_batches * len(in_pkls), unit='snapshot', dynamic_ncols=True) as bar:
@@ -310,14 +310,18 @@ def main(in_dir, in_prefix, in_std, out_dir, out_prefix, out_std, out_kimg, skip
             if not (skip_existing and os.path.isfile(path)):
                 persistence.save_network_pkl(result.data, path)
             if scorer is not None:
-                value, n = scorer(result.data['ema'], f'sigma_rel {result.std:.3f}')
-                rows.append(dict(std=result.std, fid=value, num_images=n, kimg=result.nimg // 1000, network=path))
-                bar.write(f'sigma_rel {result.std:.3f}: FID {value:g} ({n} images)')
+                scores = scorer(result.data['ema'], f'sigma_rel {result.std:.3f}')
+                n = scores.pop('num_images')
+                scores.pop('seconds')
+                rows.append(dict(std=result.std, **scores, num_images=n, kimg=result.nimg // 1000, network=path))
+                interval = f' [{scores["fid_lo"]:g}, {scores["fid_hi"]:g}]' if 'fid_lo' in scores else ''
+                bar.write(f'sigma_rel {result.std:.3f}: FID {scores["fid"]:g}{interval} ({n} images)')
     if scorer is not None and rows:
         stem = os.path.join(out_dir, f'{out_prefix}-{out_nimg // 1000:07d}-fid-sweep')
         contiguous = seeds == list(range(seeds[0], seeds[0] + len(seeds)))
         meta = dict(in_dir=in_dir, in_std=sorted({p.std for p in in_pkls}), num_inputs=len(in_pkls),
-                    out_nimg=out_nimg, ref=ref_path, detector=detector,
+                    out_nimg=out_nimg, ref=ref_path, detector=detector, metrics=metric_names, bootstrap=bootstrap,
+                    confidence=confidence,
                     seeds=f'{seeds[0]}-{seeds[-1]}' if contiguous else seeds,
                     sampler={k: str(v) if isinstance(v, float) and not np.isfinite(v) else v  # JSON has no inf
                              for k, v in sampler_kwargs.items()},
@@ -327,16 +331,19 @@ def main(in_dir, in_prefix, in_std, out_dir, out_prefix, out_std, out_kimg, skip
     print('Done.')
 
 
-def _make_scorer(ref_path, detector, trust_pickle, seeds, gen_batch, sampler_kwargs):
-    """fid.py's reference statistics and detector, loaded once; returns score(net, desc) -> (FID, n)."""
+def _make_scorer(ref_path, detector, trust_pickle, seeds, gen_batch, sampler_kwargs, metric_names, options):
+    """The reference statistics and detector, loaded once; returns score(net, desc) -> metrics.score's dict."""
     misc.set_malloc_thresholds()
     device = torch.device('cpu') if not torch.cuda.is_available() else torch.device('cuda')
-    ref = fid.load_reference(ref_path)
-    detector_net = fid.load_detector(detector, device=device, trust_pickle=trust_pickle)
+    ref = cli.one_line_errors(metrics.load_reference)(ref_path)
+    detector_net = cli.one_line_errors(metrics.load_detector)(detector, device=device, trust_pickle=trust_pickle)
+    cli.one_line_errors(metrics.check)(metric_names, ref, detector_net)  # before the first reconstruction is generated
 
     def score(net, desc):
-        return fid_of_network(net.eval().requires_grad_(False).to(device), detector_net, ref, ref_path, seeds,
-                              gen_batch, device, sampler_kwargs, desc)
+        source = metrics.NetworkSource(net.eval().requires_grad_(False).to(device), seeds, gen_batch, name=desc,
+                                       **sampler_kwargs)
+        return cli.one_line_errors(metrics.score)(metric_names, source, ref, detector_net, device=device, options=options,
+                                              desc=desc)
     return score
 
 

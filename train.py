@@ -36,6 +36,7 @@ from torch_utils.persistence import CheckpointError
 from training import phema, presets, training_loop
 from training.dataset import DatasetError, dataset_fingerprint
 from training.networks import conv_groups_mismatch
+from metrics.errors import MetricsError
 
 # DDP reports a layout mismatch for the gradients of 1x1 convolutions; it copies them correctly anyway.
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
@@ -219,6 +220,13 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
               metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--nan-patience', help='Stop when the loss is NaN/Inf this many steps in a row (0 = never)',
               metavar='STEPS', type=click.IntRange(min=0), default=100, show_default=True)
+@click.option('--metrics', help='Score the EMA network at every snapshot (e.g. fid,kid)  [default: none]',
+              metavar='LIST', type=str, callback=cli.metric_list)
+@click.option('--metrics-ref', help='--metrics: reference statistics (fid.py ref [--features])', metavar='NPZ|URL', type=str)
+@click.option('--metrics-num', help='--metrics: images generated (seeds 0..N-1)', metavar='INT',
+              type=click.IntRange(min=2), default=1000, show_default=True)
+@click.option('--metrics-detector', help='--metrics: feature detector  [default: standard Inception-v3 URL]',
+              metavar='PATH|URL', type=str)
 @click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
 def main(**kwargs):
     """Train diffusion-based generative model using the techniques described in the
@@ -273,7 +281,7 @@ def main(**kwargs):
     error, result = None, None
     try:
         result = training_loop.training_loop(**c, device=dist.default_device())
-    except (CheckpointError, DatasetError, training_loop.TrainingDiverged) as e:
+    except (CheckpointError, DatasetError, MetricsError, training_loop.TrainingDiverged) as e:
         error = click.ClickException(_failure_message(e, c.run_dir))
     except OSError as e:  # e.g. a full disk; the checkpoints written so far stay complete (atomic writes)
         error = click.ClickException(_failure_message(_write_error(e, c.run_dir), c.run_dir))
@@ -531,6 +539,7 @@ def build_training_options(opts: dnnlib.EasyDict, world: int):
     c.state_dump_ticks = opts.dump
     c.nan_patience = opts.nan_patience or None
     c.update(_starting_point(opts))
+    c.update(_metrics_options(opts))
     _add_arch_training(c, opts)
     _add_schedule_and_ema(c, opts)
     return c, dataset.name
@@ -833,6 +842,22 @@ def _add_schedule_and_ema(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
 
 
 # ----------------------------------------------------------------------------
+
+
+def _metrics_options(opts: dnnlib.EasyDict) -> dict:
+    """--metrics: {'metrics_kwargs': ...} for training_loop (nothing when off), the reference checked now."""
+    if not opts.get('metrics'):
+        return {}
+    if not opts.get('metrics_ref'):
+        raise click.UsageError('--metrics needs --metrics-ref (reference statistics from `fid.py ref`)')
+    import metrics
+    try:
+        metrics.check(opts.metrics, metrics.load_reference(opts.metrics_ref, verbose=False), opts.metrics_detector)
+    except MetricsError as e:
+        raise click.ClickException(f'--metrics: {e}') from None
+    return dict(metrics_kwargs=dict(metrics=list(opts.metrics), ref=opts.metrics_ref, detector=opts.metrics_detector,
+                                    num=opts.metrics_num))
+
 
 if __name__ == '__main__':
     main()

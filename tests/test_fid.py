@@ -417,8 +417,9 @@ def test_net_repeats_on_disjoint_seed_ranges(folders, detector_file, tmp_path, m
             batch = list(seeds[i:i + max_batch_size])
             yield batch, torch.from_numpy(np.stack([_fake_images(s) for s in batch]))  # [N,H,W,C] uint8
 
+    import metrics.features
     from torch_utils import cli
-    monkeypatch.setattr(fid, 'generate_images', generate_images)
+    monkeypatch.setattr(metrics.features, 'generate_images', generate_images)
     monkeypatch.setattr(cli, 'load_net', lambda path, device, verbose=True: torch.nn.Identity())
 
     dest = tmp_path / 'ref.npz'

@@ -183,7 +183,9 @@ def test_sweep_scores_each_length_like_fid_net(run, tmp_path):
     assert [row['std'] for row in table['rows']] == [0.04, 0.09]
     assert table['sampler']['sampler'] == 'edm' and table['sampler']['num_steps'] == 3 and table['sampler']['S_max'] == 'inf'
     assert table['seeds'] == '0-15' and table['in_std'] == [0.05, 0.07, 0.1]
-    assert stem.with_suffix('.csv').read_text().splitlines()[0] == 'std,fid,num_images,kimg,network'
+    assert stem.with_suffix('.csv').read_text().splitlines()[0] == 'std,fid,fid_lo,fid_hi,num_images,kimg,network'
+    # Each point with its interval (bias-corrected: at n = 16 it may lie below the biased point estimate).
+    assert all(row['fid_lo'] < row['fid_hi'] and row['fid_lo'] < row['fid'] + (row['fid_hi'] - row['fid_lo']) for row in table['rows'])
     assert '(best)' in stem.with_suffix('.md').read_text()
     assert PIL.Image.open(stem.with_suffix('.png')).size == (900, 600)
     for row in table['rows']:  # the same number fid.py net computes for the written snapshot

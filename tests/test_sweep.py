@@ -93,8 +93,9 @@ def test_sweep_scores_every_point_and_writes_table_and_plot(tmp_path, detector_f
 
     # Run again: the finished points are reused (nothing generated); a new NFE adds only its points.
     calls = []
-    real = fid.generate_images
-    monkeypatch.setattr(fid, 'generate_images', lambda *a, **k: calls.append(k) or real(*a, **k))
+    import metrics.features
+    real = metrics.features.generate_images
+    monkeypatch.setattr(metrics.features, 'generate_images', lambda *a, **k: calls.append(k) or real(*a, **k))
     res = CliRunner().invoke(fid.main, args, catch_exceptions=False)
     assert res.exit_code == 0 and calls == [] and 'from the previous run' in res.output
     res = CliRunner().invoke(fid.main, [a if a != '3,4,5' else '3,4,5,6' for a in args], catch_exceptions=False)

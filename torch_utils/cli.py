@@ -7,6 +7,7 @@ so train.py, generate.py, fid.py, compress.py and reconstruct_phema.py import it
 
 from __future__ import annotations
 
+import functools
 import math
 
 import click
@@ -130,10 +131,10 @@ GUIDANCE_OPTIONS = [
 
 GUIDANCE_KWARGS = ('gnet', 'guidance', 'cfg', 'guidance_interval')
 
-# The FID feature detector (fid.py, reconstruct_phema.py --sweep).
+# The feature detector and the metrics options (fid.py, compress.py report, reconstruct_phema.py --sweep, train.py).
 DETECTOR_OPTIONS = [
-    click.option('--detector', help='Feature detector: TorchScript file or pickle  [default: standard '
-                 'Inception-v3 URL]', metavar='PATH|URL', type=str, default=None),
+    click.option('--detector', help='Feature detector: TorchScript file or pickle (Inception), or dinov2[:PATH]  '
+                 '[default: standard Inception-v3 URL]', metavar='PATH|URL', type=str, default=None),
     click.option('--trust-pickle', help='Allow a --detector pickle to run its embedded code (trusted files only)',
                  is_flag=True),
 ]
@@ -143,6 +144,55 @@ sampler_options.__doc__ = """Add the sampler and guidance options to a click com
 turns them into keyword arguments of training.sampling.generate_images (`sampler`, its options, the guidance)."""
 guidance_options = add_options(GUIDANCE_OPTIONS)
 detector_options = add_options(DETECTOR_OPTIONS)
+bootstrap_options = add_options([
+    click.option('--bootstrap', help='Bootstrap replicates for intervals', metavar='INT',
+                 type=click.IntRange(min=2), default=100, show_default=True),
+    click.option('--confidence', help='Confidence level of intervals', metavar='FLOAT',
+                 type=FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=0.95, show_default=True),
+])
+
+
+def metric_list(ctx, param, value):
+    """Click callback: 'fid,kid' -> the validated list of metric names (None stays None)."""
+    from metrics.errors import MetricsError
+    from metrics.metric_specs import resolve_metrics
+    if value is None:
+        return None
+    try:
+        return [spec.name for spec in resolve_metrics(value)]
+    except MetricsError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def metrics_option(default: str = 'fid', help_extra: str = ''):
+    """--metrics=LIST (names from metrics.metric_specs.METRICS), validated by metric_list."""
+    from metrics.metric_specs import METRICS
+    return click.option('--metrics', 'metric_names', help=f'Metrics: {", ".join(METRICS)}{help_extra}',
+                        metavar='LIST', type=str, default=default, show_default=True, callback=metric_list)
+
+
+def one_line_errors(fn):
+    """A command whose library errors (metrics.MetricsError) become one-line click errors, not tracebacks."""
+    from metrics.errors import MetricsError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MetricsError as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+class Group(click.Group):
+    """A click group whose subcommands report metrics.MetricsError as one line."""
+
+    def invoke(self, ctx):
+        from metrics.errors import MetricsError
+        try:
+            return super().invoke(ctx)
+        except MetricsError as e:
+            raise click.ClickException(str(e)) from None
 
 
 def sampler_kwargs_from_cli(ctx: click.Context, kwargs: dict) -> dict:

@@ -1,11 +1,12 @@
 """Small plots drawn with PIL (matplotlib is not a dependency): the figures the tools write.
 
-    line_plot({'heun': ([5, 9, 17], [80.1, 31.0, 20.2]), ...}, 'fid-nfe.png', xlabel='NFE', ylabel='FID', log_y=True)
+    line_plot({'heun': ([5, 9, 17], [80.1, 31.0, 20.2]), ...}, 'fid-nfe.png', xlabel='NFE', ylabel='FID', log_y=True,
+              intervals={'heun': ([78.0, 30.1, 19.5], [82.3, 32.0, 21.0])})   # optional error bars
     scatter_plot([('baseline', 1.2, 20.3), ('l1-50', 0.7, 22.9)], 'size.png', xlabel='size (MB)', ylabel='FID')
 
 Axes with round tick values, a light grid, rotated y label; `line_plot` draws one polyline with markers per
-series (legend when there are several), `scatter_plot` one labelled marker per point. Files are written
-atomically (dnnlib.util.atomic_write); both also return the image.
+series (legend when there are several), `scatter_plot` one labelled marker per point; both draw optional
+error bars (`intervals`). Files are written atomically (dnnlib.util.atomic_write); both also return the image.
 """
 
 from __future__ import annotations
@@ -116,15 +117,21 @@ class _Axes:
 
 def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Optional[str] = None,
               title: str = '', xlabel: str = '', ylabel: str = '', log_y: bool = False,
-              highlight: Optional[tuple[float, float]] = None, size: tuple[int, int] = (900, 600)) -> PIL.Image.Image:
+              highlight: Optional[tuple[float, float]] = None, size: tuple[int, int] = (900, 600),
+              intervals: Optional[Mapping[str, tuple[Sequence[float], Sequence[float]]]] = None) -> PIL.Image.Image:
     """One polyline with markers per series ({name: (xs, ys)}); saved as PNG to `path` if given.
     Non-finite (with log_y: non-positive) points are skipped. `highlight` = (x, y) rings that point (e.g. the
-    best value) and prints its coordinates."""
+    best value) and prints its coordinates. `intervals` = {name: (lows, highs)}, one pair per point of that
+    series: drawn as error bars (non-finite ends are skipped)."""
     def usable(x, y):
         return math.isfinite(x) and math.isfinite(y) and (y > 0 or not log_y)
     points = {name: [(float(x), float(y)) for x, y in zip(xs, ys) if usable(float(x), float(y))]
               for name, (xs, ys) in series.items()}
+    bars = {name: [(float(x), float(lo), float(hi)) for x, y, lo, hi in zip(series[name][0], series[name][1], *pair)
+                   if usable(float(x), float(y)) and usable(float(x), float(lo)) and usable(float(x), float(hi))]
+            for name, pair in (intervals or {}).items() if name in series}
     every = [p for pts in points.values() for p in pts]
+    every += [(x, y) for b in bars.values() for x, lo, hi in b for y in (lo, hi)]  # the axes hold the bars
     if not every:
         raise ValueError('line_plot: no finite points to draw')
     xs, ys = [x for x, _ in every], [y for _, y in every]
@@ -146,6 +153,11 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
         pixels = [axes.to_pixel(x, y) for x, y in sorted(pts)]
         if len(pixels) > 1:
             draw.line(pixels, fill=color, width=2)
+        for x, lo, hi in bars.get(name, []):
+            (px, p_lo), (_, p_hi) = axes.to_pixel(x, lo), axes.to_pixel(x, hi)
+            draw.line([(px, p_lo), (px, p_hi)], fill=color, width=1)
+            for py in (p_lo, p_hi):
+                draw.line([(px - 4, py), (px + 4, py)], fill=color, width=1)
         for x, y in pts:
             axes.marker(x, y, color)
         if legend:
@@ -162,18 +174,28 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
 
 
 def scatter_plot(points: Sequence[tuple[str, float, float]], path: Optional[str] = None, title: str = '',
-                 xlabel: str = '', ylabel: str = '', size: tuple[int, int] = (900, 600)) -> PIL.Image.Image:
-    """One marker per (name, x, y), labelled with its name; saved as PNG to `path` if given."""
+                 xlabel: str = '', ylabel: str = '', size: tuple[int, int] = (900, 600),
+                 intervals: Optional[Sequence[tuple[float, float]]] = None) -> PIL.Image.Image:
+    """One marker per (name, x, y), labelled with its name; saved as PNG to `path` if given. `intervals`: one
+    (low, high) per point, drawn as error bars (non-finite ones skipped)."""
     def padded(values):
         lo, hi = min(values), max(values)
         pad = (hi - lo) * 0.08 if hi > lo else (abs(hi) * 0.1 or 1.0)
         return lo - pad, hi + pad
     if not points:
         raise ValueError('scatter_plot: no points to draw')
-    x_range, y_range = padded([p[1] for p in points]), padded([p[2] for p in points])
+    bars = [(x, float(lo), float(hi)) for (_name, x, _y), (lo, hi) in zip(points, intervals or [])
+            if math.isfinite(float(lo)) and math.isfinite(float(hi))]
+    x_range = padded([p[1] for p in points])
+    y_range = padded([p[2] for p in points] + [v for _x, lo, hi in bars for v in (lo, hi)])
     axes = _Axes(size, (80, 30, 40 if title else 20, 55), x_range, y_range, nice_ticks(*x_range), nice_ticks(*y_range),
                  title=title, xlabel=xlabel, ylabel=ylabel)
     draw, width = axes.draw, size[0]
+    for x, lo, hi in bars:
+        (px, p_lo), (_, p_hi) = axes.to_pixel(x, lo), axes.to_pixel(x, hi)
+        draw.line([(px, p_lo), (px, p_hi)], fill='black', width=1)
+        for py in (p_lo, p_hi):
+            draw.line([(px - 5, py), (px + 5, py)], fill='black', width=1)
     for name, x, y in points:
         px, py = axes.marker(x, y, HIGHLIGHT, radius=5, outline='black')
         if px + 8 + draw.textlength(name, font=axes.font) < width - 4:

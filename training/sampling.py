@@ -829,6 +829,39 @@ def parse_sampler_spec(spec: str) -> tuple[str, str, dict]:
     return spec.strip(), name, options
 
 
+def override_sampler_kwargs(a_kwargs: dict, overrides: str) -> dict:
+    """generate_images kwargs `a_kwargs` with `overrides` ('key=value:key=value', the sweep's syntax,
+    e.g. 'guidance=1' or 'sampler=dpmpp_2m:num_steps=9') applied (fid.py compare's side B). A new sampler
+    keeps only the guidance and num_steps. Raises ValueError for unknown options."""
+    pairs = [item.partition('=') for item in overrides.split(':') if item.strip()] if overrides else []
+    if any(not sep for _k, sep, _v in pairs):
+        raise ValueError(f'{overrides!r} is not key=value[:key=value...]')
+    changes = {k.strip(): v.strip() for k, _sep, v in pairs}
+    name = changes.pop('sampler', a_kwargs.get('sampler', 'edm'))
+    if name not in SAMPLERS:
+        raise ValueError(f'unknown sampler {name!r}; expected one of {", ".join(SAMPLERS)}')
+    keep = {k: v for k, v in a_kwargs.items() if k != 'sampler'}
+    if name != a_kwargs.get('sampler'):
+        keep = {k: v for k, v in keep.items() if k in GUIDANCE_KWARGS or k in ('num_steps', 'cfg', 'guidance_interval')}
+    defaults = {k: p.default for k, p in inspect.signature(SAMPLERS[name]).parameters.items()}
+    for key, value in changes.items():
+        if key == 'gnet':
+            keep[key] = value
+        elif key == 'cfg':
+            keep[key] = value.lower() in ('1', 'true', 'yes')
+        elif key in ('guidance',):
+            keep[key] = float(value)
+        else:
+            default = keep.get(key, defaults.get(key, 0.0))
+            keep[key] = _typed_like(default if default is not None else 0.0, value)
+    if keep.get('gnet') is None and not keep.get('cfg'):  # no guide: guidance keys would be an error
+        for key in ('gnet', 'guidance', 'cfg', 'guidance_interval'):
+            keep.pop(key, None)
+    guidance = {k: keep.pop(k) for k in ('gnet', 'guidance', 'cfg', 'guidance_interval') if k in keep}
+    name, options = resolve_sampler(name, keep)
+    return dict(sampler=name, **options, **guidance)
+
+
 class _CountingDenoiser:
     """A 1-pixel stand-in network that counts its evaluations (D = 0)."""
     img_resolution, img_channels, label_dim, sigma_min, sigma_max = 1, 1, 0, 0, float('inf')

@@ -261,7 +261,7 @@ def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network
                   loss_scaling=1, kimg_per_tick=50, snapshot_ticks=50, state_dump_ticks=500, resume_pkl=None,
                   resume_state_dump=None, resume_kimg=0, cudnn_benchmark=True, device=torch.device('cuda'),
                   print_summary=True, provenance=None, ema_kwargs=None, lr_kwargs=None,
-                  nan_patience=100, nonfinite_grads='clamp') -> dnnlib.EasyDict:
+                  nan_patience=100, nonfinite_grads='clamp', metrics_kwargs=None) -> dnnlib.EasyDict:
     """Train a preconditioned denoiser on every rank of the current process group (none: a single process).
 
     The keyword names and defaults are those of the paper's training loop, so a training_options.json
@@ -306,6 +306,9 @@ def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network
         nan_patience: stop with TrainingDiverged once the loss has been NaN/Inf (on any rank) for this many
             consecutive steps; None = never. Checkpoints due while the latest loss is non-finite are skipped.
         nonfinite_grads: 'clamp' (the paper: NaN gradients -> 0, +-Inf -> +-1e5) or 'zero' (EDM2: all -> 0).
+        metrics_kwargs: None (default), or kwargs of metrics.training_hook.TrainingMetrics (metrics, ref, detector,
+            num, ...): the EMA network is scored at every snapshot on every rank; values go to stats.jsonl
+            (Metrics/*), metrics.jsonl and metric-*.png in run_dir.
 
     Returns:
         EasyDict(cur_nimg, stopped): images trained on when the loop ended, and the signal number that
@@ -319,7 +322,8 @@ def training_loop(run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network
                           lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling, kimg_per_tick=kimg_per_tick,
                           snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks, resume_pkl=resume_pkl,
                           resume_state_dump=resume_state_dump, resume_kimg=resume_kimg,
-                          cudnn_benchmark=cudnn_benchmark, print_summary=print_summary, nan_patience=nan_patience)
+                          cudnn_benchmark=cudnn_benchmark, print_summary=print_summary, nan_patience=nan_patience,
+                          metrics_kwargs=metrics_kwargs)
     cfg.ema_kwargs = dnnlib.EasyDict(ema_kwargs if ema_kwargs is not None else dict(
         class_name='training.ema.HalfLifeEMA', halflife_kimg=ema_halflife_kimg, rampup_ratio=ema_rampup_ratio))
     cfg.lr_kwargs = dnnlib.EasyDict(lr_kwargs if lr_kwargs is not None else dict(
@@ -613,7 +617,7 @@ def _every(ticks: Optional[int], tick: int, done: bool) -> bool:
 
 
 def _report_tick(clock: _TickClock, cur_nimg: int, now: float, run_start: float, device: torch.device,
-                 losses: Optional[training_stats.Collector] = None) -> str:
+                 losses: Optional[training_stats.Collector] = None, metrics_sec: Optional[float] = None) -> str:
     """Record this tick's progress, timing and memory in training_stats (-> stats.jsonl) and return the
     same numbers as the status line. With `losses` (a Collector of Loss/*, updated here: a collective) the
     line also shows the tick's mean loss and, if there were any, its steps with a non-finite loss."""
@@ -632,7 +636,7 @@ def _report_tick(clock: _TickClock, cur_nimg: int, now: float, run_start: float,
         ('cpumem', 'Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30, '<6.2f'),
         ('gpumem', 'Resources/peak_gpu_mem_gb', peak_gb, '<6.2f'),
         ('reserved', 'Resources/peak_gpu_mem_reserved_gb', reserved_gb, '<6.2f'),
-    ]
+    ] + ([('metrics', 'Timing/metrics_total_sec', metrics_sec, None)] if metrics_sec is not None else [])
     parts = []
     for label, stat_name, value, spec in columns:
         value = training_stats.report0(stat_name, value)
@@ -707,18 +711,28 @@ def _save_snapshot(cfg: dnnlib.EasyDict, model: dnnlib.EasyDict, cur_nimg: int, 
             persistence.save_network_pkl(contents, os.path.join(cfg.run_dir, snapshot_name(cur_nimg, suffix)))
 
 
-def _append_stats(stats_file, run_dir: Optional[str], rank: int):
-    """Close this tick's training_stats window (collective) and append it as one line of stats.jsonl.
-    Returns the open file (rank 0 opens it on first use)."""
+def _append_stats(stats_file, run_dir: Optional[str], rank: int, extra: Optional[dict] = None):
+    """Close this tick's training_stats window (collective) and append it as one line of stats.jsonl, with
+    `extra` entries (this tick's metrics). Returns the open file (rank 0 opens it on first use)."""
     training_stats.default_collector.update()
     if rank != 0:
         return stats_file
     if stats_file is None:
         stats_file = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
-    record = dict(training_stats.default_collector.as_dict(), timestamp=time.time())
+    record = dict(training_stats.default_collector.as_dict(), **(extra or {}), timestamp=time.time())
     stats_file.write(json.dumps(record) + '\n')
     stats_file.flush()
     return stats_file
+
+
+def _score_snapshot(scorer, model: dnnlib.EasyDict, cur_nimg: int) -> dict:
+    """Score the (first) EMA network with --metrics on every rank; returns the stats.jsonl entries."""
+    from metrics.scoring import format_results
+    ema, suffix = model.ema.get()[0]
+    result = scorer(ema, cur_nimg, snapshot_name(cur_nimg, suffix))
+    dist.print0(f'Metrics at {cur_nimg / 1000:.1f} kimg: {format_results(result["values"])} '
+                f'({result["seconds"]:.1f} s)')
+    return result['stats']
 
 
 # ----------------------------------------------------------------------------
@@ -743,6 +757,10 @@ def _train(cfg: dnnlib.EasyDict, batch_gpu: Optional[int], device: torch.device,
     model = _make_networks(cfg, data.dataset, layout.batch_gpu, rank, device)
     cur_nimg = _restore(cfg, model, state, rank, world, device)
     state = None  # free the checkpoint tensors before training
+    scorer = None
+    if cfg.metrics_kwargs:  # reference and detector loaded (and checked) before the first step
+        from metrics.training_hook import TrainingMetrics
+        scorer = TrainingMetrics(cfg.run_dir if rank == 0 else None, device=device, **cfg.metrics_kwargs)
 
     if cur_nimg >= cfg.total_kimg * 1000:
         dist.print0(f'Already trained for {cur_nimg / 1000:g} kimg >= total_kimg={cfg.total_kimg}; nothing to do.')
@@ -775,7 +793,8 @@ def _train(cfg: dnnlib.EasyDict, batch_gpu: Optional[int], device: torch.device,
 
             # End of a tick: report, then checkpoints, then the stats record.
             steps_end = time.time()
-            dist.print0(_report_tick(clock, cur_nimg, steps_end, run_start, device, losses=tick_losses))
+            dist.print0(_report_tick(clock, cur_nimg, steps_end, run_start, device, losses=tick_losses,
+                                     metrics_sec=None if scorer is None else scorer.total_sec))
             if diverged:  # every rank raises here, after the same step
                 stats_file = _append_stats(stats_file, cfg.run_dir, rank)
                 raise TrainingDiverged(f'the loss has been NaN/Inf for {nonfinite_steps} consecutive steps (at '
@@ -798,7 +817,8 @@ def _train(cfg: dnnlib.EasyDict, batch_gpu: Optional[int], device: torch.device,
                 _save_state(cfg, model, data.cursor, cur_nimg, rank, world, device, side_group)
             if save_snapshot:
                 _save_snapshot(cfg, model, cur_nimg, rank)
-            stats_file = _append_stats(stats_file, cfg.run_dir, rank)
+            scored = _score_snapshot(scorer, model, cur_nimg) if save_snapshot and scorer is not None else None
+            stats_file = _append_stats(stats_file, cfg.run_dir, rank, extra=scored)
             dist.update_progress(cur_nimg // 1000, cfg.total_kimg)
             clock.next_tick(cur_nimg, steps_end)
             if done:

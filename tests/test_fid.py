@@ -604,7 +604,8 @@ def test_two_sweeps_into_one_folder_keep_both_points(sweep_setup, tmp_path, monk
     """Two sweeps writing one --outdir at once: the table gets both runs' points (merged under a lock)."""
     other, out = tmp_path / 'other', tmp_path / 'out'
     run_cli(sweep_setup(other, 'euler'))  # what the concurrent run writes, made ahead
-    real, calls = fid.generate_images, []
+    import metrics.features
+    real, calls = metrics.features.generate_images, []
 
     def generate_meanwhile(*args, **kwargs):  # the other run finishes while this one generates
         if not calls:
@@ -612,7 +613,7 @@ def test_two_sweeps_into_one_folder_keep_both_points(sweep_setup, tmp_path, monk
             shutil.copy(other / 'sweep.json', out / 'sweep.json')
         calls.append(1)
         return real(*args, **kwargs)
-    monkeypatch.setattr(fid, 'generate_images', generate_meanwhile)
+    monkeypatch.setattr(metrics.features, 'generate_images', generate_meanwhile)
     run_cli(sweep_setup(out, 'dpmpp_2m'))
     rows = json.loads((out / 'sweep.json').read_text())['rows']
     assert sorted(r['sampler'] for r in rows) == ['dpmpp_2m', 'euler']

@@ -119,7 +119,7 @@ class Trainer:
         self.layout = training_loop._BatchLayout(per_rank=batch, batch_gpu=batch, rounds=1)
         res, channels, label_dim = kwargs['img_resolution'], kwargs['img_channels'], kwargs['label_dim']
         images = torch.randint(0, 256, [batch, channels, res, res], dtype=torch.uint8)
-        labels = torch.eye(label_dim)[torch.randint(label_dim, [batch])]
+        labels = torch.eye(label_dim)[torch.randint(label_dim, [batch])] if label_dim else torch.zeros([batch, 0])
         self.batches = iter(lambda: (images, labels), None)  # the same batch forever
         self.cur_nimg = 0
         self.times = []

@@ -78,10 +78,11 @@ def _init_param(shape, mode, fan_in, fan_out, scale) -> torch.Tensor:
 FUSED_CONV_BIAS = True  # add the bias inside F.conv2d (one pass over the activations fewer)
 INPLACE_OPS = True      # SiLU in place when no autograd graph needs its input (eval, no_grad,
                         # inference_mode); skip-connection scaling in place (autograd-safe)
-CHANNELS_LAST = 'auto'  # on CPU, convolve channels_last (NHWC) activations: True always, 'auto' in bfloat16
-                        # only (oneDNN's bf16 kernels need NHWC; in fp32 NCHW measured faster on this project's
-                        # AVX2 CPU, mostly because torch's channels_last GroupNorm is 2-4x slower), False never.
-                        # The backbones hand back the usual contiguous (NCHW) output either way.
+CHANNELS_LAST = False  # on CPU, convolve channels_last (NHWC) activations: True always, 'auto' in bfloat16 only,
+                       # False never (default). NCHW is the layout torch.autocast runs the paper's code in; in bf16
+                       # on an AVX-512-BF16 CPU it measured faster than NHWC: NHWC convolutions are faster, but
+                       # torch's channels_last bf16 GroupNorm backward is ~18x slower than its NCHW one.
+                       # The backbones hand back the usual contiguous (NCHW) output either way.
 
 def _conv_memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.device.type != 'cpu' or not CHANNELS_LAST or (CHANNELS_LAST == 'auto' and x.dtype != torch.bfloat16):

@@ -65,7 +65,7 @@ def train_step_difference(net: torch.nn.Module, images: torch.Tensor, labels: to
         optimizer.load_state_dict(copy.deepcopy(base_opt.state_dict()))
         before = flat(model.parameters()).clone()
         loss = _step(model, optimizer, images, labels, seed)
-        grad = flat(p.grad for p in model.parameters())
+        grad = flat(p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters())
         after = flat(model.parameters())
         results[name] = dict(loss=loss, grad=grad, update=after - before, weights=after)
     return {key: rel(results['bf16'][key], results['fp32'][key]) for key in ('loss', 'grad', 'update', 'weights')}
@@ -90,6 +90,8 @@ def sample_difference(net: torch.nn.Module, num: int, num_steps: int = 18) -> di
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--network', help='network pickle (its EMA weights); default: the quick-start preset, random')
+    p.add_argument('--preset', default='quickstart', help='named network of training/presets.py when no '
+                   '--network is given  [default: %(default)s]')
     p.add_argument('--data', help='dataset zip/folder for the training batch; default: random pixels')
     p.add_argument('--batch', type=int, default=64, help='training batch')
     p.add_argument('--lr', type=float, default=2e-3, help='Adam learning rate of the step (quick start: 2e-3)')
@@ -105,7 +107,7 @@ def main():
     if args.network:
         net = persistence.load_network(args.network)
     else:
-        net = dnnlib.util.construct_class_by_name(**presets.network_kwargs('quickstart'))
+        net = dnnlib.util.construct_class_by_name(**presets.network_kwargs(args.preset))
         with torch.no_grad():
             for t in net.parameters():
                 t.add_(torch.randn_like(t) * 0.02)

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib  # noqa: E402
 from training import presets, sampling  # noqa: E402
 
-CONFIGS = ('ddpmpp-cifar10', 'ncsnpp-cifar10', 'adm-imagenet64')  # named networks of training/presets.py
+CONFIGS = ('ddpmpp-cifar10', 'ncsnpp-cifar10', 'adm-imagenet64', 'ddpmpp-small-32', 'tiny-8')  # named networks of training/presets.py
 
 
 class CountingNet(torch.nn.Module):

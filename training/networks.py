@@ -414,9 +414,11 @@ class UNetBlock(torch.nn.Module):
 
     def _scale(self, x):
         # x is a fresh sum here; scaling by a constant needs nothing saved, so in place is autograd-safe.
+        # float(): the paper's skip_scale is a numpy scalar, which torch.compile would trace as a tensor.
+        skip_scale = float(self.skip_scale)
         if not INPLACE_OPS:
-            return x * self.skip_scale
-        return x if self.skip_scale == 1 else x.mul_(self.skip_scale)
+            return x * skip_scale
+        return x if skip_scale == 1 else x.mul_(skip_scale)
 
 #----------------------------------------------------------------------------
 # Noise-level encodings: sinusoidal (DDPM++, ADM) or random Fourier features (NCSN++).

@@ -570,6 +570,7 @@ def _parse_seeds(s: str) -> list[int]:
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1),
               default=64, show_default=True)
 @generate.sampler_options
+@click.option('--compile', help='Compile the network with torch.compile (see generate.py)', is_flag=True)
 @detector_options
 def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detector, trust_pickle,
         **sampler_kwargs):
@@ -578,6 +579,7 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
     if max(repeat_seeds(seeds, repeats)[-1]) > MAX_SEED:
         raise click.BadParameter(f'the last of {repeats} repeats would need seeds above {MAX_SEED}; '
                                  f'use lower --seeds or fewer --repeats', param_hint='--seeds')
+    compile_network = sampler_kwargs.pop('compile')
     sampler_kwargs = generate.sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs)
     _start(0)
     device = dist.default_device()
@@ -589,7 +591,8 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
     for k, rep_seeds in enumerate(repeat_seeds(seeds, repeats)):
         batches = (images.permute(0, 3, 1, 2) for _batch_seeds, images in
                    generate_images(network, rep_seeds, max_batch_size=max_batch_size,
-                                            class_idx=class_idx, device=device, **sampler_kwargs))
+                                            class_idx=class_idx, device=device, compile=compile_network,
+                                            **sampler_kwargs))
         stats = compute_feature_stats(detector_net, batches, len(rep_seeds), device=device,
                                       desc=f'repeat {k + 1}/{repeats}', source=network_pkl)
         if dist.get_rank() == 0:
@@ -726,9 +729,10 @@ def _merged_rows(rows: list[dict], previous: dict, order: list[str]) -> list[dic
 @click.option('--outdir', help='Where to write sweep.csv, sweep.json, sweep.png', metavar='DIR', type=str,
               required=True)
 @generate.guidance_options
+@click.option('--compile', 'compile_network', help='Compile the network with torch.compile (see generate.py)', is_flag=True)
 @detector_options
 def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_size, outdir, detector, trust_pickle,
-          **guidance):
+          compile_network, **guidance):
     """FID against NFE: every sampler at every NFE, images generated in memory.
 
     \b
@@ -775,7 +779,7 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
         batches = (images.permute(0, 3, 1, 2) for _seeds, images in
                    generate_images(network, seeds, max_batch_size=max_batch_size, class_idx=class_idx,
                                    device=device, sampler=point['name'], num_steps=point['num_steps'],
-                                   **point['options'], **guidance))
+                                   compile=compile_network, **point['options'], **guidance))
         stats = compute_feature_stats(detector_net, batches, len(seeds), device=device,
                                       desc=f'{point["sampler"]} NFE {point["nfe"]}', source=network_pkl)
         if dist.get_rank() == 0:

@@ -213,6 +213,7 @@ def guidance_options(fn):
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--grid', help='Also write all images as one grid PNG  [bare --grid: OUTDIR/grid.png]', metavar='[FILE]', is_flag=False, flag_value='', default=None)
 @sampler_options
+@click.option('--compile', help='Compile the network with torch.compile (needs a C++ compiler; pays from a few hundred images on)', is_flag=True)
 @click.option('--bf16', help='Run the network in bfloat16 (~2x faster with native bf16: AVX-512/AMX CPUs, CUDA; many times slower on AVX2-only CPUs; images differ slightly from fp32)', is_flag=True)
 def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, bf16, **sampler_kwargs):
     """Generate random images using the techniques described in the paper
@@ -238,7 +239,8 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, b
     from torch_utils import misc
 
     misc.set_malloc_thresholds()  # reuse activation buffers instead of page-faulting them in every step
-    sampler_kwargs = sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs)
+    compile_network = sampler_kwargs.pop('compile')
+    sampler_kwargs = dict(sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs), compile=compile_network)
 
     owns_process_group = not dist.is_initialized()  # e.g. fid.py or a test may have set one up already
     dist.init()

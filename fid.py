@@ -558,6 +558,11 @@ def _parse_seeds(s: str) -> list[int]:
     return values
 
 
+def _compile_kwarg(compile_network: bool) -> dict:
+    """generate_images' compile=True for --compile, nothing otherwise (the call stays the plain one)."""
+    return dict(compile=True) if compile_network else {}
+
+
 @main.command()
 @click.option('--network', 'network_pkl', help='Network pickle', metavar='PATH|URL', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Dataset reference statistics', metavar='NPZ|URL', type=str, required=True)
@@ -591,8 +596,8 @@ def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, detect
     for k, rep_seeds in enumerate(repeat_seeds(seeds, repeats)):
         batches = (images.permute(0, 3, 1, 2) for _batch_seeds, images in
                    generate_images(network, rep_seeds, max_batch_size=max_batch_size,
-                                            class_idx=class_idx, device=device, compile=compile_network,
-                                            **sampler_kwargs))
+                                            class_idx=class_idx, device=device,
+                                            **_compile_kwarg(compile_network), **sampler_kwargs))
         stats = compute_feature_stats(detector_net, batches, len(rep_seeds), device=device,
                                       desc=f'repeat {k + 1}/{repeats}', source=network_pkl)
         if dist.get_rank() == 0:
@@ -779,7 +784,7 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
         batches = (images.permute(0, 3, 1, 2) for _seeds, images in
                    generate_images(network, seeds, max_batch_size=max_batch_size, class_idx=class_idx,
                                    device=device, sampler=point['name'], num_steps=point['num_steps'],
-                                   compile=compile_network, **point['options'], **guidance))
+                                   **_compile_kwarg(compile_network), **point['options'], **guidance))
         stats = compute_feature_stats(detector_net, batches, len(seeds), device=device,
                                       desc=f'{point["sampler"]} NFE {point["nfe"]}', source=network_pkl)
         if dist.get_rank() == 0:

@@ -71,20 +71,23 @@ def train_step_difference(net: torch.nn.Module, images: torch.Tensor, labels: to
     return {key: rel(results['bf16'][key], results['fp32'][key]) for key in ('loss', 'grad', 'update', 'weights')}
 
 
-def sample_difference(net: torch.nn.Module, num: int, num_steps: int = 18) -> dict:
-    """Heun samples of seeds 0..num-1 in fp32 and in bf16; relative difference and the largest 8-bit pixel gap."""
+def sample_difference(net: torch.nn.Module, num: int, num_steps: int = 18, variant: str = 'bf16') -> dict:
+    """Heun samples of seeds 0..num-1 in fp32 and in `variant` ('bf16', or 'compiled': the fp32 network through
+    torch.compile); relative difference and the largest 8-bit pixel gap."""
     out = {}
-    for name, bf16 in (('fp32', False), ('bf16', True)):
+    for name, bf16 in (('fp32', False), (variant, variant == 'bf16')):
         model = copy.deepcopy(net).eval().requires_grad_(False)
         model.use_bf16 = bf16
+        if name == 'compiled':
+            model = sampling.compile_network(model)
         rnd = sampling.StackedRandomGenerator('cpu', list(range(num)))
         latents = rnd.randn([num, model.img_channels, model.img_resolution, model.img_resolution])
         labels = torch.eye(model.label_dim)[rnd.randint(model.label_dim, size=[num])] if model.label_dim else None
         with torch.no_grad():
             out[name] = sampling.edm_sampler(model, latents, labels, num_steps=num_steps)
     pixels = {k: sampling.images_to_uint8(v).to(torch.int32) for k, v in out.items()}
-    return dict(images=rel(out['bf16'], out['fp32']),
-                max_pixel_levels=int((pixels['bf16'] - pixels['fp32']).abs().max()))
+    return dict(images=rel(out[variant], out['fp32']),
+                max_pixel_levels=int((pixels[variant] - pixels['fp32']).abs().max()))
 
 
 def main():
@@ -99,6 +102,7 @@ def main():
                    '(0: the very first step, where Adam moves every weight by +-lr)')
     p.add_argument('--samples', type=int, default=16, help='images sampled')
     p.add_argument('--threads', type=int, default=None)
+    p.add_argument('--compile', action='store_true', help='also compiled (torch.compile) against eager fp32 sampling')
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,6 +135,10 @@ def main():
     samples = sample_difference(net, args.samples)
     print(f'sampled batch (Heun, 18 steps, seeds 0-{args.samples - 1}): ||bf16 - fp32|| / ||fp32|| = '
           f'{samples["images"]:.2e}, largest difference {samples["max_pixel_levels"]} of 255 pixel levels')
+    if args.compile:
+        samples = sample_difference(net, args.samples, variant='compiled')
+        print(f'sampled batch, compiled vs eager fp32: ||compiled - eager|| / ||eager|| = {samples["images"]:.2e}, '
+              f'largest difference {samples["max_pixel_levels"]} of 255 pixel levels')
 
 
 if __name__ == '__main__':

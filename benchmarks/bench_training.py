@@ -10,11 +10,13 @@ forward, backward, gradient sanitising, Adam) plus the EMA update. Prints median
     python benchmarks/bench_training.py --config quickstart --bf16            # train.py --bf16=1
     python benchmarks/bench_training.py --config quickstart --paired --steps 20  # fp32 vs bf16, alternating
     python benchmarks/bench_training.py --config ddpmpp-cifar10 --before-after --fast-dropout --steps 10
+    python benchmarks/bench_training.py --config ddpmpp-small --paired --autocast --steps 20 --profile 2
 
 --before-after times the previous main's training/networks.py (`git show <commit>:training/networks.py`,
 loaded as a separate module; --before-commit, default PREVIOUS_MAIN) against the current one: one process,
 the two networks (same initial weights, same random draws) take turns step by step, and the ratio of the
-medians is printed. --paired does the same for the current code in fp32 against bf16. Alternating steps
+medians is printed. --paired does the same for the current code in fp32 against bf16 (--autocast adds the fp32 network under
+plain torch.autocast(bfloat16), the reference for the bf16 path; --profile N then prints each variant's top ops). Alternating steps
 make the drifting load of a shared machine hit both alike; the spread is printed so the noise is visible, and
 so is the relative difference of each variant's weights from the fp32 ones after the run (same numbers?).
 Without --before-after/--paired each configuration runs in its own subprocess, so its peak RSS is its own.

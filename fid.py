@@ -261,14 +261,16 @@ def _headline(results: dict) -> str:
 @cli.metrics_option('fid')
 @cli.bootstrap_options
 @cli.sampler_options
+@cli.compile_option
 @cli.detector_options
 def net(network_pkl, ref_path, seeds, repeats, class_idx, max_batch_size, metric_names, bootstrap, confidence,
-        detector, trust_pickle, **sampler_kwargs):
+        compile_network, detector, trust_pickle, **sampler_kwargs):
     """FID of a network on --repeats disjoint seed ranges, images generated in memory; reports the minimum."""
     if max(repeat_seeds(seeds, repeats)[-1]) > MAX_SEED:
         raise click.BadParameter(f'the last of {repeats} repeats would need seeds above {MAX_SEED}; '
                                  f'use lower --seeds or fewer --repeats', param_hint='--seeds')
-    sampler_kwargs = cli.sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs)
+    sampler_kwargs = dict(cli.sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs),
+                          compile=compile_network)
     _start(0)
     device = dist.default_device()
     dist.print0(f'Network: "{network_pkl}"')
@@ -434,9 +436,10 @@ def _merged_rows(rows: list[dict], previous: dict, order: list[str]) -> list[dic
 @cli.metrics_option('fid_ci', ' (fid is always scored)')
 @cli.bootstrap_options
 @cli.guidance_options
+@cli.compile_option
 @cli.detector_options
 def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_size, outdir, metric_names, bootstrap,
-          confidence, detector, trust_pickle, **guidance):
+          confidence, compile_network, detector, trust_pickle, **guidance):
     """FID against NFE: every sampler at every NFE, images generated in memory.
 
     \b
@@ -491,7 +494,7 @@ def sweep(network_pkl, ref_path, samplers, nfes, seeds, class_idx, max_batch_siz
         start = time.time()
         source = metrics.NetworkSource(network, seeds, max_batch_size, class_idx, name=network_pkl,
                                        sampler=point['name'], num_steps=point['num_steps'], **point['options'],
-                                       **guidance)
+                                       compile=compile_network, **guidance)
         results = metrics.score(metric_names, source, ref, detector_net, device=device,
                                 options=_metric_options(bootstrap, confidence),
                                 desc=f'{point["sampler"]} NFE {point["nfe"]}')

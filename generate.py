@@ -22,7 +22,7 @@ import PIL.Image
 from dnnlib.util import parse_int_list  # noqa: F401 -- re-exported (the paper's generate.parse_int_list)
 from torch_utils.cli import (  # noqa: F401 -- the shared CLI layer; these names stay importable from here
     GUIDANCE_KWARGS as GUIDANCE_OPTIONS, SAMPLER_OPTIONS as _SAMPLER_OPTIONS, check_class, guidance_kwargs_from_cli,
-    guidance_options, load_guide, load_net, sampler_kwargs_from_cli, sampler_options, seeds_callback)
+    compile_option, guidance_options, load_guide, load_net, sampler_kwargs_from_cli, sampler_options, seeds_callback)
 from training.sampling import (  # noqa: F401 -- re-exported for scripts written against the paper's generate.py
     SAMPLERS, StackedRandomGenerator, ablation_sampler, check_denoiser, edm_sampler, generate_images,
     parse_seeds, seed_batches)
@@ -71,8 +71,9 @@ def make_grid(images: Sequence[np.ndarray]) -> np.ndarray:
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--grid', help='Also write all images as one grid PNG  [bare --grid: OUTDIR/grid.png, which fid.py skips]', metavar='[FILE]', is_flag=False, flag_value='', default=None)
 @sampler_options
+@compile_option
 @click.option('--bf16', help='Run the network in bfloat16 (~2x faster with native bf16: AVX-512/AMX CPUs, CUDA; many times slower on AVX2-only CPUs; images differ slightly from fp32)', is_flag=True)
-def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, bf16, **sampler_kwargs):
+def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, compile_network, bf16, **sampler_kwargs):
     """Generate random images using the techniques described in the paper
     "Elucidating the Design Space of Diffusion-Based Generative Models".
 
@@ -96,7 +97,7 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, b
     from torch_utils import misc
 
     misc.set_malloc_thresholds()  # reuse activation buffers instead of page-faulting them in every step
-    sampler_kwargs = sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs)
+    sampler_kwargs = dict(sampler_kwargs_from_cli(click.get_current_context(), sampler_kwargs), compile=compile_network)
 
     owns_process_group = not dist.is_initialized()  # e.g. fid.py or a test may have set one up already
     dist.init()

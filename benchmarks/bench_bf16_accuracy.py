@@ -65,31 +65,36 @@ def train_step_difference(net: torch.nn.Module, images: torch.Tensor, labels: to
         optimizer.load_state_dict(copy.deepcopy(base_opt.state_dict()))
         before = flat(model.parameters()).clone()
         loss = _step(model, optimizer, images, labels, seed)
-        grad = flat(p.grad for p in model.parameters())
+        grad = flat(p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters())
         after = flat(model.parameters())
         results[name] = dict(loss=loss, grad=grad, update=after - before, weights=after)
     return {key: rel(results['bf16'][key], results['fp32'][key]) for key in ('loss', 'grad', 'update', 'weights')}
 
 
-def sample_difference(net: torch.nn.Module, num: int, num_steps: int = 18) -> dict:
-    """Heun samples of seeds 0..num-1 in fp32 and in bf16; relative difference and the largest 8-bit pixel gap."""
+def sample_difference(net: torch.nn.Module, num: int, num_steps: int = 18, variant: str = 'bf16') -> dict:
+    """Heun samples of seeds 0..num-1 in fp32 and in `variant` ('bf16', or 'compiled': the fp32 network through
+    torch.compile); relative difference and the largest 8-bit pixel gap."""
     out = {}
-    for name, bf16 in (('fp32', False), ('bf16', True)):
+    for name, bf16 in (('fp32', False), (variant, variant == 'bf16')):
         model = copy.deepcopy(net).eval().requires_grad_(False)
         model.use_bf16 = bf16
+        if name == 'compiled':
+            model = sampling.compile_network(model)
         rnd = sampling.StackedRandomGenerator('cpu', list(range(num)))
         latents = rnd.randn([num, model.img_channels, model.img_resolution, model.img_resolution])
         labels = torch.eye(model.label_dim)[rnd.randint(model.label_dim, size=[num])] if model.label_dim else None
         with torch.no_grad():
             out[name] = sampling.edm_sampler(model, latents, labels, num_steps=num_steps)
     pixels = {k: sampling.images_to_uint8(v).to(torch.int32) for k, v in out.items()}
-    return dict(images=rel(out['bf16'], out['fp32']),
-                max_pixel_levels=int((pixels['bf16'] - pixels['fp32']).abs().max()))
+    return dict(images=rel(out[variant], out['fp32']),
+                max_pixel_levels=int((pixels[variant] - pixels['fp32']).abs().max()))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--network', help='network pickle (its EMA weights); default: the quick-start preset, random')
+    p.add_argument('--preset', default='quickstart', help='named network of training/presets.py when no '
+                   '--network is given  [default: %(default)s]')
     p.add_argument('--data', help='dataset zip/folder for the training batch; default: random pixels')
     p.add_argument('--batch', type=int, default=64, help='training batch')
     p.add_argument('--lr', type=float, default=2e-3, help='Adam learning rate of the step (quick start: 2e-3)')
@@ -97,6 +102,7 @@ def main():
                    '(0: the very first step, where Adam moves every weight by +-lr)')
     p.add_argument('--samples', type=int, default=16, help='images sampled')
     p.add_argument('--threads', type=int, default=None)
+    p.add_argument('--compile', action='store_true', help='also compiled (torch.compile) against eager fp32 sampling')
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,7 +111,7 @@ def main():
     if args.network:
         net = persistence.load_network(args.network)
     else:
-        net = dnnlib.util.construct_class_by_name(**presets.network_kwargs('quickstart'))
+        net = dnnlib.util.construct_class_by_name(**presets.network_kwargs(args.preset))
         with torch.no_grad():
             for t in net.parameters():
                 t.add_(torch.randn_like(t) * 0.02)
@@ -129,6 +135,10 @@ def main():
     samples = sample_difference(net, args.samples)
     print(f'sampled batch (Heun, 18 steps, seeds 0-{args.samples - 1}): ||bf16 - fp32|| / ||fp32|| = '
           f'{samples["images"]:.2e}, largest difference {samples["max_pixel_levels"]} of 255 pixel levels')
+    if args.compile:
+        samples = sample_difference(net, args.samples, variant='compiled')
+        print(f'sampled batch, compiled vs eager fp32: ||compiled - eager|| / ||eager|| = {samples["images"]:.2e}, '
+              f'largest difference {samples["max_pixel_levels"]} of 255 pixel levels')
 
 
 if __name__ == '__main__':

@@ -29,7 +29,8 @@ import dnnlib  # noqa: E402
 from training import networks, presets  # noqa: E402
 
 # Named networks from training/presets.py (EDMPrecond; the CIFAR-10 DDPM++/NCSN++ and ImageNet-64 ADM).
-CONFIGS = {'ddpmpp': 'ddpmpp-cifar10', 'ncsnpp': 'ncsnpp-cifar10', 'adm': 'adm-imagenet64'}
+CONFIGS = {'ddpmpp': 'ddpmpp-cifar10', 'ncsnpp': 'ncsnpp-cifar10', 'adm': 'adm-imagenet64',
+           'ddpmpp-small': 'ddpmpp-small-32', 'tiny': 'tiny-8'}
 
 class Variant:
     """One configuration to time; `setup`/`teardown` switch global options around each call."""

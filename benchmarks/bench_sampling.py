@@ -17,6 +17,7 @@ Timings on a shared machine are noisy: interleave A/B runs, repeat, compare medi
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib  # noqa: E402
 from training import presets, sampling  # noqa: E402
 
-CONFIGS = ('ddpmpp-cifar10', 'ncsnpp-cifar10', 'adm-imagenet64')  # named networks of training/presets.py
+CONFIGS = ('ddpmpp-cifar10', 'ncsnpp-cifar10', 'adm-imagenet64', 'ddpmpp-small-32', 'tiny-8')  # named networks of training/presets.py
 
 
 class CountingNet(torch.nn.Module):
@@ -91,9 +92,11 @@ def flops_per_eval(net, latents, class_labels) -> float | None:
               help='torch_utils.misc.set_malloc_thresholds() (what generate.py does)')
 @click.option('--fused-bias/--no-fused-bias', default=True, show_default=True, help='networks.FUSED_CONV_BIAS')
 @click.option('--inplace/--no-inplace', default=True, show_default=True, help='networks.INPLACE_OPS')
+@click.option('--compile', 'compile_', is_flag=True, help='also the torch.compile\'d network (generate.py --compile), '
+              'alternating with eager: compile time, speed-up and the image count from which it pays')
 @click.option('--grad-mode', type=click.Choice(['no_grad', 'inference_mode']), default='no_grad', show_default=True)
 def main(config, extra_kwargs, device, batch, steps, S_churn, repeats, threads, fp16, bf16, channels_last,
-         malloc_tuning, fused_bias, inplace, grad_mode):
+         malloc_tuning, fused_bias, inplace, compile_, grad_mode):
     from torch_utils import misc
     from training import networks
     malloc_applied = misc.set_malloc_thresholds() if malloc_tuning else False
@@ -124,7 +127,7 @@ def main(config, extra_kwargs, device, batch, steps, S_churn, repeats, threads, 
         class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[batch], device=device)]
     flops = flops_per_eval(net.net, latents, class_labels)
 
-    def run():
+    def run(net=net):
         net.nfe = 0
         sync(device)
         faults_start = _minor_faults()
@@ -140,6 +143,19 @@ def main(config, extra_kwargs, device, batch, steps, S_churn, repeats, threads, 
     print(f'options: malloc_tuning={malloc_applied} fused_bias={fused_bias} inplace={inplace} bf16={bf16} '
           f'channels_last={channels_last} grad_mode={grad_mode}')
     run()  # warm-up (allocator, kernels)
+    if compile_:
+        compiled = CountingNet(sampling.compile_network(net.net))
+        compile_run = run(compiled)[0]  # compiles at the first call
+        eager_times, compiled_times = [], []
+        for r in range(repeats):
+            for variant, out in ((net, eager_times), (compiled, compiled_times))[::1 if r % 2 == 0 else -1]:
+                out.append(run(variant)[0])
+        eager_t, compiled_t = statistics.median(eager_times), statistics.median(compiled_times)
+        overhead = compile_run - compiled_t  # the first call's extra time
+        gain = (eager_t - compiled_t) / batch  # seconds saved per image
+        pays = f'pays from ~{math.ceil(overhead / gain)} images' if gain > 0 else 'never pays (not faster)'
+        print(f'compiled: first run {compile_run:.2f} s (compile ~{overhead:.1f} s); median {compiled_t:.3f} s vs '
+              f'eager {eager_t:.3f} s: {compiled_t / eager_t:.3f}x; {pays} ({steps} steps, batch {batch})')
     times, cpu_times = [], []
     for r in range(repeats):
         seconds, cpu_seconds, faults, nfe = run()

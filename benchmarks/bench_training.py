@@ -10,11 +10,13 @@ forward, backward, gradient sanitising, Adam) plus the EMA update. Prints median
     python benchmarks/bench_training.py --config quickstart --bf16            # train.py --bf16=1
     python benchmarks/bench_training.py --config quickstart --paired --steps 20  # fp32 vs bf16, alternating
     python benchmarks/bench_training.py --config ddpmpp-cifar10 --before-after --fast-dropout --steps 10
+    python benchmarks/bench_training.py --config ddpmpp-small --paired --autocast --steps 20 --profile 2
 
 --before-after times the previous main's training/networks.py (`git show <commit>:training/networks.py`,
 loaded as a separate module; --before-commit, default PREVIOUS_MAIN) against the current one: one process,
 the two networks (same initial weights, same random draws) take turns step by step, and the ratio of the
-medians is printed. --paired does the same for the current code in fp32 against bf16. Alternating steps
+medians is printed. --paired does the same for the current code in fp32 against bf16 (--autocast adds the fp32 network under
+plain torch.autocast(bfloat16), the reference for the bf16 path; --profile N then prints each variant's top ops). Alternating steps
 make the drifting load of a shared machine hit both alike; the spread is printed so the noise is visible, and
 so is the relative difference of each variant's weights from the fp32 ones after the run (same numbers?).
 Without --before-after/--paired each configuration runs in its own subprocess, so its peak RSS is its own.
@@ -47,6 +49,10 @@ CONFIGS = {
     'quickstart': dict(preset='quickstart', batch=64, augment=0),
     # Small: the CIFAR-10 recipe with --cbase=32 --cres=1,2 on 16x16 images.
     'small': dict(preset='small-16', batch=32, augment=0.12),
+    # Issue 25's DDPM++ small: train.py --cbase=32 --cres=2,2,2 --blocks=4 on 32x32 RGB, batch 16, defaults else.
+    'ddpmpp-small': dict(preset='ddpmpp-small-32', batch=16, augment=0.12),
+    # The smallest network there is: one block per resolution, 8x8 (the test suite runs every mode on it).
+    'tiny': dict(preset='tiny-8', batch=4, augment=0.12),
 }
 
 
@@ -62,11 +68,22 @@ def load_networks_module(commit: str) -> types.ModuleType:
     return module
 
 
+def _autocast_backbone(model, device) -> None:
+    """Run `model` (a backbone) under torch.autocast(bfloat16), handing back float32 like an fp32 backbone."""
+    import torch
+    forward = model.forward
+
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return forward(*args, **kwargs).float()
+    model.forward = autocast_forward
+
+
 class Trainer:
     """One network with its EMA, optimizer, loss and augmentation, stepped by the training loop's own step."""
 
     def __init__(self, label: str, name: str, batch: int, device, bf16: bool = False, networks_module=None,
-                 fast_dropout: bool = False):
+                 fast_dropout: bool = False, autocast: bool = False):
         import torch
         import dnnlib
         from training import presets, training_loop
@@ -86,6 +103,8 @@ class Trainer:
         else:
             net = getattr(networks_module, kwargs.pop('class_name').rsplit('.', 1)[1])(**kwargs)
         self.net = net.train().requires_grad_(True).to(device)
+        if autocast:  # plain torch.autocast around the backbone (the reference the bf16 path is held to)
+            _autocast_backbone(self.net.model, device)
         self.params = sum(p.numel() for p in self.net.parameters())
         augment_pipe = None
         if cfg['augment']:
@@ -97,12 +116,12 @@ class Trainer:
             optimizer=torch.optim.Adam(self.net.parameters(), lr=10e-4, betas=[0.9, 0.999], eps=1e-8),
             augment_pipe=augment_pipe, ema=dnnlib.util.construct_class_by_name(
                 class_name='training.ema.HalfLifeEMA', net=self.net, halflife_kimg=500, rampup_ratio=0.05))
-        self.cfg = dnnlib.EasyDict(loss_scaling=1, batch_size=batch, lr_kwargs=dict(
+        self.cfg = dnnlib.EasyDict(loss_scaling=1, batch_size=batch, grad_posinf=training_loop.NONFINITE_GRAD_VALUES['clamp'], lr_kwargs=dict(
             func_name='training.training_loop.linear_rampup_schedule', ref_lr=10e-4, rampup_kimg=10000))
         self.layout = training_loop._BatchLayout(per_rank=batch, batch_gpu=batch, rounds=1)
         res, channels, label_dim = kwargs['img_resolution'], kwargs['img_channels'], kwargs['label_dim']
         images = torch.randint(0, 256, [batch, channels, res, res], dtype=torch.uint8)
-        labels = torch.eye(label_dim)[torch.randint(label_dim, [batch])]
+        labels = torch.eye(label_dim)[torch.randint(label_dim, [batch])] if label_dim else torch.zeros([batch, 0])
         self.batches = iter(lambda: (images, labels), None)  # the same batch forever
         self.cur_nimg = 0
         self.times = []
@@ -152,7 +171,7 @@ def run_one(name: str, batch: int, steps: int, warmup: int, threads: int, bf16: 
 
 
 def run_alternating(name: str, batch: int, steps: int, warmup: int, threads: int, before_commit: str | None,
-                    bf16: bool, fast_dropout: bool = False) -> list[dict]:
+                    bf16: bool, fast_dropout: bool = False, autocast: bool = False, profile: int = 0) -> list[dict]:
     """Variants take turns, one step each; returns one record per variant (median, spread, ratios)."""
     import torch
 
@@ -167,12 +186,17 @@ def run_alternating(name: str, batch: int, steps: int, warmup: int, threads: int
         trainers.append(Trainer('bf16', name, batch, device, bf16=True))
     if fast_dropout:
         trainers.append(Trainer('fp32 fast_dropout', name, batch, device, fast_dropout=True))
+    if autocast:
+        trainers.append(Trainer('autocast bf16', name, batch, device, autocast=True))
     for step in range(warmup + steps):
         order = trainers if step % 2 == 0 else trainers[::-1]  # neither variant always goes first
         for trainer in order:
             t = trainer.step(seed=step)
             if step >= warmup:
                 trainer.times.append(t)
+    if profile:
+        for trainer in trainers:
+            print_profile(trainer, steps=profile, seed=warmup + steps)
     base = statistics.median(trainers[0].times)
     fp32_trainer = next(t for t in trainers if t.label == 'fp32')
     fp32 = statistics.median(fp32_trainer.times)
@@ -190,6 +214,20 @@ def run_alternating(name: str, batch: int, steps: int, warmup: int, threads: int
     return records
 
 
+def print_profile(trainer: Trainer, steps: int, seed: int, rows: int = 25) -> None:
+    """torch.profiler over `steps` steps: the ops with the most self CPU time, and their share of the step."""
+    import torch
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            trainer.step(seed=seed + i)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f'# profile: {trainer.label}, {steps} steps, self CPU {total / 1e3 / steps:.1f} ms/step')
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
+        print(f'#   {e.key[:48]:<48s} {e.self_cpu_time_total / 1e3 / steps:8.2f} ms/step '
+              f'{100 * e.self_cpu_time_total / total:5.1f}%  calls/step {e.count / steps:6.1f}')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', choices=sorted(CONFIGS), action='append', help='default: all')
@@ -204,6 +242,10 @@ def main():
                         help='one process, previous main (--before-commit) and current networks alternating')
     parser.add_argument('--fast-dropout', action='store_true', help='with --before-after/--paired: an extra '
                         'alternating variant with train.py --fast-dropout=1')
+    parser.add_argument('--autocast', action='store_true', help='with --before-after/--paired: an extra '
+                        'alternating variant, fp32 network under plain torch.autocast(bfloat16) around the backbone')
+    parser.add_argument('--profile', type=int, default=0, metavar='STEPS', help='with --before-after/--paired: '
+                        'then profile each variant over this many steps (top ops by self CPU time)')
     parser.add_argument('--before-commit', default=PREVIOUS_MAIN, help='git commit whose training/networks.py '
                         'is "before"  [default: %(default)s, the main branch before issue 15]')
     parser.add_argument('--json', action='store_true', help='print one JSON line per config / variant')
@@ -222,7 +264,8 @@ def main():
         for name in configs:
             records = run_alternating(name, args.batch, args.steps, args.warmup, args.threads,
                                       args.before_commit if args.before_after else None,
-                                      bf16=args.bf16 or args.paired, fast_dropout=args.fast_dropout)
+                                      bf16=args.bf16 or args.paired, fast_dropout=args.fast_dropout,
+                                      autocast=args.autocast, profile=args.profile)
             for r in records:
                 if args.json:
                     print(json.dumps(r))

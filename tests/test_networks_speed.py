@@ -130,6 +130,12 @@ def test_channels_last_auto_means_bf16_only(monkeypatch):
     monkeypatch.setattr(N, 'CHANNELS_LAST', False)
     assert N._conv_layout(x.bfloat16()).is_contiguous()
 
+def test_bf16_runs_nchw_by_default():
+    # NCHW in bf16 too (autocast's kernels): torch's channels_last bf16 GroupNorm backward is many times slower.
+    assert N.CHANNELS_LAST is False
+    x = torch.randn(2, 4, 8, 8).bfloat16()
+    assert N._conv_layout(x) is x
+
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 def test_dropout_draws_the_same_numbers_as_F_dropout(memory_format):
     x0 = torch.randn(3, 8, 5, 5)

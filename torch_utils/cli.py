@@ -144,6 +144,9 @@ sampler_options.__doc__ = """Add the sampler and guidance options to a click com
 turns them into keyword arguments of training.sampling.generate_images (`sampler`, its options, the guidance)."""
 guidance_options = add_options(GUIDANCE_OPTIONS)
 detector_options = add_options(DETECTOR_OPTIONS)
+compile_option = click.option('--compile', 'compile_network', is_flag=True,
+                              help='Compile the network with torch.compile (needs a C++ compiler; pays from a few '
+                                   'hundred images on)')
 bootstrap_options = add_options([
     click.option('--bootstrap', help='Bootstrap replicates for intervals', metavar='INT',
                  type=click.IntRange(min=2), default=100, show_default=True),

@@ -52,6 +52,12 @@ NETWORKS = {
     # scripts/quickstart.py: 16x16 digits, --cbase=32 --cres=1,2,2 --blocks=1 --dropout=0 --augment=0.
     'quickstart': _network('ddpmpp', img_resolution=16, img_channels=1, label_dim=10, dropout=0,
                            model_channels=32, channel_mult=[1, 2, 2], num_blocks=1),
+    # DDPM++ at a CPU-friendly width (train.py --arch=ddpmpp --cbase=32 --cres=2,2,2 --blocks=4, 32x32 RGB).
+    'ddpmpp-small-32': _network('ddpmpp', img_resolution=32, img_channels=3, label_dim=0, augment_dim=9,
+                                dropout=0.13, model_channels=32, channel_mult=[2, 2, 2], num_blocks=4),
+    # The smallest DDPM++ (8x8, one block per resolution): benchmarks run at this size in the test suite.
+    'tiny-8': _network('ddpmpp', img_resolution=8, img_channels=3, label_dim=10, augment_dim=9, dropout=0.13,
+                       model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
 }
 
 

@@ -466,3 +466,120 @@ def calc_bpd_loop(model_fn, d: Diffusion, x_start, randn_like=torch.randn_like, 
     vb, xstart_mse, mse = torch.stack(vb, dim=1), torch.stack(xstart_mse, dim=1), torch.stack(mse, dim=1)
     prior = prior_bpd(d, x_start)
     return dict(total_bpd=vb.sum(dim=1) + prior, prior_bpd=prior, vb=vb, xstart_mse=xstart_mse, mse=mse)
+
+#----------------------------------------------------------------------------
+# Networks: the diffusion and the raw output of an iDDPM network, the samplers of the registry, bits/dim.
+
+def _is_iddpm_net(net) -> bool:
+    """iDDPMDiscretePrecond or EDM's iDDPMPrecond (a step count M, a table u and a backbone). A guided
+    denoiser is not a Module (it forwards attributes, so the type is tested, not hasattr)."""
+    return isinstance(net, torch.nn.Module) and hasattr(net, 'M') and hasattr(net, 'model') and isinstance(getattr(net, 'u', None), torch.Tensor)
+
+def _check_iddpm_net(net, what: str) -> None:
+    if not _is_iddpm_net(net):
+        raise ValueError(f'{what} needs an iDDPM network (iDDPMDiscretePrecond or iDDPMPrecond, with its variance '
+                         f'outputs), got {type(net).__name__}')
+
+def diffusion_of(net, spacing=None) -> Diffusion:
+    """The process a network was trained on, respaced by `spacing`: iDDPMDiscretePrecond records schedule,
+    M and learn_sigma; EDM's iDDPMPrecond (ADM) is cosine with M steps and learned variances."""
+    _check_iddpm_net(net, 'diffusion_of')
+    var_type = 'learned_range' if getattr(net, 'learn_sigma', True) else 'fixed_large'
+    return make_diffusion(getattr(net, 'schedule', 'cosine'), int(net.M), spacing, var_type)
+
+def model_fn_of(net, class_labels=None):
+    """(x_t, t) -> the network's raw output (float64) at original steps t, as the functions above expect."""
+    _check_iddpm_net(net, 'model_fn_of')
+    if hasattr(net, 'raw'):
+        return lambda x, t: net.raw(x, t, class_labels).to(torch.float64)
+    # EDM's iDDPMPrecond: its backbone takes c_noise = the step index and one-hot labels.
+    def model_fn(x, t):
+        labels = None
+        if net.label_dim:
+            labels = torch.zeros([1, net.label_dim], device=x.device) if class_labels is None else class_labels.to(torch.float32)
+        return net.model(x.to(torch.float32), t.to(torch.float32), class_labels=labels).to(torch.float64)
+    return model_fn
+
+def _spacing(num_steps, spacing):
+    """spacing ('ddim50', '10,15', [25]) if given, else num_steps evenly spread steps (section count N)."""
+    return spacing if spacing is not None else [int(num_steps)]
+
+def denoiser_model_fn(denoise, d: Diffusion, class_labels=None):
+    """(x_t, t) -> eps from any EDM denoiser D(x; sigma) (Eq. 7 of EDM with the VP scaling): at step t,
+    sigma = sqrt(1/abar_t - 1), x = x_t / sqrt(abar_t) and eps = (x - D(x; sigma)) / sigma."""
+    sigma_of = torch.zeros(d.original_T, dtype=torch.float64)
+    sigma_of[torch.as_tensor(d.timestep_map)] = (1 / d.alphas_cumprod - 1).sqrt()
+    def model_fn(x, t):
+        sigma = sigma_of[int(t[0])]  # the whole batch is at one step
+        x_scaled = x * (sigma ** 2 + 1).sqrt()
+        return (x_scaled - denoise(x_scaled, sigma, class_labels).to(torch.float64)) / sigma
+    return model_fn
+
+def _sampling_process(net, class_labels, num_steps, spacing, gnet, guidance):
+    """(diffusion, model_fn) for the registry samplers. An unguided iDDPM network is evaluated raw, with its
+    learned variances (exactly iDDPM). Any other denoiser, or a guided one, is evaluated through
+    D(x; sigma) on the network's process (cosine, M = 1000 unless it says otherwise) with fixed variances
+    beta_t ('fixed_large', iDDPM's choice without learned sigmas)."""
+    from training.sampling import guided_denoiser  # not at module level: this module is embedded in snapshots
+    spacing = _spacing(num_steps, spacing)
+    denoise = guided_denoiser(net, gnet, guidance)
+    if _is_iddpm_net(denoise):
+        return diffusion_of(denoise, spacing), model_fn_of(denoise, class_labels)
+    d = make_diffusion(getattr(net, 'schedule', 'cosine'), int(getattr(net, 'M', 1000)), spacing, 'fixed_large')
+    return d, denoiser_model_fn(denoise, d, class_labels)
+
+def iddpm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=50, spacing=None,
+                  clip_denoised=True, gnet=None, guidance=1):
+    """iDDPM's ancestral sampler (p_sample_loop) on the process respaced to `num_steps` evenly spread steps,
+    or to `spacing` ('ddimN', section counts '10,15'). x_T = latents (N(0, I)); one randn_like per step."""
+    d, model_fn = _sampling_process(net, class_labels, num_steps, spacing, gnet, guidance)
+    return sample_loop(model_fn, d, latents, randn_like, eta=None, clip_denoised=clip_denoised)
+
+def iddpm_ddim_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=50, spacing=None,
+                       eta=0.0, clip_denoised=True, gnet=None, guidance=1):
+    """DDIM (Song et al. 2021, Eq. 12) with stochasticity eta (0: deterministic) on the respaced process, as
+    iDDPM's ddim_sample_loop. Steps, x_T and the noise protocol as iddpm_sampler."""
+    d, model_fn = _sampling_process(net, class_labels, num_steps, spacing, gnet, guidance)
+    return sample_loop(model_fn, d, latents, randn_like, eta=float(eta), clip_denoised=clip_denoised)
+
+def vlb_bits_per_dim(net, images: torch.Tensor, class_labels=None, randn_like=torch.randn_like,
+                     clip_denoised: bool = True, spacing=None) -> tuple[torch.Tensor, int]:
+    """Per-image negative log-likelihood bound (bits/dim) of uint8 images [B,C,H,W] by calc_bpd_loop on the
+    network's process (optionally respaced, a looser bound). No dequantisation: the decoder is discrete.
+    Returns (total bpd [B], network evaluations), like training.likelihood.nll_bits_per_dim."""
+    d = diffusion_of(net, spacing)
+    x_start = images.to(torch.float64) / 127.5 - 1
+    out = calc_bpd_loop(model_fn_of(net, class_labels), d, x_start, randn_like, clip_denoised)
+    return out['total_bpd'], d.num_timesteps
+
+#----------------------------------------------------------------------------
+# Presets as plain data (improved-diffusion README, "Models and hyperparameters"; iDDPM Appendix A).
+# A record gives the network (class name + kwargs, as train.py's network_kwargs), the loss (class name +
+# kwargs, loss_kwargs) and training defaults. `network_kwargs` is improved-diffusion's own UNetModel (the
+# published architecture, parameter for parameter); `adm_network_kwargs` the same widths on EDM's DhariwalUNet
+# (ADM: residual up/down blocks, 64 channels per attention head). Attention at 16x16 and 8x8, i.e. the
+# downsampling rates 2, 4 at 32x32 and 4, 8 at 64x64. EMA 0.9999 per step, also as EDM's half-life:
+# h = batch ln(0.5) / ln(0.9999) images.
+
+def ema_halflife_kimg(ema_decay: float, batch: int) -> float:
+    """The half-life (kimg) of a per-step EMA decay at a batch size: beta = 0.5^(batch / h)."""
+    return batch * math.log(0.5) / math.log(ema_decay) / 1000
+
+def _preset(img_resolution, channel_mult, attention_rates, dropout, model_channels=128, num_heads=4, lr=1e-4, batch=128):
+    common = dict(class_name='training.networks_iddpm.iDDPMDiscretePrecond', M=4000, schedule='cosine', learn_sigma=True)
+    return dict(
+        img_resolution=img_resolution,
+        network_kwargs=dict(common, model_type='UNetModel', model_channels=model_channels, channel_mult=list(channel_mult),
+                            num_res_blocks=3, attention_resolutions=list(attention_rates), num_heads=num_heads,
+                            use_scale_shift_norm=True, dropout=dropout),
+        adm_network_kwargs=dict(common, model_type='DhariwalUNet', model_channels=model_channels, channel_mult=list(channel_mult),
+                                num_blocks=3, attn_resolutions=[img_resolution // r for r in attention_rates], dropout=dropout),
+        loss_kwargs=dict(class_name='training.iddpm.iDDPMLoss', schedule='cosine', T=4000, loss_type='hybrid', lambda_vlb=0.001),
+        training=dict(lr=lr, batch=batch, ema_decay=0.9999, ema_halflife_kimg=ema_halflife_kimg(0.9999, batch), lr_rampup_kimg=0,
+                      augment=0),
+    )
+
+PRESETS = {
+    'iddpm-cifar10': _preset(32, [1, 2, 2, 2], [2, 4], dropout=0.3),      # 52.5M parameters (UNetModel)
+    'iddpm-imagenet64': _preset(64, [1, 2, 3, 4], [4, 8], dropout=0.0),   # 121M parameters (UNetModel)
+}

@@ -51,7 +51,7 @@ ADM = dict(model_type='DhariwalUNet', model_channels=16, channel_mult=[1, 2], nu
 
 
 def _tiny(backbone=UNET, **overrides):
-    kwargs = dict(img_resolution=8, img_channels=3, M=100, **backbone, **overrides)
+    kwargs = {**dict(img_resolution=8, img_channels=3, M=100), **backbone, **overrides}
     torch.manual_seed(0)
     net = networks_iddpm.iDDPMDiscretePrecond(**kwargs)
     with torch.no_grad():  # the zero-initialised output layer would make every output 0
@@ -85,3 +85,23 @@ def test_rescale_timesteps_and_pickling():
     clone = pickle.loads(pickle.dumps(net))
     with torch.no_grad():
         assert torch.equal(clone(x, None, timesteps=torch.tensor([3, 4])), net(x, None, timesteps=torch.tensor([3, 4])))
+
+
+def test_edm_iddpmprecond_with_the_same_weights_is_the_same_denoiser():
+    net = _tiny(ADM, M=1000)
+    precond = networks_iddpm.to_iddpm_precond(net)
+    assert isinstance(precond, networks.iDDPMPrecond)
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 20.0])
+    with torch.no_grad():
+        assert rel(precond(x, sigma), net(x, sigma)) <= 1e-6
+    with pytest.raises(ValueError, match='UNetModel'):
+        networks_iddpm.to_iddpm_precond(_tiny())
+
+
+def test_safe_loader_rebuilds_a_snapshot(tmp_path):
+    net = _tiny()
+    persistence.save_network_pkl(dict(ema=net), tmp_path / 'net.pkl')
+    loaded = persistence.load_network(tmp_path / 'net.pkl')
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, None, timesteps=torch.tensor([1, 2])), net(x, None, timesteps=torch.tensor([1, 2])))

@@ -2,9 +2,10 @@
 state_dict names, so its released checkpoints load key for key) and `iDDPMDiscretePrecond`, the wrapper that
 makes any eps/variance backbone (UNetModel, DhariwalUNet, SongUNet) both
 
-- an EDM denoiser D(x; sigma) through iDDPMPrecond's interface (Table 1 of EDM: c_in = 1/sqrt(sigma^2+1),
+- an EDM denoiser D(x; sigma) with iDDPMPrecond's formulas (Table 1 of EDM: c_in = 1/sqrt(sigma^2+1),
   c_out = -sigma, sigma snapped to the table u of the discrete process), for every sampler in
-  training/sampling.py, and
+  training/sampling.py (with a DhariwalUNet backbone on the cosine schedule, `to_iddpm_precond` gives EDM's
+  iDDPMPrecond itself, same state_dict), and
 - a discrete-time iDDPM network: net(x_t, None, labels, timesteps=t) returns the raw [N, 2C] output
   (eps, v) at the original timestep t, for training.iddpm (loss, respaced/DDIM samplers, bits/dim).
 
@@ -316,7 +317,7 @@ def sigma_table(schedule: str, M: int) -> torch.Tensor:
     return torch.cat([(1 / abar - 1).sqrt().flip(0), torch.zeros(1, dtype=torch.float64, device='cpu')])
 
 @persistence.persistent_class
-class iDDPMDiscretePrecond(networks.iDDPMPrecond):
+class iDDPMDiscretePrecond(torch.nn.Module):
     """An iDDPM model: backbone with eps (and, with learn_sigma, v) outputs on a discrete process of M steps.
 
     img_resolution, img_channels, label_dim, use_fp16, use_bf16 -- as iDDPMPrecond.
@@ -333,7 +334,7 @@ class iDDPMDiscretePrecond(networks.iDDPMPrecond):
     """
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, M=1000, schedule='cosine',
                  learn_sigma=True, rescale_timesteps=False, model_type='DhariwalUNet', use_bf16=False, **model_kwargs):
-        torch.nn.Module.__init__(self)  # iDDPMPrecond's constructor would build its own cosine backbone
+        super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
@@ -344,13 +345,19 @@ class iDDPMDiscretePrecond(networks.iDDPMPrecond):
         self.learn_sigma = learn_sigma
         self.rescale_timesteps = rescale_timesteps
         self.model_type = model_type
-        self.C_1, self.C_2 = 0.001, 0.008  # iDDPMPrecond.alpha_bar (cosine); u below is the true table
         out_channels = img_channels * (2 if learn_sigma else 1)
         self.model = _make_backbone(model_type, img_resolution, img_channels, out_channels, label_dim, **model_kwargs)
         u = sigma_table(schedule, M)
         self.register_buffer('u', u.to(torch.float32).to(self.model_device()))
         self.sigma_min = float(u[M - 1])
         self.sigma_max = float(u[0])
+
+    def round_sigma(self, sigma, return_index=False):
+        """Nearest entry of the table u (or its index j; step t = M - 1 - j), as iDDPMPrecond.round_sigma."""
+        sigma = torch.as_tensor(sigma)
+        index = (sigma.to(self.u.device).to(torch.float32).reshape(-1, 1) - self.u.reshape(1, -1)).abs().argmin(dim=1)
+        result = index if return_index else self.u[index].to(sigma.dtype)
+        return result.reshape(sigma.shape).to(sigma.device)
 
     def model_device(self):
         return next(iter(self.model.parameters())).device
@@ -457,3 +464,19 @@ def load_released(path, name: str) -> iDDPMDiscretePrecond:
     state_dict = torch.load(path, map_location='cpu', weights_only=True)
     return from_improved_diffusion(state_dict, spec['kwargs'], spec['image_size'], spec['diffusion_steps'],
                                    spec['noise_schedule'], spec['rescale_timesteps'])
+
+def to_iddpm_precond(net: iDDPMDiscretePrecond):
+    """EDM's iDDPMPrecond with this network's weights: possible for a DhariwalUNet/SongUNet backbone with
+    learned variances on the cosine schedule without timestep rescaling (what iDDPMPrecond assumes). The
+    state_dicts have the same keys (model.*, u); u is kept from `net`."""
+    if not (net.model_type in ('DhariwalUNet', 'SongUNet') and net.schedule == 'cosine' and net.learn_sigma and not net.rescale_timesteps):
+        raise ValueError('iDDPMPrecond needs a DhariwalUNet/SongUNet backbone, learned sigmas, the cosine schedule and '
+                         f'no timestep rescaling; this network has {net.model_type}, {net.schedule}, '
+                         f'learn_sigma={net.learn_sigma}, rescale_timesteps={net.rescale_timesteps}')
+    kwargs = dict(net.init_kwargs)
+    for key in ('schedule', 'learn_sigma', 'rescale_timesteps'):
+        kwargs.pop(key, None)
+    precond = networks.iDDPMPrecond(**kwargs)
+    precond.load_state_dict(net.state_dict())
+    precond.sigma_min, precond.sigma_max = net.sigma_min, net.sigma_max
+    return precond.train(net.training).requires_grad_(False)

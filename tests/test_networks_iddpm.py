@@ -105,3 +105,24 @@ def test_safe_loader_rebuilds_a_snapshot(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x, None, timesteps=torch.tensor([1, 2])), net(x, None, timesteps=torch.tensor([1, 2])))
+
+
+def test_released_checkpoint_path_converts_a_state_dict_file(golden_dir, tmp_path, monkeypatch):
+    # The released files are not downloaded in tests: the same path on the small golden network.
+    g = torch.load(golden_dir / 'iddpm_unet_uncond_plain.pt', weights_only=False)
+    torch.save(g['state_dict'], tmp_path / 'model.pt')
+    spec = dict(image_size=8, diffusion_steps=1000, noise_schedule='cosine', rescale_timesteps=False, kwargs=g['kwargs'])
+    monkeypatch.setitem(networks_iddpm.RELEASED, 'tiny', spec)
+    networks_iddpm.convert_released(tmp_path / 'model.pt', 'tiny', tmp_path / 'net.pkl')
+    net = persistence.load_network(tmp_path / 'net.pkl')
+    assert not net.learn_sigma and net.M == 1000
+    with torch.no_grad():
+        assert rel(net(g['x'], None, timesteps=g['timesteps']), g['output']) <= 1e-5
+        from training import iddpm, sampling
+        assert iddpm.diffusion_of(net).var_type == 'fixed_large'  # 3 output channels: no learned sigmas
+        assert torch.isfinite(sampling.SAMPLERS['iddpm'](net, torch.randn(1, 3, 8, 8, dtype=torch.float64), num_steps=3)).all()
+    with pytest.raises(ValueError, match='unknown released'):
+        networks_iddpm.load_released(tmp_path / 'model.pt', 'nope')
+    bad = dict(g['state_dict'], extra=torch.zeros(1))
+    with pytest.raises(ValueError, match='unexpected'):
+        networks_iddpm.from_improved_diffusion(bad, g['kwargs'], image_size=8)

@@ -480,3 +480,9 @@ def to_iddpm_precond(net: iDDPMDiscretePrecond):
     precond.load_state_dict(net.state_dict())
     precond.sigma_min, precond.sigma_max = net.sigma_min, net.sigma_max
     return precond.train(net.training).requires_grad_(False)
+
+def convert_released(pt_path, name: str, out_pkl) -> None:
+    """Write a released improved-diffusion checkpoint as a network pickle ({'ema': net}, the snapshot layout)
+    that generate.py / fid.py load like any other: e.g. convert_released('cifar10_uncond_50M_500K.pt',
+    'cifar10_uncond_50M', 'iddpm-cifar10.pkl'), then generate.py --network=iddpm-cifar10.pkl --sampler=iddpm."""
+    persistence.save_network_pkl(dict(ema=load_released(pt_path, name)), out_pkl)

@@ -165,7 +165,7 @@ def test_loss_is_the_hybrid_objective_per_element():
         iddpm.iDDPMLoss(T=4000)(net=net, images=images)
 
 
-def test_vlb_loss_with_importance_sampling_records_losses():
+def test_vlb_loss_with_importance_sampling_records_losses(tmp_path):
     import pickle
     net = tiny_net()
     loss_fn = iddpm.iDDPMLoss(schedule='cosine', T=50, loss_type='vlb', importance_sampling=True)
@@ -173,6 +173,11 @@ def test_vlb_loss_with_importance_sampling_records_losses():
     assert torch.isfinite(loss).all() and loss_fn.sampler.loss_counts.sum() == 6
     clone = pickle.loads(pickle.dumps(loss_fn))
     assert clone._diffusion is None and clone.sampler.loss_counts.sum() == 6
+    # In a snapshot, the safe loader rebuilds the loss from its arguments.
+    from torch_utils import persistence
+    persistence.save_network_pkl(dict(loss_fn=loss_fn), tmp_path / 'loss.pkl')
+    rebuilt = persistence.load_network_pkl(str(tmp_path / 'loss.pkl'))['loss_fn']
+    assert rebuilt.importance_sampling and rebuilt.sampler.loss_counts.sum() == 0
 
 
 def test_samplers_raw_and_through_the_denoiser_agree():

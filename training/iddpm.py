@@ -287,10 +287,13 @@ def vlb_loss_per_dim(d: Diffusion, model_output, x_start, t, noise):
     vb, _ = vb_terms_per_dim(d, model_output.to(torch.float64), x_start, x_t, t, clip_denoised=False)
     return vb
 
+@persistence.persistent_class
 class LossSecondMomentSampler:
     """Importance sampling of t for L_vlb (Eq. 18): p_t proportional to sqrt(E[L_t^2]) over the last
     `history` values of each L_t, mixed with `uniform_prob` of the uniform law; uniform until every t has
-    `history` values. sample() returns (t, weights 1/(T p_t)) so that E[w L_t] = mean_t L_t."""
+    `history` values. sample() returns (t, weights 1/(T p_t)) so that E[w L_t] = mean_t L_t. Its history is
+    training state that snapshots do not restore (the safe loader rebuilds objects from their arguments):
+    after a resume it warms up again."""
 
     def __init__(self, T: int, history: int = 10, uniform_prob: float = 0.001):
         self.T, self.history, self.uniform_prob = T, history, uniform_prob

@@ -75,7 +75,8 @@ class Conv(torch.nn.Module):
         return conv(x, self.weight.to(x.dtype), self.bias.to(x.dtype), stride=self.stride, padding=self.padding)
 
 @persistence.persistent_class
-class Linear(torch.nn.Module):
+class FullyConnected(torch.nn.Module):
+    """improved-diffusion's linear() layer (named apart from training.networks.Linear: the loader picks classes by name)."""
     def __init__(self, in_features, out_features):
         super().__init__()
         self.weight = _param([out_features, in_features], in_features)
@@ -159,7 +160,7 @@ class ResBlock(torch.nn.Module):
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = torch.nn.Sequential(GroupNorm32(channels), SiLU(), Conv(channels, out_channels, 3, dims, padding=1))
-        self.emb_layers = torch.nn.Sequential(SiLU(), Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        self.emb_layers = torch.nn.Sequential(SiLU(), FullyConnected(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
         self.out_layers = torch.nn.Sequential(GroupNorm32(out_channels), SiLU(), Dropout(dropout),
                                               Conv(out_channels, out_channels, 3, dims, padding=1, zero_init=True))
         if out_channels == channels:
@@ -238,7 +239,7 @@ class UNetModel(torch.nn.Module):
         emb_channels = model_channels * 4
         block = dict(emb_channels=emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, dims=dims)
 
-        self.time_embed = torch.nn.Sequential(Linear(model_channels, emb_channels), SiLU(), Linear(emb_channels, emb_channels))
+        self.time_embed = torch.nn.Sequential(FullyConnected(model_channels, emb_channels), SiLU(), FullyConnected(emb_channels, emb_channels))
         if num_classes is not None:
             self.label_emb = Embedding(num_classes, emb_channels)
 

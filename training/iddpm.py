@@ -351,7 +351,7 @@ class iDDPMLoss:
     torch.randn_like for eps.
     """
 
-    def __init__(self, schedule: str = 'cosine', T: int = 4000, loss_type: str = 'hybrid', lambda_vlb: float = 0.001,
+    def __init__(self, schedule: str = 'cosine', T: int = 1000, loss_type: str = 'hybrid', lambda_vlb: float = 0.001,
                  importance_sampling: bool = False):
         if loss_type not in ('hybrid', 'vlb', 'simple'):
             raise ValueError(f'unknown iDDPM loss_type {loss_type!r}; expected hybrid, vlb or simple')
@@ -578,8 +578,8 @@ def _preset(img_resolution, channel_mult, attention_rates, dropout, model_channe
         adm_network_kwargs=dict(common, model_type='DhariwalUNet', model_channels=model_channels, channel_mult=list(channel_mult),
                                 num_blocks=3, attn_resolutions=[img_resolution // r for r in attention_rates], dropout=dropout),
         loss_kwargs=dict(class_name='training.iddpm.iDDPMLoss', schedule='cosine', T=4000, loss_type='hybrid', lambda_vlb=0.001),
-        training=dict(lr=lr, batch=batch, ema_decay=0.9999, ema_halflife_kimg=ema_halflife_kimg(0.9999, batch), lr_rampup_kimg=0,
-                      augment=0),
+        training=dict(lr=lr, batch=batch, ema_decay=0.9999, ema_halflife_kimg=ema_halflife_kimg(0.9999, batch), ema_rampup_ratio=None,
+                      lr_rampup_kimg=0, augment=0),
     )
 
 PRESETS = {

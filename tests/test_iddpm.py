@@ -224,3 +224,20 @@ def test_training_loop_trains_samples_and_scores_an_iddpm_model(tmp_path):
         images = torch.randint(0, 256, [2, 3, 8, 8], dtype=torch.uint8)
         bpd, nfe = iddpm.vlb_bits_per_dim(net, images, labels)
     assert nfe == 40 and bpd.shape == (2,) and (bpd > 0).all()
+
+
+def test_samplers_run_edms_own_iddpmprecond_raw():
+    # EDM's iDDPMPrecond (ADM, cosine, M steps, model sees the step index): raw with its variances, and
+    # through D(x; sigma) as any denoiser; DDIM, which needs no variances, agrees between the two.
+    from training import networks, sampling
+    torch.manual_seed(0)
+    net = networks.iDDPMPrecond(img_resolution=8, img_channels=3, label_dim=2, M=100, model_channels=16,
+                                channel_mult=[1], num_blocks=1, attn_resolutions=[]).eval()
+    with torch.no_grad():
+        for p in net.model.out_conv.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        z, labels = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.eye(2)
+        raw = sampling.SAMPLERS['iddpm_ddim'](net, z, labels, num_steps=4)
+        via_d = sampling.SAMPLERS['iddpm_ddim'](sampling.GuidedDenoiser(net, net, 1), z, labels, num_steps=4)
+    assert iddpm.diffusion_of(net).var_type == 'learned_range'
+    assert rel(via_d, raw) <= 1e-4

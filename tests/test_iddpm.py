@@ -60,6 +60,8 @@ def test_respacing_rejects_impossible_requests():
         iddpm.space_timesteps(1000, 'ddim37')
     with pytest.raises(ValueError, match='section'):
         iddpm.space_timesteps(10, [6, 6])
+    with pytest.raises(ValueError, match='T > 20'):
+        iddpm.make_diffusion('linear', 20)
 
 
 @pytest.mark.parametrize('name', ['hybrid_loss_cosine', 'hybrid_loss_linear4000'])
@@ -212,7 +214,7 @@ def test_training_loop_trains_samples_and_scores_an_iddpm_model(tmp_path):
         loss_kwargs=dict(class_name='training.iddpm.iDDPMLoss', schedule='linear', T=40),
         optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-3), augment_kwargs=dict(class_name='training.augment.AugmentPipe', p=0.5, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1),
         seed=0, batch_size=8, total_kimg=0.016, ema_halflife_kimg=0.1, lr_rampup_kimg=0, kimg_per_tick=0.016,
-        snapshot_ticks=1, state_dump_ticks=None, device=torch.device('cpu'), print_summary=False)
+        snapshot_ticks=1, state_dump_ticks=None, device=torch.device('cpu'), print_summary=True)
     snap = persistence.load_network_pkl(str(tmp_path / 'run' / 'network-snapshot-000000.pkl'))
     net, loss_fn = snap['ema'], snap['loss_fn']
     assert isinstance(loss_fn, iddpm.iDDPMLoss) and loss_fn.T == net.M == 40

@@ -115,8 +115,8 @@ class Diffusion:
         if var_type not in VAR_TYPES:
             raise ValueError(f'unknown variance type {var_type!r}; expected one of {", ".join(VAR_TYPES)}')
         betas = np.asarray(betas, dtype=np.float64)
-        if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
-            raise ValueError('betas must be a 1-D array in (0, 1]')
+        if betas.ndim != 1 or not ((betas > 0) & (betas < 1)).all():
+            raise ValueError('betas must be a 1-D array in (0, 1) (the linear schedule needs T > 20: its last beta is 20/T)')
         self.var_type = var_type
         self.num_timesteps = len(betas)
         self.timestep_map = np.arange(len(betas)) if timestep_map is None else np.asarray(timestep_map, dtype=np.int64)

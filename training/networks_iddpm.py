@@ -397,6 +397,8 @@ class iDDPMDiscretePrecond(torch.nn.Module):
     def forward(self, x, sigma=None, class_labels=None, force_fp32=False, timesteps=None, augment_labels=None):
         if timesteps is not None:
             return self.raw(x, timesteps, class_labels, force_fp32, augment_labels)
+        if sigma is None:
+            raise ValueError('iDDPMDiscretePrecond needs sigma (the EDM denoiser) or timesteps= (the raw output)')
         # EDM denoiser (Eq. 7 with iDDPM's Table 1 column): D = x - sigma eps(x / sqrt(sigma^2 + 1), t(sigma)).
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)

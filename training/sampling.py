@@ -27,6 +27,7 @@ import torch
 
 import dnnlib
 from training.networks import iddpm_u, vp_sigma, vp_sigma_deriv, vp_sigma_inv  # Table 1 schedules, shared
+from training.iddpm import iddpm_ddim_sampler, iddpm_sampler  # discrete-time iDDPM (respaced, DDIM)
 
 # ----------------------------------------------------------------------------
 # Time step discretisations (Table 1, "time steps"): small pure functions returning the float64
@@ -750,6 +751,8 @@ SAMPLERS: dict[str, Callable] = {
     'dpmpp_2m_sde': dpmpp_2m_sde_sampler,
     'dpmpp_3m_sde': dpmpp_3m_sde_sampler,
     'unipc': unipc_sampler,
+    'iddpm': iddpm_sampler,
+    'iddpm_ddim': iddpm_ddim_sampler,
 }
 
 # The options that select the ablation sampler when no sampler is named (the paper's generate.py rule).

@@ -1,0 +1,582 @@
+"""EDM2's configurations C, E and G at small scale ("Analyzing and Improving the Training Dynamics of
+Diffusion Models", Karras et al. 2024, Table 1), after the public re-implementation FutureXiang/edm2 (the
+"seed"): its U-Nets `UNetC`, `UNetE`, `UNetG` (constructor arguments `image_shape, n_channels, ch_mults,
+is_attn, attn_channels_per_head, dropout, n_blocks`) inside its `EDM` wrapper (EDM preconditioning and the
+learned loss weighting u(sigma), `reweight_mlp`). State_dict names are the seed's, so its checkpoints load.
+
+The ladder (how the three differ; everything has no bias and no additive embedding):
+- C: PyTorch Conv2d/Linear, pre-activation residual blocks GroupNorm(32) -> SiLU -> conv -> GroupNorm ->
+  *(1 + Linear(emb)) -> SiLU -> dropout -> conv, plain sums and concatenations, cosine attention.
+- E: C with magnitude-preserving learned layers: weights N(0,1) at init, used as normalize(w)/sqrt(fan_in),
+  and in training mode *forced* weight normalisation (the stored weight is overwritten by normalize(w) on
+  every forward, EDM2 Eq. 47); every block output clipped to +-256.
+- G: E without any normalisation layer, with MP-SiLU, MP-sum / MP-concat (EDM2 Eqs. 88, 103), pixel-normed
+  encoder skip paths, scalar gains on the embedding modulation and on the output.
+
+`EDM` also has the project's denoiser interface (`net(x, sigma, class_labels)`, `round_sigma`, `sigma_min`,
+`sigma_max`, `img_resolution`, `img_channels`, `label_dim`); `EDMSmallLoss` is the seed's loss as a project
+loss callable. `LADDER_RECIPES` are the seed's training recipes as data.
+
+This module's source is embedded in network pickles; it imports only numpy, torch, the standard library and
+torch_utils.persistence.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from torch_utils import persistence
+
+#----------------------------------------------------------------------------
+# Pure functions.
+
+def f32_sqrt(x):
+    """sqrt in float32 (the seed's constants are float32 numbers)."""
+    return np.sqrt(x, dtype=np.float32)
+
+def normalize(w, eps=1e-4):
+    """Unit RMS per output row (EDM2 Eq. 47): w / (eps + ||w_i|| / sqrt(fan_in)) over all dims but the first."""
+    dim = list(range(1, w.ndim))
+    norm = torch.linalg.vector_norm(w, dim=dim, keepdim=True)
+    return w / torch.add(eps, norm, alpha=f32_sqrt(norm.numel() / w.numel()))
+
+def pixel_norm(x, dim=1, eps=1e-8):
+    """x / sqrt(mean(x^2) + eps) over `dim`."""
+    return x / torch.sqrt(torch.mean(x ** 2, dim=dim, keepdim=True) + eps)
+
+def mp_silu(x):
+    """SiLU / 0.596: unit output RMS for unit-normal input (config G)."""
+    return F.silu(x) / 0.596
+
+def mp_sum(a, b, t=0.3):
+    """Magnitude-preserving sum ((1 - t) a + t b) / sqrt((1 - t)^2 + t^2) (EDM2 Eq. 88; G uses t = 0.3)."""
+    wa = 1.0 - t
+    return (wa * a + t * b) / f32_sqrt(wa ** 2 + t ** 2)
+
+def mp_cat(a, b, t=0.5):
+    """Magnitude-preserving concatenation over channels (EDM2 Eq. 103): a and b contribute (1 - t) : t."""
+    wa = 1.0 - t
+    na, nb = a.shape[1], b.shape[1]
+    c = torch.cat([wa * a / f32_sqrt(na), t * b / f32_sqrt(nb)], dim=1)
+    return c * f32_sqrt(na + nb) / f32_sqrt(wa ** 2 + t ** 2)
+
+def edm_small_coefficients(sigma, sigma_data=0.5):
+    """(c_skip, c_out, c_in, c_noise) of EDM preconditioning (Karras et al. 2022, Table 1), c_noise = ln(sigma)/4,
+    in the seed's operation order (float32 sigma)."""
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+def edm_small_weight(sigma, sigma_data=0.5):
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (EDM's loss weight)."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+def seed_epoch_lr(ep, lrate, warm_epoch, tref_epoch=None):
+    """The seed's per-epoch learning rate (0-based epoch `ep`): linear warm-up lrate * (ep + 1) / warm_epoch
+    for ep < warm_epoch, then lrate / sqrt(max(ep / tref_epoch, 1)) (EDM2's inverse square root, Eq. 67, in
+    epochs). tref_epoch=None: no decay (the seed's default t_ref = n_epoch is never reached)."""
+    if ep < warm_epoch:
+        return lrate * min((ep + 1.0) / warm_epoch, 1.0)
+    if tref_epoch is None:
+        return lrate
+    return lrate / math.sqrt(max(ep / tref_epoch, 1.0))
+
+def epoch_lr_schedule(cur_nimg, batch_size, ref_lr, epoch_kimg, warm_epoch=200, tref_epoch=None):
+    """seed_epoch_lr in the training loop's lr_kwargs convention (func_name
+    'training.networks_edm2small.epoch_lr_schedule'): epoch = cur_nimg // (epoch_kimg * 1000), the lr held
+    for the whole epoch. epoch_kimg is the dataset size in thousands of images."""
+    del batch_size
+    ep = int(cur_nimg // max(round(epoch_kimg * 1000), 1))
+    return float(seed_epoch_lr(ep, ref_lr, warm_epoch, tref_epoch))
+
+#----------------------------------------------------------------------------
+# Learned layers: C's are PyTorch's (bias-free, default init); E and G's are magnitude-preserving.
+
+class MPConv2d(torch.nn.Module):
+    """Conv2d with forced weight normalisation: N(0,1) init, weight normalize(w)/sqrt(fan_in), and in
+    training mode the stored weight is replaced by normalize(w) before each use (EDM2 config E)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.stride = stride
+        self.padding = padding
+
+    def effective_weight(self):
+        if self.training:
+            with torch.no_grad():
+                self.weight.copy_(normalize(self.weight))
+        return normalize(self.weight) / f32_sqrt(self.weight[0].numel())
+
+    def forward(self, x):
+        return F.conv2d(x, self.effective_weight(), None, self.stride, self.padding)
+
+
+class MPLinear(MPConv2d):
+    """Linear layer with forced weight normalisation (see MPConv2d)."""
+
+    def __init__(self, in_features, out_features):
+        torch.nn.Module.__init__(self)
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features))
+
+    def forward(self, x):
+        return F.linear(x, self.effective_weight())
+
+
+class Gain(torch.nn.Module):
+    """A learned scalar gain g (config G): 1 on the embedding modulation, 0 on the output."""
+
+    def __init__(self, init=0.0):
+        super().__init__()
+        self.g = torch.nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, x):
+        return x * self.g
+
+
+class Fourier(torch.nn.Module):
+    """cos(2 pi (f a + phi)) with fixed random f ~ N(0,1), phi ~ U(0,1) (parameters without gradient);
+    times sqrt(2) in config G (unit RMS)."""
+
+    def __init__(self, embedding_size=256, mp=False):
+        super().__init__()
+        self.frequencies = torch.nn.Parameter(torch.randn(embedding_size), requires_grad=False)
+        self.phases = torch.nn.Parameter(torch.rand(embedding_size), requires_grad=False)
+        self.mp = mp
+
+    def forward(self, a):
+        b = torch.cos((2 * np.pi) * (a[:, None] * self.frequencies[None, :] + self.phases[None, :]))
+        return b * f32_sqrt(2.0) if self.mp else b
+
+
+class _Layers:
+    """Which learned layers and fixed functions a config uses."""
+
+    def __init__(self, config):
+        self.config = config
+        self.mp_weights = config in ('E', 'G')   # forced weight normalisation
+        self.clip = config in ('E', 'G')         # +-256 after every encoder/decoder block
+        self.mp = config == 'G'                  # magnitude-preserving functions, no normalisation layers
+
+    def conv(self, cin, cout, k, padding=0):
+        if self.mp_weights:
+            return MPConv2d(cin, cout, k, 1, padding)
+        return torch.nn.Conv2d(cin, cout, k, 1, padding, bias=False)
+
+    def linear(self, cin, cout):
+        return MPLinear(cin, cout) if self.mp_weights else torch.nn.Linear(cin, cout, bias=False)
+
+    def act(self, x):
+        return mp_silu(x) if self.mp else F.silu(x)
+
+
+def _group_norm(x, groups=32):
+    return F.group_norm(x, groups, eps=1e-5)
+
+#----------------------------------------------------------------------------
+# Blocks. State_dict names: res.{linear, gain, shortcut, conv1, conv2.1}, attn.{projection, output}.
+
+class Embedding(torch.nn.Module):
+    """Noise embedding of width n_channels from c_noise: Fourier(n_channels / 4) -> Linear -> SiLU -> Linear
+    -> SiLU (C, E); -> Linear -> MP-SiLU (G)."""
+
+    def __init__(self, n_channels, layers):
+        super().__init__()
+        self._layers = layers
+        self.fourier = Fourier(n_channels // 4, mp=layers.mp)
+        self.linear1 = layers.linear(n_channels // 4, n_channels)
+        if not layers.mp:
+            self.linear2 = layers.linear(n_channels, n_channels)
+
+    def forward(self, c_noise):
+        emb = self._layers.act(self.linear1(self.fourier(c_noise)))
+        if not self._layers.mp:
+            emb = F.silu(self.linear2(emb))
+        return emb
+
+
+class Reweighting(torch.nn.Module):
+    """The learned uncertainty u(sigma) = Linear(Fourier(256)(ln(sigma) / 4)) (EDM2's logvar)."""
+
+    def __init__(self, layers, n_channels=256):
+        super().__init__()
+        self.fourier = Fourier(n_channels, mp=layers.mp)
+        self.linear = layers.linear(n_channels, 1)
+
+    def forward(self, c_noise):
+        return self.linear(self.fourier(c_noise))
+
+
+class ResBlock(torch.nn.Module):
+    """Residual block with multiplicative conditioning; `kind` 'enc' resamples with 2x2 average pooling
+    ('down'), 'dec' with nearest 2x ('up')."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, dropout, resample, kind, layers):
+        super().__init__()
+        self._layers = layers
+        self.kind = kind
+        self.resample = resample
+        self.linear = layers.linear(emb_channels, out_channels)
+        if layers.mp:
+            self.gain = Gain(1.0)
+        if in_channels != out_channels:
+            self.shortcut = layers.conv(in_channels, out_channels, 1)
+        conv1_in = out_channels if (layers.mp and kind == 'enc') else in_channels
+        self.conv1 = layers.conv(conv1_in, out_channels, 3, padding=1)
+        self.conv2 = torch.nn.Sequential(torch.nn.Dropout(dropout), layers.conv(out_channels, out_channels, 3, padding=1))
+
+    def _resample(self, x):
+        if not self.resample:
+            return x
+        if self.kind == 'enc':
+            return F.avg_pool2d(x, 2)
+        return F.interpolate(x, scale_factor=2, mode='nearest')
+
+    def _shortcut(self, x):
+        return self.shortcut(x) if hasattr(self, 'shortcut') else x
+
+    def _modulation(self, emb):
+        emb = self.linear(emb)
+        if self._layers.mp:
+            emb = self.gain(emb)
+        return (1 + emb)[:, :, None, None]
+
+    def forward(self, x, emb):
+        act = self._layers.act
+        if not self._layers.mp:  # C, E: pre-activation with GroupNorm, plain sum
+            r = _group_norm(self.conv1(self._resample(act(_group_norm(x)))))
+            r = self.conv2(act(r * self._modulation(emb)))
+            return self._shortcut(self._resample(x)) + r
+        if self.kind == 'enc':  # G encoder: the pixel-normed skip path starts the residual branch
+            main = pixel_norm(self._shortcut(self._resample(x)))
+            r = self.conv1(act(main))
+        else:                   # G decoder: conv1 reads the input, the 1x1 shortcut comes after
+            main = self._resample(x)
+            r = self.conv1(act(main))
+            main = self._shortcut(main)
+        r = self.conv2(act(r * self._modulation(emb)))
+        return mp_sum(main, r)
+
+
+class AttentionBlock(torch.nn.Module):
+    """Cosine self-attention: 1x1 qkv projection grouped per head as [q|k|v], q, k, v pixel-normalised over
+    the head dimension, q and k scaled by d_k^(-1/4), softmax over keys, 1x1 output conv; joined by a plain
+    sum (C, E) or mp_sum (G). attn_channels_per_head None: one head."""
+
+    def __init__(self, n_channels, d_k, layers):
+        super().__init__()
+        self._layers = layers
+        d_k = n_channels if d_k is None else d_k
+        if n_channels % d_k != 0:
+            raise ValueError(f'attn_channels_per_head={d_k} does not divide {n_channels} channels')
+        self.n_heads = n_channels // d_k
+        self.d_k = d_k
+        self.scale = 1 / math.sqrt(math.sqrt(d_k))
+        self.projection = layers.conv(n_channels, n_channels * 3, 1)
+        self.output = layers.conv(n_channels, n_channels, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.projection(x).flatten(2).permute(0, 2, 1).reshape(b, h * w, self.n_heads, 3 * self.d_k)
+        q, k, v = (pixel_norm(t, dim=3) for t in qkv.chunk(3, dim=-1))
+        attn = torch.einsum('bihd,bjhd->bijh', q * self.scale, k * self.scale).softmax(dim=2)
+        res = torch.einsum('bijh,bjhd->bihd', attn, v).reshape(b, h * w, c).permute(0, 2, 1).reshape(b, c, h, w)
+        res = self.output(res)
+        return mp_sum(x, res) if self._layers.mp else x + res
+
+
+class UNetBlock(torch.nn.Module):
+    """A residual block, optional attention, and (E, G) the +-256 clip. `up` marks the up-sampling decoder
+    blocks, which take no U-Net skip."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, dropout, resample, has_attn, attn_channels_per_head,
+                 kind, layers):
+        super().__init__()
+        self._layers = layers
+        self.up = resample and kind == 'dec'
+        self.res = ResBlock(in_channels, out_channels, emb_channels, dropout, resample, kind, layers)
+        if has_attn:
+            self.attn = AttentionBlock(out_channels, attn_channels_per_head, layers)
+
+    def forward(self, x, emb):
+        x = self.res(x, emb)
+        if hasattr(self, 'attn'):
+            x = self.attn(x)
+        if self._layers.clip:
+            x = torch.clip(x, -256, 256)
+        return x
+
+#----------------------------------------------------------------------------
+# The U-Nets.
+
+class _UNet(torch.nn.Module):
+    """The seed's U-Net of config `CONFIG`. Per level: n_blocks - 1 encoder blocks and a down-sampling block
+    (none at the lowest level), n_blocks decoder blocks and an up-sampling block (none at the highest);
+    middle: a block with attention and a plain one. The input gets a constant-ones channel.
+
+    forward(x, t, ret_activation=False): `t` is c_noise = ln(sigma)/4 of shape [N] (or [1], broadcast);
+    with ret_activation, also {'out_k': output of the k-th decoder block of `up`}."""
+    CONFIG = None
+
+    def __init__(self, image_shape=(3, 32, 32), n_channels=128, ch_mults=(1, 2, 2, 2),
+                 is_attn=(False, True, False, False), attn_channels_per_head=None, dropout=0.1, n_blocks=3):
+        super().__init__()
+        if len(is_attn) != len(ch_mults):
+            raise ValueError(f'is_attn has {len(is_attn)} entries, ch_mults {len(ch_mults)}; give one per level')
+        if n_blocks < 2:
+            raise ValueError(f'n_blocks must be at least 2 (got {n_blocks})')
+        self.image_shape = list(image_shape)
+        layers = _Layers(self.CONFIG)
+        self._layers = layers
+        emb_channels = n_channels * 4
+        block = lambda cin, cout, resample, attn, kind: UNetBlock(
+            cin, cout, emb_channels, dropout, resample, attn, attn_channels_per_head, kind, layers)
+
+        self.image_proj = layers.conv(image_shape[0] + 1, n_channels, 3, padding=1)
+        self.embedding = Embedding(emb_channels, layers)
+
+        down, skips = [], [n_channels]
+        cin = n_channels
+        for level, mult in enumerate(ch_mults):
+            cout = n_channels * mult
+            for _ in range(n_blocks - 1):
+                down.append(block(cin, cout, False, is_attn[level], 'enc'))
+                skips.append(cout)
+                cin = cout
+            if level < len(ch_mults) - 1:
+                down.append(block(cout, cout, True, False, 'enc'))
+                skips.append(cout)
+        self.down = torch.nn.ModuleList(down)
+        self.middle1 = block(cin, cin, False, True, 'enc')
+        self.middle2 = block(cin, cin, False, False, 'enc')
+
+        up = []
+        for level in reversed(range(len(ch_mults))):
+            cout = n_channels * ch_mults[level]
+            for _ in range(n_blocks):
+                up.append(block(cin + skips.pop(), cout, False, is_attn[level], 'dec'))
+                cin = cout
+            if level > 0:
+                up.append(block(cout, cout, True, False, 'dec'))
+        self.up = torch.nn.ModuleList(up)
+
+        if layers.mp:
+            self.final = torch.nn.Sequential(layers.conv(cin, image_shape[0], 3, padding=1), Gain(0.0))
+        else:
+            self.final = torch.nn.Sequential(torch.nn.GroupNorm(8, cin, affine=False), torch.nn.SiLU(),
+                                             layers.conv(cin, image_shape[0], 3, padding=1))
+
+    def forward(self, x, t, ret_activation=False):
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        x = self.image_proj(x)
+        emb = self.embedding(t)
+        skips = [x]
+        for m in self.down:
+            x = m(x, emb)
+            skips.append(x)
+        x = self.middle2(self.middle1(x, emb), emb)
+        acts = {}
+        for m in self.up:
+            if not m.up:
+                s = skips.pop()
+                x = mp_cat(x, s) if self._layers.mp else torch.cat([x, s], dim=1)
+            x = m(x, emb)
+            acts[f'out_{len(acts) + 1}'] = x
+        x = self.final(x)
+        return (x, acts) if ret_activation else x
+
+    def get_reweighting(self):
+        return Reweighting(self._layers)
+
+    @staticmethod
+    def forward_reweighting(mlp, sigma):
+        """u(sigma) as [N,1,1,1] from sigma of any shape."""
+        return mlp(sigma.flatten().log() / 4)[:, :, None, None]
+
+
+@persistence.persistent_class
+class UNetC(_UNet):
+    """Config C: standard layers (see the module docstring)."""
+    CONFIG = 'C'
+
+@persistence.persistent_class
+class UNetE(_UNet):
+    """Config E: C with forced weight normalisation and the +-256 clip."""
+    CONFIG = 'E'
+
+@persistence.persistent_class
+class UNetG(_UNet):
+    """Config G: E without normalisation layers, magnitude-preserving functions and learned gains."""
+    CONFIG = 'G'
+
+NET_TYPES = {'UNetC': UNetC, 'UNetE': UNetE, 'UNetG': UNetG}
+
+#----------------------------------------------------------------------------
+# The EDM wrapper.
+
+@persistence.persistent_class
+class EDM(torch.nn.Module):
+    """The seed's EDM module: `nn_model` (UNetC/E/G built from net_type and the seed's network arguments)
+    and `reweight_mlp` (u(sigma)). D(x; sigma) = c_skip x + c_out F(c_in x; ln(sigma)/4) (Karras et al. 2022,
+    Eq. 7 and Table 1).
+
+    img_resolution, img_channels, label_dim -- the project's network interface (image_shape =
+        [img_channels, img_resolution, img_resolution]); the seed's networks are unconditional (label_dim 0).
+    net_type -- 'UNetC', 'UNetE' or 'UNetG'.
+    n_channels, ch_mults, is_attn, attn_channels_per_head, dropout, n_blocks -- the U-Net's (the seed's names).
+    sigma_data, p_mean, p_std, sigma_min, sigma_max, rho, S_min, S_max, S_noise -- the seed's `diffusion`
+        block (p_mean / p_std are used by EDMSmallLoss's defaults only through train.py; S_* are unused).
+
+    forward(x, sigma, class_labels=None, return_logvar=False) is the project's denoiser; D_x is the seed's.
+    """
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, net_type='UNetC', n_channels=128,
+                 ch_mults=(1, 2, 2, 2), is_attn=(False, True, False, False), attn_channels_per_head=None,
+                 dropout=0.1, n_blocks=3, sigma_data=0.5, p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80,
+                 rho=7, S_min=0.01, S_max=1, S_noise=1.007):
+        super().__init__()
+        if net_type not in NET_TYPES:
+            raise ValueError(f'unknown net_type {net_type!r}; expected one of {", ".join(NET_TYPES)}')
+        if label_dim:
+            raise ValueError(f'the C/E/G networks are unconditional; got label_dim={label_dim} (train with --cond=0)')
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = 0
+        self.net_type = net_type
+        self.sigma_data = sigma_data
+        self.p_mean = p_mean
+        self.p_std = p_std
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.rho = rho
+        self.S_min, self.S_max, self.S_noise = S_min, S_max, S_noise
+        self.nn_model = NET_TYPES[net_type](
+            image_shape=[img_channels, img_resolution, img_resolution], n_channels=n_channels, ch_mults=ch_mults,
+            is_attn=is_attn, attn_channels_per_head=attn_channels_per_head, dropout=dropout, n_blocks=n_blocks)
+        self.reweight_mlp = self.nn_model.get_reweighting()
+
+    def D_x(self, x_noised, sigma, ret_activation=False):
+        """The seed's denoiser: float32 x and sigma (sigma broadcastable to [N,1,1,1], or one scalar)."""
+        x_noised = x_noised.to(torch.float32)
+        sigma = torch.as_tensor(sigma, device=x_noised.device).to(torch.float32)
+        c_skip, c_out, c_in, c_noise = edm_small_coefficients(sigma, torch.tensor(self.sigma_data, dtype=torch.float32))
+        F_x = self.nn_model(c_in * x_noised, c_noise.flatten(), ret_activation)
+        if ret_activation:
+            return c_skip * x_noised + c_out * F_x[0], F_x[1]
+        return c_skip * x_noised + c_out * F_x
+
+    def logvar(self, sigma):
+        """u(sigma) as [N,1,1,1]."""
+        return self.nn_model.forward_reweighting(self.reweight_mlp, torch.as_tensor(sigma).to(torch.float32))
+
+    def forward(self, x, sigma, class_labels=None, return_logvar=False, augment_labels=None):
+        if augment_labels is not None:
+            raise ValueError('the C/E/G networks take no augmentation labels (train with --augment=0)')
+        del class_labels  # unconditional
+        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
+        D_x = self.D_x(x, sigma)
+        if not return_logvar:
+            return D_x
+        return D_x, self.logvar(sigma)
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+
+def edm_from_config(config):
+    """An EDM from one of the seed's configs (a parsed config/<dataset>/<C|E|G>.yaml: `net_type`, `network`,
+    `diffusion`), e.g. ../shared/golden/edm2small_configs.json's entries."""
+    network = dict(config['network'])
+    image_shape = network.pop('image_shape')
+    if image_shape[1] != image_shape[2]:
+        raise ValueError(f'image_shape {image_shape}: only square images are supported')
+    return EDM(img_resolution=image_shape[1], img_channels=image_shape[0], net_type=config['net_type'],
+               **network, **config['diffusion'])
+
+#----------------------------------------------------------------------------
+# The loss.
+
+@persistence.persistent_class
+class EDMSmallLoss:
+    """The seed's loss (EDM.forward) as a project loss: ln(sigma) ~ N(P_mean, P_std^2),
+
+        L = lambda(sigma) (y - D(y + sigma n; sigma))^2 / e^u(sigma) + u(sigma),
+
+    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, u the network's reweight_mlp (EDM2's
+    uncertainty weighting). `images` are in [-1, 1] (the seed maps its [0, 1] input there itself). Returns the
+    unreduced loss (the seed returns its mean). Draws torch.randn([N,1,1,1]) for sigma, then torch.randn_like
+    for the noise (the seed's order). Augmentation is refused: the networks have no augmentation labels."""
+
+    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sigma_data = sigma_data
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        del labels
+        if augment_pipe is not None:
+            raise ValueError('EDMSmallLoss takes no augmentation pipe (the C/E/G networks have no augmentation labels)')
+        rnd_normal = torch.randn((images.shape[0], 1, 1, 1), device=images.device)
+        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
+        noise = torch.randn_like(images)
+        x_noised = images + noise * sigma
+        weight = edm_small_weight(sigma, self.sigma_data)
+        denoised, u = net(x_noised, sigma, None, return_logvar=True)
+        return weight * ((images - denoised) ** 2) / u.exp() + u
+
+#----------------------------------------------------------------------------
+# The seed's recipes as data (config/<dataset>/<C|E>.yaml, newest commit; G from commit ffdda02), plus the
+# quick-start digits. Network arguments are EDM's; `train` holds the training values in the seed's units.
+
+_DIFFUSION = dict(sigma_data=0.5, p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80, rho=7,
+                  S_min=0.01, S_max=1, S_noise=1.007)
+_CIFAR_NET = dict(n_channels=128, ch_mults=[1, 2, 2, 2], is_attn=[False, True, False, False],
+                  attn_channels_per_head=None, dropout=0.13, n_blocks=3)
+# The digits (scripts/quickstart.py: 1,797 16x16 grayscale images): the quick start's size, no dropout.
+_DIGITS_NET = dict(n_channels=32, ch_mults=[1, 2, 2], is_attn=[False, True, False],
+                   attn_channels_per_head=None, dropout=0.0, n_blocks=2)
+_LINEAR = dict(n_epoch=15, batch_size=128, lrate=0.001, timestep=4, blockname='out_6')
+
+def _recipe(net_type, network, n_epoch, batch_size, lrate, warm_epoch, tref_epoch, dataset_size, **more):
+    return dict(network=dict(net_type=net_type, **network, **_DIFFUSION),
+                train=dict(n_epoch=n_epoch, batch_size=batch_size, lrate=lrate, warm_epoch=warm_epoch,
+                           tref_epoch=tref_epoch, dataset_size=dataset_size, ema=0.9993, xflip=True,
+                           P_mean=-1.2, P_std=1.2, **more),
+                linear=dict(_LINEAR))
+
+LADDER_RECIPES = {
+    'cifar10/C': _recipe('UNetC', _CIFAR_NET, 1000, 512, 4e-4, 200, None, 50000),
+    'cifar10/E': _recipe('UNetE', _CIFAR_NET, 2000, 512, 2e-2, 200, 400, 50000),
+    'cifar10/G': _recipe('UNetG', _CIFAR_NET, 2000, 128, 5e-3, 200, 400, 50000),
+    'cifar100/C': _recipe('UNetC', _CIFAR_NET, 1000, 512, 4e-4, 200, None, 50000),
+    'cifar100/E': _recipe('UNetE', _CIFAR_NET, 2000, 512, 2e-2, 200, 400, 50000),
+    'cifar100/G': _recipe('UNetG', _CIFAR_NET, 2000, 128, 5e-3, 200, 400, 50000),
+    # Digits: ~40 kimg at batch 64 (the EDM quick start's budget) = 22 epochs of 1,797 images; warm-up
+    # 2 epochs and t_ref 4 epochs keep the seed's proportions (warm-up 1/10 of C's run, t_ref 1/5 of E's).
+    'digits/C': _recipe('UNetC', _DIGITS_NET, 22, 64, 4e-4, 2, None, 1797),
+    'digits/E': _recipe('UNetE', _DIGITS_NET, 22, 64, 2e-2, 2, 4, 1797),
+    'digits/G': _recipe('UNetG', _DIGITS_NET, 22, 64, 5e-3, 2, 4, 1797),
+}
+for _k in ('digits/C', 'digits/E', 'digits/G'):
+    LADDER_RECIPES[_k]['linear'].update(timestep=4, blockname='out_2')
+
+
+def recipe_training_kwargs(key):
+    """The training loop's kwargs for LADDER_RECIPES[key] (network_kwargs without the dataset's shape,
+    loss_kwargs, lr_kwargs, batch_size, total_kimg, ema beta per step)."""
+    r = LADDER_RECIPES[key]
+    t = r['train']
+    network_kwargs = dict(class_name='training.networks_edm2small.EDM', **r['network'])
+    loss_kwargs = dict(class_name='training.networks_edm2small.EDMSmallLoss', P_mean=t['P_mean'], P_std=t['P_std'],
+                       sigma_data=r['network']['sigma_data'])
+    lr_kwargs = dict(func_name='training.networks_edm2small.epoch_lr_schedule', ref_lr=t['lrate'],
+                     epoch_kimg=t['dataset_size'] / 1000, warm_epoch=t['warm_epoch'], tref_epoch=t['tref_epoch'])
+    return dict(network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, lr_kwargs=lr_kwargs,
+                batch_size=t['batch_size'], total_kimg=t['n_epoch'] * t['dataset_size'] / 1000, ema_beta=t['ema'],
+                xflip=t['xflip'])
+
+#----------------------------------------------------------------------------

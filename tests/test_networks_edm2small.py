@@ -2,6 +2,7 @@
 ../shared/golden/edm2small_*: the networks in eval and train mode, the loss and its gradients, the
 learning-rate schedules and the seed's configs."""
 
+import io
 import json
 import pickle
 from unittest import mock
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from torch_utils import persistence
 from training import networks_edm2small as S
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -86,7 +88,7 @@ def test_train_mode_renormalisation_is_visible(golden):
 
 def test_mp_weight_layers_normalise_in_place_only_in_training():
     torch.manual_seed(0)
-    conv = S.MPConv2d(4, 3, 3, padding=1)
+    conv = S.Conv2d(4, 3, 3, padding=1, config='E')
     w0 = conv.weight.detach().clone()
     x = torch.randn(2, 4, 5, 5)
     conv.eval()(x)
@@ -116,6 +118,13 @@ def test_denoiser_interface_and_pickle():
         assert net.sigma_min == 0.002 and net.sigma_max == 80 and net.label_dim == 0
         clone = pickle.loads(pickle.dumps(net))
         assert torch.equal(clone(x, sigma), D)
+        # The safe loader (persistent classes and torch containers only) rebuilds every config.
+        for net_type in S.NET_TYPES:
+            net = S.EDM(img_resolution=8, img_channels=1, net_type=net_type, n_channels=32, ch_mults=[1, 2],
+                        is_attn=[False, True], dropout=0.1, n_blocks=2).eval()
+            buf = io.BytesIO(pickle.dumps(dict(ema=net)))
+            loaded = persistence.load_network_pkl(buf)['ema']
+            assert type(loaded).__name__ == 'EDM' and torch.equal(loaded(x, sigma), net(x, sigma))
     with pytest.raises(ValueError, match='unconditional'):
         S.EDM(img_resolution=8, img_channels=1, label_dim=10)
     with pytest.raises(ValueError, match='net_type'):

@@ -94,39 +94,93 @@ def epoch_lr_schedule(cur_nimg, batch_size, ref_lr, epoch_kimg, warm_epoch=200, 
     return float(seed_epoch_lr(ep, ref_lr, warm_epoch, tref_epoch))
 
 #----------------------------------------------------------------------------
-# Learned layers: C's are PyTorch's (bias-free, default init); E and G's are magnitude-preserving.
+# Layers. Every module class is persistent (the safe loader admits only those and torch containers): C's
+# Conv2d/Linear are PyTorch's layers re-declared (bias-free, PyTorch's default init), E and G's are
+# magnitude-preserving. A module's config ('C', 'E' or 'G') selects its variant.
 
-class MPConv2d(torch.nn.Module):
-    """Conv2d with forced weight normalisation: N(0,1) init, weight normalize(w)/sqrt(fan_in), and in
-    training mode the stored weight is replaced by normalize(w) before each use (EDM2 config E)."""
+def _mp_weights(config):
+    return config in ('E', 'G')   # forced weight normalisation, and the +-256 clip after every block
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+def _mp(config):
+    return config == 'G'          # magnitude-preserving functions, no normalisation layers
+
+def _forced_weight(layer):
+    """normalize(w) / sqrt(fan_in); in training mode the stored weight first becomes normalize(w) (EDM2 Eq. 47)."""
+    if layer.training:
+        with torch.no_grad():
+            layer.weight.copy_(normalize(layer.weight))
+    return normalize(layer.weight) / f32_sqrt(layer.weight[0].numel())
+
+
+@persistence.persistent_class
+class Conv2d(torch.nn.Module):
+    """Bias-free 2-D convolution. Config C: torch.nn.Conv2d's weight and init (kaiming_uniform_, a = sqrt 5);
+    E, G: N(0,1) init and forced weight normalisation."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, padding=0, config='C'):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
-        self.stride = stride
+        self.config = config
         self.padding = padding
-
-    def effective_weight(self):
-        if self.training:
+        self.weight = torch.nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        if _mp_weights(config):
             with torch.no_grad():
-                self.weight.copy_(normalize(self.weight))
-        return normalize(self.weight) / f32_sqrt(self.weight[0].numel())
+                self.weight.copy_(torch.randn(self.weight.shape))
+        else:
+            torch.nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x):
-        return F.conv2d(x, self.effective_weight(), None, self.stride, self.padding)
+        w = _forced_weight(self) if _mp_weights(self.config) else self.weight
+        return F.conv2d(x, w, None, 1, self.padding)
 
 
-class MPLinear(MPConv2d):
-    """Linear layer with forced weight normalisation (see MPConv2d)."""
+@persistence.persistent_class
+class Linear(torch.nn.Module):
+    """Bias-free linear layer; init and weight treatment as Conv2d."""
 
-    def __init__(self, in_features, out_features):
-        torch.nn.Module.__init__(self)
-        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features))
+    def __init__(self, in_features, out_features, config='C'):
+        super().__init__()
+        self.config = config
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features))
+        if _mp_weights(config):
+            with torch.no_grad():
+                self.weight.copy_(torch.randn(self.weight.shape))
+        else:
+            torch.nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x):
-        return F.linear(x, self.effective_weight())
+        w = _forced_weight(self) if _mp_weights(self.config) else self.weight
+        return F.linear(x, w)
 
 
+@persistence.persistent_class
+class Dropout(torch.nn.Module):
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return F.dropout(x, self.p, self.training) if self.p > 0 else x
+
+
+@persistence.persistent_class
+class GroupNorm(torch.nn.Module):
+    """GroupNorm without affine parameters (eps 1e-5)."""
+
+    def __init__(self, num_groups=32):
+        super().__init__()
+        self.num_groups = num_groups
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, eps=1e-5)
+
+
+@persistence.persistent_class
+class SiLU(torch.nn.Module):
+    def forward(self, x):
+        return F.silu(x)
+
+
+@persistence.persistent_class
 class Gain(torch.nn.Module):
     """A learned scalar gain g (config G): 1 on the embedding modulation, 0 on the output."""
 
@@ -138,6 +192,7 @@ class Gain(torch.nn.Module):
         return x * self.g
 
 
+@persistence.persistent_class
 class Fourier(torch.nn.Module):
     """cos(2 pi (f a + phi)) with fixed random f ~ N(0,1), phi ~ U(0,1) (parameters without gradient);
     times sqrt(2) in config G (unit RMS)."""
@@ -153,25 +208,8 @@ class Fourier(torch.nn.Module):
         return b * f32_sqrt(2.0) if self.mp else b
 
 
-class _Layers:
-    """Which learned layers and fixed functions a config uses."""
-
-    def __init__(self, config):
-        self.config = config
-        self.mp_weights = config in ('E', 'G')   # forced weight normalisation
-        self.clip = config in ('E', 'G')         # +-256 after every encoder/decoder block
-        self.mp = config == 'G'                  # magnitude-preserving functions, no normalisation layers
-
-    def conv(self, cin, cout, k, padding=0):
-        if self.mp_weights:
-            return MPConv2d(cin, cout, k, 1, padding)
-        return torch.nn.Conv2d(cin, cout, k, 1, padding, bias=False)
-
-    def linear(self, cin, cout):
-        return MPLinear(cin, cout) if self.mp_weights else torch.nn.Linear(cin, cout, bias=False)
-
-    def act(self, x):
-        return mp_silu(x) if self.mp else F.silu(x)
+def _act(config, x):
+    return mp_silu(x) if _mp(config) else F.silu(x)
 
 
 def _group_norm(x, groups=32):
@@ -180,54 +218,57 @@ def _group_norm(x, groups=32):
 #----------------------------------------------------------------------------
 # Blocks. State_dict names: res.{linear, gain, shortcut, conv1, conv2.1}, attn.{projection, output}.
 
+@persistence.persistent_class
 class Embedding(torch.nn.Module):
     """Noise embedding of width n_channels from c_noise: Fourier(n_channels / 4) -> Linear -> SiLU -> Linear
     -> SiLU (C, E); -> Linear -> MP-SiLU (G)."""
 
-    def __init__(self, n_channels, layers):
+    def __init__(self, n_channels, config):
         super().__init__()
-        self._layers = layers
-        self.fourier = Fourier(n_channels // 4, mp=layers.mp)
-        self.linear1 = layers.linear(n_channels // 4, n_channels)
-        if not layers.mp:
-            self.linear2 = layers.linear(n_channels, n_channels)
+        self.config = config
+        self.fourier = Fourier(n_channels // 4, mp=_mp(config))
+        self.linear1 = Linear(n_channels // 4, n_channels, config=config)
+        if not _mp(config):
+            self.linear2 = Linear(n_channels, n_channels, config=config)
 
     def forward(self, c_noise):
-        emb = self._layers.act(self.linear1(self.fourier(c_noise)))
-        if not self._layers.mp:
+        emb = _act(self.config, self.linear1(self.fourier(c_noise)))
+        if not _mp(self.config):
             emb = F.silu(self.linear2(emb))
         return emb
 
 
+@persistence.persistent_class
 class Reweighting(torch.nn.Module):
     """The learned uncertainty u(sigma) = Linear(Fourier(256)(ln(sigma) / 4)) (EDM2's logvar)."""
 
-    def __init__(self, layers, n_channels=256):
+    def __init__(self, config, n_channels=256):
         super().__init__()
-        self.fourier = Fourier(n_channels, mp=layers.mp)
-        self.linear = layers.linear(n_channels, 1)
+        self.fourier = Fourier(n_channels, mp=_mp(config))
+        self.linear = Linear(n_channels, 1, config=config)
 
     def forward(self, c_noise):
         return self.linear(self.fourier(c_noise))
 
 
+@persistence.persistent_class
 class ResBlock(torch.nn.Module):
     """Residual block with multiplicative conditioning; `kind` 'enc' resamples with 2x2 average pooling
     ('down'), 'dec' with nearest 2x ('up')."""
 
-    def __init__(self, in_channels, out_channels, emb_channels, dropout, resample, kind, layers):
+    def __init__(self, in_channels, out_channels, emb_channels, dropout, resample, kind, config):
         super().__init__()
-        self._layers = layers
+        self.config = config
         self.kind = kind
         self.resample = resample
-        self.linear = layers.linear(emb_channels, out_channels)
-        if layers.mp:
+        self.linear = Linear(emb_channels, out_channels, config=config)
+        if _mp(config):
             self.gain = Gain(1.0)
         if in_channels != out_channels:
-            self.shortcut = layers.conv(in_channels, out_channels, 1)
-        conv1_in = out_channels if (layers.mp and kind == 'enc') else in_channels
-        self.conv1 = layers.conv(conv1_in, out_channels, 3, padding=1)
-        self.conv2 = torch.nn.Sequential(torch.nn.Dropout(dropout), layers.conv(out_channels, out_channels, 3, padding=1))
+            self.shortcut = Conv2d(in_channels, out_channels, 1, config=config)
+        conv1_in = out_channels if (_mp(config) and kind == 'enc') else in_channels
+        self.conv1 = Conv2d(conv1_in, out_channels, 3, padding=1, config=config)
+        self.conv2 = torch.nn.Sequential(Dropout(dropout), Conv2d(out_channels, out_channels, 3, padding=1, config=config))
 
     def _resample(self, x):
         if not self.resample:
@@ -241,13 +282,13 @@ class ResBlock(torch.nn.Module):
 
     def _modulation(self, emb):
         emb = self.linear(emb)
-        if self._layers.mp:
+        if _mp(self.config):
             emb = self.gain(emb)
         return (1 + emb)[:, :, None, None]
 
     def forward(self, x, emb):
-        act = self._layers.act
-        if not self._layers.mp:  # C, E: pre-activation with GroupNorm, plain sum
+        act = lambda x: _act(self.config, x)
+        if not _mp(self.config):  # C, E: pre-activation with GroupNorm, plain sum
             r = _group_norm(self.conv1(self._resample(act(_group_norm(x)))))
             r = self.conv2(act(r * self._modulation(emb)))
             return self._shortcut(self._resample(x)) + r
@@ -262,22 +303,23 @@ class ResBlock(torch.nn.Module):
         return mp_sum(main, r)
 
 
+@persistence.persistent_class
 class AttentionBlock(torch.nn.Module):
     """Cosine self-attention: 1x1 qkv projection grouped per head as [q|k|v], q, k, v pixel-normalised over
     the head dimension, q and k scaled by d_k^(-1/4), softmax over keys, 1x1 output conv; joined by a plain
     sum (C, E) or mp_sum (G). attn_channels_per_head None: one head."""
 
-    def __init__(self, n_channels, d_k, layers):
+    def __init__(self, n_channels, d_k, config):
         super().__init__()
-        self._layers = layers
+        self.config = config
         d_k = n_channels if d_k is None else d_k
         if n_channels % d_k != 0:
             raise ValueError(f'attn_channels_per_head={d_k} does not divide {n_channels} channels')
         self.n_heads = n_channels // d_k
         self.d_k = d_k
         self.scale = 1 / math.sqrt(math.sqrt(d_k))
-        self.projection = layers.conv(n_channels, n_channels * 3, 1)
-        self.output = layers.conv(n_channels, n_channels, 1)
+        self.projection = Conv2d(n_channels, n_channels * 3, 1, config=config)
+        self.output = Conv2d(n_channels, n_channels, 1, config=config)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -286,27 +328,28 @@ class AttentionBlock(torch.nn.Module):
         attn = torch.einsum('bihd,bjhd->bijh', q * self.scale, k * self.scale).softmax(dim=2)
         res = torch.einsum('bijh,bjhd->bihd', attn, v).reshape(b, h * w, c).permute(0, 2, 1).reshape(b, c, h, w)
         res = self.output(res)
-        return mp_sum(x, res) if self._layers.mp else x + res
+        return mp_sum(x, res) if _mp(self.config) else x + res
 
 
+@persistence.persistent_class
 class UNetBlock(torch.nn.Module):
     """A residual block, optional attention, and (E, G) the +-256 clip. `up` marks the up-sampling decoder
     blocks, which take no U-Net skip."""
 
     def __init__(self, in_channels, out_channels, emb_channels, dropout, resample, has_attn, attn_channels_per_head,
-                 kind, layers):
+                 kind, config):
         super().__init__()
-        self._layers = layers
+        self.config = config
         self.up = resample and kind == 'dec'
-        self.res = ResBlock(in_channels, out_channels, emb_channels, dropout, resample, kind, layers)
+        self.res = ResBlock(in_channels, out_channels, emb_channels, dropout, resample, kind, config)
         if has_attn:
-            self.attn = AttentionBlock(out_channels, attn_channels_per_head, layers)
+            self.attn = AttentionBlock(out_channels, attn_channels_per_head, config)
 
     def forward(self, x, emb):
         x = self.res(x, emb)
         if hasattr(self, 'attn'):
             x = self.attn(x)
-        if self._layers.clip:
+        if _mp_weights(self.config):
             x = torch.clip(x, -256, 256)
         return x
 
@@ -330,14 +373,13 @@ class _UNet(torch.nn.Module):
         if n_blocks < 2:
             raise ValueError(f'n_blocks must be at least 2 (got {n_blocks})')
         self.image_shape = list(image_shape)
-        layers = _Layers(self.CONFIG)
-        self._layers = layers
+        config = self.CONFIG
         emb_channels = n_channels * 4
         block = lambda cin, cout, resample, attn, kind: UNetBlock(
-            cin, cout, emb_channels, dropout, resample, attn, attn_channels_per_head, kind, layers)
+            cin, cout, emb_channels, dropout, resample, attn, attn_channels_per_head, kind, config)
 
-        self.image_proj = layers.conv(image_shape[0] + 1, n_channels, 3, padding=1)
-        self.embedding = Embedding(emb_channels, layers)
+        self.image_proj = Conv2d(image_shape[0] + 1, n_channels, 3, padding=1, config=config)
+        self.embedding = Embedding(emb_channels, config)
 
         down, skips = [], [n_channels]
         cin = n_channels
@@ -364,11 +406,10 @@ class _UNet(torch.nn.Module):
                 up.append(block(cout, cout, True, False, 'dec'))
         self.up = torch.nn.ModuleList(up)
 
-        if layers.mp:
-            self.final = torch.nn.Sequential(layers.conv(cin, image_shape[0], 3, padding=1), Gain(0.0))
+        if _mp(config):
+            self.final = torch.nn.Sequential(Conv2d(cin, image_shape[0], 3, padding=1, config=config), Gain(0.0))
         else:
-            self.final = torch.nn.Sequential(torch.nn.GroupNorm(8, cin, affine=False), torch.nn.SiLU(),
-                                             layers.conv(cin, image_shape[0], 3, padding=1))
+            self.final = torch.nn.Sequential(GroupNorm(8), SiLU(), Conv2d(cin, image_shape[0], 3, padding=1, config=config))
 
     def forward(self, x, t, ret_activation=False):
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
@@ -383,14 +424,14 @@ class _UNet(torch.nn.Module):
         for m in self.up:
             if not m.up:
                 s = skips.pop()
-                x = mp_cat(x, s) if self._layers.mp else torch.cat([x, s], dim=1)
+                x = mp_cat(x, s) if _mp(self.CONFIG) else torch.cat([x, s], dim=1)
             x = m(x, emb)
             acts[f'out_{len(acts) + 1}'] = x
         x = self.final(x)
         return (x, acts) if ret_activation else x
 
     def get_reweighting(self):
-        return Reweighting(self._layers)
+        return Reweighting(self.CONFIG)
 
     @staticmethod
     def forward_reweighting(mlp, sigma):

@@ -246,3 +246,33 @@ def split_indices(num: int, holdout: float, seed: int = 0) -> tuple[np.ndarray, 
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 #----------------------------------------------------------------------------
+# Output: probe.csv, probe.json and probe.png (accuracy against block, one line per noise level).
+
+def write_results(outdir: str, results: Sequence[ProbeResult], config: dict) -> None:
+    """probe.json (config + rows), probe.csv and probe.png in `outdir`, each written atomically."""
+    import csv
+    import json
+    import os
+    import dnnlib
+    from torch_utils.plot import line_plot
+    os.makedirs(outdir, exist_ok=True)
+    rows = [dataclasses.asdict(r) for r in results]
+    with dnnlib.util.atomic_write(os.path.join(outdir, 'probe.json'), 'w') as f:
+        json.dump(dict(config=config, rows=rows), f, indent=1)
+    columns = ['timestep', 'sigma', 'block', 'module', 'channels', 'accuracy']
+    with dnnlib.util.atomic_write(os.path.join(outdir, 'probe.csv'), 'w') as f:
+        writer = csv.writer(f, lineterminator='\n')
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([f'{row[c]:.6g}' if c in ('sigma', 'accuracy') else row[c] for c in columns])
+    series = {}
+    for r in results:
+        xs, ys = series.setdefault(f't={r.timestep} (sigma {r.sigma:.3g})', ([], []))
+        xs.append(int(r.block.rsplit('_', 1)[-1]))
+        ys.append(100 * r.accuracy)
+    best = max(results, key=lambda r: r.accuracy)
+    line_plot(series, os.path.join(outdir, 'probe.png'), title=f'Linear probe ({os.path.basename(str(config.get("network", "")))})',
+              xlabel='decoder block k (out_k)', ylabel='top-1 accuracy (%)',
+              highlight=(int(best.block.rsplit('_', 1)[-1]), 100 * best.accuracy))
+
+#----------------------------------------------------------------------------

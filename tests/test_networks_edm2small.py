@@ -220,3 +220,24 @@ def test_recipe_training_kwargs():
     assert lr(0) == pytest.approx(2e-2 / 200) and lr(800 * 50000) == pytest.approx(2e-2 / np.sqrt(2))
     c = S.recipe_training_kwargs('digits/C')['lr_kwargs']
     assert S.epoch_lr_schedule(cur_nimg=21 * 1797, batch_size=64, **{k: v for k, v in c.items() if k != 'func_name'}) == 4e-4
+
+
+def test_arch_records_build_and_train_one_step():
+    """Each LADDER_ARCHS record builds its network (with --cbase/--cres/--blocks applied) and its loss, and
+    one optimizer step on its loss and lr schedule keeps every parameter finite."""
+    assert S.ema_halflife_kimg(0.9993, 512) == pytest.approx(506.8, abs=0.1)
+    for name, rec in S.LADDER_ARCHS.items():
+        kw = S.ladder_network_kwargs(rec['network_kwargs']['net_type'], cbase=32, cres=[1, 2], blocks=2, dropout=0)
+        assert kw['is_attn'] == [False, True]
+        kw.pop('class_name')
+        torch.manual_seed(0)
+        net = S.EDM(img_resolution=8, img_channels=1, **kw).train()
+        loss_fn = S.EDMSmallLoss(P_mean=rec['defaults']['P_mean'], P_std=rec['defaults']['P_std'])
+        lr_kwargs = {k: v for k, v in rec['lr_kwargs'].items() if k != 'func_name'}
+        lr = S.epoch_lr_schedule(cur_nimg=0, batch_size=4, epoch_kimg=0.1, **lr_kwargs)
+        assert lr == pytest.approx(rec['defaults']['lr'] / 200), name
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        loss = loss_fn(net=net, images=torch.rand(4, 1, 8, 8) * 2 - 1).sum()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in net.parameters()), name

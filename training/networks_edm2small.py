@@ -618,6 +618,52 @@ def recipe_training_kwargs(key):
                      epoch_kimg=t['dataset_size'] / 1000, warm_epoch=t['warm_epoch'], tref_epoch=t['tref_epoch'])
     return dict(network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, lr_kwargs=lr_kwargs,
                 batch_size=t['batch_size'], total_kimg=t['n_epoch'] * t['dataset_size'] / 1000, ema_beta=t['ema'],
-                xflip=t['xflip'])
+                ema_halflife_kimg=ema_halflife_kimg(t['ema'], t['batch_size']), xflip=t['xflip'])
+
+#----------------------------------------------------------------------------
+# What train.py's architecture table needs for --arch=edm2small-{c,e,g} (train.py option names). The network's
+# img_resolution / img_channels / label_dim come from the dataset as for every family; the lr schedule needs
+# the dataset size (epoch_kimg = len(dataset) / 1000) because the seed's schedule counts epochs.
+
+def ema_halflife_kimg(beta, batch_size):
+    """The half-life (thousands of images) of a per-step EMA with decay beta: batch * ln(1/2) / ln(beta).
+    The seed's 0.9993 is 990 steps: 507 kimg at batch 512, 63 kimg at batch 64."""
+    return batch_size * math.log(0.5) / math.log(beta) / 1000
+
+
+def ladder_network_kwargs(net_type, cbase=None, cres=None, blocks=None, dropout=None, attn_levels=None):
+    """network_kwargs for train.py: the seed's CIFAR layout (128 channels x [1,2,2,2], 3 blocks, attention at
+    the second level, dropout 0.13) with --cbase/--cres/--blocks/--dropout applied (attention stays at level 1
+    unless attn_levels lists the levels)."""
+    ch_mults = list(cres) if cres is not None else list(_CIFAR_NET['ch_mults'])
+    levels = [1] if attn_levels is None else list(attn_levels)
+    return dict(class_name='training.networks_edm2small.EDM', net_type=net_type,
+                n_channels=cbase if cbase is not None else _CIFAR_NET['n_channels'], ch_mults=ch_mults,
+                is_attn=[i in levels for i in range(len(ch_mults))], attn_channels_per_head=None,
+                dropout=dropout if dropout is not None else _CIFAR_NET['dropout'],
+                n_blocks=blocks if blocks is not None else _CIFAR_NET['n_blocks'], **_DIFFUSION)
+
+
+def _arch(net_type, lr, tref_epoch):
+    return dict(
+        network=f'training.networks_edm2small.{net_type}',        # built through ladder_network_kwargs
+        network_kwargs=ladder_network_kwargs(net_type),
+        options_to_kwargs=dict(cbase='n_channels', cres='ch_mults', blocks='n_blocks', dropout='dropout'),
+        loss_kwargs=dict(class_name='training.networks_edm2small.EDMSmallLoss'),   # + P_mean, P_std, sigma_data
+        lr_kwargs=dict(func_name='training.networks_edm2small.epoch_lr_schedule', ref_lr=lr, warm_epoch=200,
+                       tref_epoch=tref_epoch),                                      # + epoch_kimg from the dataset
+        defaults=dict(lr=lr, batch=512, dropout=0.13, P_mean=-1.2, P_std=1.2, xflip=True, augment=0.0,
+                      ema=ema_halflife_kimg(0.9993, 512) / 1000, cond=False),
+        refused=dict(cond='the networks are unconditional', augment='no augmentation labels (use --xflip)',
+                     precond='EDM preconditioning is built in', uncertainty='always on (reweight_mlp)',
+                     loss='EDMSmallLoss only', fp16='fp32 only', bf16='fp32 only', conv_groups='not supported',
+                     label_dropout='unconditional'),
+    )
+
+LADDER_ARCHS = {
+    'edm2small-c': _arch('UNetC', 4e-4, None),
+    'edm2small-e': _arch('UNetE', 2e-2, 400),
+    'edm2small-g': _arch('UNetG', 5e-3, 400),
+}
 
 #----------------------------------------------------------------------------

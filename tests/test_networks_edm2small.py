@@ -49,8 +49,9 @@ def golden_edm(g):
 def test_golden_network_eval_and_train(golden, config):
     g = golden(f'edm2small_net_{config}.pt')
     net = golden_edm(g).eval()
-    assert sum(p.numel() for p in net.nn_model.parameters()) == g['param_count']
-    assert sum(p.numel() for p in net.reweight_mlp.parameters()) == g['reweight_param_count']
+    count = lambda m: sum(t.numel() for t in [*m.parameters(), *m.buffers()])  # the seed's Fourier parameters
+    assert count(net.nn_model) == g['param_count']
+    assert count(net.reweight_mlp) == g['reweight_param_count']
     with torch.no_grad():
         assert rel_err(net.D_x(g['x'], g['sigma']), g['output']) <= 3e-6
         assert rel_err(net.logvar(g['sigma']), g['logvar']) <= 3e-6
@@ -148,9 +149,10 @@ def test_golden_loss_and_gradients(golden, config):
     assert rel_err(elements, L['loss_elements']) <= 3e-6
     assert abs(loss.item() - L['loss'].item()) <= 1e-6 * abs(L['loss'].item())
     loss.backward()
-    grads = {k: p.grad for k, p in net.named_parameters() if p.requires_grad}
+    grads = {k: p.grad for k, p in net.named_parameters()}
     assert sorted(grads) == sorted(L['grads'])
-    assert sorted(k for k, p in net.named_parameters() if not p.requires_grad) == sorted(L['no_grad_params'])
+    # The seed's parameters without gradient (the Fourier tensors) are buffers here, under the same names.
+    assert sorted(k for k, _ in net.named_buffers()) == sorted(L['no_grad_params'])
     flat = lambda d: torch.cat([d[k].flatten() for k in sorted(L['grads'])])
     assert rel_err(flat(grads), flat(L['grads'])) <= 1e-5
     for k, ref in L['grads'].items():

@@ -194,13 +194,14 @@ class Gain(torch.nn.Module):
 
 @persistence.persistent_class
 class Fourier(torch.nn.Module):
-    """cos(2 pi (f a + phi)) with fixed random f ~ N(0,1), phi ~ U(0,1) (parameters without gradient);
-    times sqrt(2) in config G (unit RMS)."""
+    """cos(2 pi (f a + phi)) with fixed random f ~ N(0,1), phi ~ U(0,1); times sqrt(2) in config G (unit
+    RMS). The seed stores f and phi as parameters with requires_grad=False; here they are buffers (the same
+    state_dict keys), so a training loop's requires_grad_(True) cannot make them trainable."""
 
     def __init__(self, embedding_size=256, mp=False):
         super().__init__()
-        self.frequencies = torch.nn.Parameter(torch.randn(embedding_size), requires_grad=False)
-        self.phases = torch.nn.Parameter(torch.rand(embedding_size), requires_grad=False)
+        self.register_buffer('frequencies', torch.randn(embedding_size))
+        self.register_buffer('phases', torch.rand(embedding_size))
         self.mp = mp
 
     def forward(self, a):

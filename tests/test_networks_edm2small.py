@@ -243,3 +243,30 @@ def test_arch_records_build_and_train_one_step():
         loss.backward()
         opt.step()
         assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in net.parameters()), name
+
+
+def test_training_loop_trains_a_ladder_network_and_its_snapshot_probes(tiny_zip, tmp_path):
+    """The record's kwargs run through the project's training loop (DDP wrapper, EMA, the epoch schedule),
+    the snapshot reloads through the safe loader, and the probe reads the reloaded EMA network."""
+    from torch_utils import persistence
+    from training import probe, training_loop
+    rec = S.LADDER_ARCHS['edm2small-e']
+    network_kwargs = S.ladder_network_kwargs('UNetE', cbase=32, cres=[1, 2], blocks=2, dropout=0)
+    lr_kwargs = dict(rec['lr_kwargs'], epoch_kimg=0.064, warm_epoch=1)  # tiny_zip: 64 images per epoch
+    training_loop.training_loop(
+        run_dir=str(tmp_path), dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=tiny_zip,
+                                                   use_labels=False, xflip=True),
+        data_loader_kwargs=dict(num_workers=0), network_kwargs=network_kwargs,
+        loss_kwargs=dict(rec['loss_kwargs'], P_mean=-1.2, P_std=1.2),
+        optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=rec['defaults']['lr'], betas=[0.9, 0.999], eps=1e-8),
+        lr_kwargs=lr_kwargs, batch_size=8, total_kimg=0.016, kimg_per_tick=0.008, snapshot_ticks=2,
+        state_dump_ticks=100, seed=1, device=torch.device('cpu'), print_summary=False)
+    snaps = sorted(tmp_path.glob('network-snapshot-*.pkl'))
+    net = persistence.load_network(str(snaps[-1]))
+    assert type(net).__name__ == 'EDM' and net.net_type == 'UNetE'
+    assert not any(p.requires_grad for p in net.parameters())
+    # Forced weight normalisation held during training: every stored conv/linear weight has unit RMS rows.
+    w = net.nn_model.up[0].res.conv1.weight
+    assert torch.allclose(w.square().mean(dim=[1, 2, 3]), torch.ones(w.shape[0]), atol=1e-2)
+    feats = probe.extract_features(net, torch.rand(2, 3, 8, 8) * 2 - 1, [4])
+    assert list(feats[4]) == ['out_1', 'out_2', 'out_3', 'out_4', 'out_5']

@@ -571,24 +571,35 @@ class EDMSmallLoss:
         return weight * ((images - denoised) ** 2) / u.exp() + u
 
 #----------------------------------------------------------------------------
-# The seed's recipes as data (config/<dataset>/<C|E>.yaml, newest commit; G from commit ffdda02), plus the
-# quick-start digits. Network arguments are EDM's; `train` holds the training values in the seed's units.
+# The seed's recipes as data (config/<dataset>/<C|E>.yaml of the newest commit; G.yaml of commit ffdda02, with
+# today's train.py rule), plus the quick-start digits. `network` holds EDM's arguments, `train` the seed's
+# training values in its units (epochs, per-step EMA decay), `linear` its probe settings.
 
 _DIFFUSION = dict(sigma_data=0.5, p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80, rho=7,
                   S_min=0.01, S_max=1, S_noise=1.007)
 _CIFAR_NET = dict(n_channels=128, ch_mults=[1, 2, 2, 2], is_attn=[False, True, False, False],
                   attn_channels_per_head=None, dropout=0.13, n_blocks=3)
-# The digits (scripts/quickstart.py: 1,797 16x16 grayscale images): the quick start's size, no dropout.
+# The digits (scripts/quickstart.py: 1,797 16x16 grayscale images): the EDM quick start's size (32 channels x
+# [1,2,2], one block per level: n_blocks 2 here), attention at 8x8, no dropout.
 _DIGITS_NET = dict(n_channels=32, ch_mults=[1, 2, 2], is_attn=[False, True, False],
                    attn_channels_per_head=None, dropout=0.0, n_blocks=2)
 _LINEAR = dict(n_epoch=15, batch_size=128, lrate=0.001, timestep=4, blockname='out_6')
 
-def _recipe(net_type, network, n_epoch, batch_size, lrate, warm_epoch, tref_epoch, dataset_size, **more):
+
+def _recipe(net_type, network, n_epoch, batch_size, lrate, warm_epoch, tref_epoch, dataset_size, xflip=True,
+            ema=0.9993, linear=None):
     return dict(network=dict(net_type=net_type, **network, **_DIFFUSION),
                 train=dict(n_epoch=n_epoch, batch_size=batch_size, lrate=lrate, warm_epoch=warm_epoch,
-                           tref_epoch=tref_epoch, dataset_size=dataset_size, ema=0.9993, xflip=True,
-                           P_mean=-1.2, P_std=1.2, **more),
-                linear=dict(_LINEAR))
+                           tref_epoch=tref_epoch, dataset_size=dataset_size, ema=ema, xflip=xflip,
+                           P_mean=-1.2, P_std=1.2),
+                linear=dict(_LINEAR, **(linear or {})))
+
+# Digits: 40 kimg at batch 64 (the EDM quick start's budget) = 22 epochs of 1,797 images. Warm-up 2 epochs
+# and t_ref 4 epochs keep the seed's proportions (warm-up 1/10 of its C run, t_ref 1/5 of its E run). No
+# x-flips (a mirrored digit is another symbol). The probe's block is out_2, the second decoder block at
+# 1/4 resolution, as out_6 is at CIFAR's.
+_DIGITS = dict(n_epoch=22, batch_size=64, warm_epoch=2, dataset_size=1797, xflip=False,
+               linear=dict(blockname='out_2'))
 
 LADDER_RECIPES = {
     'cifar10/C': _recipe('UNetC', _CIFAR_NET, 1000, 512, 4e-4, 200, None, 50000),
@@ -597,19 +608,21 @@ LADDER_RECIPES = {
     'cifar100/C': _recipe('UNetC', _CIFAR_NET, 1000, 512, 4e-4, 200, None, 50000),
     'cifar100/E': _recipe('UNetE', _CIFAR_NET, 2000, 512, 2e-2, 200, 400, 50000),
     'cifar100/G': _recipe('UNetG', _CIFAR_NET, 2000, 128, 5e-3, 200, 400, 50000),
-    # Digits: ~40 kimg at batch 64 (the EDM quick start's budget) = 22 epochs of 1,797 images; warm-up
-    # 2 epochs and t_ref 4 epochs keep the seed's proportions (warm-up 1/10 of C's run, t_ref 1/5 of E's).
-    'digits/C': _recipe('UNetC', _DIGITS_NET, 22, 64, 4e-4, 2, None, 1797),
-    'digits/E': _recipe('UNetE', _DIGITS_NET, 22, 64, 2e-2, 2, 4, 1797),
-    'digits/G': _recipe('UNetG', _DIGITS_NET, 22, 64, 5e-3, 2, 4, 1797),
+    'digits/C': _recipe('UNetC', _DIGITS_NET, lrate=4e-4, tref_epoch=None, **_DIGITS),
+    'digits/E': _recipe('UNetE', _DIGITS_NET, lrate=2e-2, tref_epoch=4, **_DIGITS),
+    'digits/G': _recipe('UNetG', _DIGITS_NET, lrate=5e-3, tref_epoch=4, **_DIGITS),
 }
-for _k in ('digits/C', 'digits/E', 'digits/G'):
-    LADDER_RECIPES[_k]['linear'].update(timestep=4, blockname='out_2')
+
+
+def ema_halflife_kimg(beta, batch_size):
+    """The half-life (thousands of images) of a per-step EMA with decay beta: batch * ln(1/2) / ln(beta).
+    The seed's 0.9993 is 990 steps: 507 kimg at batch 512, 63 kimg at batch 64."""
+    return batch_size * math.log(0.5) / math.log(beta) / 1000
 
 
 def recipe_training_kwargs(key):
-    """The training loop's kwargs for LADDER_RECIPES[key] (network_kwargs without the dataset's shape,
-    loss_kwargs, lr_kwargs, batch_size, total_kimg, ema beta per step)."""
+    """The training loop's kwargs for LADDER_RECIPES[key]: network_kwargs (without the dataset's shape),
+    loss_kwargs, lr_kwargs, batch_size, total_kimg, the EMA as a half-life, xflip."""
     r = LADDER_RECIPES[key]
     t = r['train']
     network_kwargs = dict(class_name='training.networks_edm2small.EDM', **r['network'])
@@ -618,19 +631,13 @@ def recipe_training_kwargs(key):
     lr_kwargs = dict(func_name='training.networks_edm2small.epoch_lr_schedule', ref_lr=t['lrate'],
                      epoch_kimg=t['dataset_size'] / 1000, warm_epoch=t['warm_epoch'], tref_epoch=t['tref_epoch'])
     return dict(network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, lr_kwargs=lr_kwargs,
-                batch_size=t['batch_size'], total_kimg=t['n_epoch'] * t['dataset_size'] / 1000, ema_beta=t['ema'],
+                batch_size=t['batch_size'], total_kimg=t['n_epoch'] * t['dataset_size'] / 1000,
                 ema_halflife_kimg=ema_halflife_kimg(t['ema'], t['batch_size']), xflip=t['xflip'])
 
 #----------------------------------------------------------------------------
 # What train.py's architecture table needs for --arch=edm2small-{c,e,g} (train.py option names). The network's
-# img_resolution / img_channels / label_dim come from the dataset as for every family; the lr schedule needs
-# the dataset size (epoch_kimg = len(dataset) / 1000) because the seed's schedule counts epochs.
-
-def ema_halflife_kimg(beta, batch_size):
-    """The half-life (thousands of images) of a per-step EMA with decay beta: batch * ln(1/2) / ln(beta).
-    The seed's 0.9993 is 990 steps: 507 kimg at batch 512, 63 kimg at batch 64."""
-    return batch_size * math.log(0.5) / math.log(beta) / 1000
-
+# img_resolution / img_channels / label_dim come from the dataset as for every family. The lr schedule counts
+# epochs, so it needs epoch_kimg = (images in the dataset, before --xflip doubles them) / 1000.
 
 def ladder_network_kwargs(net_type, cbase=None, cres=None, blocks=None, dropout=None, attn_levels=None):
     """network_kwargs for train.py: the seed's CIFAR layout (128 channels x [1,2,2,2], 3 blocks, attention at
@@ -647,9 +654,8 @@ def ladder_network_kwargs(net_type, cbase=None, cres=None, blocks=None, dropout=
 
 def _arch(net_type, lr, tref_epoch):
     return dict(
-        network=f'training.networks_edm2small.{net_type}',        # built through ladder_network_kwargs
-        network_kwargs=ladder_network_kwargs(net_type),
-        options_to_kwargs=dict(cbase='n_channels', cres='ch_mults', blocks='n_blocks', dropout='dropout'),
+        network_kwargs=ladder_network_kwargs(net_type),   # rebuilt by ladder_network_kwargs(net_type, **options)
+        options_to_kwargs=dict(cbase='cbase', cres='cres', blocks='blocks', dropout='dropout'),
         loss_kwargs=dict(class_name='training.networks_edm2small.EDMSmallLoss'),   # + P_mean, P_std, sigma_data
         lr_kwargs=dict(func_name='training.networks_edm2small.epoch_lr_schedule', ref_lr=lr, warm_epoch=200,
                        tref_epoch=tref_epoch),                                      # + epoch_kimg from the dataset
@@ -658,7 +664,8 @@ def _arch(net_type, lr, tref_epoch):
         refused=dict(cond='the networks are unconditional', augment='no augmentation labels (use --xflip)',
                      precond='EDM preconditioning is built in', uncertainty='always on (reweight_mlp)',
                      loss='EDMSmallLoss only', fp16='fp32 only', bf16='fp32 only', conv_groups='not supported',
-                     label_dropout='unconditional'),
+                     label_dropout='unconditional', lr_schedule='the seed\'s per-epoch schedule is built in',
+                     ema_stds='HalfLifeEMA (the seed: a per-step EMA)'),
     )
 
 LADDER_ARCHS = {
@@ -666,5 +673,21 @@ LADDER_ARCHS = {
     'edm2small-e': _arch('UNetE', 2e-2, 400),
     'edm2small-g': _arch('UNetG', 5e-3, 400),
 }
+
+
+def _preset(key):
+    """A recipe as train.py option values (--preset), plus the schedule's epoch counts for lr_kwargs."""
+    r, t = LADDER_RECIPES[key], LADDER_RECIPES[key]['train']
+    n = r['network']
+    options = dict(arch=f'edm2small-{n["net_type"][-1].lower()}', cond=False,
+                   duration=t['n_epoch'] * t['dataset_size'] / 1e6, batch=t['batch_size'], cbase=n['n_channels'],
+                   cres=list(n['ch_mults']), blocks=n['n_blocks'], dropout=n['dropout'], lr=t['lrate'],
+                   xflip=t['xflip'], augment=0.0, P_mean=t['P_mean'], P_std=t['P_std'],
+                   ema=ema_halflife_kimg(t['ema'], t['batch_size']) / 1000)
+    return dict(options=options, lr_kwargs=dict(warm_epoch=t['warm_epoch'], tref_epoch=t['tref_epoch'],
+                                                 epoch_kimg=t['dataset_size'] / 1000))
+
+# --preset names: edm2small-{c,e,g}-{cifar10,cifar100,digits}.
+LADDER_PRESETS = {f'edm2small-{k.split("/")[1].lower()}-{k.split("/")[0]}': _preset(k) for k in LADDER_RECIPES}
 
 #----------------------------------------------------------------------------

@@ -278,3 +278,11 @@ def test_training_loop_trains_a_ladder_network_and_its_snapshot_probes(tiny_zip,
     assert torch.allclose(w.square().mean(dim=[1, 2, 3]), torch.ones(w.shape[0]), atol=1e-2)
     feats = probe.extract_features(net, torch.rand(2, 3, 8, 8) * 2 - 1, [4])
     assert list(feats[4]) == ['out_1', 'out_2', 'out_3', 'out_4', 'out_5']
+
+
+def test_embedded_source_runs_with_the_papers_modules(golden_dir):
+    """The snapshot-compatibility rule (docs/design.md): this module's embedded source imports only what the
+    paper's modules have, and executes under the paper's loader (tests/test_paper_compat.py's check)."""
+    import test_paper_compat
+    paper_names = json.loads((golden_dir / 'paper_module_names.json').read_text())['modules']
+    test_paper_compat.test_embedded_source_imports_only_names_the_paper_has('training.networks_edm2small', paper_names)

@@ -141,23 +141,26 @@ def dataset_features(net: torch.nn.Module, images: torch.Tensor, timesteps: Sequ
     gen = torch.Generator(device=device).manual_seed(seed * 1000003 + rank)
     randn_like = lambda x: torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
     flip_gen = torch.Generator().manual_seed(seed * 1000003 + rank)
+    to_model = lambda x: ((x.to(torch.float32) / 127.5 - 1) if x.dtype == torch.uint8 else x.to(torch.float32))
     parts = []
     for start in range(0, index.numel(), batch_size):
         idx = index[start:start + batch_size]
-        x = images[idx]
-        x = (x.to(torch.float32) / 127.5 - 1) if x.dtype == torch.uint8 else x.to(torch.float32)
+        x = to_model(images[idx])
         if xflip:
             mirror = torch.rand(x.shape[0], generator=flip_gen) < 0.5
             x = torch.where(mirror[:, None, None, None], x.flip(3), x)
         parts.append(extract_features(net, x.to(device), timesteps, blocks, steps, randn_like))
         if progress is not None:
             progress(x.shape[0] * world)
+    if not parts:  # fewer images than ranks: this rank contributes no rows, of the right width
+        empty = extract_features(net, to_model(images[:1]).to(device), timesteps, blocks, steps)
+        parts = [{t: {b: f[:0] for b, f in fs.items()} for t, fs in empty.items()}]
     names = list(named_blocks(net)) if blocks is None else list(blocks)
     out = {}
     for t in timesteps:
         out[t] = {}
         for b in names:
-            local = torch.cat([p[t][b] for p in parts]) if parts else torch.zeros([0, 1], device=device)
+            local = torch.cat([p[t][b] for p in parts])
             out[t][b] = _gather_rows(local, index.to(device), images.shape[0]).cpu()
     return out
 

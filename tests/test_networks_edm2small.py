@@ -218,13 +218,15 @@ def test_recipe_training_kwargs():
     kw = S.recipe_training_kwargs('cifar10/E')
     assert kw['network_kwargs']['class_name'] == 'training.networks_edm2small.EDM'
     assert kw['total_kimg'] == 2000 * 50
-    lr = lambda nimg: S.epoch_lr_schedule(cur_nimg=nimg, batch_size=512, **{k: v for k, v in kw['lr_kwargs'].items() if k != 'func_name'})
+    schedule = lambda lr_kwargs: {k: v for k, v in lr_kwargs.items() if k != 'func_name'}
+    lr = lambda nimg: S.epoch_lr_schedule(cur_nimg=nimg, batch_size=512, **schedule(kw['lr_kwargs']))
     assert lr(0) == pytest.approx(2e-2 / 200) and lr(800 * 50000) == pytest.approx(2e-2 / np.sqrt(2))
     c = S.recipe_training_kwargs('digits/C')['lr_kwargs']
-    assert S.epoch_lr_schedule(cur_nimg=21 * 1797, batch_size=64, **{k: v for k, v in c.items() if k != 'func_name'}) == 4e-4
+    assert S.epoch_lr_schedule(cur_nimg=21 * 1797, batch_size=64, **schedule(c)) == 4e-4
     # Presets: train.py option values that rebuild the recipe's network.
     p = S.LADDER_PRESETS['edm2small-e-cifar10']
-    assert p['options']['arch'] == 'edm2small-e' and p['options']['duration'] == 100 and p['lr_kwargs']['tref_epoch'] == 400
+    assert p['options']['arch'] == 'edm2small-e' and p['options']['duration'] == 100
+    assert p['lr_kwargs']['tref_epoch'] == 400
     assert p['options']['ema'] == pytest.approx(0.5068, abs=1e-4)
     o = S.LADDER_PRESETS['edm2small-g-digits']['options']
     kw = S.ladder_network_kwargs('UNetG', cbase=o['cbase'], cres=o['cres'], blocks=o['blocks'], dropout=o['dropout'])

@@ -53,7 +53,8 @@ def _family_nets():
     edm2 = networks_edm2.Precond(img_resolution=8, img_channels=1, label_dim=0, model_channels=16,
                                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
     small = networks_edm2small.EDM(img_resolution=8, img_channels=1, net_type='UNetG', n_channels=16,
-                                   ch_mults=[1, 2], is_attn=[False, True], attn_channels_per_head=8, n_blocks=2, dropout=0)
+                                   ch_mults=[1, 2], is_attn=[False, True], attn_channels_per_head=8, n_blocks=2,
+                                   dropout=0)
     return {'song': (song, 'model.dec.'), 'adm': (adm, 'model.dec.'), 'edm2': (edm2, 'unet.dec.'),
             'small': (small, 'nn_model.up.')}
 
@@ -165,7 +166,8 @@ def test_cli_probe_writes_csv_and_png(probe_files, tmp_path):
                                            f'--outdir={out}'])
     assert result.exit_code == 0, result.output + repr(result.exception)
     rows = list(csv.DictReader(open(out / 'probe.csv')))
-    assert [(r['timestep'], r['block']) for r in rows] == [('2', 'out_1'), ('2', 'out_2'), ('10', 'out_1'), ('10', 'out_2')]
+    assert [(r['timestep'], r['block']) for r in rows] == [('2', 'out_1'), ('2', 'out_2'), ('10', 'out_1'),
+                                                           ('10', 'out_2')]
     assert all(0 <= float(r['accuracy']) <= 1 for r in rows)
     assert max(float(r['accuracy']) for r in rows if r['timestep'] == '2') >= 0.8  # brightness is easy at low noise
     assert (out / 'probe.png').stat().st_size > 0 and (out / 'probe.json').is_file()

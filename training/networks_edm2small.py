@@ -9,8 +9,8 @@ The ladder (how the three differ; everything has no bias and no additive embeddi
   *(1 + Linear(emb)) -> SiLU -> dropout -> conv, plain sums and concatenations, cosine attention.
 - E: C with magnitude-preserving learned layers: weights N(0,1) at init, used as normalize(w)/sqrt(fan_in),
   and in training mode *forced* weight normalisation (the stored weight is overwritten by normalize(w) on
-  every forward, EDM2 Eq. 47); every block output clipped to +-256.
-- G: E without any normalisation layer, with MP-SiLU, MP-sum / MP-concat (EDM2 Eqs. 88, 103), pixel-normed
+  every forward, EDM2 config E); every block output clipped to +-256.
+- G: E without any normalisation layer, with MP-SiLU, MP-sum / MP-concat (EDM2 Appendix B), pixel-normed
   encoder skip paths, scalar gains on the embedding modulation and on the output.
 
 `EDM` also has the project's denoiser interface (`net(x, sigma, class_labels)`, `round_sigma`, `sigma_min`,
@@ -37,7 +37,7 @@ def f32_sqrt(x):
     return np.sqrt(x, dtype=np.float32)
 
 def normalize(w, eps=1e-4):
-    """Unit RMS per output row (EDM2 Eq. 47): w / (eps + ||w_i|| / sqrt(fan_in)) over all dims but the first."""
+    """Unit RMS per output row (EDM2's normalize): w / (eps + ||w_i|| / sqrt(fan_in)) over all dims but the first."""
     dim = list(range(1, w.ndim))
     norm = torch.linalg.vector_norm(w, dim=dim, keepdim=True)
     return w / torch.add(eps, norm, alpha=f32_sqrt(norm.numel() / w.numel()))
@@ -51,12 +51,12 @@ def mp_silu(x):
     return F.silu(x) / 0.596
 
 def mp_sum(a, b, t=0.3):
-    """Magnitude-preserving sum ((1 - t) a + t b) / sqrt((1 - t)^2 + t^2) (EDM2 Eq. 88; G uses t = 0.3)."""
+    """Magnitude-preserving sum ((1 - t) a + t b) / sqrt((1 - t)^2 + t^2) (EDM2 Appendix B; G uses t = 0.3)."""
     wa = 1.0 - t
     return (wa * a + t * b) / f32_sqrt(wa ** 2 + t ** 2)
 
 def mp_cat(a, b, t=0.5):
-    """Magnitude-preserving concatenation over channels (EDM2 Eq. 103): a and b contribute (1 - t) : t."""
+    """Magnitude-preserving concatenation over channels (EDM2 Appendix B): a and b contribute (1 - t) : t."""
     wa = 1.0 - t
     na, nb = a.shape[1], b.shape[1]
     c = torch.cat([wa * a / f32_sqrt(na), t * b / f32_sqrt(nb)], dim=1)
@@ -77,7 +77,7 @@ def edm_small_weight(sigma, sigma_data=0.5):
 
 def seed_epoch_lr(ep, lrate, warm_epoch, tref_epoch=None):
     """The seed's per-epoch learning rate (0-based epoch `ep`): linear warm-up lrate * (ep + 1) / warm_epoch
-    for ep < warm_epoch, then lrate / sqrt(max(ep / tref_epoch, 1)) (EDM2's inverse square root, Eq. 67, in
+    for ep < warm_epoch, then lrate / sqrt(max(ep / tref_epoch, 1)) (EDM2's inverse square-root decay, config E, in
     epochs). tref_epoch=None: no decay (the seed's default t_ref = n_epoch is never reached)."""
     if ep < warm_epoch:
         return lrate * min((ep + 1.0) / warm_epoch, 1.0)
@@ -105,7 +105,8 @@ def _mp(config):
     return config == 'G'          # magnitude-preserving functions, no normalisation layers
 
 def _forced_weight(layer):
-    """normalize(w) / sqrt(fan_in); in training mode the stored weight first becomes normalize(w) (EDM2 Eq. 47)."""
+    """normalize(w) / sqrt(fan_in); in training mode the stored weight first becomes normalize(w) (EDM2's
+    forced weight normalisation)."""
     if layer.training:
         with torch.no_grad():
             layer.weight.copy_(normalize(layer.weight))
@@ -269,7 +270,8 @@ class ResBlock(torch.nn.Module):
             self.shortcut = Conv2d(in_channels, out_channels, 1, config=config)
         conv1_in = out_channels if (_mp(config) and kind == 'enc') else in_channels
         self.conv1 = Conv2d(conv1_in, out_channels, 3, padding=1, config=config)
-        self.conv2 = torch.nn.Sequential(Dropout(dropout), Conv2d(out_channels, out_channels, 3, padding=1, config=config))
+        self.conv2 = torch.nn.Sequential(Dropout(dropout),
+                                         Conv2d(out_channels, out_channels, 3, padding=1, config=config))
 
     def _resample(self, x):
         if not self.resample:
@@ -410,7 +412,8 @@ class _UNet(torch.nn.Module):
         if _mp(config):
             self.final = torch.nn.Sequential(Conv2d(cin, image_shape[0], 3, padding=1, config=config), Gain(0.0))
         else:
-            self.final = torch.nn.Sequential(GroupNorm(8), SiLU(), Conv2d(cin, image_shape[0], 3, padding=1, config=config))
+            self.final = torch.nn.Sequential(GroupNorm(8), SiLU(),
+                                             Conv2d(cin, image_shape[0], 3, padding=1, config=config))
 
     def forward(self, x, t, ret_activation=False):
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)

@@ -274,7 +274,8 @@ def write_results(outdir: str, results: Sequence[ProbeResult], config: dict) -> 
         xs.append(int(r.block.rsplit('_', 1)[-1]))
         ys.append(100 * r.accuracy)
     best = max(results, key=lambda r: r.accuracy)
-    line_plot(series, os.path.join(outdir, 'probe.png'), title=f'Linear probe ({os.path.basename(str(config.get("network", "")))})',
+    name = os.path.basename(str(config.get('network', '')))
+    line_plot(series, os.path.join(outdir, 'probe.png'), title=f'Linear probe ({name})',
               xlabel='decoder block k (out_k)', ylabel='top-1 accuracy (%)',
               highlight=(int(best.block.rsplit('_', 1)[-1]), 100 * best.accuracy))
 

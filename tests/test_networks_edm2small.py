@@ -227,7 +227,7 @@ def test_recipe_training_kwargs():
     p = S.LADDER_PRESETS['edm2small-e-cifar10']
     assert p['options']['arch'] == 'edm2small-e' and p['options']['duration'] == 100
     assert p['lr_kwargs']['tref_epoch'] == 400
-    assert p['options']['ema'] == pytest.approx(0.5068, abs=1e-4)
+    assert p['ema_kwargs'] == dict(class_name='training.ema.WarmupEMA', beta=0.9993)
     o = S.LADDER_PRESETS['edm2small-g-digits']['options']
     kw = S.ladder_network_kwargs('UNetG', cbase=o['cbase'], cres=o['cres'], blocks=o['blocks'], dropout=o['dropout'])
     assert {k: kw[k] for k in S.LADDER_RECIPES['digits/G']['network']} == S.LADDER_RECIPES['digits/G']['network']
@@ -269,7 +269,7 @@ def test_training_loop_trains_a_ladder_network_and_its_snapshot_probes(tiny_zip,
         data_loader_kwargs=dict(num_workers=0), network_kwargs=network_kwargs,
         loss_kwargs=dict(rec['loss_kwargs'], P_mean=-1.2, P_std=1.2),
         optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=rec['defaults']['lr'], betas=[0.9, 0.999], eps=1e-8),
-        lr_kwargs=lr_kwargs, batch_size=8, total_kimg=0.016, kimg_per_tick=0.008, snapshot_ticks=2,
+        lr_kwargs=lr_kwargs, ema_kwargs=rec['ema_kwargs'], batch_size=8, total_kimg=0.016, kimg_per_tick=0.008, snapshot_ticks=2,
         state_dump_ticks=100, seed=1, device=torch.device('cpu'), print_summary=False)
     snaps = sorted(tmp_path.glob('network-snapshot-*.pkl'))
     net = persistence.load_network(str(snaps[-1]))

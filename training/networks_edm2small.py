@@ -625,7 +625,7 @@ def ema_halflife_kimg(beta, batch_size):
 
 def recipe_training_kwargs(key):
     """The training loop's kwargs for LADDER_RECIPES[key]: network_kwargs (without the dataset's shape),
-    loss_kwargs, lr_kwargs, batch_size, total_kimg, the EMA as a half-life, xflip."""
+    loss_kwargs, lr_kwargs, ema_kwargs (the seed's per-step EMA with warm-up), batch_size, total_kimg, xflip."""
     r = LADDER_RECIPES[key]
     t = r['train']
     network_kwargs = dict(class_name='training.networks_edm2small.EDM', **r['network'])
@@ -634,8 +634,8 @@ def recipe_training_kwargs(key):
     lr_kwargs = dict(func_name='training.networks_edm2small.epoch_lr_schedule', ref_lr=t['lrate'],
                      epoch_kimg=t['dataset_size'] / 1000, warm_epoch=t['warm_epoch'], tref_epoch=t['tref_epoch'])
     return dict(network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, lr_kwargs=lr_kwargs,
-                batch_size=t['batch_size'], total_kimg=t['n_epoch'] * t['dataset_size'] / 1000,
-                ema_halflife_kimg=ema_halflife_kimg(t['ema'], t['batch_size']), xflip=t['xflip'])
+                ema_kwargs=dict(class_name='training.ema.WarmupEMA', beta=t['ema']),
+                batch_size=t['batch_size'], total_kimg=t['n_epoch'] * t['dataset_size'] / 1000, xflip=t['xflip'])
 
 #----------------------------------------------------------------------------
 # What train.py's architecture table needs for --arch=edm2small-{c,e,g} (train.py option names). The network's
@@ -662,13 +662,15 @@ def _arch(net_type, lr, tref_epoch):
         loss_kwargs=dict(class_name='training.networks_edm2small.EDMSmallLoss'),   # + P_mean, P_std, sigma_data
         lr_kwargs=dict(func_name='training.networks_edm2small.epoch_lr_schedule', ref_lr=lr, warm_epoch=200,
                        tref_epoch=tref_epoch),                                      # + epoch_kimg from the dataset
+        ema_kwargs=dict(class_name='training.ema.WarmupEMA', beta=0.9993),         # the seed's EMA (not --ema)
         defaults=dict(lr=lr, batch=512, dropout=0.13, P_mean=-1.2, P_std=1.2, xflip=True, augment=0.0,
-                      ema=ema_halflife_kimg(0.9993, 512) / 1000, cond=False),
+                      cond=False),
         refused=dict(cond='the networks are unconditional', augment='no augmentation labels (use --xflip)',
                      precond='EDM preconditioning is built in', uncertainty='always on (reweight_mlp)',
                      loss='EDMSmallLoss only', fp16='fp32 only', bf16='fp32 only', conv_groups='not supported',
                      label_dropout='unconditional', lr_schedule='the seed\'s per-epoch schedule is built in',
-                     ema_stds='HalfLifeEMA (the seed: a per-step EMA)'),
+                     ema_stds='the seed\'s per-step EMA (ema_kwargs)',
+                     ema='the seed\'s per-step EMA (ema_kwargs); its half-life: ema_halflife_kimg(0.9993, batch)'),
     )
 
 LADDER_ARCHS = {
@@ -685,10 +687,10 @@ def _preset(key):
     options = dict(arch=f'edm2small-{n["net_type"][-1].lower()}', cond=False,
                    duration=t['n_epoch'] * t['dataset_size'] / 1e6, batch=t['batch_size'], cbase=n['n_channels'],
                    cres=list(n['ch_mults']), blocks=n['n_blocks'], dropout=n['dropout'], lr=t['lrate'],
-                   xflip=t['xflip'], augment=0.0, P_mean=t['P_mean'], P_std=t['P_std'],
-                   ema=ema_halflife_kimg(t['ema'], t['batch_size']) / 1000)
+                   xflip=t['xflip'], augment=0.0, P_mean=t['P_mean'], P_std=t['P_std'])
     return dict(options=options, lr_kwargs=dict(warm_epoch=t['warm_epoch'], tref_epoch=t['tref_epoch'],
-                                                 epoch_kimg=t['dataset_size'] / 1000))
+                                                 epoch_kimg=t['dataset_size'] / 1000),
+                ema_kwargs=dict(class_name='training.ema.WarmupEMA', beta=t['ema']))
 
 # --preset names: edm2small-{c,e,g}-{cifar10,cifar100,digits}.
 LADDER_PRESETS = {f'edm2small-{k.split("/")[1].lower()}-{k.split("/")[0]}': _preset(k) for k in LADDER_RECIPES}

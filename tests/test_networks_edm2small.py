@@ -288,3 +288,17 @@ def test_embedded_source_runs_with_the_papers_modules(golden_dir):
     import test_paper_compat
     paper_names = json.loads((golden_dir / 'paper_module_names.json').read_text())['modules']
     test_paper_compat.test_embedded_source_imports_only_names_the_paper_has('training.networks_edm2small', paper_names)
+
+
+def test_project_samplers_run_on_the_ladder():
+    """The denoiser interface is what the samplers use: Heun's sampler (float64 state) and a k-diffusion
+    sampler run on a C/E/G network and return finite images of the latents' shape."""
+    from training import sampling
+    torch.manual_seed(0)
+    net = S.EDM(img_resolution=8, img_channels=1, net_type='UNetG', n_channels=32, ch_mults=[1, 2],
+                is_attn=[False, True], n_blocks=2, dropout=0).eval()
+    latents = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        for name in ('edm', 'dpmpp_2m'):
+            out = sampling.SAMPLERS[name](net, latents, num_steps=3)
+            assert out.shape == latents.shape and torch.isfinite(out).all(), name

@@ -504,12 +504,14 @@ class EDM(torch.nn.Module):
             is_attn=is_attn, attn_channels_per_head=attn_channels_per_head, dropout=dropout, n_blocks=n_blocks)
         self.reweight_mlp = self.nn_model.get_reweighting()
 
-    def D_x(self, x_noised, sigma, ret_activation=False):
-        """The seed's denoiser: float32 x and sigma (sigma broadcastable to [N,1,1,1], or one scalar)."""
+    def D_x(self, x_noised, sigma, use_amp=False, ret_activation=False):
+        """The seed's denoiser: float32 x and sigma (sigma broadcastable to [N,1,1,1], or one scalar); with
+        ret_activation also {'out_k': k-th decoder block's output}. use_amp: the U-Net under CUDA autocast."""
         x_noised = x_noised.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x_noised.device).to(torch.float32)
-        c_skip, c_out, c_in, c_noise = edm_small_coefficients(sigma, torch.tensor(self.sigma_data, dtype=torch.float32))
-        F_x = self.nn_model(c_in * x_noised, c_noise.flatten(), ret_activation)
+        c_skip, c_out, c_in, c_noise = edm_small_coefficients(sigma, self.sigma_data)
+        with torch.autocast('cuda', enabled=bool(use_amp) and x_noised.device.type == 'cuda'):
+            F_x = self.nn_model(c_in * x_noised, c_noise.flatten(), ret_activation)
         if ret_activation:
             return c_skip * x_noised + c_out * F_x[0], F_x[1]
         return c_skip * x_noised + c_out * F_x

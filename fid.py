@@ -678,5 +678,106 @@ def nll(network_pkl, dataset_path, num_expected, seed, max_batch_size, probe, rt
     dist.barrier()
 
 
+#----------------------------------------------------------------------------
+# probe: linear-probe accuracy of a network's features (training/probe.py).
+
+def _labelled_images(path: str, what: str):
+    """All images (uint8 [N,C,H,W]) and class indices of a labelled dataset."""
+    dataset_obj = _features.open_dataset(path, None, 0, use_labels=True)
+    if not dataset_obj.has_labels:
+        raise click.ClickException(f'{path} has no labels ({what} needs class labels in dataset.json)')
+    images = torch.stack([torch.as_tensor(dataset_obj[i][0]) for i in range(len(dataset_obj))])
+    labels = torch.as_tensor(np.stack([dataset_obj.get_label(i) for i in range(len(dataset_obj))])).argmax(dim=1)
+    return images, labels
+
+
+@main.command()
+@click.option('--network', 'network_pkl', help='Network pickle (its EMA network is probed)', metavar='PATH|URL', type=str, required=True)
+@click.option('--data', 'dataset_path', help='Labelled training images', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--test-data', 'test_path', help='Labelled test images  [default: --holdout of --data]', metavar='PATH|ZIP', type=str, default=None)
+@click.option('--holdout', help='Fraction of --data held out for testing when there is no --test-data', metavar='FLOAT',
+              type=cli.FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=0.2, show_default=True)
+@click.option('--timesteps', help='Timesteps of the 18-step schedule (1 = sigma_min, 18 = sigma_max)', metavar='LIST',
+              type=str, default='4', show_default=True)
+@click.option('--blocks', help='Decoder blocks out_1, out_2, ... (comma-separated) or all', metavar='LIST', type=str,
+              default='all', show_default=True)
+@click.option('--epochs', help='Classifier training epochs', metavar='INT', type=click.IntRange(min=1), default=15, show_default=True)
+@click.option('--batch', 'batch_size', help='Batch size (features and classifier)', metavar='INT', type=click.IntRange(min=1),
+              default=128, show_default=True)
+@click.option('--lr', help='Classifier learning rate (Adam, cosine decay)', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True),
+              default=1e-3, show_default=True)
+@click.option('--passes', help='Training-feature passes (fresh noise and flips each; --epochs = the seed)', metavar='INT',
+              type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--xflip/--no-xflip', help='Random x-flips of the training images', default=True, show_default=True)
+@click.option('--seed', help='Random seed (split, noise, flips, classifier)', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--outdir', help='Where to write probe.csv, probe.json, probe.png', metavar='DIR', type=str, default=None)
+def probe(network_pkl, dataset_path, test_path, holdout, timesteps, blocks, epochs, batch_size, lr, passes, xflip, seed,
+          outdir):
+    """Linear-probe accuracy of a network's decoder features at several noise levels.
+
+    \b
+    Examples:
+    # The seed's grid: timesteps 3-5, every decoder block; 20% of the digits held out
+    python fid.py probe --network=network-snapshot.pkl --data=datasets/digits-16x16.zip \\
+        --timesteps=3-5 --outdir=probe
+    \b
+    # CIFAR-10 at the seed's choice (timestep 4, block out_6)
+    torchrun --standalone --nproc_per_node=2 fid.py probe --network=net.pkl \\
+        --data=datasets/cifar10-32x32.zip --test-data=datasets/cifar10-test-32x32.zip --blocks=out_6
+    """
+    from training import probe as probe_lib
+    _start(0)
+    device = dist.default_device()
+    try:
+        steps = dnnlib.util.parse_int_list(timesteps, min_value=1, max_value=18)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--timesteps')
+
+    def load_all():
+        network = cli.load_net(network_pkl, device=device, verbose=dist.get_rank() == 0)
+        images, labels = _labelled_images(dataset_path, 'probe')
+        if test_path is not None:
+            test_images, test_labels = _labelled_images(test_path, 'probe')
+        else:
+            train_idx, test_idx = probe_lib.split_indices(len(images), holdout, seed)
+            images, labels, test_images, test_labels = images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+        shape = [network.img_channels, network.img_resolution, network.img_resolution]
+        if list(images.shape[1:]) != shape or list(test_images.shape[1:]) != shape:
+            raise click.ClickException(f'the images are {list(images.shape[1:])} / {list(test_images.shape[1:])} (C,H,W) '
+                                       f'but the network models {shape}')
+        return network, images, labels, test_images, test_labels
+    network, images, labels, test_images, test_labels = _rank0_first(load_all)
+    try:
+        names = list(probe_lib.named_blocks(network))
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    if blocks != 'all':
+        wanted = [b.strip() for b in blocks.split(',') if b.strip()]
+        unknown = [b for b in wanted if b not in names]
+        if unknown:
+            raise click.BadParameter(f'unknown blocks {unknown}; this network has {", ".join(names)}', param_hint='--blocks')
+        names = wanted
+    dist.print0(f'Probing {len(steps)} timestep(s) x {len(names)} block(s) of "{network_pkl}": {len(images)} training, '
+                f'{len(test_images)} test images')
+    total = passes * len(images) + len(test_images)
+    with tqdm.tqdm(total=total, unit='img', disable=(dist.get_rank() != 0), dynamic_ncols=True) as bar:
+        results = probe_lib.linear_probe(network, images, labels, test_images, test_labels, timesteps=steps, blocks=names,
+                                         epochs=epochs, batch_size=batch_size, lr=lr, passes=passes, xflip=xflip,
+                                         seed=seed, progress=lambda n: bar.update(min(n, total - bar.n)), device=device)
+    if dist.get_rank() == 0:
+        for r in results:
+            print(f't={r.timestep:2d} sigma={r.sigma:<9.4g} {r.block:>7s} ({r.module}, {r.channels} ch): '
+                  f'{100 * r.accuracy:.2f}%')
+        best = max(results, key=lambda r: r.accuracy)
+        print(f'best: t={best.timestep} {best.block} {100 * best.accuracy:.2f}%')
+        if outdir is not None:
+            config = dict(network=network_pkl, data=dataset_path, test_data=test_path, holdout=None if test_path else holdout,
+                          timesteps=steps, blocks=names, epochs=epochs, batch=batch_size, lr=lr, passes=passes,
+                          xflip=xflip, seed=seed, world_size=dist.get_world_size())
+            probe_lib.write_results(outdir, results, config)
+            print(f'wrote {os.path.join(outdir, "probe.csv")}, probe.json, probe.png')
+    dist.barrier()
+
+
 if __name__ == '__main__':
     main()

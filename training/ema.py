@@ -78,3 +78,46 @@ class HalfLifeEMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.ema.load_state_dict(state, strict=True)
+
+
+def warmup_ema_decay(step_index: int, beta: float, inv_gamma: float = 1.0, power: float = 2 / 3) -> float:
+    """The per-step decay of the EMA that FutureXiang/edm2 uses (the ema_pytorch package with
+    update_after_step=0, update_every=1; crowsonkb's EMA warm-up): 0 at the first update (a copy), then
+    min(1 - (1 + k / inv_gamma)^(-power), beta) at update k = 1, 2, ...; beta = 0.9993 is reached after ~54k steps."""
+    if step_index <= 0:
+        return 0.0
+    return min(1 - (1 + step_index / inv_gamma) ** -power, beta)
+
+
+class WarmupEMA:
+    """A per-step EMA with decay warmup_ema_decay(k, beta): ema <- d ema + (1 - d) net after step k (0-based,
+    counted as cur_nimg / batch_size - 1, so a resumed run continues the same sequence). The EMA of the
+    small-scale EDM2 ladder (training/networks_edm2small.py, beta 0.9993). Buffers keep the values they had
+    when the copy was made, as in HalfLifeEMA."""
+
+    def __init__(self, net: torch.nn.Module, beta: float = 0.9993, inv_gamma: float = 1.0, power: float = 2 / 3):
+        self.net = net
+        self.beta = beta
+        self.inv_gamma = inv_gamma
+        self.power = power
+        self.ema = copy.deepcopy(net).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for p_ema, p_net in zip(self.ema.parameters(), self.net.parameters()):
+            p_ema.copy_(p_net.detach())
+
+    @torch.no_grad()
+    def update(self, cur_nimg: int, batch_size: int) -> None:
+        decay = warmup_ema_decay(round(cur_nimg / batch_size) - 1, self.beta, self.inv_gamma, self.power)
+        for p_ema, p_net in zip(self.ema.parameters(), self.net.parameters()):
+            p_ema.copy_(p_net.detach().lerp(p_ema, decay))
+
+    def get(self) -> list:
+        return [(self.ema, '')]
+
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state, strict=True)

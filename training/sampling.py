@@ -34,6 +34,7 @@ import torch
 
 import dnnlib
 from training.networks import iddpm_u, vp_sigma, vp_sigma_deriv, vp_sigma_inv  # Table 1 schedules, shared
+from training.sde import pc_sampler  # Song et al. 2021's predictor-corrector sampler (training/sde.py)
 
 # ----------------------------------------------------------------------------
 # Time step discretisations (Table 1, "time steps"): small pure functions returning the float64
@@ -704,6 +705,7 @@ SAMPLERS: dict[str, Callable] = {
     'dpmpp_2m_sde': dpmpp_2m_sde_sampler,
     'dpmpp_3m_sde': dpmpp_3m_sde_sampler,
     'unipc': unipc_sampler,
+    'pc': pc_sampler,
 }
 
 # The options that select the ablation sampler when no sampler is named (the paper's generate.py rule).

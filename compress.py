@@ -103,6 +103,8 @@ def describe(steps) -> str:
             parts.append(f'prune {s.get("criterion")} {s.get("scope")} {s.get("region")} {100 * s.get("amount", 0):g}%')
         elif s.get('method') == 'quantize':
             parts.append(str(s.get('dtype')))
+        elif s.get('method') == 'qat':
+            parts.append(f'QAT int{s.get("bits")} {s.get("kimg"):g} kimg' + (' adam8bit' if s.get('optim') == 'adam8bit' else ''))
         else:
             parts.append(str(s.get('method')))
     return ' + '.join(parts) or 'none'
@@ -297,19 +299,19 @@ def prune(network, dest, amount, method, scope, region, seed):
 @main.command()
 @click.option('--network', 'network', help='Network snapshot to quantise', metavar='PKL|URL', type=str, required=True)
 @click.option('--dest', help='Where to write the quantised snapshot', metavar='PKL', type=str, required=True)
-@click.option('--dtype', help='int8: conv/linear weights per-output-channel symmetric int8 (dequantised on load); '
-              'fp16/bf16: all parameters in that dtype (computed in float32)',
-              type=click.Choice(['int8', 'fp16', 'bf16']), required=True)
+@click.option('--dtype', help='int8/int4: conv/linear weights per-output-channel symmetric int8, or int4 packed two '
+              'per byte (dequantised on load); fp16/bf16: all parameters in that dtype (computed in float32)',
+              type=click.Choice(['int8', 'int4', 'fp16', 'bf16']), required=True)
 def quantize(network, dest, dtype):
     """Store the weights of a snapshot's network in low precision."""
     data, _path = load_snapshot(network)
     net = data['ema']
     if isinstance(net, compression.Int8Network):
-        raise click.ClickException(f'--network {network} already holds int8 weights')
+        raise click.ClickException(f'--network {network} already holds int{net.bits} weights')
     progress = lambda layers: tqdm.tqdm(layers, desc=f'quantising to {dtype}', unit='layer', leave=False)  # noqa: E731
     try:
-        if dtype == 'int8':
-            data['ema'] = compression.quantize_int8(net, progress=progress)
+        if dtype in ('int8', 'int4'):
+            data['ema'] = compression.quantize_weights(net, int(dtype[3:]), progress=progress)
             layers = len(data['ema'].int8_layers)
         else:
             compression.to_low_precision(net, dtype)
@@ -318,6 +320,102 @@ def quantize(network, dest, dtype):
         raise click.ClickException(f'--network {network}: {e}') from None
     save_snapshot(data, dest, dict(method='quantize', dtype=dtype, source=network, layers=layers))
     print(f'Wrote {dest} ({dtype}, {layers} conv/linear layers, {os.path.getsize(dest):,} bytes)')
+
+
+def _persistent_kwargs(obj, what: str) -> dict | None:
+    """`class_name` + constructor kwargs of a persistent object from a snapshot (how training_loop builds one)."""
+    if obj is None:
+        return None
+    if not persistence.is_persistent(obj) or obj.init_args:
+        raise click.ClickException(f'the snapshot\'s {what} ({type(obj).__name__}) cannot be rebuilt for training')
+    return dnnlib.EasyDict(class_name=f'{type(obj).__module__}.{type(obj).__name__}', **obj.init_kwargs)
+
+
+def _latest_snapshot(run_dir: str) -> str:
+    names = sorted(f for f in os.listdir(run_dir) if f.startswith('network-snapshot-') and f.endswith('.pkl'))
+    if not names:
+        raise click.ClickException(f'{run_dir}: training wrote no network snapshot')
+    return os.path.join(run_dir, names[-1])
+
+
+@main.command()
+@click.option('--network', 'network', help='Float network snapshot to fine-tune', metavar='PKL|URL', type=str,
+              required=True)
+@click.option('--data', help='Training dataset (the one the network was trained on)', metavar='ZIP|DIR', type=str,
+              required=True)
+@click.option('--dest', help='Where to write the exported low-bit snapshot', metavar='PKL', type=str, required=True)
+@click.option('--bits', help='Weight width of the conv/linear layers', type=click.Choice(['8', '4']), required=True)
+@click.option('--kimg', help='Fine-tuning length', metavar='KIMG', type=click.FloatRange(min=0, min_open=True),
+              default=200, show_default=True)
+@click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=128,
+              show_default=True)
+@click.option('--lr', help='Learning rate (after --lr-rampup)', metavar='FLOAT',
+              type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr-rampup', help='Learning rate ramp-up', metavar='KIMG', type=click.FloatRange(min=0, min_open=True),
+              default=10, show_default=True)
+@click.option('--ema', help='EMA half-life', metavar='KIMG', type=click.FloatRange(min=0), default=10,
+              show_default=True)
+@click.option('--optim', help='Optimizer: Adam, or 8-bit Adam (bitsandbytes)', type=click.Choice(['adam', 'adam8bit']),
+              default='adam', show_default=True)
+@click.option('--run-dir', help='Training folder (log, snapshots)  [default: DEST without .pkl + "-run"]',
+              metavar='DIR', type=str)
+@click.option('--tick', help='How often to print progress', metavar='KIMG', type=click.IntRange(min=1), default=10,
+              show_default=True)
+@click.option('--seed', help='Random seed', metavar='INT', type=int, default=0, show_default=True)
+def qat(network, data, dest, bits, kimg, batch, lr, lr_rampup, ema, optim, run_dir, tick, seed):
+    """Quantisation-aware fine-tuning, then export at that precision.
+
+    Starts from a float snapshot's EMA network, trains it with fake-quantised conv/linear weights
+    (per-output-channel symmetric, straight-through gradient; training.compression.QATNetwork) with the
+    snapshot's own loss and augmentation through training/training_loop.py, and writes --dest: the last EMA
+    network with its weights stored at --bits (int8, or int4 packed two per byte) plus float32 scales, loaded
+    by generate.py and fid.py like any snapshot. The training time is recorded in the snapshot's
+    'compression' entry (the report's training-time column).
+    """
+    from torch_utils import distributed as dist
+    from training import presets, training_loop
+    bits = int(bits)
+    snapshot, _path = load_snapshot(network)
+    if optim == 'adam8bit':
+        try:
+            presets.check_optimizer(optim)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint='--optim') from None
+    if not os.path.exists(data):
+        raise click.BadParameter(f'{data}: no such dataset', param_hint='--data')
+    try:
+        net = compression.qat_network(snapshot['ema'], bits)
+    except ValueError as e:
+        raise click.ClickException(f'--network {network}: {e}') from None
+    if snapshot.get('loss_fn') is None:
+        raise click.ClickException(f'--network {network}: the snapshot has no loss_fn to fine-tune with')
+    run_dir = run_dir or os.path.splitext(dest)[0] + '-run'
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise click.ClickException(f'--run-dir {run_dir} is not empty; remove it or pass another folder')
+    os.makedirs(run_dir, exist_ok=True)
+    start_pkl = os.path.join(run_dir, 'qat-start.pkl')  # the float weights under the QAT wrapper's names
+    persistence.save_network_pkl(dict(snapshot, ema=net), start_pkl)
+    dataset_kwargs = dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=bool(net.label_dim),
+                          xflip=bool((snapshot.get('dataset_kwargs') or {}).get('xflip', False)), cache=True)
+    network_kwargs = dnnlib.EasyDict(class_name='training.compression.QATNetwork', net_class=net.init_kwargs.net_class,
+                                     net_args=net.init_kwargs.net_args, net_kwargs=net.init_kwargs.net_kwargs, bits=bits)
+    start = time.time()
+    result = training_loop.training_loop(
+        run_dir=run_dir, dataset_kwargs=dataset_kwargs, data_loader_kwargs=dict(num_workers=0),
+        network_kwargs=network_kwargs, loss_kwargs=_persistent_kwargs(snapshot['loss_fn'], 'loss_fn'),
+        optimizer_kwargs=dict(presets.optimizer_kwargs(optim), lr=lr),
+        augment_kwargs=_persistent_kwargs(snapshot.get('augment_pipe'), 'augment_pipe'), seed=seed,
+        batch_size=batch, total_kimg=kimg, ema_halflife_kimg=ema, lr_rampup_kimg=lr_rampup, kimg_per_tick=tick,
+        snapshot_ticks=10 ** 9, state_dump_ticks=None, resume_pkl=start_pkl, device=torch.device('cpu'),
+        print_summary=False)
+    seconds = time.time() - start
+    dist.shutdown()
+    trained, _ = load_snapshot(_latest_snapshot(run_dir))
+    data = dict(snapshot, ema=compression.quantize_weights(trained['ema'], bits))
+    save_snapshot(data, dest, dict(method='qat', bits=bits, kimg=result.cur_nimg / 1000, batch=batch, lr=lr,
+                                   optim=optim, source=network, train_seconds=seconds))
+    print(f'Wrote {dest} (QAT int{bits}, {result.cur_nimg / 1000:g} kimg in {seconds:.0f} s, '
+          f'{os.path.getsize(dest):,} bytes)')
 
 
 @main.command()
@@ -376,7 +474,7 @@ def report(networks, data, ref_path, num, num_steps, batch, threads, latency_run
         names.add(name)
         how = describe(snapshot.get('compression'))
         params, nonzero = parameter_counts(net)
-        if int8_dynamic and isinstance(net, compression.Int8Network):
+        if int8_dynamic and isinstance(net, compression.Int8Network) and net.bits == 8:
             net = compression.dynamic_int8_linear(net)
             how += ' (dynamic int8 Linear)'
         raw, zipped = file_sizes(path)

@@ -391,7 +391,9 @@ def test_transfer_from_int8_snapshot_is_refused_and_from_fp16_works(tmp_path):
     (['prune', '--network', 'NET', '--dest', 'OUT', '--amount', '1.5'], "Invalid value for '--amount'"),
     (['prune', '--network', 'NET', '--dest', 'OUT', '--amount', '0'], "Invalid value for '--amount'"),
     (['prune', '--network', 'JUNK', '--dest', 'OUT'], 'corrupt or truncated network pickle'),
-    (['quantize', '--network', 'NET', '--dest', 'OUT', '--dtype', 'int4'], "Invalid value for '--dtype'"),
+    (['quantize', '--network', 'NET', '--dest', 'OUT', '--dtype', 'int2'], "Invalid value for '--dtype'"),
+    (['qat', '--network', 'NET', '--data', 'MISSING', '--dest', 'OUT', '--bits', '4'], 'no such dataset'),
+    (['qat', '--network', 'NET', '--data', 'NET', '--dest', 'OUT', '--bits', '3'], "Invalid value for '--bits'"),
     (['report', '--network', 'NET'], 'exactly one of --data or --ref'),
     (['report', '--network', 'MISSING', '--num', '0'], 'no such file'),
 ])

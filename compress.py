@@ -36,6 +36,7 @@ import csv
 import io
 import json
 import os
+import re
 import statistics
 import time
 import zipfile
@@ -171,11 +172,61 @@ def generated_fid(net, detector, ref: dict, num: int, num_steps: int, batch: int
                                    f'{ref["mu"].shape[0]}: it was made with another detector')
     return float(fid.calculate_fid_from_inception_stats(stats.mu, stats.sigma, ref['mu'], ref['sigma']))
 
+def training_seconds(path: str, steps) -> float | None:
+    """Training time behind a snapshot where it was (re)trained: the QAT fine-tuning recorded in its 'compression'
+    steps, or for a train.py snapshot (no compression) Timing/total_sec of its run's stats.jsonl at the
+    snapshot's kimg. None for pruning and post-training quantisation, or when the run's log is not beside it."""
+    recorded = [s['train_seconds'] for s in steps or [] if 'train_seconds' in s]
+    if recorded:
+        return float(sum(recorded))
+    if steps:
+        return None
+    match = re.fullmatch(r'network-snapshot-(\d+)(?:-.*)?\.pkl', os.path.basename(path))
+    stats = os.path.join(os.path.dirname(os.path.abspath(path)), 'stats.jsonl')
+    if not match or not os.path.isfile(stats):
+        return None
+    seconds = None
+    with open(stats) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                kimg, total = record['Progress/kimg']['mean'], record['Timing/total_sec']['mean']
+            except (ValueError, KeyError, TypeError):
+                continue
+            seconds = total
+            if kimg >= int(match.group(1)):
+                break
+    return seconds
+
+
+def split_baseline(arg: str) -> tuple[str | None, str]:
+    """'[BASELINE=]PKL' -> (baseline or None, PKL); a path that exists as given is never split."""
+    head, sep, tail = arg.partition('=')
+    if sep and head and '/' not in head and not os.path.exists(arg):
+        return head, tail
+    return None, arg
+
+
+def assign_baselines(rows: list[dict]) -> None:
+    """Fill each row's 'baseline': given explicitly, else that of the listed network its first compression step
+    was made from ('source', followed back), else its own name (an uncompressed network is its own baseline)."""
+    by_path = {os.path.abspath(r['path']): r for r in rows}
+
+    def root(row, depth=0):
+        parent = by_path.get(os.path.abspath(row['source'])) if row['source'] else None
+        if row['baseline'] is not None or parent is None or parent is row or depth > len(rows):
+            return row
+        return root(parent, depth + 1)
+    for row in rows:
+        origin = root(row)
+        row['baseline'] = origin['baseline'] or origin['network']
+
+
 #----------------------------------------------------------------------------
 # Report files: Markdown, CSV, JSON, and a PNG plot drawn with PIL.
 
-COLUMNS = [('network', 'network'), ('compression', 'compression'), ('params', 'parameters'),
-           ('nonzero', 'non-zero'), ('bytes', 'bytes'), ('zip_bytes', 'zip bytes'),
+COLUMNS = [('baseline', 'baseline'), ('network', 'network'), ('compression', 'compression'), ('params', 'parameters'),
+           ('nonzero', 'non-zero'), ('bytes', 'bytes'), ('zip_bytes', 'zip bytes'), ('train_s', 'training s'),
            ('latency_s', 's / image'), ('fid', 'FID')]
 
 
@@ -186,6 +237,8 @@ def _fmt(key: str, value) -> str:
         return f'{value:,}'
     if key == 'latency_s':
         return f'{value:.4g}'
+    if key == 'train_s':
+        return f'{value:,.0f}'
     if key == 'fid':
         return f'{value:.2f}'
     return str(value)
@@ -193,7 +246,7 @@ def _fmt(key: str, value) -> str:
 
 def markdown_table(rows: list[dict], settings: dict) -> str:
     lines = ['| ' + ' | '.join(title for _key, title in COLUMNS) + ' |',
-             '|' + '|'.join('---' if key in ('network', 'compression') else '---:' for key, _ in COLUMNS) + '|']
+             '|' + '|'.join('---' if key in ('baseline', 'network', 'compression') else '---:' for key, _ in COLUMNS) + '|']
     lines += ['| ' + ' | '.join(_fmt(key, r.get(key)) for key, _ in COLUMNS) + ' |' for r in rows]
     notes = []
     if settings['latency_runs']:
@@ -205,7 +258,9 @@ def markdown_table(rows: list[dict], settings: dict) -> str:
         notes.append(f'FID: {settings["num"]} images (seeds 0-{settings["num"] - 1}), Heun {settings["steps"]} '
                      f'steps, against {settings["reference"]} ({settings["reference_images"]} images); '
                      f'detector {settings["detector"]}.')
-    notes.append('zip bytes: the file in a zip archive (deflate, level 9).')
+    notes.append('zip bytes: the file in a zip archive (deflate, level 9). training s: the (re)training behind the '
+                 'network (QAT fine-tuning, or the run of a train.py snapshot); blank for pruning and post-training '
+                 'quantisation.')
     return '\n'.join(lines) + '\n\n' + '\n'.join(notes) + '\n'
 
 
@@ -221,7 +276,8 @@ def write_report(rows: list[dict], settings: dict, prefix: str) -> list[str]:
     _write_text(prefix + '.md', markdown_table(rows, settings))
     written.append(prefix + '.md')
     buf = io.StringIO()
-    keys = ['network', 'path', 'compression', 'params', 'nonzero', 'bytes', 'zip_bytes', 'latency_s', 'latency_min_s',
+    keys = ['baseline', 'network', 'path', 'compression', 'params', 'nonzero', 'bytes', 'zip_bytes', 'train_s',
+            'latency_s', 'latency_min_s',
             'threads', 'fid', 'fid_images']
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction='ignore', lineterminator='\n')
     writer.writeheader()
@@ -233,7 +289,9 @@ def write_report(rows: list[dict], settings: dict, prefix: str) -> list[str]:
     measured = [r for r in rows if r.get('fid') is not None]
     if measured:
         unit, div = ('MB', 1e6) if max(r['zip_bytes'] for r in measured) >= 1e6 else ('kB', 1e3)
-        points = [(r['network'], r['zip_bytes'] / div, r['fid']) for r in measured]
+        several = len({r['baseline'] for r in measured}) > 1  # one plot for all baselines, points named by both
+        points = [(f'{r["baseline"]}: {r["network"]}' if several else r['network'], r['zip_bytes'] / div, r['fid'])
+                  for r in measured]
         plot.scatter_plot(points, prefix + '.png', xlabel=f'zip-compressed size ({unit})', ylabel='FID',
                           title=f'FID vs. compressed size ({settings["num"]} images, Heun {settings["steps"]} steps)')
         written.append(prefix + '.png')
@@ -419,7 +477,8 @@ def qat(network, data, dest, bits, kimg, batch, lr, lr_rampup, ema, optim, run_d
 
 
 @main.command()
-@click.option('--network', 'networks', help='Network snapshot (repeat for each network)', metavar='PKL|URL',
+@click.option('--network', 'networks', help='Network snapshot (repeat for each network); BASELINE= names the baseline '
+              'it belongs to  [default: the listed network it was compressed from, else itself]', metavar='[BASELINE=]PKL|URL',
               type=str, multiple=True, required=True)
 @click.option('--data', help='Reference dataset for FID (statistics computed here)', metavar='ZIP|DIR', type=str)
 @click.option('--ref', 'ref_path', help='Reference statistics for FID instead of --data', metavar='NPZ|URL', type=str)
@@ -442,11 +501,14 @@ def qat(network, data, dest, bits, kimg, batch, lr, lr_rampup, ema, optim, run_d
 @fid.detector_options
 def report(networks, data, ref_path, num, num_steps, batch, threads, latency_runs, latency_batch, int8_dynamic,
            prefix, detector, trust_pickle):
-    """Parameters, non-zero parameters, bytes on disk (raw and zip), CPU latency and FID of each network."""
+    """Parameters, non-zero parameters, bytes on disk (raw and zip), training time, CPU latency and FID of each
+    network, in one table and plot for one or several baselines (e.g. a VP/DDPM++ and a VE/NCSN++ model)."""
     if num and (data is None) == (ref_path is None):
         raise click.UsageError('FID needs exactly one of --data or --ref (or --num 0 to skip FID)')
     if num == 1:
         raise click.BadParameter('FID needs at least 2 images', param_hint='--num')
+    given = [split_baseline(n) for n in networks]
+    networks = [path for _baseline, path in given]
     for network in networks:  # cheap checks first, before any slow step
         if not dnnlib.util.is_url(network, allow_file_urls=True) and not os.path.isfile(network):
             raise click.ClickException(f'--network {network}: no such file; pass a network snapshot path or URL')
@@ -465,7 +527,7 @@ def report(networks, data, ref_path, num, num_steps, batch, threads, latency_run
             ref, ref_images = dict(mu=stats.mu, sigma=stats.sigma), stats.num_images
 
     rows, nets, names = [], {}, set()
-    for network in networks:
+    for (baseline, network) in given:
         snapshot, path = load_snapshot(network)
         net = snapshot['ema']
         name = os.path.splitext(os.path.basename(network.rstrip('/')))[0]
@@ -478,10 +540,13 @@ def report(networks, data, ref_path, num, num_steps, batch, threads, latency_run
             net = compression.dynamic_int8_linear(net)
             how += ' (dynamic int8 Linear)'
         raw, zipped = file_sizes(path)
-        rows.append(dict(network=name, path=network, compression=how, params=params, nonzero=nonzero, bytes=raw,
-                         zip_bytes=zipped, latency_s=None, latency_min_s=None, latency_runs_s=None, threads=threads,
+        steps = snapshot.get('compression') or []
+        rows.append(dict(baseline=baseline, network=name, path=network, source=steps[0].get('source') if steps else None,
+                         compression=how, params=params, nonzero=nonzero, bytes=raw, zip_bytes=zipped,
+                         train_s=training_seconds(path, steps), latency_s=None, latency_min_s=None, latency_runs_s=None, threads=threads,
                          fid=None, fid_images=num or None))
         nets[name] = net
+    assign_baselines(rows)
     if latency_runs:
         for row, times in zip(rows, heun_latencies(nets, num_steps, latency_batch, latency_runs).values()):
             row.update(latency_s=statistics.median(times), latency_min_s=min(times), latency_runs_s=times)

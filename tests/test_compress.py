@@ -532,7 +532,9 @@ def test_report_writes_table_files_and_plot(tmp_path, report_inputs):
     assert report['settings']['steps'] == 2 and report['settings']['reference_images'] == 12
     assert [r['network'] for r in report['networks']] == ['base', 'pruned']
     md = open(f'{prefix}.md').read().splitlines()
-    assert md[0].startswith('| network | compression |') and md[2].startswith('| base |') and md[3].startswith('| pruned |')
+    assert md[0].startswith('| baseline | network | compression |')
+    assert md[2].startswith('| base | base |') and md[3].startswith('| base | pruned |')
+    assert [r['baseline'] for r in rows] == ['base', 'base'] and rows[0]['train_s'] == rows[1]['train_s'] == ''
     assert any('1 CPU thread' in line for line in md) and any('6 images' in line for line in md)
     png = PIL.Image.open(f'{prefix}.png')
     assert png.size == (900, 600)
@@ -697,3 +699,32 @@ def test_compress_qat_fine_tunes_exports_and_samples(tmp_path):
                                              '--seeds', '0-1', '--steps', '3'])
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / 'img').glob('*.png'))) == 2
+
+
+def test_report_one_table_for_several_baselines(tmp_path):
+    """Two baselines (as a VP and a VE model) in one table: rows follow their source, BASELINE= names explicitly;
+    the training time of a train.py snapshot comes from its run's stats.jsonl, QAT's from its compression entry."""
+    run_dir = tmp_path / 'vp-run'
+    run_dir.mkdir()
+    vp = save(run_dir / 'network-snapshot-000002.pkl', make_net(seed=0))
+    with open(run_dir / 'stats.jsonl', 'w') as f:
+        for kimg, sec in ((1.0, 10.0), (2.0, 20.0), (3.0, 30.0)):
+            f.write(json.dumps({'Progress/kimg': {'mean': kimg}, 'Timing/total_sec': {'mean': sec}}) + '\n')
+    ve = save(tmp_path / 've.pkl', make_net(seed=1))
+    run(['prune', '--network', vp, '--dest', tmp_path / 'vp-l1.pkl', '--amount', '0.3'])
+    run(['quantize', '--network', tmp_path / 'vp-l1.pkl', '--dest', tmp_path / 'vp-l1-int4.pkl', '--dtype', 'int4'])
+    run(['quantize', '--network', ve, '--dest', tmp_path / 've-int8.pkl', '--dtype', 'int8'])
+    data = persistence.load_network_pkl(tmp_path / 've-int8.pkl')
+    data['compression'][-1].update(method='qat', bits=8, kimg=1, train_seconds=12.5)  # as compress.py qat records it
+    persistence.save_network_pkl(data, tmp_path / 've-qat.pkl')
+    g2 = save(tmp_path / 'g2.pkl', make_net(seed=2))
+    prefix = tmp_path / 'both'
+    run(['report', '--network', f'vp={vp}', '--network', tmp_path / 'vp-l1.pkl', '--network', tmp_path / 'vp-l1-int4.pkl',
+         '--network', ve, '--network', tmp_path / 've-qat.pkl', '--network', f've={g2}', '--num', '0',
+         '--latency-runs', '0', '--out', prefix])
+    rows = list(csv.DictReader(open(f'{prefix}.csv')))
+    assert [(r['baseline'], r['network']) for r in rows] == [
+        ('vp', 'network-snapshot-000002'), ('vp', 'vp-l1'), ('vp', 'vp-l1-int4'), ('ve', 've'), ('ve', 've-qat'),
+        ('ve', 'g2')]
+    assert [r['train_s'] for r in rows] == ['20.0', '', '', '', '12.5', '']
+    assert rows[2]['compression'] == 'prune l1 global all 30% + int4' and rows[4]['compression'] == 'QAT int8 1 kimg'

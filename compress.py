@@ -36,6 +36,7 @@ import csv
 import io
 import json
 import os
+import re
 import statistics
 import time
 import zipfile
@@ -77,6 +78,8 @@ def describe(steps) -> str:
             parts.append(f'prune {s.get("criterion")} {s.get("scope")} {s.get("region")} {100 * s.get("amount", 0):g}%')
         elif s.get('method') == 'quantize':
             parts.append(str(s.get('dtype')))
+        elif s.get('method') == 'qat':
+            parts.append(f'QAT int{s.get("bits")} {s.get("kimg"):g} kimg' + (' adam8bit' if s.get('optim') == 'adam8bit' else ''))
         else:
             parts.append(str(s.get('method')))
     return ' + '.join(parts) or 'none'
@@ -139,11 +142,61 @@ def generated_scores(net, detector, ref: dict, num: int, num_steps: int, batch: 
     source = metrics.NetworkSource(net, range(num), batch, name=desc, sampler='edm', num_steps=num_steps)
     return cli.one_line_errors(metrics.score)(metric_names, source, ref, detector, options=options, desc=desc)
 
+def training_seconds(path: str, steps) -> float | None:
+    """Training time behind a snapshot where it was (re)trained: the QAT fine-tuning recorded in its 'compression'
+    steps, or for a train.py snapshot (no compression) Timing/total_sec of its run's stats.jsonl at the
+    snapshot's kimg. None for pruning and post-training quantisation, or when the run's log is not beside it."""
+    recorded = [s['train_seconds'] for s in steps or [] if 'train_seconds' in s]
+    if recorded:
+        return float(sum(recorded))
+    if steps:
+        return None
+    match = re.fullmatch(r'network-snapshot-(\d+)(?:-.*)?\.pkl', os.path.basename(path))
+    stats = os.path.join(os.path.dirname(os.path.abspath(path)), 'stats.jsonl')
+    if not match or not os.path.isfile(stats):
+        return None
+    seconds = None
+    with open(stats) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                kimg, total = record['Progress/kimg']['mean'], record['Timing/total_sec']['mean']
+            except (ValueError, KeyError, TypeError):
+                continue
+            seconds = total
+            if kimg >= int(match.group(1)):
+                break
+    return seconds
+
+
+def split_baseline(arg: str) -> tuple[str | None, str]:
+    """'[BASELINE=]PKL' -> (baseline or None, PKL); a path that exists as given is never split."""
+    head, sep, tail = arg.partition('=')
+    if sep and head and '/' not in head and not os.path.exists(arg):
+        return head, tail
+    return None, arg
+
+
+def assign_baselines(rows: list[dict]) -> None:
+    """Fill each row's 'baseline': given explicitly, else that of the listed network its first compression step
+    was made from ('source', followed back), else its own name (an uncompressed network is its own baseline)."""
+    by_path = {os.path.abspath(r['path']): r for r in rows}
+
+    def root(row, depth=0):
+        parent = by_path.get(os.path.abspath(row['source'])) if row['source'] else None
+        if row['baseline'] is not None or parent is None or parent is row or depth > len(rows):
+            return row
+        return root(parent, depth + 1)
+    for row in rows:
+        origin = root(row)
+        row['baseline'] = origin['baseline'] or origin['network']
+
+
 #----------------------------------------------------------------------------
 # Report files: Markdown, CSV, JSON, and a PNG plot drawn with PIL.
 
-COLUMNS = [('network', 'network'), ('compression', 'compression'), ('params', 'parameters'),
-           ('nonzero', 'non-zero'), ('bytes', 'bytes'), ('zip_bytes', 'zip bytes'),
+COLUMNS = [('baseline', 'baseline'), ('network', 'network'), ('compression', 'compression'), ('params', 'parameters'),
+           ('nonzero', 'non-zero'), ('bytes', 'bytes'), ('zip_bytes', 'zip bytes'), ('train_s', 'training s'),
            ('latency_s', 's / image'), ('fid', 'FID')]
 
 
@@ -154,6 +207,8 @@ def _fmt(key: str, value) -> str:
         return f'{value:,}'
     if key == 'latency_s':
         return f'{value:.4g}'
+    if key == 'train_s':
+        return f'{value:,.0f}'
     if key == 'fid':
         return f'{value:.2f}'
     return str(value)
@@ -168,7 +223,7 @@ def _fmt_fid(row: dict) -> str:
 
 def markdown_table(rows: list[dict], settings: dict) -> str:
     lines = ['| ' + ' | '.join(title for _key, title in COLUMNS) + ' |',
-             '|' + '|'.join('---' if key in ('network', 'compression') else '---:' for key, _ in COLUMNS) + '|']
+             '|' + '|'.join('---' if key in ('baseline', 'network', 'compression') else '---:' for key, _ in COLUMNS) + '|']
     lines += ['| ' + ' | '.join(_fmt_fid(r) if key == 'fid' else _fmt(key, r.get(key)) for key, _ in COLUMNS) + ' |'
               for r in rows]
     notes = []
@@ -183,7 +238,9 @@ def markdown_table(rows: list[dict], settings: dict) -> str:
                      f'detector {settings["detector"]}'
                      + (f'; [lo, hi]: {100 * settings["confidence"]:g}% bootstrap interval over the generated images'
                         if any(r.get('fid_lo') is not None for r in rows) else '') + '.')
-    notes.append('zip bytes: the file in a zip archive (deflate, level 9).')
+    notes.append('zip bytes: the file in a zip archive (deflate, level 9). training s: the (re)training behind the '
+                 'network (QAT fine-tuning, or the run of a train.py snapshot); blank for pruning and post-training '
+                 'quantisation.')
     return '\n'.join(lines) + '\n\n' + '\n'.join(notes) + '\n'
 
 
@@ -199,8 +256,9 @@ def write_report(rows: list[dict], settings: dict, prefix: str) -> list[str]:
     _write_text(prefix + '.md', markdown_table(rows, settings))
     written.append(prefix + '.md')
     buf = io.StringIO()
-    keys = ['network', 'path', 'compression', 'params', 'nonzero', 'bytes', 'zip_bytes', 'latency_s', 'latency_min_s',
-            'threads', 'fid', 'fid_lo', 'fid_hi', 'kid', 'kid_std', 'precision', 'recall', 'fid_images']
+    keys = ['baseline', 'network', 'path', 'compression', 'params', 'nonzero', 'bytes', 'zip_bytes', 'train_s',
+            'latency_s', 'latency_min_s', 'threads', 'fid', 'fid_lo', 'fid_hi', 'kid', 'kid_std', 'precision',
+            'recall', 'fid_images']
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction='ignore', lineterminator='\n')
     writer.writeheader()
     writer.writerows(rows)
@@ -211,7 +269,9 @@ def write_report(rows: list[dict], settings: dict, prefix: str) -> list[str]:
     measured = [r for r in rows if r.get('fid') is not None]
     if measured:
         unit, div = ('MB', 1e6) if max(r['zip_bytes'] for r in measured) >= 1e6 else ('kB', 1e3)
-        points = [(r['network'], r['zip_bytes'] / div, r['fid']) for r in measured]
+        several = len({r['baseline'] for r in measured}) > 1  # one plot for all baselines, points named by both
+        points = [(f'{r["baseline"]}: {r["network"]}' if several else r['network'], r['zip_bytes'] / div, r['fid'])
+                  for r in measured]
         intervals = [(r.get('fid_lo', float('nan')), r.get('fid_hi', float('nan'))) for r in measured]
         plot.scatter_plot(points, prefix + '.png', xlabel=f'zip-compressed size ({unit})', ylabel='FID', intervals=intervals,
                           title=f'FID vs. compressed size ({settings["num"]} images, Heun {settings["steps"]} steps)')
@@ -278,19 +338,19 @@ def prune(network, dest, amount, method, scope, region, seed):
 @main.command()
 @click.option('--network', 'network', help='Network snapshot to quantise', metavar='PKL|URL', type=str, required=True)
 @click.option('--dest', help='Where to write the quantised snapshot', metavar='PKL', type=str, required=True)
-@click.option('--dtype', help='int8: conv/linear weights per-output-channel symmetric int8 (dequantised on load); '
-              'fp16/bf16: all parameters in that dtype (computed in float32)',
-              type=click.Choice(['int8', 'fp16', 'bf16']), required=True)
+@click.option('--dtype', help='int8/int4: conv/linear weights per-output-channel symmetric int8, or int4 packed two '
+              'per byte (dequantised on load); fp16/bf16: all parameters in that dtype (computed in float32)',
+              type=click.Choice(['int8', 'int4', 'fp16', 'bf16']), required=True)
 def quantize(network, dest, dtype):
     """Store the weights of a snapshot's network in low precision."""
     data, _path = cli.load_snapshot(network)
     net = data['ema']
     if isinstance(net, compression.Int8Network):
-        raise click.ClickException(f'--network {network} already holds int8 weights')
+        raise click.ClickException(f'--network {network} already holds int{net.bits} weights')
     progress = lambda layers: tqdm.tqdm(layers, desc=f'quantising to {dtype}', unit='layer', leave=False)  # noqa: E731
     try:
-        if dtype == 'int8':
-            data['ema'] = compression.quantize_int8(net, progress=progress)
+        if dtype in ('int8', 'int4'):
+            data['ema'] = compression.quantize_weights(net, int(dtype[3:]), progress=progress)
             layers = len(data['ema'].int8_layers)
         else:
             compression.to_low_precision(net, dtype)
@@ -301,8 +361,105 @@ def quantize(network, dest, dtype):
     print(f'Wrote {dest} ({dtype}, {layers} conv/linear layers, {os.path.getsize(dest):,} bytes)')
 
 
+def _persistent_kwargs(obj, what: str) -> dict | None:
+    """`class_name` + constructor kwargs of a persistent object from a snapshot (how training_loop builds one)."""
+    if obj is None:
+        return None
+    if not persistence.is_persistent(obj) or obj.init_args:
+        raise click.ClickException(f'the snapshot\'s {what} ({type(obj).__name__}) cannot be rebuilt for training')
+    return dnnlib.EasyDict(class_name=f'{type(obj).__module__}.{type(obj).__name__}', **obj.init_kwargs)
+
+
+def _latest_snapshot(run_dir: str) -> str:
+    names = sorted(f for f in os.listdir(run_dir) if f.startswith('network-snapshot-') and f.endswith('.pkl'))
+    if not names:
+        raise click.ClickException(f'{run_dir}: training wrote no network snapshot')
+    return os.path.join(run_dir, names[-1])
+
+
 @main.command()
-@click.option('--network', 'networks', help='Network snapshot (repeat for each network)', metavar='PKL|URL',
+@click.option('--network', 'network', help='Float network snapshot to fine-tune', metavar='PKL|URL', type=str,
+              required=True)
+@click.option('--data', help='Training dataset (the one the network was trained on)', metavar='ZIP|DIR', type=str,
+              required=True)
+@click.option('--dest', help='Where to write the exported low-bit snapshot', metavar='PKL', type=str, required=True)
+@click.option('--bits', help='Weight width of the conv/linear layers', type=click.Choice(['8', '4']), required=True)
+@click.option('--kimg', help='Fine-tuning length', metavar='KIMG', type=cli.FiniteFloatRange(min=0, min_open=True),
+              default=200, show_default=True)
+@click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=128,
+              show_default=True)
+@click.option('--lr', help='Learning rate (after --lr-rampup)', metavar='FLOAT',
+              type=cli.FiniteFloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option('--lr-rampup', help='Learning rate ramp-up', metavar='KIMG', type=cli.FiniteFloatRange(min=0, min_open=True),
+              default=10, show_default=True)
+@click.option('--ema', help='EMA half-life', metavar='KIMG', type=cli.FiniteFloatRange(min=0), default=10,
+              show_default=True)
+@click.option('--optim', help='Optimizer: Adam, or 8-bit Adam (bitsandbytes)', type=click.Choice(['adam', 'adam8bit']),
+              default='adam', show_default=True)
+@click.option('--run-dir', help='Training folder (log, snapshots)  [default: DEST without .pkl + "-run"]',
+              metavar='DIR', type=str)
+@click.option('--tick', help='How often to print progress', metavar='KIMG', type=click.IntRange(min=1), default=10,
+              show_default=True)
+@click.option('--seed', help='Random seed', metavar='INT', type=int, default=0, show_default=True)
+def qat(network, data, dest, bits, kimg, batch, lr, lr_rampup, ema, optim, run_dir, tick, seed):
+    """Quantisation-aware fine-tuning, then export at that precision.
+
+    Starts from a float snapshot's EMA network, trains it with fake-quantised conv/linear weights
+    (per-output-channel symmetric, straight-through gradient; training.compression.QATNetwork) with the
+    snapshot's own loss and augmentation through training/training_loop.py, and writes --dest: the last EMA
+    network with its weights stored at --bits (int8, or int4 packed two per byte) plus float32 scales, loaded
+    by generate.py and fid.py like any snapshot. The training time is recorded in the snapshot's
+    'compression' entry (the report's training-time column).
+    """
+    from torch_utils import distributed as dist
+    from training import presets, training_loop
+    bits = int(bits)
+    snapshot, _path = cli.load_snapshot(network)
+    if optim == 'adam8bit':
+        try:
+            presets.check_optimizer(optim)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint='--optim') from None
+    if not os.path.exists(data):
+        raise click.BadParameter(f'{data}: no such dataset', param_hint='--data')
+    try:
+        net = compression.qat_network(snapshot['ema'], bits)
+    except ValueError as e:
+        raise click.ClickException(f'--network {network}: {e}') from None
+    if snapshot.get('loss_fn') is None:
+        raise click.ClickException(f'--network {network}: the snapshot has no loss_fn to fine-tune with')
+    run_dir = run_dir or os.path.splitext(dest)[0] + '-run'
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise click.ClickException(f'--run-dir {run_dir} is not empty; remove it or pass another folder')
+    os.makedirs(run_dir, exist_ok=True)
+    start_pkl = os.path.join(run_dir, 'qat-start.pkl')  # the float weights under the QAT wrapper's names
+    persistence.save_network_pkl(dict(snapshot, ema=net), start_pkl)
+    dataset_kwargs = dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=bool(net.label_dim),
+                          xflip=bool((snapshot.get('dataset_kwargs') or {}).get('xflip', False)), cache=True)
+    network_kwargs = dnnlib.EasyDict(class_name='training.compression.QATNetwork', net_class=net.init_kwargs.net_class,
+                                     net_args=net.init_kwargs.net_args, net_kwargs=net.init_kwargs.net_kwargs, bits=bits)
+    start = time.time()
+    result = training_loop.training_loop(
+        run_dir=run_dir, dataset_kwargs=dataset_kwargs, data_loader_kwargs=dict(num_workers=0),
+        network_kwargs=network_kwargs, loss_kwargs=_persistent_kwargs(snapshot['loss_fn'], 'loss_fn'),
+        optimizer_kwargs=dict(presets.optimizer_kwargs(optim), lr=lr),
+        augment_kwargs=_persistent_kwargs(snapshot.get('augment_pipe'), 'augment_pipe'), seed=seed,
+        batch_size=batch, total_kimg=kimg, ema_halflife_kimg=ema, lr_rampup_kimg=lr_rampup, kimg_per_tick=tick,
+        snapshot_ticks=10 ** 9, state_dump_ticks=None, resume_pkl=start_pkl, device=torch.device('cpu'),
+        print_summary=False)
+    seconds = time.time() - start
+    dist.shutdown()
+    trained, _ = cli.load_snapshot(_latest_snapshot(run_dir))
+    data = dict(snapshot, ema=compression.quantize_weights(trained['ema'], bits))
+    save_snapshot(data, dest, dict(method='qat', bits=bits, kimg=result.cur_nimg / 1000, batch=batch, lr=lr,
+                                   optim=optim, source=network, train_seconds=seconds))
+    print(f'Wrote {dest} (QAT int{bits}, {result.cur_nimg / 1000:g} kimg in {seconds:.0f} s, '
+          f'{os.path.getsize(dest):,} bytes)')
+
+
+@main.command()
+@click.option('--network', 'networks', help='Network snapshot (repeat for each network); BASELINE= names the baseline '
+              'it belongs to  [default: the listed network it was compressed from, else itself]', metavar='[BASELINE=]PKL|URL',
               type=str, multiple=True, required=True)
 @click.option('--data', help='Reference dataset for FID (statistics computed here)', metavar='ZIP|DIR', type=str)
 @click.option('--ref', 'ref_path', help='Reference statistics for FID instead of --data', metavar='NPZ|URL', type=str)
@@ -327,11 +484,14 @@ def quantize(network, dest, dtype):
 @cli.detector_options
 def report(networks, data, ref_path, num, num_steps, batch, threads, latency_runs, latency_batch, int8_dynamic,
            prefix, metric_names, bootstrap, confidence, detector, trust_pickle):
-    """Parameters, non-zero parameters, bytes on disk (raw and zip), CPU latency and FID of each network."""
+    """Parameters, non-zero parameters, bytes on disk (raw and zip), training time, CPU latency and FID of each
+    network, in one table and plot for one or several baselines (e.g. a VP/DDPM++ and a VE/NCSN++ model)."""
     if num and (data is None) == (ref_path is None):
         raise click.UsageError('FID needs exactly one of --data or --ref (or --num 0 to skip FID)')
     if num == 1:
         raise click.BadParameter('FID needs at least 2 images', param_hint='--num')
+    given = [split_baseline(n) for n in networks]
+    networks = [path for _baseline, path in given]
     for network in networks:  # cheap checks first, before any slow step
         if not dnnlib.util.is_url(network, allow_file_urls=True) and not os.path.isfile(network):
             raise click.ClickException(f'--network {network}: no such file; pass a network snapshot path or URL')
@@ -358,7 +518,7 @@ def report(networks, data, ref_path, num, num_steps, batch, threads, latency_run
                 ref['features'] = stats.features
 
     rows, nets, names = [], {}, set()
-    for network in networks:
+    for (baseline, network) in given:
         snapshot, path = cli.load_snapshot(network)
         net = snapshot['ema']
         name = os.path.splitext(os.path.basename(network.rstrip('/')))[0]
@@ -367,14 +527,17 @@ def report(networks, data, ref_path, num, num_steps, batch, threads, latency_run
         names.add(name)
         how = describe(snapshot.get('compression'))
         params, nonzero = parameter_counts(net)
-        if int8_dynamic and isinstance(net, compression.Int8Network):
+        if int8_dynamic and isinstance(net, compression.Int8Network) and net.bits == 8:
             net = compression.dynamic_int8_linear(net)
             how += ' (dynamic int8 Linear)'
         raw, zipped = file_sizes(path)
-        rows.append(dict(network=name, path=network, compression=how, params=params, nonzero=nonzero, bytes=raw,
-                         zip_bytes=zipped, latency_s=None, latency_min_s=None, latency_runs_s=None, threads=threads,
+        steps = snapshot.get('compression') or []
+        rows.append(dict(baseline=baseline, network=name, path=network, source=steps[0].get('source') if steps else None,
+                         compression=how, params=params, nonzero=nonzero, bytes=raw, zip_bytes=zipped,
+                         train_s=training_seconds(path, steps), latency_s=None, latency_min_s=None, latency_runs_s=None, threads=threads,
                          fid=None, fid_images=num or None))
         nets[name] = net
+    assign_baselines(rows)
     if latency_runs:
         for row, times in zip(rows, heun_latencies(nets, num_steps, latency_batch, latency_runs).values()):
             row.update(latency_s=statistics.median(times), latency_min_s=min(times), latency_runs_s=times)

@@ -156,6 +156,8 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
               type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--lr', help='Learning rate', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True),
               default=10e-4, show_default=True)
+@click.option('--optim', help='Optimizer: Adam, or 8-bit Adam (needs bitsandbytes)', type=click.Choice(['adam', 'adam8bit']),
+              default='adam', show_default=True)
 @click.option('--lr-rampup', help='Learning rate ramp-up', metavar='KIMG', type=cli.FiniteFloatRange(min=0),
               default=10000, show_default=True)
 @click.option('--ema', help='EMA half-life', metavar='MIMG', type=cli.FiniteFloatRange(min=0), default=0.5,
@@ -521,6 +523,12 @@ def build_training_options(opts: dnnlib.EasyDict, world: int):
     c.network_kwargs = _network_kwargs(opts)
     c.loss_kwargs = _loss_kwargs(opts)
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    if opts.get('optim', 'adam') != 'adam':  # 8-bit Adam: the same Adam with block-wise 8-bit moments (training/presets.py)
+        try:
+            presets.check_optimizer(opts.optim)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+        c.optimizer_kwargs = dnnlib.EasyDict(presets.optimizer_kwargs(opts.optim), lr=opts.lr)
     if opts.augment:
         # Appendix F: geometric augmentations only (x-flips effectively always candidates), each applied with
         # probability --augment; the network is told which were applied (augment_dim = 9 labels).

@@ -212,9 +212,9 @@ def rounding_errors(net, dtype) -> dict:
     errors = {}
     layer_weights = {f'{n}.weight' for n in conv_linear_weights(net)}
     for name, p in net.named_parameters():
-        if dtype == 'int8':
+        if dtype in ('int8', 'int4'):
             if name in layer_weights:
-                step = p.reshape(p.shape[0], -1).abs().max(dim=1).values / 127
+                step = p.reshape(p.shape[0], -1).abs().max(dim=1).values / (127 if dtype == 'int8' else 7)
                 errors[name] = (step / 2).reshape([-1] + [1] * (p.ndim - 1)).expand(p.shape)
         elif dtype == 'fp16':  # unit roundoff 2^-11; below 2^-14 the subnormal spacing 2^-24 rules
             errors[name] = torch.maximum(p.abs() * 2 ** -11, torch.full_like(p, 2 ** -25))
@@ -240,7 +240,7 @@ def first_order_bounds(net, errors) -> torch.Tensor:
     return bounds
 
 
-@pytest.mark.parametrize('dtype', ['int8', 'fp16', 'bf16'])
+@pytest.mark.parametrize('dtype', ['int8', 'int4', 'fp16', 'bf16'])
 def test_quantized_snapshot_loads_runs_and_stays_within_rounding_bound(tmp_path, dtype):
     net = make_net()
     with torch.no_grad():
@@ -251,12 +251,13 @@ def test_quantized_snapshot_loads_runs_and_stays_within_rounding_bound(tmp_path,
     data = persistence.load_network_pkl(tmp_path / 'q.pkl')
     assert data['compression'][-1]['method'] == 'quantize' and data['compression'][-1]['dtype'] == dtype
     loaded = persistence.load_network(tmp_path / 'q.pkl')
-    if dtype == 'int8':
-        assert type(loaded) is C.Int8Network
+    if dtype in ('int8', 'int4'):
+        assert type(loaded) is C.Int8Network and loaded.bits == int(dtype[3:])
         stored = dict(loaded.state_dict())
-        assert not any(t.dtype == torch.int8 for t in net.state_dict().values())
-        assert sum(t.numel() for t in stored.values() if t.dtype == torch.int8) == \
-            sum(w.numel() for w in conv_linear_weights(net).values())
+        assert not any(t.dtype in (torch.int8, torch.uint8) for t in net.state_dict().values())
+        code_dtype, per_byte = (torch.int8, 1) if dtype == 'int8' else (torch.uint8, 2)
+        assert sum(t.numel() for t in stored.values() if t.dtype == code_dtype) == \
+            sum(math.ceil(w.numel() / per_byte) for w in conv_linear_weights(net).values())
     else:
         assert {p.dtype for p in loaded.parameters()} == {C.LOW_PRECISION[dtype]}
         assert {b.dtype for b in loaded.buffers()} <= {torch.float32}
@@ -391,7 +392,9 @@ def test_transfer_from_int8_snapshot_is_refused_and_from_fp16_works(tmp_path):
     (['prune', '--network', 'NET', '--dest', 'OUT', '--amount', '0'], "Invalid value for '--amount'"),
     (['prune', '--network', 'NET', '--dest', 'OUT', '--amount', 'nan'], "'--amount': 'nan' is not a finite number"),
     (['prune', '--network', 'JUNK', '--dest', 'OUT'], 'corrupt or truncated network pickle'),
-    (['quantize', '--network', 'NET', '--dest', 'OUT', '--dtype', 'int4'], "Invalid value for '--dtype'"),
+    (['quantize', '--network', 'NET', '--dest', 'OUT', '--dtype', 'int2'], "Invalid value for '--dtype'"),
+    (['qat', '--network', 'NET', '--data', 'MISSING', '--dest', 'OUT', '--bits', '4'], 'no such dataset'),
+    (['qat', '--network', 'NET', '--data', 'NET', '--dest', 'OUT', '--bits', '3'], "Invalid value for '--bits'"),
     (['report', '--network', 'NET'], 'exactly one of --data or --ref'),
     (['report', '--network', 'MISSING', '--num', '0'], 'no such file'),
 ])
@@ -530,7 +533,9 @@ def test_report_writes_table_files_and_plot(tmp_path, report_inputs):
     assert report['settings']['steps'] == 2 and report['settings']['reference_images'] == 12
     assert [r['network'] for r in report['networks']] == ['base', 'pruned']
     md = open(f'{prefix}.md').read().splitlines()
-    assert md[0].startswith('| network | compression |') and md[2].startswith('| base |') and md[3].startswith('| pruned |')
+    assert md[0].startswith('| baseline | network | compression |')
+    assert md[2].startswith('| base | base |') and md[3].startswith('| base | pruned |')
+    assert [r['baseline'] for r in rows] == ['base', 'base'] and rows[0]['train_s'] == rows[1]['train_s'] == ''
     assert any('1 CPU thread' in line for line in md) and any('6 images' in line for line in md)
     png = PIL.Image.open(f'{prefix}.png')
     assert png.size == (900, 600)
@@ -569,3 +574,158 @@ def test_latency_runs_take_turns_across_networks():
     times = compress.heun_latencies({'a': Recorder('a'), 'b': Recorder('b')}, num_steps=1, batch=2, runs=3)
     assert calls == ['a', 'b'] * 4  # one warm-up round, then 3 timed rounds; 1 step = 1 evaluation
     assert list(times) == ['a', 'b'] and all(len(t) == 3 and min(t) > 0 for t in times.values())
+
+#----------------------------------------------------------------------------
+# 4-bit weights and quantisation-aware training.
+
+
+def test_int4_codes_pack_two_per_byte_and_round_trip():
+    g = torch.Generator().manual_seed(0)
+    for shape in ([6, 3, 3, 3], [5, 7], [1, 1]):  # even and odd element counts
+        q = torch.randint(-8, 8, shape, generator=g, dtype=torch.int8)
+        packed = C.pack_int4(q)
+        assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(q.numel() / 2)
+        assert torch.equal(C.unpack_int4(packed, shape), q)
+    assert C.pack_int4(torch.tensor([1, -1], dtype=torch.int8)).tolist() == [0xF1]  # low nibble first
+    with pytest.raises(ValueError):
+        C.pack_int4(torch.tensor([9]))
+
+
+def test_quantize_per_channel_4bit_formula():
+    w = torch.randn([5, 3, 3, 3], generator=torch.Generator().manual_seed(1))
+    q, scale = C.quantize_per_channel(w, bits=4)
+    step = w.reshape(5, -1).abs().max(dim=1).values / 7
+    assert torch.equal(scale, step) and q.abs().max() == 7 and q.dtype == torch.int8
+    assert torch.equal(q.reshape(5, -1), torch.round(w.reshape(5, -1) / step[:, None]).to(torch.int8))
+    with pytest.raises(ValueError, match='weight width'):
+        C.quantize_per_channel(w, bits=3)
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_fake_quantize_forward_and_straight_through_gradient(bits):
+    w = torch.randn([4, 3, 3, 3], generator=torch.Generator().manual_seed(2), requires_grad=True)
+    upstream = torch.randn(w.shape, generator=torch.Generator().manual_seed(3))
+    out = C.fake_quantize(w, bits)
+    assert torch.equal(out.detach(), C.dequantize_per_channel(*C.quantize_per_channel(w, bits)))
+    (grad,) = torch.autograd.grad((out * upstream).sum(), w)
+    assert torch.equal(grad, upstream)  # max-abs scale: nothing is clipped, the gradient passes straight through
+    # A smaller scale clips the largest weights: their gradient is 0, the others' is still the float gradient,
+    # the same mask (and values) as PyTorch's own fake-quantisation op.
+    Q = C.quant_max(bits)
+    scale = C.channel_scale(w, bits) * 0.6
+    out = C.fake_quantize(w, bits, scale)
+    (grad,) = torch.autograd.grad((out * upstream).sum(), w)
+    w_ref = w.detach().clone().requires_grad_(True)
+    ref = torch.fake_quantize_per_channel_affine(w_ref, scale, torch.zeros(4, dtype=torch.int32), 0, -Q, Q)
+    (ref_grad,) = torch.autograd.grad((ref * upstream).sum(), w_ref)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    clipped = (w.detach() / scale.reshape(-1, 1, 1, 1)).round().abs() > Q
+    assert clipped.any() and (~clipped).any()
+    assert torch.equal(grad, torch.where(clipped, 0.0, upstream)) and torch.equal(grad, ref_grad)
+
+
+def test_qat_network_gradient_is_the_float_gradient_at_the_quantised_weights():
+    """STE through a whole network: d loss/d w of the QAT network equals the float network's gradient taken at
+    the quantised weights (nothing clips with the max-abs scale)."""
+    qat = C.qat_network(make_net(), 4).requires_grad_(True)
+    assert (qat.img_resolution, qat.label_dim, qat.bits) == (8, 2, 4) and len(qat.qat_layers) == len(conv_linear_weights(qat.net))
+    qat(FIXED_X, FIXED_SIGMA, FIXED_LABELS).square().sum().backward()
+    float_net = make_net().requires_grad_(True)
+    with torch.no_grad():
+        for name in qat.qat_layers:
+            float_net.get_submodule(name).weight.copy_(C.fake_quantize(qat.net.get_submodule(name).weight, 4))
+    float_net(FIXED_X, FIXED_SIGMA, FIXED_LABELS).square().sum().backward()
+    for (name, p), q in zip(float_net.named_parameters(), qat.net.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_int4_snapshot_weights_take_a_quarter_of_fp16_bytes_plus_scales(tmp_path):
+    net = make_net(model_channels=32)  # tensor bytes dominate the pickle's fixed overhead
+    layers = conv_linear_weights(net)
+    n_all = sum(p.numel() for p in net.state_dict().values())
+    n_layer = sum(w.numel() for w in layers.values())
+    n_scales = sum(w.shape[0] for w in layers.values())
+    q = C.quantize_weights(net, 4)
+    stored = q.state_dict()
+    for name, w in layers.items():  # per layer: ceil(n/2) bytes = a quarter of float16's 2n, plus 4 bytes a channel
+        codes, scales = stored[f'net.{name}.weight_int4'], stored[f'net.{name}.weight_scale']
+        assert codes.element_size() * codes.numel() == math.ceil(w.numel() / 2)
+        assert scales.dtype == torch.float32 and scales.numel() == w.shape[0]
+    assert sum(stored[f'net.{n}.weight_int4'].numel() for n in layers) * 4 <= 2 * n_layer + 2 * len(layers)
+    # On disk: the int4 file holds the same tensors as the int8 one (same pickle overhead), n_layer/2 bytes fewer.
+    src = save(tmp_path / 'net.pkl', net)
+    for dtype in ('int8', 'int4'):
+        run(['quantize', '--network', src, '--dest', tmp_path / f'{dtype}.pkl', '--dtype', dtype])
+    saved = (tmp_path / 'int8.pkl').stat().st_size - (tmp_path / 'int4.pkl').stat().st_size
+    assert abs(saved - n_layer / 2) < 0.01 * n_layer / 2, (saved, n_layer / 2)
+    assert (tmp_path / 'int4.pkl').stat().st_size < 4 * (n_all - n_layer) + n_layer / 2 + 4 * n_scales + 0.15 * 4 * n_all
+
+
+def test_qat_network_exports_exactly_what_it_trained_and_loads_safely(tmp_path):
+    qat = C.qat_network(make_net(), 4)
+    with torch.no_grad():
+        trained = qat(FIXED_X, FIXED_SIGMA, FIXED_LABELS)
+    save(tmp_path / 'qat.pkl', qat)  # a training snapshot of the QAT run
+    assert torch.equal(persistence.load_network(tmp_path / 'qat.pkl')(FIXED_X, FIXED_SIGMA, FIXED_LABELS), trained)
+    run(['quantize', '--network', tmp_path / 'qat.pkl', '--dest', tmp_path / 'int4.pkl', '--dtype', 'int4'])
+    loaded = persistence.load_network(tmp_path / 'int4.pkl')
+    assert type(loaded) is C.Int8Network and loaded.bits == 4
+    with torch.no_grad():
+        assert torch.equal(loaded(FIXED_X, FIXED_SIGMA, FIXED_LABELS), trained)
+    with pytest.raises(ValueError, match='trained for 4-bit'):
+        C.quantize_weights(qat, 8)
+    with pytest.raises(ValueError, match='float network'):
+        C.qat_network(loaded, 4)
+
+
+@pytest.mark.slow
+def test_compress_qat_fine_tunes_exports_and_samples(tmp_path):
+    """compress.py qat: a few steps of training_loop on the QAT wrapper, then an int4 snapshot generate.py uses."""
+    data = make_dataset_zip(tmp_path / 'tiny.zip', num_images=16, resolution=8)
+    net = make_net(model_channels=8, channel_mult=(1, 1), label_dim=0)
+    src = save(tmp_path / 'net.pkl', net)
+    result = run(['qat', '--network', src, '--data', data, '--dest', tmp_path / 'qat4.pkl', '--bits', '4',
+                  '--kimg', '0.016', '--batch', '8', '--tick', '1', '--lr-rampup', '0.008'])
+    assert 'QAT int4' in result.output
+    snapshot = persistence.load_network_pkl(tmp_path / 'qat4.pkl')
+    step = snapshot['compression'][-1]
+    assert step['method'] == 'qat' and step['bits'] == 4 and step['kimg'] == 0.016 and step['train_seconds'] > 0
+    assert compress.describe(snapshot['compression']) == 'QAT int4 0.016 kimg'
+    loaded = snapshot['ema']
+    assert type(loaded) is C.Int8Network and loaded.bits == 4
+    before = C.quantize_weights(net, 4).dequantized_weights()
+    after = loaded.dequantized_weights()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the weights were trained
+    res = CliRunner().invoke(generate.main, ['--network', str(tmp_path / 'qat4.pkl'), '--outdir', str(tmp_path / 'img'),
+                                             '--seeds', '0-1', '--steps', '3'])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / 'img').glob('*.png'))) == 2
+
+
+def test_report_one_table_for_several_baselines(tmp_path):
+    """Two baselines (as a VP and a VE model) in one table: rows follow their source, BASELINE= names explicitly;
+    the training time of a train.py snapshot comes from its run's stats.jsonl, QAT's from its compression entry."""
+    run_dir = tmp_path / 'vp-run'
+    run_dir.mkdir()
+    vp = save(run_dir / 'network-snapshot-000002.pkl', make_net(seed=0))
+    with open(run_dir / 'stats.jsonl', 'w') as f:
+        for kimg, sec in ((1.0, 10.0), (2.0, 20.0), (3.0, 30.0)):
+            f.write(json.dumps({'Progress/kimg': {'mean': kimg}, 'Timing/total_sec': {'mean': sec}}) + '\n')
+    ve = save(tmp_path / 've.pkl', make_net(seed=1))
+    run(['prune', '--network', vp, '--dest', tmp_path / 'vp-l1.pkl', '--amount', '0.3'])
+    run(['quantize', '--network', tmp_path / 'vp-l1.pkl', '--dest', tmp_path / 'vp-l1-int4.pkl', '--dtype', 'int4'])
+    run(['quantize', '--network', ve, '--dest', tmp_path / 've-int8.pkl', '--dtype', 'int8'])
+    data = persistence.load_network_pkl(tmp_path / 've-int8.pkl')
+    data['compression'][-1].update(method='qat', bits=8, kimg=1, train_seconds=12.5)  # as compress.py qat records it
+    persistence.save_network_pkl(data, tmp_path / 've-qat.pkl')
+    g2 = save(tmp_path / 'g2.pkl', make_net(seed=2))
+    prefix = tmp_path / 'both'
+    run(['report', '--network', f'vp={vp}', '--network', tmp_path / 'vp-l1.pkl', '--network', tmp_path / 'vp-l1-int4.pkl',
+         '--network', ve, '--network', tmp_path / 've-qat.pkl', '--network', f've={g2}', '--num', '0',
+         '--latency-runs', '0', '--out', prefix])
+    rows = list(csv.DictReader(open(f'{prefix}.csv')))
+    assert [(r['baseline'], r['network']) for r in rows] == [
+        ('vp', 'network-snapshot-000002'), ('vp', 'vp-l1'), ('vp', 'vp-l1-int4'), ('ve', 've'), ('ve', 've-qat'),
+        ('ve', 'g2')]
+    assert [r['train_s'] for r in rows] == ['20.0', '', '', '', '12.5', '']
+    assert rows[2]['compression'] == 'prune l1 global all 30% + int4' and rows[4]['compression'] == 'QAT int8 1 kimg'

@@ -105,6 +105,13 @@ SAMPLER_OPTIONS = [
     click.option('--s_noise', 's_noise', help='Ancestral/SDE noise inflation', metavar='FLOAT', type=FiniteFloatRange(min=0), default=1, show_default=True),
     click.option('--order', help='Solver order: lms [default: 4], unipc (1-3) [default: 2]', metavar='INT', type=click.IntRange(min=1)),
     click.option('--solver_type', 'solver_type', help='dpmpp_2m_sde history term', metavar='midpoint|heun', type=click.Choice(['midpoint', 'heun']), default='midpoint', show_default=True),
+    # Options of the predictor-corrector sampler (Song et al. 2021; training/sde.py).
+    click.option('--sde', help='pc: the SDE', metavar='ve|vp', type=click.Choice(['ve', 'vp']), default='ve', show_default=True),
+    click.option('--predictor', help='pc: predictor', metavar='reverse_diffusion|euler_maruyama', type=click.Choice(['reverse_diffusion', 'euler_maruyama']), default='reverse_diffusion', show_default=True),
+    click.option('--corrector', help='pc: corrector', metavar='langevin|none', type=click.Choice(['langevin', 'none']), default='langevin', show_default=True),
+    click.option('--snr', help='pc: Langevin signal-to-noise ratio', metavar='FLOAT', type=FiniteFloatRange(min=0), default=0.16, show_default=True),
+    click.option('--corrector-steps', 'corrector_steps', help='pc: Langevin steps per time step', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True),
+    click.option('--epsilon_s', 'epsilon_s', help='pc/ablation: last time t  [default: 1e-3]', metavar='FLOAT', type=FiniteFloatRange(min=0, max=1, min_open=True, max_open=True)),
 ]
 
 

@@ -18,8 +18,12 @@ project loads, so that a model's size, speed and FID can be traded off after tra
   (local scope) or global_unstructured over all selected tensors (global scope), made permanent.
 - Low precision: `to_low_precision` stores parameters in float16/bfloat16 in the original classes (every
   layer here casts its weights to the activation dtype on use, so the network computes in float32);
-  `quantize_per_channel` / `dequantize_per_channel` are the int8 formulas, and `Int8Network` is the
-  persistent wrapper that stores int8 weights + float32 scales and dequantises them once, in memory.
+  `quantize_per_channel` / `dequantize_per_channel` are the int8/int4 formulas (`pack_int4` / `unpack_int4`
+  store two 4-bit values per byte), and `Int8Network` is the persistent wrapper that stores int8 or packed
+  int4 weights + float32 scales and dequantises them once, in memory.
+- Quantisation-aware training: `fake_quantize` (the same per-channel rounding in the forward pass, a
+  straight-through gradient), and `QATNetwork`, the persistent wrapper that trains a network through it
+  (training_loop trains it like any network; `quantize_weights` then exports exactly the trained weights).
 - Counting: `named_weights`, `sparsity_rows`.
 
 Like training/networks.py, this module's source is embedded in snapshots that hold an `Int8Network`; it
@@ -151,20 +155,66 @@ def to_low_precision(net: torch.nn.Module, dtype: str) -> torch.nn.Module:
     return net
 
 INT8_MAX = 127  # symmetric range [-127, 127]; -128 is never used, so q and -q are both representable
+WEIGHT_BITS = (8, 4)
 
-def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8 quantisation: scale_c = max|w_c| / 127, q = round(w / scale_c).
+def quant_max(bits: int) -> int:
+    """Q = 2^(bits-1) - 1, the largest magnitude of a symmetric signed code: 127 (int8), 7 (int4)."""
+    if bits not in WEIGHT_BITS:
+        raise ValueError(f'unsupported weight width {bits} bits; expected one of {", ".join(map(str, WEIGHT_BITS))}')
+    return (1 << (bits - 1)) - 1
+
+def channel_scale(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Per-output-channel symmetric scale max|w_c| / Q, float32 [out]."""
+    return w.detach().to(torch.float32).reshape(w.shape[0], -1).abs().amax(dim=1) / quant_max(bits)
+
+def quantize_per_channel(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quantisation: scale_c = max|w_c| / Q, q = round(w / scale_c), Q = 127 (8 bits)
+    or 7 (4 bits).
 
     Returns (q int8 with w's shape, scale float32 [out]). |w - q scale_c| <= scale_c / 2 for every weight;
     an all-zero channel gets scale 0 and q = 0."""
+    Q = quant_max(bits)
     w32 = w.detach().to(torch.float32).reshape(w.shape[0], -1)
-    scale = w32.abs().amax(dim=1) / INT8_MAX
-    q = torch.round(w32 / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).clamp(-INT8_MAX, INT8_MAX)
+    scale = channel_scale(w, bits)
+    q = torch.round(w32 / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).clamp(-Q, Q)
     return q.to(torch.int8).reshape(w.shape), scale
 
 def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float32 weights q * scale_c (the inverse of quantize_per_channel, up to its rounding)."""
     return q.to(torch.float32) * scale.to(torch.float32).reshape([-1] + [1] * (q.ndim - 1))
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """4-bit codes in [-8, 7] (any shape) -> uint8 [ceil(n/2)]: element 2j in the low nibble of byte j, element
+    2j+1 in the high nibble (two's complement nibbles; an odd count is padded with 0)."""
+    flat = q.reshape(-1).to(torch.int16)
+    if flat.numel() and (flat.min() < -8 or flat.max() > 7):
+        raise ValueError('int4 codes must lie in [-8, 7]')
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    nibbles = flat & 0xF
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).to(torch.uint8)
+
+def unpack_int4(packed: torch.Tensor, shape) -> torch.Tensor:
+    """The inverse of pack_int4: int8 codes of the given shape."""
+    b = packed.to(torch.int16)
+    nibbles = torch.stack([b & 0xF, b >> 4], dim=1).reshape(-1)
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return (nibbles[:n] - ((nibbles[:n] & 0x8) << 1)).to(torch.int8).reshape(shape)
+
+def fake_quantize(w: torch.Tensor, bits: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantisation-aware training's weight: the forward value is quantize -> dequantize (the same rounding as
+    quantize_per_channel, so training sees exactly the exported weights); the gradient is the straight-through
+    estimator: identity where round(w / scale_c) lies in [-Q, Q], 0 where it is clipped (as
+    torch.fake_quantize_per_channel_affine). With the default scale max|w_c| / Q nothing is clipped."""
+    Q = quant_max(bits)
+    s = (channel_scale(w, bits) if scale is None else scale.detach().to(torch.float32))
+    s = s.clamp(min=torch.finfo(torch.float32).tiny).reshape([-1] + [1] * (w.ndim - 1))
+    code = torch.round(w.detach().to(torch.float32) / s)
+    forward = (code.clamp(-Q, Q) * s).to(w.dtype)
+    inside = ((code >= -Q) & (code <= Q)).to(w.dtype)
+    return forward + (w - w.detach()) * inside
 
 def _network_class(dotted: str) -> type:
     """A persistent torch module class of ours, by dotted name (never an arbitrary callable)."""
@@ -178,32 +228,41 @@ def _network_class(dotted: str) -> type:
 
 @persistence.persistent_class
 class Int8Network(torch.nn.Module):
-    """A network whose conv/linear weights are stored as int8 + per-output-channel float32 scales.
+    """A network whose conv/linear weights are stored as int8 (or packed int4) + per-output-channel float32 scales.
 
     net_class, net_args, net_kwargs -- the wrapped network ('training.networks.EDMPrecond' and its
       constructor arguments); it is built inside, so the safe loader rebuilds it like any of our classes.
     int8_layers -- names of the layers (in the wrapped network) whose `weight` is held as the buffers
-      `weight_int8` and `weight_scale`; their `weight` parameter is None.
+      `weight_int8` (bits=8) or `weight_int4` (bits=4: uint8, two codes per byte, see pack_int4) and
+      `weight_scale`; their `weight` parameter is None.
+    bits -- 8 or 4 (symmetric codes in [-127, 127] or [-7, 7]).
 
-    state_dict (and the pickle) hold exactly the int8 values, the scales and the other parameters in their
-    own dtype, so a file holding one is ~4x smaller than float32. On first use the weights are dequantised
+    state_dict (and the pickle) hold exactly the codes, the scales and the other parameters in their
+    own dtype, so a file holding one is ~4x (8x for int4) smaller than float32. On first use the weights are dequantised
     once to float32 and kept in memory (never pickled); `forward` runs the wrapped network with them through
     torch.func.functional_call. Attribute reads and writes that the wrapper does not have itself pass
     through to the wrapped network (img_resolution, sigma_min, round_sigma, use_bf16, ...), so samplers,
     generate.py and fid.py use it like the original.
     """
-    def __init__(self, net_class: str, net_args=(), net_kwargs={}, int8_layers=()):
+    def __init__(self, net_class: str, net_args=(), net_kwargs={}, int8_layers=(), bits=8):
         super().__init__()
+        quant_max(bits)  # validates
         with no_weight_init():
             net = _network_class(net_class)(*net_args, **net_kwargs)
+        self.weight_shapes = {}
         for name in int8_layers:
             layer = net.get_submodule(name)
             shape = layer.weight.shape
             layer.register_parameter('weight', None)
-            layer.register_buffer('weight_int8', torch.empty(shape, dtype=torch.int8))
+            if bits == 8:
+                layer.register_buffer('weight_int8', torch.empty(shape, dtype=torch.int8))
+            else:
+                layer.register_buffer('weight_int4', torch.empty([(shape.numel() + 1) // 2], dtype=torch.uint8))
             layer.register_buffer('weight_scale', torch.empty([shape[0]], dtype=torch.float32))
+            self.weight_shapes[name] = tuple(shape)
         self.net = net
         self.int8_layers = list(int8_layers)
+        self.bits = bits
         self._dequantized = None
 
     # Pass-through of the wrapped network's attributes.
@@ -240,40 +299,125 @@ class Int8Network(torch.nn.Module):
     def dequantized_weights(self) -> dict[str, torch.Tensor]:
         """{'<layer>.weight': float32 tensor} for every int8 layer of the wrapped network (cached)."""
         if self._dequantized is None:
-            self._dequantized = {f'{name}.weight': dequantize_per_channel(layer.weight_int8, layer.weight_scale)
+            self._dequantized = {f'{name}.weight': dequantize_per_channel(self.weight_codes(name), layer.weight_scale)
                                  for name in self.int8_layers for layer in [self.net.get_submodule(name)]}
         return self._dequantized
+
+    def weight_codes(self, name: str) -> torch.Tensor:
+        """The int8 codes of layer `name`'s weight, in the weight's shape (int4 unpacked)."""
+        layer = self.net.get_submodule(name)
+        if self.bits == 8:
+            return layer.weight_int8
+        return unpack_int4(layer.weight_int4, self.weight_shapes[name])
 
     def forward(self, *args, **kwargs):
         return torch.func.functional_call(self.net, self.dequantized_weights(), args, kwargs)
 
-def quantize_int8(net: torch.nn.Module, progress=None) -> Int8Network:
-    """An Int8Network holding `net` with every compressible layer's weight quantised per output channel."""
+@persistence.persistent_class
+class QATNetwork(torch.nn.Module):
+    """Quantisation-aware training of a network: every compressible layer's weight passes through
+    `fake_quantize(weight, bits)` in the forward pass (per-output-channel symmetric, straight-through gradient),
+    so the float weights are trained for the network that `quantize_weights(bits)` will export.
+
+    net_class, net_args, net_kwargs -- the float network, built inside (as in Int8Network); its parameters keep
+      their names under `net.`. bits -- 8 or 4.
+    img_resolution, img_channels, label_dim -- what training_loop passes every network it builds; they must
+      agree with net_kwargs.
+    Attributes the wrapper does not have pass through to the wrapped network, like Int8Network.
+    """
+    def __init__(self, net_class: str, net_args=(), net_kwargs={}, bits=8, **interface):
+        super().__init__()
+        quant_max(bits)
+        for key, value in interface.items():
+            if key not in ('img_resolution', 'img_channels', 'label_dim'):
+                raise TypeError(f'QATNetwork got an unexpected keyword argument {key!r}')
+            if key in net_kwargs and net_kwargs[key] != value:
+                raise ValueError(f'the dataset gives {key}={value} but the network was built with {net_kwargs[key]}')
+        with no_weight_init():
+            self.net = _network_class(net_class)(*net_args, **dict(net_kwargs, **interface))
+        self.bits = bits
+        self.qat_layers = [name for name, _ in compressible_layers(self.net)]
+
+    # Pass-through of the wrapped network's attributes (as Int8Network).
+    def __getattr__(self, name):
+        try:
+            return torch.nn.Module.__getattr__(self, name)
+        except AttributeError:
+            net = self.__dict__.get('_modules', {}).get('net')
+            if net is None or name.startswith('__'):
+                raise
+            return getattr(net, name)
+
+    def __setattr__(self, name, value):
+        net = self.__dict__.get('_modules', {}).get('net')
+        if net is not None and not name.startswith('_') and name not in self.__dict__ and name in net.__dict__:
+            setattr(net, name, value)
+        else:
+            torch.nn.Module.__setattr__(self, name, value)
+
+    def quantized_weights(self) -> dict[str, torch.Tensor]:
+        """{'<layer>.weight': fake-quantised weight} (differentiable, straight-through)."""
+        return {f'{name}.weight': fake_quantize(self.net.get_submodule(name).weight, self.bits)
+                for name in self.qat_layers}
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.net, self.quantized_weights(), args, kwargs)
+
+def qat_network(net: torch.nn.Module, bits: int) -> QATNetwork:
+    """A QATNetwork that starts from the float network `net`'s weights (which it copies)."""
+    if isinstance(net, (Int8Network, QATNetwork)):
+        raise ValueError('quantisation-aware training starts from a float network (the snapshot holds '
+                         f'{type(net).__name__}); use the float snapshot it was made from')
+    if not persistence.is_persistent(net):
+        raise ValueError(f'{type(net).__name__} is not a persistent network class; cannot record how to rebuild it')
+    cls = type(net)
+    with torch.device('meta'):
+        wrapper = QATNetwork(net_class=f'{cls.__module__}.{cls.__name__}', net_args=list(net.init_args),
+                             net_kwargs=dict(net.init_kwargs), bits=bits)
+    wrapper.load_state_dict({f'net.{k}': v.detach().clone() for k, v in net.state_dict().items()}, strict=True,
+                            assign=True)
+    wrapper.train(net.training)
+    return wrapper
+
+def quantize_weights(net: torch.nn.Module, bits: int = 8, progress=None) -> Int8Network:
+    """An Int8Network holding `net` with every compressible layer's weight quantised per output channel to
+    `bits` (8 or 4). A QATNetwork is exported as the network it trains: its fake-quantised weights are exactly
+    these codes times these scales."""
+    quant_max(bits)
     if isinstance(net, Int8Network):
-        raise ValueError('the network already holds int8 weights')
+        raise ValueError(f'the network already holds int{net.bits} weights')
+    if isinstance(net, QATNetwork):
+        if net.bits != bits:
+            raise ValueError(f'the network was trained for {net.bits}-bit weights; export it with bits={net.bits}')
+        net = net.net
     if not persistence.is_persistent(net):
         raise ValueError(f'{type(net).__name__} is not a persistent network class; cannot record how to rebuild it')
     layers = compressible_layers(net)
     cls = type(net)
     with torch.device('meta'):  # shapes only; the tensors come from `net` below
         wrapper = Int8Network(net_class=f'{cls.__module__}.{cls.__name__}', net_args=list(net.init_args),
-                              net_kwargs=dict(net.init_kwargs), int8_layers=[name for name, _ in layers])
+                              net_kwargs=dict(net.init_kwargs), int8_layers=[name for name, _ in layers],
+                              **({} if bits == 8 else dict(bits=bits)))  # int8 pickles keep their kwargs
     state = {f'net.{k}': v for k, v in net.state_dict().items()}
     for name, layer in (progress(layers) if progress else layers):
-        q, scale = quantize_per_channel(layer.weight)
+        q, scale = quantize_per_channel(layer.weight, bits)
         del state[f'net.{name}.weight']
-        state[f'net.{name}.weight_int8'] = q
+        state[f'net.{name}.weight_int8' if bits == 8 else f'net.{name}.weight_int4'] = q if bits == 8 else pack_int4(q)
         state[f'net.{name}.weight_scale'] = scale
     wrapper.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
     wrapper.train(net.training)
     return wrapper
+
+def quantize_int8(net: torch.nn.Module, progress=None) -> Int8Network:
+    """An Int8Network holding `net` with every compressible layer's weight quantised to int8 per output channel."""
+    return quantize_weights(net, 8, progress)
 
 def dynamic_int8_linear(net: Int8Network) -> Int8Network:
     """A copy of `net` whose int8 Linear layers run as torch.ao dynamic int8 layers on the CPU (int8 weights,
     activations quantised per batch), built with torch.ao.quantization.quantize_dynamic from exactly the
     stored int8 values and scales. For float32 inference in memory only: the copy cannot be saved."""
     from torch.ao import quantization as tq  # deprecated in recent torch; only this optional path uses it
-    if not isinstance(net, Int8Network):
+    if not isinstance(net, Int8Network) or net.bits != 8:
         raise ValueError('dynamic int8 inference needs a network with int8 weights (compress.py quantize --dtype int8)')
     out = copy.deepcopy(net)
     # Per-channel symmetric over [-127, 127] gives back scale_c = max|w_c| / 127, i.e. the stored q exactly.

@@ -127,6 +127,29 @@ CONFIG_PRESETS = {
     'edm2-digits': _edm2_preset(40_000, 64, 32, 0.0100, 50, 0.0, -1.2, 1.2, cres=[1, 2, 2], blocks=1, lr_rampup=2),
 }
 
+# Optimizers by name (train.py --optim, compress.py qat --optim): the paper's Adam (betas and eps of its
+# training loop), and 8-bit Adam with block-wise quantised moments (Dettmers et al. 2022), from the optional
+# bitsandbytes (>= 0.49 runs on the CPU; tensors smaller than its min_8bit_size = 4096 keep float32 moments).
+OPTIMIZERS = {
+    'adam': dict(class_name='torch.optim.Adam', betas=[0.9, 0.999], eps=1e-8),
+    'adam8bit': dict(class_name='bitsandbytes.optim.Adam8bit', betas=[0.9, 0.999], eps=1e-8),
+}
+
+
+def optimizer_kwargs(name: str) -> dict:
+    """`class_name` + kwargs of optimizer `name` (without lr)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f'unknown optimizer {name!r}; expected one of {", ".join(OPTIMIZERS)}')
+    return copy.deepcopy(OPTIMIZERS[name])
+
+
+def check_optimizer(name: str) -> None:
+    """Raise ValueError (one line, with the fix) when optimizer `name` cannot be imported here."""
+    import importlib.util
+    module = optimizer_kwargs(name)['class_name'].split('.')[0]
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f'--optim={name} needs the optional package {module} (pip install "bitsandbytes>=0.49")')
+
 
 # ----------------------------------------------------------------------------
 # The architecture table: one record per --arch choice. train.py applies a record generically (no

@@ -28,6 +28,7 @@ import torch
 import dnnlib
 from training.networks import iddpm_u, vp_sigma, vp_sigma_deriv, vp_sigma_inv  # Table 1 schedules, shared
 from training.iddpm import iddpm_ddim_sampler, iddpm_sampler  # discrete-time iDDPM (respaced, DDIM)
+from training.sde import pc_sampler  # Song et al. 2021's predictor-corrector sampler (training/sde.py)
 
 # ----------------------------------------------------------------------------
 # Time step discretisations (Table 1, "time steps"): small pure functions returning the float64
@@ -753,6 +754,7 @@ SAMPLERS: dict[str, Callable] = {
     'unipc': unipc_sampler,
     'iddpm': iddpm_sampler,
     'iddpm_ddim': iddpm_ddim_sampler,
+    'pc': pc_sampler,
 }
 
 # The options that select the ablation sampler when no sampler is named (the paper's generate.py rule).

@@ -1,0 +1,109 @@
+"""8-bit Adam (training/presets.py OPTIMIZERS['adam8bit'] = bitsandbytes' block-wise Adam8bit, an optional
+package): it tracks float32 Adam over 100 steps of a small network, stores its moments in 8 bits, resumes
+exactly from a weights-only training state, and train.py --optim reaches it (or fails in one line without it)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dnnlib
+import train
+from tinydata import make_dataset_zip
+from training import presets
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+def small_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.SiLU(), torch.nn.Linear(256, 256), torch.nn.SiLU(),
+                               torch.nn.Linear(256, 8))
+
+
+def make_optimizer(name, params, lr=1e-3):
+    return dnnlib.util.construct_class_by_name(params=params, **presets.optimizer_kwargs(name), lr=lr)
+
+
+def fit(name, steps=100, net=None, opt=None):
+    """`steps` Adam steps of a regression on fixed data; returns (flat weights, losses, net, optimizer)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn([64, 32], generator=g), torch.randn([64, 8], generator=g)
+    net = net or small_net()
+    opt = opt or make_optimizer(name, net.parameters())
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (net(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return torch.cat([p.detach().flatten() for p in net.parameters()]), losses, net, opt
+
+
+def state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def test_adam_preset_is_the_papers_adam():
+    assert presets.optimizer_kwargs('adam') == dict(class_name='torch.optim.Adam', betas=[0.9, 0.999], eps=1e-8)
+    with pytest.raises(ValueError, match='unknown optimizer'):
+        presets.optimizer_kwargs('sgd')
+
+
+@pytest.mark.slow  # importing bitsandbytes takes ~3 s
+def test_adam8bit_tracks_fp32_adam_over_100_steps():
+    """Tolerance: the weights after 100 steps differ from fp32 Adam's by at most 10% of the distance fp32 Adam moved
+    them (measured: ~5%), and the final loss by at most 2% (the loss falls ~10x over the run)."""
+    pytest.importorskip('bitsandbytes')
+    start = torch.cat([p.detach().flatten() for p in small_net().parameters()])
+    ref, ref_losses, _, _ = fit('adam')
+    out, losses, net, opt = fit('adam8bit')
+    assert ref_losses[-1] < 0.2 * ref_losses[0]
+    assert float((out - ref).norm() / (ref - start).norm()) < 0.10
+    assert abs(losses[-1] / ref_losses[-1] - 1) < 0.02
+    # The moments of the large tensors are 8-bit: 2 bytes a weight (+ a float32 absmax per block) instead of 8.
+    big = net[2].weight
+    assert {t.dtype for k, t in opt.state[big].items() if k.startswith('state')} == {torch.uint8}
+    per_weight = sum(t.numel() * t.element_size() for t in opt.state[big].values() if torch.is_tensor(t)) / big.numel()
+    assert per_weight < 2.1
+    _, _, _, fp32_opt = fit('adam', steps=1)
+    assert state_bytes(opt) < 0.3 * state_bytes(fp32_opt)
+
+
+@pytest.mark.slow
+def test_adam8bit_resumes_exactly_from_a_weights_only_state():
+    pytest.importorskip('bitsandbytes')
+    straight, _, _, _ = fit('adam8bit', steps=20)
+    _, _, net, opt = fit('adam8bit', steps=10)
+    buf = io.BytesIO()
+    torch.save(dict(net=net.state_dict(), opt=opt.state_dict()), buf)  # as training_loop's training state
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    net2 = small_net()
+    net2.load_state_dict(state['net'])
+    opt2 = make_optimizer('adam8bit', net2.parameters())
+    opt2.load_state_dict(state['opt'])
+    resumed, _, _, _ = fit('adam8bit', steps=10, net=net2, opt=opt2)
+    assert torch.equal(resumed, straight)
+
+
+def test_train_optim_option(tmp_path, monkeypatch):
+    data = make_dataset_zip(tmp_path / 'tiny.zip', num_images=8)
+    ctx = train.main.make_context('train', ['--outdir', str(tmp_path), '--data', data])
+    c, _ = train.build_training_options(dnnlib.EasyDict(ctx.params), world=1)
+    assert c.optimizer_kwargs.class_name == 'torch.optim.Adam'
+    monkeypatch.setattr(presets, 'check_optimizer', lambda name: None)  # as if bitsandbytes were installed
+    ctx = train.main.make_context('train', ['--outdir', str(tmp_path), '--data', data, '--optim', 'adam8bit', '--lr', '2e-4'])
+    c, _ = train.build_training_options(dnnlib.EasyDict(ctx.params), world=1)
+    assert c.optimizer_kwargs == dict(class_name='bitsandbytes.optim.Adam8bit', betas=[0.9, 0.999], eps=1e-8, lr=2e-4)
+    monkeypatch.undo()
+    import importlib.util
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None)  # as if it were not
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'out'), '--data', data, '--optim', 'adam8bit',
+                                             '--dry-run'])
+    errors = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert result.exit_code != 0 and len(errors) == 1 and 'pip install' in errors[0], result.output

@@ -428,7 +428,8 @@ def test_net_repeats_on_disjoint_seed_ranges(folders, detector_file, tmp_path, m
                    '--steps', 5, '--S_churn', 10, '--detector', detector_file])
     assert [c['seeds'] for c in calls] == [list(range(0, 20)), list(range(20, 40)), list(range(40, 60))]
     # generate.py's sampler options and defaults; no ablation option set, so the EDM sampler is used.
-    expected_kwargs = dict(sampler='edm', num_steps=5, rho=7, S_churn=10.0, S_min=0, S_max=float('inf'), S_noise=1)
+    expected_kwargs = dict(sampler='edm', num_steps=5, rho=7, S_churn=10.0, S_min=0, S_max=float('inf'), S_noise=1,
+                           compile=False)
     assert all(c['kwargs'] == expected_kwargs and c['max_batch_size'] == 8 for c in calls)
 
     ref_stats = direct_stats(direct_features(folders.a_images))

@@ -4,6 +4,7 @@ the noise protocol."""
 
 from __future__ import annotations
 
+import inspect
 import pathlib
 import sys
 
@@ -268,7 +269,16 @@ def test_samplers_use_the_network_noise_range_and_round_sigma(problem, name):
     assert all(any(abs(s - t) < 1e-9 for t in steps) for s in net.sigmas[::2 if name in ('dpm_2', 'dpmpp_2s_ancestral') else 1])
 
 
-@pytest.mark.parametrize('name', list(sampling.SAMPLERS))
+# Samplers on their own time grid take no `sigmas`: iDDPM's discrete steps, the score SDE's uniform t.
+OWN_TIME_GRID = {'iddpm', 'iddpm_ddim', 'pc'}
+
+
+def test_every_continuous_sigma_sampler_takes_sigmas():
+    without = {name for name, fn in sampling.SAMPLERS.items() if 'sigmas' not in inspect.signature(fn).parameters}
+    assert without == OWN_TIME_GRID
+
+
+@pytest.mark.parametrize('name', [name for name in sampling.SAMPLERS if name not in OWN_TIME_GRID])
 def test_sigmas_default_is_the_edm_time_steps_bit_for_bit(problem, name):
     """sigmas=None walks sampling_sigmas; passing those same sigmas gives the same output bit for bit, and
     other sigmas are walked as given (not clamped or rounded)."""

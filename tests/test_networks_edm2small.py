@@ -89,7 +89,7 @@ def test_train_mode_renormalisation_is_visible(golden):
 
 def test_mp_weight_layers_normalise_in_place_only_in_training():
     torch.manual_seed(0)
-    conv = S.Conv2d(4, 3, 3, padding=1, config='E')
+    conv = S.LadderConv2d(4, 3, 3, padding=1, config='E')
     w0 = conv.weight.detach().clone()
     x = torch.randn(2, 4, 5, 5)
     conv.eval()(x)

@@ -518,31 +518,30 @@ def denoiser_model_fn(denoise, d: Diffusion, class_labels=None):
         return (x_scaled - denoise(x_scaled, sigma, class_labels).to(torch.float64)) / sigma
     return model_fn
 
-def _sampling_process(net, class_labels, num_steps, spacing, gnet, guidance):
-    """(diffusion, model_fn) for the registry samplers. An unguided iDDPM network is evaluated raw, with its
-    learned variances (exactly iDDPM). Any other denoiser, or a guided one, is evaluated through
-    D(x; sigma) on the network's process (cosine, M = 1000 unless it says otherwise) with fixed variances
-    beta_t ('fixed_large', iDDPM's choice without learned sigmas)."""
-    from training.sampling import guided_denoiser  # not at module level: this module is embedded in snapshots
+def _sampling_process(net, class_labels, num_steps, spacing):
+    """(diffusion, model_fn) for the registry samplers. An iDDPM network is evaluated raw, with its learned
+    variances (exactly iDDPM). Any other denoiser, or a guided one (generate_images hands the samplers a
+    GuidedDenoiser), is evaluated through D(x; sigma) on the network's process (cosine, M = 1000 unless it
+    says otherwise) with fixed variances beta_t ('fixed_large', iDDPM's choice without learned sigmas)."""
     spacing = _spacing(num_steps, spacing)
-    denoise = guided_denoiser(net, gnet, guidance)
+    denoise = net
     if _is_iddpm_net(denoise):
         return diffusion_of(denoise, spacing), model_fn_of(denoise, class_labels)
     d = make_diffusion(getattr(net, 'schedule', 'cosine'), int(getattr(net, 'M', 1000)), spacing, 'fixed_large')
     return d, denoiser_model_fn(denoise, d, class_labels)
 
 def iddpm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=50, spacing=None,
-                  clip_denoised=True, gnet=None, guidance=1):
+                  clip_denoised=True):
     """iDDPM's ancestral sampler (p_sample_loop) on the process respaced to `num_steps` evenly spread steps,
     or to `spacing` ('ddimN', section counts '10,15'). x_T = latents (N(0, I)); one randn_like per step."""
-    d, model_fn = _sampling_process(net, class_labels, num_steps, spacing, gnet, guidance)
+    d, model_fn = _sampling_process(net, class_labels, num_steps, spacing)
     return sample_loop(model_fn, d, latents, randn_like, eta=None, clip_denoised=clip_denoised)
 
 def iddpm_ddim_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=50, spacing=None,
-                       eta=0.0, clip_denoised=True, gnet=None, guidance=1):
+                       eta=0.0, clip_denoised=True):
     """DDIM (Song et al. 2021, Eq. 12) with stochasticity eta (0: deterministic) on the respaced process, as
     iDDPM's ddim_sample_loop. Steps, x_T and the noise protocol as iddpm_sampler."""
-    d, model_fn = _sampling_process(net, class_labels, num_steps, spacing, gnet, guidance)
+    d, model_fn = _sampling_process(net, class_labels, num_steps, spacing)
     return sample_loop(model_fn, d, latents, randn_like, eta=float(eta), clip_denoised=clip_denoised)
 
 def vlb_bits_per_dim(net, images: torch.Tensor, class_labels=None, randn_like=torch.randn_like,

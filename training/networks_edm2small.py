@@ -95,8 +95,10 @@ def epoch_lr_schedule(cur_nimg, batch_size, ref_lr, epoch_kimg, warm_epoch=200, 
 
 #----------------------------------------------------------------------------
 # Layers. Every module class is persistent (the safe loader admits only those and torch containers): C's
-# Conv2d/Linear are PyTorch's layers re-declared (bias-free, PyTorch's default init), E and G's are
-# magnitude-preserving. A module's config ('C', 'E' or 'G') selects its variant.
+# LadderConv2d/LadderLinear are PyTorch's layers re-declared (bias-free, PyTorch's default init), E and G's are
+# magnitude-preserving. A module's config ('C', 'E' or 'G') selects its variant. The seed's layer names carry a
+# 'Ladder' prefix here: checkpoints name persistent classes by name alone, and Conv2d, UNetBlock, ... are taken
+# by training/networks.py and networks_iddpm.py (state_dict keys are the seed's).
 
 def _mp_weights(config):
     return config in ('E', 'G')   # forced weight normalisation, and the +-256 clip after every block
@@ -114,7 +116,7 @@ def _forced_weight(layer):
 
 
 @persistence.persistent_class
-class Conv2d(torch.nn.Module):
+class LadderConv2d(torch.nn.Module):
     """Bias-free 2-D convolution. Config C: torch.nn.Conv2d's weight and init (kaiming_uniform_, a = sqrt 5);
     E, G: N(0,1) init and forced weight normalisation."""
 
@@ -135,7 +137,7 @@ class Conv2d(torch.nn.Module):
 
 
 @persistence.persistent_class
-class Linear(torch.nn.Module):
+class LadderLinear(torch.nn.Module):
     """Bias-free linear layer; init and weight treatment as Conv2d."""
 
     def __init__(self, in_features, out_features, config='C'):
@@ -154,7 +156,7 @@ class Linear(torch.nn.Module):
 
 
 @persistence.persistent_class
-class Dropout(torch.nn.Module):
+class LadderDropout(torch.nn.Module):
     def __init__(self, p=0.0):
         super().__init__()
         self.p = p
@@ -164,7 +166,7 @@ class Dropout(torch.nn.Module):
 
 
 @persistence.persistent_class
-class GroupNorm(torch.nn.Module):
+class LadderGroupNorm(torch.nn.Module):
     """GroupNorm without affine parameters (eps 1e-5)."""
 
     def __init__(self, num_groups=32):
@@ -176,7 +178,7 @@ class GroupNorm(torch.nn.Module):
 
 
 @persistence.persistent_class
-class SiLU(torch.nn.Module):
+class LadderSiLU(torch.nn.Module):
     def forward(self, x):
         return F.silu(x)
 
@@ -221,7 +223,7 @@ def _group_norm(x, groups=32):
 # Blocks. State_dict names: res.{linear, gain, shortcut, conv1, conv2.1}, attn.{projection, output}.
 
 @persistence.persistent_class
-class Embedding(torch.nn.Module):
+class LadderEmbedding(torch.nn.Module):
     """Noise embedding of width n_channels from c_noise: Fourier(n_channels / 4) -> Linear -> SiLU -> Linear
     -> SiLU (C, E); -> Linear -> MP-SiLU (G)."""
 
@@ -229,9 +231,9 @@ class Embedding(torch.nn.Module):
         super().__init__()
         self.config = config
         self.fourier = Fourier(n_channels // 4, mp=_mp(config))
-        self.linear1 = Linear(n_channels // 4, n_channels, config=config)
+        self.linear1 = LadderLinear(n_channels // 4, n_channels, config=config)
         if not _mp(config):
-            self.linear2 = Linear(n_channels, n_channels, config=config)
+            self.linear2 = LadderLinear(n_channels, n_channels, config=config)
 
     def forward(self, c_noise):
         emb = _act(self.config, self.linear1(self.fourier(c_noise)))
@@ -247,14 +249,14 @@ class Reweighting(torch.nn.Module):
     def __init__(self, config, n_channels=256):
         super().__init__()
         self.fourier = Fourier(n_channels, mp=_mp(config))
-        self.linear = Linear(n_channels, 1, config=config)
+        self.linear = LadderLinear(n_channels, 1, config=config)
 
     def forward(self, c_noise):
         return self.linear(self.fourier(c_noise))
 
 
 @persistence.persistent_class
-class ResBlock(torch.nn.Module):
+class LadderResBlock(torch.nn.Module):
     """Residual block with multiplicative conditioning; `kind` 'enc' resamples with 2x2 average pooling
     ('down'), 'dec' with nearest 2x ('up')."""
 
@@ -263,15 +265,15 @@ class ResBlock(torch.nn.Module):
         self.config = config
         self.kind = kind
         self.resample = resample
-        self.linear = Linear(emb_channels, out_channels, config=config)
+        self.linear = LadderLinear(emb_channels, out_channels, config=config)
         if _mp(config):
             self.gain = Gain(1.0)
         if in_channels != out_channels:
-            self.shortcut = Conv2d(in_channels, out_channels, 1, config=config)
+            self.shortcut = LadderConv2d(in_channels, out_channels, 1, config=config)
         conv1_in = out_channels if (_mp(config) and kind == 'enc') else in_channels
-        self.conv1 = Conv2d(conv1_in, out_channels, 3, padding=1, config=config)
-        self.conv2 = torch.nn.Sequential(Dropout(dropout),
-                                         Conv2d(out_channels, out_channels, 3, padding=1, config=config))
+        self.conv1 = LadderConv2d(conv1_in, out_channels, 3, padding=1, config=config)
+        self.conv2 = torch.nn.Sequential(LadderDropout(dropout),
+                                         LadderConv2d(out_channels, out_channels, 3, padding=1, config=config))
 
     def _resample(self, x):
         if not self.resample:
@@ -307,7 +309,7 @@ class ResBlock(torch.nn.Module):
 
 
 @persistence.persistent_class
-class AttentionBlock(torch.nn.Module):
+class LadderAttentionBlock(torch.nn.Module):
     """Cosine self-attention: 1x1 qkv projection grouped per head as [q|k|v], q, k, v pixel-normalised over
     the head dimension, q and k scaled by d_k^(-1/4), softmax over keys, 1x1 output conv; joined by a plain
     sum (C, E) or mp_sum (G). attn_channels_per_head None: one head."""
@@ -321,8 +323,8 @@ class AttentionBlock(torch.nn.Module):
         self.n_heads = n_channels // d_k
         self.d_k = d_k
         self.scale = 1 / math.sqrt(math.sqrt(d_k))
-        self.projection = Conv2d(n_channels, n_channels * 3, 1, config=config)
-        self.output = Conv2d(n_channels, n_channels, 1, config=config)
+        self.projection = LadderConv2d(n_channels, n_channels * 3, 1, config=config)
+        self.output = LadderConv2d(n_channels, n_channels, 1, config=config)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -335,7 +337,7 @@ class AttentionBlock(torch.nn.Module):
 
 
 @persistence.persistent_class
-class UNetBlock(torch.nn.Module):
+class LadderUNetBlock(torch.nn.Module):
     """A residual block, optional attention, and (E, G) the +-256 clip. `up` marks the up-sampling decoder
     blocks, which take no U-Net skip."""
 
@@ -344,9 +346,9 @@ class UNetBlock(torch.nn.Module):
         super().__init__()
         self.config = config
         self.up = resample and kind == 'dec'
-        self.res = ResBlock(in_channels, out_channels, emb_channels, dropout, resample, kind, config)
+        self.res = LadderResBlock(in_channels, out_channels, emb_channels, dropout, resample, kind, config)
         if has_attn:
-            self.attn = AttentionBlock(out_channels, attn_channels_per_head, config)
+            self.attn = LadderAttentionBlock(out_channels, attn_channels_per_head, config)
 
     def forward(self, x, emb):
         x = self.res(x, emb)
@@ -378,11 +380,11 @@ class _UNet(torch.nn.Module):
         self.image_shape = list(image_shape)
         config = self.CONFIG
         emb_channels = n_channels * 4
-        block = lambda cin, cout, resample, attn, kind: UNetBlock(
+        block = lambda cin, cout, resample, attn, kind: LadderUNetBlock(
             cin, cout, emb_channels, dropout, resample, attn, attn_channels_per_head, kind, config)
 
-        self.image_proj = Conv2d(image_shape[0] + 1, n_channels, 3, padding=1, config=config)
-        self.embedding = Embedding(emb_channels, config)
+        self.image_proj = LadderConv2d(image_shape[0] + 1, n_channels, 3, padding=1, config=config)
+        self.embedding = LadderEmbedding(emb_channels, config)
 
         down, skips = [], [n_channels]
         cin = n_channels
@@ -410,10 +412,10 @@ class _UNet(torch.nn.Module):
         self.up = torch.nn.ModuleList(up)
 
         if _mp(config):
-            self.final = torch.nn.Sequential(Conv2d(cin, image_shape[0], 3, padding=1, config=config), Gain(0.0))
+            self.final = torch.nn.Sequential(LadderConv2d(cin, image_shape[0], 3, padding=1, config=config), Gain(0.0))
         else:
-            self.final = torch.nn.Sequential(GroupNorm(8), SiLU(),
-                                             Conv2d(cin, image_shape[0], 3, padding=1, config=config))
+            self.final = torch.nn.Sequential(LadderGroupNorm(8), LadderSiLU(),
+                                             LadderConv2d(cin, image_shape[0], 3, padding=1, config=config))
 
     def forward(self, x, t, ret_activation=False):
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)

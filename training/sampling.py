@@ -962,6 +962,8 @@ def generate_images(net, seeds: Sequence[int], max_batch_size: int = 64, class_i
     sampler, sampler_kwargs = resolve_sampler(sampler, sampler_kwargs)
     sampler_fn = SAMPLERS[sampler]
     if sigmas is not None:
+        if 'sigmas' not in inspect.signature(sampler_fn).parameters:
+            raise ValueError(f'sampler {sampler!r} walks its own time grid and takes no sigmas')
         sampler_kwargs['sigmas'] = check_sigmas(sigmas).to(device)
     denoiser = guided_denoiser(net, gnet, 1 if guidance is None else guidance, cfg, guidance_interval)
     if max_batch_size < 1:

@@ -218,7 +218,7 @@ def denoiser_score(denoise: Callable, sde, round_sigma=lambda s: s) -> Callable:
 
 def pc_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=None,
                sigma_max=None, sde='ve', predictor='reverse_diffusion', corrector='langevin', snr=0.16,
-               corrector_steps=1, epsilon_s=1e-3, gnet=None, guidance=1):
+               corrector_steps=1, epsilon_s=1e-3):
     """Song et al. 2021's predictor-corrector sampler on a preconditioned network. Returns float64 images.
 
     sde -- 've' (sigma range default 0.02..100, Table 1's VE) or 'vp' (beta_min = 0.1, beta_max = 20 by default);
@@ -228,7 +228,7 @@ def pc_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num
     The Langevin step size uses each sample's own norms (score_sde averages them over the batch), so that a
     seed gives the same image in any batch. Returns the last predictor's mean (score_sde's denoise=True).
     NFE = N (corrector_steps + 1) with the corrector, N without. Time steps are uniform in t: no rho."""
-    from training.sampling import _noise_range, default_sigma_range, guided_denoiser
+    from training.sampling import _noise_range, default_sigma_range
     if sde not in SDES:
         raise ValueError(f'unknown SDE {sde!r}; expected one of {", ".join(SDES)}')
     if int(corrector_steps) != corrector_steps or corrector_steps < 0:
@@ -236,7 +236,6 @@ def pc_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num
     default_min, default_max = default_sigma_range(sde, epsilon_s)
     sigma_min, sigma_max = _noise_range(net, default_min if sigma_min is None else sigma_min,
                                         default_max if sigma_max is None else sigma_max)
-    net = guided_denoiser(net, gnet, guidance)
     process = network_sde(sde, num_steps, sigma_min, sigma_max, epsilon_s)
     denoise = lambda x, sigma: net(x, sigma, class_labels).to(torch.float64)  # noqa: E731
     score_fn = denoiser_score(denoise, process, net.round_sigma)

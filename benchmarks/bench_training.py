@@ -57,10 +57,11 @@ CONFIGS = {
 
 
 def load_networks_module(commit: str) -> types.ModuleType:
-    """training/networks.py as of `commit`, imported as the separate module training._networks_<commit>."""
+    """training/networks.py as of `commit`, imported as the separate module _before_networks_<commit> (outside
+    the library packages: persistent class names must be unique within them)."""
     src = subprocess.run(['git', '-C', ROOT, 'show', f'{commit}:training/networks.py'], capture_output=True,
                          text=True, check=True).stdout
-    name = f'training._networks_{commit}'
+    name = f'_before_networks_{commit}'
     module = types.ModuleType(name)
     module.__file__ = f'<{commit}:training/networks.py>'
     sys.modules[name] = module

@@ -46,6 +46,19 @@ def evaluate(specs, stats: FeatureStats, ref: dict, options: Optional[dict] = No
     return results
 
 
+def _prepare(metrics, options, ref, detector):
+    """score's and compare's prelude: the metric specs, the options, the loaded reference (from its path) and
+    detector, checked against each other before any image is made."""
+    from metrics.detectors import load_detector
+    specs = resolve_metrics(metrics)
+    options = _options(options)
+    if isinstance(ref, str):
+        ref = load_reference(ref, verbose=dist.get_rank() == 0)
+    detector = load_detector(detector) if detector is None or isinstance(detector, torch.nn.Module) else detector
+    check_requirements(specs, ref, getattr(detector, 'name', 'inception'))
+    return specs, options, ref, detector
+
+
 def score(metrics, source, ref, detector, device=torch.device('cpu'), options: Optional[dict] = None,
           desc: str = 'features', progress: bool = True) -> Optional[dict]:
     """Score an image source on a list of metrics; returns {metric key: value, 'num_images', 'seconds'} on rank 0
@@ -55,14 +68,8 @@ def score(metrics, source, ref, detector, device=torch.device('cpu'), options: O
     or FeatureStats already extracted. `ref`: a loaded reference dict or its path; other ranks may pass None.
     `detector`: a loaded metrics.detectors.Detector (or a detector module). `options`: see DEFAULT_OPTIONS.
     """
-    from metrics.detectors import load_detector
     start = time.time()
-    specs = resolve_metrics(metrics)
-    options = _options(options)
-    if isinstance(ref, str):
-        ref = load_reference(ref, verbose=dist.get_rank() == 0)
-    detector = load_detector(detector) if detector is None or isinstance(detector, torch.nn.Module) else detector
-    check_requirements(specs, ref, getattr(detector, 'name', 'inception'))
+    specs, options, ref, detector = _prepare(metrics, options, ref, detector)
     keep = any(spec.needs_gen_features for spec in specs)
     stats = source if isinstance(source, FeatureStats) else extract(source, detector, device=device, keep_features=keep,
                                                                      desc=desc, progress=progress)
@@ -81,13 +88,7 @@ def compare(metrics, source_a, source_b, ref, detector, device=torch.device('cpu
     The bootstrap resamples seeds, the same resample for both sources: seed-to-seed variation shared by the two
     (the latent noise, the class labels) cancels in the difference, which is why a paired interval is much
     narrower than two separate intervals. The reference is held fixed. Rank 0 gets the table, others None."""
-    from metrics.detectors import load_detector
-    specs = resolve_metrics(metrics)
-    options = _options(options)
-    if isinstance(ref, str):
-        ref = load_reference(ref, verbose=dist.get_rank() == 0)
-    detector = load_detector(detector) if detector is None or isinstance(detector, torch.nn.Module) else detector
-    check_requirements(specs, ref, getattr(detector, 'name', 'inception'))
+    specs, options, ref, detector = _prepare(metrics, options, ref, detector)
     stats = [s if isinstance(s, FeatureStats) else extract(s, detector, device=device, keep_features=True,
                                                            desc=f'features {name}', progress=progress)
              for s, name in ((source_a, 'A'), (source_b, 'B'))]

@@ -226,8 +226,29 @@ def _network_class(dotted: str) -> type:
         raise ValueError(f'{dotted!r} is not a persistent network class')
     return cls
 
+class _WrapsNet(torch.nn.Module):
+    """A module around `self.net` that reads and writes the wrapped network's attributes (img_resolution,
+    label_dim, sigma_min, ...) as its own, so the wrapper stands in for the network everywhere."""
+
+    def __getattr__(self, name):
+        try:
+            return torch.nn.Module.__getattr__(self, name)
+        except AttributeError:
+            net = self.__dict__.get('_modules', {}).get('net')
+            if net is None or name.startswith('__'):
+                raise
+            return getattr(net, name)
+
+    def __setattr__(self, name, value):
+        net = self.__dict__.get('_modules', {}).get('net')
+        if net is not None and not name.startswith('_') and name not in self.__dict__ and name in net.__dict__:
+            setattr(net, name, value)
+        else:
+            torch.nn.Module.__setattr__(self, name, value)
+
+
 @persistence.persistent_class
-class Int8Network(torch.nn.Module):
+class Int8Network(_WrapsNet):
     """A network whose conv/linear weights are stored as int8 (or packed int4) + per-output-channel float32 scales.
 
     net_class, net_args, net_kwargs -- the wrapped network ('training.networks.EDMPrecond' and its
@@ -265,22 +286,6 @@ class Int8Network(torch.nn.Module):
         self.bits = bits
         self._dequantized = None
 
-    # Pass-through of the wrapped network's attributes.
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            net = self.__dict__.get('_modules', {}).get('net')
-            if net is None or name.startswith('__'):
-                raise
-            return getattr(net, name)
-
-    def __setattr__(self, name, value):
-        net = self.__dict__.get('_modules', {}).get('net')
-        if net is not None and not name.startswith('_') and name not in self.__dict__ and name in net.__dict__:
-            setattr(net, name, value)
-        else:
-            super().__setattr__(name, value)
 
     # The float32 cache: dropped when pickled, moved, or reloaded.
     def __getstate__(self):
@@ -314,7 +319,7 @@ class Int8Network(torch.nn.Module):
         return torch.func.functional_call(self.net, self.dequantized_weights(), args, kwargs)
 
 @persistence.persistent_class
-class QATNetwork(torch.nn.Module):
+class QATNetwork(_WrapsNet):
     """Quantisation-aware training of a network: every compressible layer's weight passes through
     `fake_quantize(weight, bits)` in the forward pass (per-output-channel symmetric, straight-through gradient),
     so the float weights are trained for the network that `quantize_weights(bits)` will export.
@@ -338,22 +343,6 @@ class QATNetwork(torch.nn.Module):
         self.bits = bits
         self.qat_layers = [name for name, _ in compressible_layers(self.net)]
 
-    # Pass-through of the wrapped network's attributes (as Int8Network).
-    def __getattr__(self, name):
-        try:
-            return torch.nn.Module.__getattr__(self, name)
-        except AttributeError:
-            net = self.__dict__.get('_modules', {}).get('net')
-            if net is None or name.startswith('__'):
-                raise
-            return getattr(net, name)
-
-    def __setattr__(self, name, value):
-        net = self.__dict__.get('_modules', {}).get('net')
-        if net is not None and not name.startswith('_') and name not in self.__dict__ and name in net.__dict__:
-            setattr(net, name, value)
-        else:
-            torch.nn.Module.__setattr__(self, name, value)
 
     def quantized_weights(self) -> dict[str, torch.Tensor]:
         """{'<layer>.weight': fake-quantised weight} (differentiable, straight-through)."""

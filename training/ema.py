@@ -89,11 +89,11 @@ def warmup_ema_decay(step_index: int, beta: float, inv_gamma: float = 1.0, power
     return min(1 - (1 + step_index / inv_gamma) ** -power, beta)
 
 
-class WarmupEMA:
+class WarmupEMA(HalfLifeEMA):
     """A per-step EMA with decay warmup_ema_decay(k, beta): ema <- d ema + (1 - d) net after step k (0-based,
     counted as cur_nimg / batch_size - 1, so a resumed run continues the same sequence). The EMA of the
-    small-scale EDM2 ladder (training/networks_edm2small.py, beta 0.9993). Buffers keep the values they had
-    when the copy was made, as in HalfLifeEMA."""
+    small-scale EDM2 ladder (training/networks_edm2small.py, beta 0.9993). Everything else (buffers, state_dict,
+    snapshots) as HalfLifeEMA."""
 
     def __init__(self, net: torch.nn.Module, beta: float = 0.9993, inv_gamma: float = 1.0, power: float = 2 / 3):
         self.net = net
@@ -102,22 +102,5 @@ class WarmupEMA:
         self.power = power
         self.ema = copy.deepcopy(net).eval().requires_grad_(False)
 
-    @torch.no_grad()
-    def reset(self) -> None:
-        for p_ema, p_net in zip(self.ema.parameters(), self.net.parameters()):
-            p_ema.copy_(p_net.detach())
-
-    @torch.no_grad()
-    def update(self, cur_nimg: int, batch_size: int) -> None:
-        decay = warmup_ema_decay(round(cur_nimg / batch_size) - 1, self.beta, self.inv_gamma, self.power)
-        for p_ema, p_net in zip(self.ema.parameters(), self.net.parameters()):
-            p_ema.copy_(p_net.detach().lerp(p_ema, decay))
-
-    def get(self) -> list:
-        return [(self.ema, '')]
-
-    def state_dict(self) -> dict:
-        return self.ema.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.ema.load_state_dict(state, strict=True)
+    def _beta(self, cur_nimg: int, batch_size: int) -> float:
+        return warmup_ema_decay(round(cur_nimg / batch_size) - 1, self.beta, self.inv_gamma, self.power)

@@ -17,9 +17,7 @@ This module's source is embedded in network snapshots: it imports at module leve
 standard library, `torch_utils.persistence` and names the paper's training.networks also has.
 """
 
-import contextlib
 import math
-import threading
 
 import numpy as np
 import torch
@@ -32,20 +30,10 @@ from training import networks
 # Initialisation: torch's default layer init (U(-1/sqrt(fan_in), 1/sqrt(fan_in))), zero for the layers
 # improved-diffusion wraps in zero_module; skipped under no_weight_init (the safe loader uses it).
 
-_init_state = threading.local()
-
-@contextlib.contextmanager
-def no_weight_init():
-    """Construct with uninitialised weights (no random numbers drawn), e.g. before loading a checkpoint."""
-    prev = getattr(_init_state, 'skip', False)
-    _init_state.skip = True
-    try:
-        yield
-    finally:
-        _init_state.skip = prev
+no_weight_init = networks.no_weight_init  # one switch for every family (the safe loader calls it)
 
 def _param(shape, fan_in: int, init: str = 'default') -> torch.nn.Parameter:
-    if getattr(_init_state, 'skip', False):
+    if getattr(networks._init_state, 'skip', False):  # pylint: disable=protected-access
         return torch.nn.Parameter(torch.empty(shape))
     if init == 'zero':
         return torch.nn.Parameter(torch.zeros(shape))

@@ -330,13 +330,13 @@ def test_sigterm_saves_state_and_exits_with_status_3(slow_data, tmp_path, repo_r
 # ----------------------------------------------------------------------------
 # Reliability (issue 24).
 
-TINY = ['--cbase', '8', '--cres', '1', '--blocks', '1', '--batch', '4', '--workers', '0', '--seed', '0']
+TINY_CPU = ['--cbase', '8', '--cres', '1', '--blocks', '1', '--batch', '4', '--workers', '0', '--seed', '0']
 
 
 @pytest.mark.parametrize('option', ['--duration=inf', '--duration=nan', '--ema=nan', '--lr=inf', '--P_mean=nan'])
 def test_non_finite_options_are_usage_errors(tiny_zip, tmp_path, option):
     """They passed the range checks and ended in a 22-line traceback, even with -n."""
-    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'r'), '--data', tiny_zip, '-n', option] + TINY)
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'r'), '--data', tiny_zip, '-n', option] + TINY_CPU)
     assert result.exit_code == 2 and 'Traceback' not in result.output, result.output
     errors = [line for line in result.output.splitlines() if line.startswith('Error')]
     assert len(errors) == 1 and 'is not a finite number' in errors[0]
@@ -355,7 +355,7 @@ def test_full_disk_is_one_line_naming_the_disk(tiny_zip, tmp_path, monkeypatch):
         sys.stdout.file = FullFile()  # train.py's log.txt tee
         raise OSError(errno_module.ENOSPC, 'No space left on device', os.path.join(run_dir, 'training-state.pt'))
     monkeypatch.setattr(train.training_loop, 'training_loop', full_disk)
-    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'r'), '--data', tiny_zip] + TINY)
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'r'), '--data', tiny_zip] + TINY_CPU)
     assert result.exit_code == 1 and 'Traceback' not in result.output, (result.output, result.exception)
     errors = [line for line in result.output.splitlines() if line.startswith('Error')]
     assert len(errors) == 1 and 'No space left on device' in errors[0], result.output
@@ -367,7 +367,7 @@ def test_nosubdir_refuses_a_folder_holding_another_run(tiny_zip, tmp_path):
     """--nosubdir into an existing run folder mixed two runs; a later --resume picked the wrong state."""
     (tmp_path / 'run').mkdir()
     (tmp_path / 'run' / 'log.txt').write_text('an earlier run\n')
-    args = ['--outdir', str(tmp_path / 'run'), '--data', tiny_zip, '--nosubdir', '-n'] + TINY
+    args = ['--outdir', str(tmp_path / 'run'), '--data', tiny_zip, '--nosubdir', '-n'] + TINY_CPU
     result = CliRunner().invoke(train.main, args)
     assert result.exit_code == 1 and 'is not empty' in result.output and '--resume=' in result.output, result.output
     # A new or empty folder, or resuming the run that is there, is fine.

@@ -10,7 +10,8 @@ with the statistics accumulated in float64. Subcommands:
                                                            images on --repeats disjoint seed ranges, and min
   python fid.py sweep --network=PKL --ref=NPZ --outdir=DIR FID (with its interval) against NFE for several samplers
   python fid.py compare --network=A.pkl --network-b=B.pkl --ref=NPZ   paired difference of two networks / settings
-  python fid.py nll  --network=PKL --data=ZIP|DIR          negative log-likelihood in bits/dim (probability-flow ODE)
+  python fid.py nll  --network=PKL --data=ZIP|DIR          negative log-likelihood in bits/dim (probability-flow ODE,
+                                                           or --method=vlb: an iDDPM network's variational bound)
 
 `--metrics=fid,fid_ci,kid,pr,fd_dinov2` selects metrics (metrics/metric_specs.py); KID and precision/recall
 need a reference made with `ref --features`. All run multi-process under `torchrun` (each rank a share of
@@ -143,7 +144,7 @@ def main():
     python fid.py compare --network=net.pkl --gnet=small.pkl --guidance=2 --b=guidance=1 \\
         --ref=fid-refs/cifar10-32x32.npz --seeds=0-9999 --metrics=fid,kid
     \b
-    # Negative log-likelihood in bits/dim (probability-flow ODE)
+    # Negative log-likelihood in bits/dim (probability-flow ODE; --method=vlb: iDDPM's bound)
     python fid.py nll --network=network-snapshot.pkl --data=datasets/cifar10-32x32.zip --num=1000
     """
 
@@ -595,7 +596,14 @@ def compare(network_pkl, network_b, b_overrides, ref_path, seeds, class_idx, max
 
 
 #----------------------------------------------------------------------------
-# Negative log-likelihood in bits per dimension (training/likelihood.py), multi-process.
+# Negative log-likelihood in bits per dimension (training/likelihood.py, or training/iddpm.py's bound),
+# multi-process.
+
+# --method: the options each method takes (those of the others given explicitly are a usage error).
+NLL_METHODS = {
+    'ode': ('probe', 'rtol', 'atol', 'sigma_min', 'sigma_max', 'dequantize'),
+    'vlb': (),
+}
 
 
 @main.command()
@@ -607,6 +615,8 @@ def compare(network_pkl, network_b, b_overrides, ref_path, seeds, class_idx, max
               default=0, show_default=True)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1),
               default=64, show_default=True)
+@click.option('--method', help='ode: the probability-flow ODE (any network); vlb: the variational bound of an iDDPM '
+              'network (M evaluations per image)', type=click.Choice(list(NLL_METHODS)), default='ode', show_default=True)
 @click.option('--probe', help='Trace estimator: Hutchinson probes, or the exact trace (C*H*W passes)',
               type=click.Choice(['rademacher', 'gaussian', 'exact']), default='rademacher', show_default=True)
 @click.option('--rtol', help='ODE solver relative tolerance', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True),
@@ -619,16 +629,24 @@ def compare(network_pkl, network_b, b_overrides, ref_path, seeds, class_idx, max
               type=cli.FiniteFloatRange(min=0, min_open=True), default=80, show_default=True)
 @click.option('--dequantize/--no-dequantize', help='Uniform dequantisation of the 8-bit pixels (else bin centres)',
               default=True, show_default=True)
-def nll(network_pkl, dataset_path, num_expected, seed, max_batch_size, probe, rtol, atol, sigma_min, sigma_max,
+def nll(network_pkl, dataset_path, num_expected, seed, max_batch_size, method, probe, rtol, atol, sigma_min, sigma_max,
         dequantize):
-    """Negative log-likelihood in bits/dim via the probability-flow ODE.
+    """Negative log-likelihood in bits/dim via the probability-flow ODE, or (--method=vlb) iDDPM's bound.
 
     \b
-    Each image gets its own dequantisation noise and probe (seeded by --seed and its index), so the
-    estimate is unbiased; the mean over images is printed with its standard error.
+    ode: each image gets its own dequantisation noise and probe (seeded by --seed and its index), so the
+    estimate is unbiased. vlb: L_T + sum_t L_t on the network's discrete process (training.iddpm), one
+    q-sample per step and image (seeded alike), no dequantisation (the decoder is discrete); needs an
+    iDDPM network (train.py --precond=iddpm). The mean over images is printed with its standard error.
     """
-    from training import likelihood
+    from training import iddpm, likelihood
     from training.sampling import StackedRandomGenerator
+    if method != 'ode':
+        ctx = click.get_current_context()
+        given = [p for p in ctx.command.params if p.name in NLL_METHODS['ode']
+                 and ctx.get_parameter_source(p.name) != click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f'{given[0].opts[0]} is an option of --method=ode, not --method={method}')
     if sigma_min >= sigma_max:
         raise click.BadParameter('--sigma_min must be smaller than --sigma_max', param_hint='--sigma_min')
     _start(0)
@@ -644,11 +662,20 @@ def nll(network_pkl, dataset_path, num_expected, seed, max_batch_size, probe, rt
         if network.label_dim and dataset_obj.label_dim != network.label_dim:
             raise click.ClickException(f'the network is conditional on {network.label_dim} classes but '
                                        f'{dataset_path} has {"no labels" if not dataset_obj.has_labels else f"{dataset_obj.label_dim} classes"}')
+        if method == 'vlb':
+            try:
+                iddpm.diffusion_of(network)
+            except ValueError as e:
+                raise click.ClickException(f'--method=vlb: {network_pkl}: {cli.first_line(e)}; use --method=ode') from None
         return network, dataset_obj
     network, dataset_obj = _rank0_first(load_all)
     num = len(dataset_obj)
-    dist.print0(f'NLL of {num} images from "{dataset_path}" under "{network_pkl}" ({probe} probes, rtol {rtol:g}, '
-                f'atol {atol:g}, sigma {sigma_min:g}..{sigma_max:g})')
+    if method == 'vlb':
+        dist.print0(f'NLL of {num} images from "{dataset_path}" under "{network_pkl}" (variational bound, '
+                    f'{int(network.M)} steps)')
+    else:
+        dist.print0(f'NLL of {num} images from "{dataset_path}" under "{network_pkl}" ({probe} probes, rtol {rtol:g}, '
+                    f'atol {atol:g}, sigma {sigma_min:g}..{sigma_max:g})')
 
     sums = torch.zeros([3], dtype=torch.float64)  # sum of bpd, of bpd^2, count
     nfe = 0
@@ -660,9 +687,13 @@ def nll(network_pkl, dataset_path, num_expected, seed, max_batch_size, probe, rt
                 labels = torch.stack([torch.as_tensor(dataset_obj[i][1]) for i in indices]).to(device)
             rnd = StackedRandomGenerator(device, [seed * num + i for i in indices])
             try:
-                bpd, batch_nfe = likelihood.nll_bits_per_dim(
-                    network, images, labels, dequantization=dequantize, rand_like=rnd.rand_like,
-                    randn_like=rnd.randn_like, sigma_min=sigma_min, sigma_max=sigma_max, probe=probe, rtol=rtol, atol=atol)
+                if method == 'vlb':
+                    bpd, batch_nfe = iddpm.vlb_bits_per_dim(network, images, labels, randn_like=rnd.randn_like)
+                else:
+                    bpd, batch_nfe = likelihood.nll_bits_per_dim(
+                        network, images, labels, dequantization=dequantize, rand_like=rnd.rand_like,
+                        randn_like=rnd.randn_like, sigma_min=sigma_min, sigma_max=sigma_max, probe=probe, rtol=rtol,
+                        atol=atol)
             except SolverError as e:
                 raise click.ClickException(f'--rtol/--atol: {cli.first_line(e)}') from None
             sums += torch.stack([bpd.sum(), bpd.square().sum(), torch.tensor(float(len(indices)), dtype=torch.float64)]).cpu()
@@ -672,8 +703,9 @@ def nll(network_pkl, dataset_path, num_expected, seed, max_batch_size, probe, rt
     if dist.get_rank() == 0:
         mean = total / count
         se = math.sqrt(max(total_sq / count - mean ** 2, 0) / (count - 1)) if count > 1 else float('nan')
+        evaluations = 'ODE evaluations per batch' if method == 'ode' else 'network evaluations per image'
         print(f'NLL: {mean:.4f} +- {se:.4f} bits/dim (mean +- standard error over {int(count)} images; '
-              f'at most {nfe} ODE evaluations per batch)')
+              f'at most {nfe} {evaluations})')
         print(f'{mean:g}')
     dist.barrier()
 

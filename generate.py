@@ -10,10 +10,8 @@ The names the paper's examples import from here (`edm_sampler`, `ablation_sample
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from typing import Sequence
 
 import click
 import numpy as np
@@ -24,7 +22,7 @@ from torch_utils.cli import (  # noqa: F401 -- the shared CLI layer; these names
     GUIDANCE_KWARGS as GUIDANCE_OPTIONS, SAMPLER_OPTIONS as _SAMPLER_OPTIONS, check_class, guidance_kwargs_from_cli,
     compile_option, guidance_options, load_guide, load_net, sampler_kwargs_from_cli, sampler_options, seeds_callback)
 from training.sampling import (  # noqa: F401 -- re-exported for scripts written against the paper's generate.py
-    SAMPLERS, StackedRandomGenerator, ablation_sampler, check_denoiser, edm_sampler, generate_images,
+    SAMPLERS, StackedRandomGenerator, ablation_sampler, check_denoiser, edm_sampler, generate_images, make_grid,
     parse_seeds, seed_batches)
 
 # ----------------------------------------------------------------------------
@@ -43,19 +41,6 @@ def save_png_atomic(image: np.ndarray, path: str) -> None:
 def image_path(outdir: str, seed: int, subdirs: bool) -> str:
     directory = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
     return os.path.join(directory, f'{seed:06d}.png')
-
-
-def make_grid(images: Sequence[np.ndarray]) -> np.ndarray:
-    """Tile HWC images row-major into a near-square grid (unused cells black)."""
-    n = len(images)
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    h, w, c = images[0].shape
-    grid = np.zeros([rows * h, cols * w, c], dtype=np.uint8)
-    for k, img in enumerate(images):
-        r, q = divmod(k, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-    return grid
 
 
 # ----------------------------------------------------------------------------

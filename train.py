@@ -1,4 +1,4 @@
-"""Train diffusion-based generative models with the EDM recipe (or the VP / VE baselines).
+"""Train diffusion-based generative models with the EDM recipe (or VP / VE / iDDPM, EDM2, the EDM2 ladder).
 
 This script turns command-line options into the keyword arguments of training.training_loop.training_loop,
 checks them, names and creates the run folder, and starts training on every rank.
@@ -141,8 +141,8 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
               show_default=True)
 @click.option('--arch', help='Network architecture', metavar='|'.join(ARCHITECTURES),
               type=click.Choice(list(ARCHITECTURES)), default='ddpmpp', show_default=True)
-@click.option('--precond', help='Preconditioning & loss function', metavar='vp|ve|edm',
-              type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
+@click.option('--precond', help='Preconditioning & loss function', metavar='|'.join(PRECOND_PRESETS),
+              type=click.Choice(list(PRECOND_PRESETS)), default='edm', show_default=True)
 # Optimisation schedule, network size, regularisation and the EDM loss parameters.
 @click.option('--duration', help='Training duration', metavar='MIMG', type=cli.FiniteFloatRange(min=0, min_open=True),
               default=200, show_default=True)
@@ -152,6 +152,8 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
 @click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
 @click.option('--blocks', help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--attn', help='Resolutions with self-attention, e.g. 16,8  [default: varies]', metavar='LIST',
+              type=parse_int_list)
 @click.option('--conv-groups', help='Groups of the 3x3 convs in U-Net blocks (must divide the widths)', metavar='INT',
               type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--lr', help='Learning rate', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True),
@@ -160,8 +162,8 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
               default='adam', show_default=True)
 @click.option('--lr-rampup', help='Learning rate ramp-up', metavar='KIMG', type=cli.FiniteFloatRange(min=0),
               default=10000, show_default=True)
-@click.option('--ema', help='EMA half-life', metavar='MIMG', type=cli.FiniteFloatRange(min=0), default=0.5,
-              show_default=True)
+@click.option('--ema', help='EMA half-life (edm2small-*: a per-step 0.9993 unless given)', metavar='MIMG',
+              type=cli.FiniteFloatRange(min=0), default=0.5, show_default=True)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, max=1),
               default=0.13, show_default=True)
 @click.option('--label-dropout', 'label_dropout', help='Class-label dropout probability (trains the unconditional '
@@ -176,17 +178,27 @@ def provenance(data_path: str, dataset_size: int, opts: dnnlib.EasyDict) -> dict
               type=cli.FiniteFloatRange(min=0, min_open=True))
 @click.option('--sigma_data', 'sigma_data', help='EDM: std of the data  [default: 0.5]', metavar='FLOAT',
               type=cli.FiniteFloatRange(min=0, min_open=True))
+# Improved DDPM (Nichol & Dhariwal 2021): options of --precond=iddpm.
+@click.option('--iddpm-schedule', 'iddpm_schedule', help='iDDPM: noise schedule  [default: cosine]',
+              metavar='cosine|linear', type=click.Choice(['cosine', 'linear']))
+@click.option('--iddpm-T', 'iddpm_T', help='iDDPM: diffusion steps T  [default: 4000]', metavar='INT',
+              type=click.IntRange(min=2))
+@click.option('--iddpm-loss', 'iddpm_loss', help='iDDPM: objective (vlb-is: t importance-sampled; simple: fixed '
+              'variances)  [default: hybrid]', metavar='|'.join(presets.IDDPM_LOSSES),
+              type=click.Choice(list(presets.IDDPM_LOSSES)))
 # EDM2 (Karras et al. 2024); these add training options only when used.
-@click.option('--preset', help='Configuration preset (edm2-img64-xs|s|m|l|xl, edm2-cifar10, edm2-digits); options '
-              'given override it', metavar='NAME', type=click.Choice(list(CONFIG_PRESETS)))
+@click.option('--preset', help='Configuration preset (edm2-img64-xs|s|m|l|xl, edm2-cifar10, edm2-digits, '
+              'edm2small-c|e|g-cifar10|cifar100|digits, iddpm-cifar10, iddpm-imagenet64); options given override it',
+              metavar='NAME', type=click.Choice(list(CONFIG_PRESETS)))
 @click.option('--loss', help='Loss  [default: that of --precond; edm2 for --arch=edm2]', metavar='vp|ve|edm|edm2',
               type=click.Choice(['vp', 've', 'edm', 'edm2']))
-@click.option('--uncertainty', help='Learned uncertainty weighting of the loss  [default: on for edm2]',
+@click.option('--uncertainty', help='Learned uncertainty weighting of the loss  [default: on for edm2, edm2small-*]',
               metavar='BOOL', type=bool)
-@click.option('--lr-schedule', help='Learning rate schedule  [default: rampup; isqrt for --arch=edm2]',
+@click.option('--lr-schedule', help='Learning rate schedule  [default: rampup; isqrt for --arch=edm2; edm2small-*: '
+              'their own per-epoch one]',
               metavar='|'.join(LR_SCHEDULES), type=click.Choice(list(LR_SCHEDULES)))
-@click.option('--decay', help='isqrt schedule: decay from  [default: 70000]', metavar='BATCHES',
-              type=cli.FiniteFloatRange(min=0))
+@click.option('--decay', help='isqrt and edm2small-* schedules: decay from  [default: 70000; varies]',
+              metavar='BATCHES', type=cli.FiniteFloatRange(min=0))
 @click.option('--ema-stds', help='Power-function EMA profiles, e.g. 0.05,0.1  [default: 0.050,0.100 for --arch=edm2]',
               metavar='LIST', type=parse_std_list)
 # Speed and memory.
@@ -549,7 +561,7 @@ def build_training_options(opts: dnnlib.EasyDict, world: int):
     c.update(_starting_point(opts))
     c.update(_metrics_options(opts))
     _add_arch_training(c, opts)
-    _add_schedule_and_ema(c, opts)
+    _add_schedule_and_ema(c, opts, dataset.images)
     return c, dataset.name
 
 
@@ -574,7 +586,8 @@ def _inspect_dataset(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
                                        f'dataset.json; use --cond=False or a labelled dataset')
         for idx in sorted({round(i * (len(dataset) - 1) / max(DATASET_SAMPLE - 1, 1)) for i in range(DATASET_SAMPLE)}):
             dataset[idx]
-        return dnnlib.EasyDict(name=dataset.name, resolution=dataset.resolution, size=len(dataset))
+        return dnnlib.EasyDict(name=dataset.name, resolution=dataset.resolution, size=len(dataset),
+                               images=len(dataset) // 2 if opts.xflip else len(dataset))  # images: before x-flips
     except (OSError, ValueError) as err:  # DatasetError is both
         raise click.ClickException(f'--data: {err}')
     except AssertionError as err:  # e.g. images that are not square
@@ -633,12 +646,34 @@ def _validate_conv_groups(opts: dnnlib.EasyDict) -> None:
                                  f'level width', param_hint='--conv-groups')
 
 
+def _option_kwargs(mapping: dict, opts: dnnlib.EasyDict) -> dict:
+    """Class kwargs from option values by a record's mapping (option -> kwarg name, or -> {value: kwargs});
+    options that are None are left out."""
+    kwargs = {}
+    for option, target in mapping.items():
+        value = opts.get(option)
+        if value is None:
+            continue
+        if isinstance(target, str):
+            kwargs[target] = copy.deepcopy(value)
+        else:
+            kwargs.update(copy.deepcopy(target[value]))
+    return kwargs
+
+
 def _network_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     """Architecture preset, network class (the architecture's, else the preconditioner's), then the per-run
-    overrides."""
+    overrides; or, for an architecture with a network builder, what the builder makes of the options."""
     arch = ARCHITECTURES[opts.arch]
+    if arch.network_builder is not None:
+        options = {name: copy.deepcopy(opts.get(name)) for name in arch.network_options}
+        return dnnlib.EasyDict(dnnlib.util.call_func_by_name(func_name=arch.network_builder,
+                                                             **copy.deepcopy(arch.backbone), **options))
     kwargs = dnnlib.EasyDict(copy.deepcopy(arch.backbone))
-    kwargs.class_name = arch.network or PRECOND_PRESETS[opts.precond][0]
+    precond = PRECOND_PRESETS[opts.precond]
+    kwargs.class_name = arch.network or precond.network
+    if arch.network is None:
+        kwargs.update(_option_kwargs(precond.network_options, opts))
     sigma_data = _edm_loss_options(opts).get('sigma_data')
     if sigma_data is not None:  # c_skip, c_out, c_in must use the sigma_data the loss weights with
         kwargs.sigma_data = sigma_data
@@ -648,6 +683,8 @@ def _network_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
         kwargs.channel_mult = opts.cres
     if opts.blocks is not None:
         kwargs.num_blocks = opts.blocks
+    if opts.get('attn') is not None:
+        kwargs.attn_resolutions = opts.attn
     if opts.get('conv_groups', 1) != 1:
         kwargs.conv_groups = opts.conv_groups  # our addition; left out at 1 so the kwargs match the paper's
     if opts.augment:
@@ -672,12 +709,14 @@ def _loss_kwargs(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
         return dnnlib.EasyDict(class_name=arch.loss, **copy.deepcopy(arch.loss_kwargs), **given)
     if opts.loss == 'edm2':
         return dnnlib.EasyDict(class_name=presets.EDM2_LOSS, **_edm_loss_options(opts))
+    precond = PRECOND_PRESETS[opts.precond]
     if _uses_uncertainty(opts):
-        base = dnnlib.util.construct_class_by_name(class_name=PRECOND_PRESETS[opts.precond][1])
+        base = dnnlib.util.construct_class_by_name(class_name=precond.loss)
         P = {k: getattr(base, k) for k in ('P_mean', 'P_std') if hasattr(base, k)}  # EDMLoss's defaults
         return dnnlib.EasyDict(class_name=presets.UNCERTAINTY_LOSSES[opts.precond],
                                **dict(P, **_edm_loss_options(opts)))
-    return dnnlib.EasyDict(class_name=PRECOND_PRESETS[opts.precond][1], **_edm_loss_options(opts))
+    return dnnlib.EasyDict(class_name=precond.loss, **_option_kwargs(precond.loss_options, opts),
+                           **_edm_loss_options(opts))
 
 
 def _starting_point(opts: dnnlib.EasyDict) -> dict:
@@ -780,15 +819,17 @@ def _given(opts: dnnlib.EasyDict) -> set:
 
 
 def _apply_presets(opts: dnnlib.EasyDict) -> None:
-    """Fill in defaults in place, in layers: the CLI's < the architecture's < --preset < options given."""
+    """Fill in defaults in place, in layers: the CLI's < the architecture's < the preconditioner's < --preset <
+    options given. A preset's --arch / --precond are its own: another one given is an error."""
     given = _given(opts)
     opts._given = given
     preset = CONFIG_PRESETS.get(opts.get('preset'), {})
-    if 'arch' in preset:
-        if 'arch' in given and opts.arch != preset['arch']:
-            raise click.ClickException(f'--preset={opts.preset} is for --arch={preset["arch"]}, not --arch={opts.arch}')
-        opts.arch = preset['arch']
-    for layer in (ARCHITECTURES[opts.arch].defaults, preset):
+    for name in ('arch', 'precond'):
+        if name in preset:
+            if name in given and opts[name] != preset[name]:
+                raise click.UsageError(f'--preset={opts.preset} is for --{name}={preset[name]}, not --{name}={opts[name]}')
+            opts[name] = preset[name]
+    for layer in (ARCHITECTURES[opts.arch].defaults, PRECOND_PRESETS[opts.precond].defaults, preset):
         for name, value in layer.items():
             if name not in given:
                 opts[name] = copy.deepcopy(value)
@@ -799,10 +840,26 @@ def _uses_uncertainty(opts: dnnlib.EasyDict) -> bool:
 
 
 def _validate_arch(opts: dnnlib.EasyDict) -> None:
-    """The option values the architecture refuses (its record's `refuses`)."""
+    """The option values the architecture refuses (its record's `refuses`), and the options of another
+    preconditioner than --precond's (one-line usage errors)."""
     for refusal in ARCHITECTURES[opts.arch].refuses:
         if opts.get(refusal.option) not in refusal.allowed:
-            raise click.ClickException(refusal.message)
+            raise click.UsageError(refusal.message)
+    for name, precond in PRECOND_PRESETS.items():
+        if name == opts.precond:
+            continue
+        for option in precond.options:
+            if opts.get(option) is not None:
+                raise click.UsageError(f'{_spelling(option)} is an option of --precond={name}, not of '
+                                       f'--precond={opts.precond}')
+
+
+def _spelling(name: str) -> str:
+    """An option's command-line name ('iddpm_T' -> '--iddpm-T')."""
+    for param in main.params:
+        if param.name == name:
+            return max(param.opts, key=len)
+    return '--' + name.replace('_', '-')
 
 
 def _validate_loss_and_schedule(opts: dnnlib.EasyDict) -> None:
@@ -817,7 +874,10 @@ def _validate_loss_and_schedule(opts: dnnlib.EasyDict) -> None:
     elif opts.loss is not None and opts.loss != opts.precond:
         raise click.ClickException(f'--loss={opts.loss} trains --precond={opts.loss} networks; use --precond={opts.loss}, '
                                    f'or --loss=edm2 with --precond=edm')
-    if 'decay' in given and opts.lr_schedule != 'isqrt':
+    if opts.get('uncertainty') and opts.precond not in presets.UNCERTAINTY_LOSSES:
+        raise click.UsageError(f'--uncertainty=1 weights the losses of --precond={"|".join(presets.UNCERTAINTY_LOSSES)}, '
+                               f'not --precond={opts.precond}\'s')
+    if 'decay' in given and opts.lr_schedule != 'isqrt' and 'decay' not in ARCHITECTURES[opts.arch].lr_options:
         raise click.ClickException('--decay applies to --lr-schedule=isqrt only')
     if opts.ema_stds is not None and 'ema' in given:
         raise click.ClickException('--ema (half-life) and --ema-stds (power-function EMA) are alternatives; give one')
@@ -836,17 +896,24 @@ def _add_arch_training(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
         c.network_kwargs.logvar_channels = presets.LOGVAR_CHANNELS
 
 
-def _add_schedule_and_ema(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
-    """The lr schedule and EMA policy of the EDM2 options (or of the architecture's defaults), added to `c`."""
+def _add_schedule_and_ema(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, dataset_images: int) -> None:
+    """The lr schedule and EMA policy of the EDM2 options, or of the architecture's record (its lr_kwargs with
+    its options and the dataset's epoch; its EMA), added to `c`."""
+    arch = ARCHITECTURES[opts.arch]
     ema_stds = opts.ema_stds
     if ema_stds is None and 'ema' not in opts._given:  # the architecture's EMA unless the paper's is asked for
-        ema_stds = ARCHITECTURES[opts.arch].ema_stds
-    if opts.lr_schedule == 'isqrt':
+        ema_stds = arch.ema_stds
+    if arch.lr_kwargs is not None:
+        c.lr_kwargs = dnnlib.EasyDict(copy.deepcopy(arch.lr_kwargs), **_option_kwargs(arch.lr_options, opts),
+                                      **{name: dataset_images / 1000 for name in arch.lr_epoch_kwargs})
+    elif opts.lr_schedule == 'isqrt':
         c.lr_kwargs = dnnlib.EasyDict(func_name=LR_SCHEDULES['isqrt'], ref_lr=opts.lr,
                                       ref_batches=70000 if opts.decay is None else opts.decay,
                                       rampup_Mimg=opts.lr_rampup / 1000)
     if ema_stds is not None:
         c.ema_kwargs = dnnlib.EasyDict(class_name='training.phema.PowerFunctionEMA', stds=list(ema_stds))
+    elif arch.ema_kwargs is not None and 'ema' not in opts._given:
+        c.ema_kwargs = dnnlib.EasyDict(copy.deepcopy(arch.ema_kwargs))
 
 
 # ----------------------------------------------------------------------------

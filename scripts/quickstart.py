@@ -107,19 +107,20 @@ def main(outdir: str, kimg: float, steps: int) -> None:
         raise click.ClickException(f'training wrote no snapshot; see {outdir}/train.log')
     network = snapshots[-1]
 
-    # 3. Sample with generate.py's samplers: row k holds digit class k, the same seeds for both solvers.
-    import generate
+    # 3. Sample with the sampler library (what generate.py runs): row k holds digit class k, the same seeds for
+    # both solvers.
     from torch_utils import persistence
+    from training import sampling
     net = persistence.load_network(network)
     grids = {}
     for solver in ['heun', 'euler']:
         images = []
         for cls in range(10):
-            for _seeds, batch in generate.generate_images(net, seeds=range(cls * 10, cls * 10 + 10), class_idx=cls,
+            for _seeds, batch in sampling.generate_images(net, seeds=range(cls * 10, cls * 10 + 10), class_idx=cls,
                                                           num_steps=steps, solver=solver, discretization='edm',
                                                           schedule='linear', scaling='none'):
                 images.extend(batch.numpy())
-        grid = generate.make_grid(images)[:, :, 0]
+        grid = sampling.make_grid(images)[:, :, 0]
         grids[solver] = os.path.join(outdir, f'grid-{solver}.png')
         PIL.Image.fromarray(grid, 'L').resize((grid.shape[1] * 2, grid.shape[0] * 2), PIL.Image.NEAREST).save(grids[solver])
     final = os.path.join(outdir, 'grid-heun-vs-euler.png')

@@ -215,6 +215,57 @@ def test_cli_pc_sampler(tmp_path, tiny_gray_pkl):
         assert res.exit_code == 2 and needle in res.output, res.output
 
 
+def _lib_image(pkl, seed, **kwargs):
+    from torch_utils import persistence
+    net = persistence.load_network(str(pkl))
+    return [im.numpy() for _b, im in sampling.generate_images(net, [seed], **kwargs)][0][0]
+
+
+def test_cli_eta_default_is_the_samplers(tmp_path, tiny_gray_pkl):
+    """--eta has no CLI default: iddpm_ddim runs with its own eta = 0 (deterministic DDIM), the ancestral
+    samplers with theirs (1); --eta given reaches the sampler."""
+    for sampler, default in (('iddpm_ddim', 0.0), ('euler_ancestral', 1.0)):
+        out = tmp_path / sampler
+        res = run_cli(['--network', tiny_gray_pkl, '--outdir', out, '--seeds', '3', '--steps', 4, '--sampler', sampler])
+        assert res.exit_code == 0, res.output
+        png = np.array(PIL.Image.open(out / '000003.png'))
+        assert np.array_equal(png, _lib_image(tiny_gray_pkl, 3, sampler=sampler, num_steps=4, eta=default)[:, :, 0])
+        assert not np.array_equal(png, _lib_image(tiny_gray_pkl, 3, sampler=sampler, num_steps=4, eta=0.5)[:, :, 0])
+        res = run_cli(['--network', tiny_gray_pkl, '--outdir', tmp_path / 'eta', '--seeds', '3', '--steps', 4,
+                       '--sampler', sampler, '--eta', 0.5])
+        assert res.exit_code == 0, res.output
+        assert np.array_equal(np.array(PIL.Image.open(tmp_path / 'eta' / '000003.png')),
+                              _lib_image(tiny_gray_pkl, 3, sampler=sampler, num_steps=4, eta=0.5)[:, :, 0])
+
+
+def test_cli_spacing_reaches_the_iddpm_samplers_only(tmp_path, tiny_gray_pkl):
+    out = tmp_path / 'sp'
+    res = run_cli(['--network', tiny_gray_pkl, '--outdir', out, '--seeds', '1', '--sampler', 'iddpm', '--spacing', '3,2'])
+    assert res.exit_code == 0, res.output
+    assert np.array_equal(np.array(PIL.Image.open(out / '000001.png')),
+                          _lib_image(tiny_gray_pkl, 1, sampler='iddpm', spacing='3,2')[:, :, 0])
+    for args, needle in ((['--spacing', 'ddim10'], "sampler 'edm' does not take spacing"),
+                         (['--sampler', 'iddpm', '--spacing', 'ddim1x'], 'neither ddimN nor comma-separated'),
+                         (['--sampler', 'iddpm_ddim', '--steps', '2000'], 'cannot take 2000 steps')):
+        res = run_cli(['--network', tiny_gray_pkl, '--outdir', tmp_path / 'x'] + args)
+        errors = [line for line in res.output.splitlines() if line.startswith('Error')]
+        assert res.exit_code == 2 and len(errors) == 1 and needle in errors[0], res.output
+    # Steps that do not fit an iDDPM network's own process (M = 40): checked once the network is loaded.
+    from torch_utils import persistence
+    from training.networks_iddpm import iDDPMDiscretePrecond
+    torch.manual_seed(0)
+    net = iDDPMDiscretePrecond(img_resolution=8, img_channels=1, M=40, model_type='DhariwalUNet', model_channels=16,
+                               channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0)
+    iddpm_pkl = tmp_path / 'iddpm.pkl'
+    persistence.save_network_pkl({'ema': net.eval().requires_grad_(False)}, iddpm_pkl)
+    for args, needle in ((['--sampler', 'iddpm', '--steps', '50'], "--steps: cannot take 50 steps from a section of 40"),
+                         (['--sampler', 'iddpm_ddim', '--spacing', 'ddim50'], "--spacing: cannot take exactly 50")):
+        res = run_cli(['--network', iddpm_pkl, '--outdir', tmp_path / 'x'] + args)
+        errors = [line for line in res.output.splitlines() if line.startswith('Error')]
+        assert res.exit_code == 2 and len(errors) == 1 and needle in errors[0], res.output
+    assert not (tmp_path / 'x').exists()
+
+
 # ----------------------------------------------------------------------------
 # CLI: bad input -> one-line error, nothing written.
 

@@ -204,6 +204,51 @@ def test_cli_nll_errors_are_one_line(nll_files, tmp_path, extra, needle):
     assert len(errors) == 1 and needle in errors[0], res.output
 
 
+def test_cli_nll_vlb_matches_the_library(nll_files, tmp_path):
+    """--method=vlb: training.iddpm.vlb_bits_per_dim of an iDDPM network on the images --num/--seed pick, one
+    generator per image (seeded by its index), averaged; the default --method=ode is the ODE NLL above."""
+    from torch_utils import persistence
+    from training import iddpm
+    from training.dataset import ImageFolderDataset
+    from training.networks_iddpm import iDDPMDiscretePrecond
+    _pkl, data = nll_files
+    torch.manual_seed(0)
+    net = iDDPMDiscretePrecond(img_resolution=8, img_channels=3, label_dim=4, M=20, model_type='DhariwalUNet',
+                               model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0)
+    pkl = tmp_path / 'iddpm.pkl'
+    persistence.save_network_pkl({'ema': net.eval().requires_grad_(False)}, pkl)
+    res = CliRunner().invoke(fid.main, ['nll', '--network', str(pkl), '--data', data, '--num', '4', '--batch', '2',
+                                        '--method', 'vlb'], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert 'at most 20 network evaluations per image' in res.output
+    reported = float(res.output.strip().splitlines()[-1])
+    ds = ImageFolderDataset(path=data, max_size=4, random_seed=0, use_labels=True)
+    values = []
+    for indices in ([0, 1], [2, 3]):
+        images = torch.stack([torch.as_tensor(ds[i][0]) for i in indices])
+        labels = torch.stack([torch.as_tensor(ds[i][1]) for i in indices])
+        rnd = sampling.StackedRandomGenerator('cpu', indices)
+        bpd, nfe = iddpm.vlb_bits_per_dim(net, images, labels, randn_like=rnd.randn_like)
+        values += bpd.tolist()
+    assert nfe == 20 and reported == pytest.approx(sum(values) / len(values), rel=1e-5)
+
+
+@pytest.mark.parametrize('extra,needle,code', [
+    (['--method', 'vlb'], '--method=vlb: ', 1),                  # an EDM network has no discrete process
+    (['--method', 'vlb', '--rtol', '1e-3'], '--rtol is an option of --method=ode', 2),
+    (['--method', 'vlb', '--no-dequantize'], 'is an option of --method=ode', 2),
+    (['--method', 'kl'], "'kl' is not one of", 2),
+])
+def test_cli_nll_method_errors_are_one_line(nll_files, extra, needle, code):
+    pkl, data = nll_files
+    res = CliRunner().invoke(fid.main, ['nll', '--network', str(pkl), '--data', data] + extra)
+    assert res.exit_code == code, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and needle in errors[0], res.output
+    if code == 1:
+        assert 'needs an iDDPM network' in errors[0] and 'use --method=ode' in errors[0]
+
+
 @pytest.mark.slow
 def test_cli_nll_torchrun_matches_one_process(nll_files, subprocess_env, repo_root):
     """2 ranks, each a share of the images, sums reduced: the same mean as 1 process (same batches)."""

@@ -225,61 +225,127 @@ def test_recipe_training_kwargs():
     assert S.epoch_lr_schedule(cur_nimg=21 * 1797, batch_size=64, **schedule(c)) == 4e-4
     # Presets: train.py option values that rebuild the recipe's network.
     p = S.LADDER_PRESETS['edm2small-e-cifar10']
-    assert p['options']['arch'] == 'edm2small-e' and p['options']['duration'] == 100
-    assert p['lr_kwargs']['tref_epoch'] == 400
-    assert p['ema_kwargs'] == dict(class_name='training.ema.WarmupEMA', beta=0.9993)
-    o = S.LADDER_PRESETS['edm2small-g-digits']['options']
+    assert p['arch'] == 'edm2small-e' and p['duration'] == 100 and not p['cond']
+    assert p['lr_rampup'] == 10000 and p['decay'] == 400 * 50000 / 512  # 200 and 400 epochs of 50k images
+    assert 'decay' not in S.LADDER_PRESETS['edm2small-c-digits']     # C: no decay
+    o = S.LADDER_PRESETS['edm2small-g-digits']
     kw = S.ladder_network_kwargs('UNetG', cbase=o['cbase'], cres=o['cres'], blocks=o['blocks'], dropout=o['dropout'])
     assert {k: kw[k] for k in S.LADDER_RECIPES['digits/G']['network']} == S.LADDER_RECIPES['digits/G']['network']
     assert not o['xflip'] and o['duration'] == pytest.approx(0.0395, abs=1e-3)
 
 
-def test_arch_records_build_and_train_one_step():
-    """Each LADDER_ARCHS record builds its network (with --cbase/--cres/--blocks applied) and its loss, and
-    one optimizer step on its loss and lr schedule keeps every parameter finite."""
-    assert S.ema_halflife_kimg(0.9993, 512) == pytest.approx(506.8, abs=0.1)
-    for name, rec in S.LADDER_ARCHS.items():
-        kw = S.ladder_network_kwargs(rec['network_kwargs']['net_type'], cbase=32, cres=[1, 2], blocks=2, dropout=0)
-        assert kw['is_attn'] == [False, True]
-        kw.pop('class_name')
-        torch.manual_seed(0)
-        net = S.EDM(img_resolution=8, img_channels=1, **kw).train()
-        loss_fn = S.EDMSmallLoss(P_mean=rec['defaults']['P_mean'], P_std=rec['defaults']['P_std'])
-        lr_kwargs = {k: v for k, v in rec['lr_kwargs'].items() if k != 'func_name'}
-        lr = S.epoch_lr_schedule(cur_nimg=0, batch_size=4, epoch_kimg=0.1, **lr_kwargs)
-        assert lr == pytest.approx(rec['defaults']['lr'] / 200), name
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
-        loss = loss_fn(net=net, images=torch.rand(4, 1, 8, 8) * 2 - 1).sum()
-        loss.backward()
-        opt.step()
-        assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in net.parameters()), name
+@pytest.mark.parametrize('key', list(S.LADDER_RECIPES))
+def test_presets_schedule_is_the_recipes_epoch_schedule(key):
+    """ladder_lr_schedule (train.py's units: --lr-rampup kimg, --decay batches) on a preset's options is the seed's
+    per-epoch schedule of its recipe, exactly, at every epoch boundary and within epochs."""
+    t = S.LADDER_RECIPES[key]['train']
+    o = S.recipe_options(key)
+    epoch = t['dataset_size']
+    for ep in [0, 1, 2, 3, 4, 5, 199, 200, 201, 399, 400, 401, 799, 800, 1999]:
+        for nimg in (ep * epoch, ep * epoch + epoch // 2):
+            ours = S.ladder_lr_schedule(nimg, o['batch'], ref_lr=o['lr'], epoch_kimg=epoch / 1000,
+                                        rampup_kimg=o['lr_rampup'], ref_batches=o.get('decay'))
+            seed = S.seed_epoch_lr(ep, t['lrate'], t['warm_epoch'], t['tref_epoch'])
+            assert ours == seed, (key, ep, nimg)
 
 
-def test_training_loop_trains_a_ladder_network_and_its_snapshot_probes(tiny_zip, tmp_path):
-    """The record's kwargs run through the project's training loop (DDP wrapper, EMA, the epoch schedule),
-    the snapshot reloads through the safe loader, and the probe reads the reloaded EMA network."""
-    from torch_utils import persistence
-    from training import probe, training_loop
-    rec = S.LADDER_ARCHS['edm2small-e']
-    network_kwargs = S.ladder_network_kwargs('UNetE', cbase=32, cres=[1, 2], blocks=2, dropout=0)
-    lr_kwargs = dict(rec['lr_kwargs'], epoch_kimg=0.064, warm_epoch=1)  # tiny_zip: 64 images per epoch
-    training_loop.training_loop(
-        run_dir=str(tmp_path), dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=tiny_zip,
-                                                   use_labels=False, xflip=True),
-        data_loader_kwargs=dict(num_workers=0), network_kwargs=network_kwargs,
-        loss_kwargs=dict(rec['loss_kwargs'], P_mean=-1.2, P_std=1.2),
-        optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=rec['defaults']['lr'], betas=[0.9, 0.999], eps=1e-8),
-        lr_kwargs=lr_kwargs, ema_kwargs=rec['ema_kwargs'], batch_size=8, total_kimg=0.016, kimg_per_tick=0.008, snapshot_ticks=2,
-        state_dump_ticks=100, seed=1, device=torch.device('cpu'), print_summary=False)
-    snaps = sorted(tmp_path.glob('network-snapshot-*.pkl'))
-    net = persistence.load_network(str(snaps[-1]))
-    assert type(net).__name__ == 'EDM' and net.net_type == 'UNetE'
-    assert not any(p.requires_grad for p in net.parameters())
-    # Forced weight normalisation held during training: every stored conv/linear weight has unit RMS rows.
-    w = net.nn_model.up[0].res.conv1.weight
-    assert torch.allclose(w.square().mean(dim=[1, 2, 3]), torch.ones(w.shape[0]), atol=1e-2)
+#----------------------------------------------------------------------------
+# train.py --arch=edm2small-{c,e,g} (the records in training/presets.py ARCHITECTURES).
+
+TINY = ['--cbase=32', '--cres=1,1', '--blocks=2', '--batch=64', '--duration=0.001', '--tick=1', '--snap=1', '--dump=1',
+        '--workers=0', '--seed=0']
+
+
+@pytest.mark.parametrize('config', CONFIGS)
+def test_train_py_trains_each_config_one_tick(tiny_zip, tmp_path, config):
+    """train.py --arch=edm2small-<c|e|g>: its network, loss, per-epoch schedule (the epoch from the dataset) and
+    per-step EMA, one tick of training, and a snapshot the safe loader rebuilds and the probe reads."""
+    import train
+    from click.testing import CliRunner
+    from training import probe
+    arch = f'edm2small-{config.lower()}'
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path), '--data', tiny_zip, f'--arch={arch}', *TINY])
+    assert result.exit_code == 0, result.output
+    run = next(p for p in tmp_path.iterdir() if p.is_dir())
+    assert run.name.endswith(f'-tiny-uncond-{arch}-edm-gpus1-batch64-fp32')
+    opts = json.loads((run / 'training_options.json').read_text())
+    assert opts['network_kwargs']['class_name'] == 'training.networks_edm2small.EDM'
+    assert opts['network_kwargs']['net_type'] == f'UNet{config}' and opts['network_kwargs']['is_attn'] == [False, True]
+    assert opts['loss_kwargs'] == dict(class_name='training.networks_edm2small.EDMSmallLoss', P_mean=-1.2, P_std=1.2)
+    recipe = S.recipe_options(f'cifar10/{config}')  # the defaults: the seed's CIFAR-10 recipe of the config
+    assert opts['lr_kwargs'] == dict(func_name='training.networks_edm2small.ladder_lr_schedule', ref_lr=recipe['lr'],
+                                     rampup_kimg=10000.0, epoch_kimg=0.064,  # 64 images, before the x-flips
+                                     **({'ref_batches': recipe['decay']} if 'decay' in recipe else {}))
+    assert opts['ema_kwargs'] == dict(class_name='training.ema.WarmupEMA', beta=0.9993)
+    assert opts['dataset_kwargs']['xflip'] is True and 'augment_kwargs' not in opts
+    stats = [json.loads(line) for line in (run / 'stats.jsonl').read_text().splitlines()]
+    assert np.isfinite(stats[-1]['Loss/loss']['mean'])
+    net = persistence.load_network(str(run / 'network-snapshot-000001.pkl'))
+    assert type(net).__name__ == 'EDM' and net.net_type == f'UNet{config}'
+    if config != 'C':  # forced weight normalisation held during training: unit-RMS rows
+        w = net.nn_model.up[0].res.conv1.weight
+        assert torch.allclose(w.square().mean(dim=[1, 2, 3]), torch.ones(w.shape[0]), atol=1e-2)
     feats = probe.extract_features(net, torch.rand(2, 3, 8, 8) * 2 - 1, [4])
     assert list(feats[4]) == ['out_1', 'out_2', 'out_3', 'out_4', 'out_5']
+
+
+def test_train_py_ladder_preset_and_options(tiny_zip, tmp_path):
+    """--preset=edm2small-g-digits fills in the recipe; options given override it; --ema selects the paper's EMA."""
+    import train
+    ctx = train.main.make_context('train', ['--outdir', str(tmp_path), '--data', tiny_zip, '--preset=edm2small-g-digits',
+                                            '--cbase=16', '--sigma_data=0.6', '--ema=0.05'])
+    opts = train.dnnlib.EasyDict(ctx.params)
+    opts._given = train._given_on_command_line(ctx)
+    c, _ = train.build_training_options(opts, world=1)
+    assert c.network_kwargs.n_channels == 16 and c.network_kwargs.ch_mults == [1, 2, 2] and c.network_kwargs.n_blocks == 2
+    assert c.network_kwargs.sigma_data == c.loss_kwargs.sigma_data == 0.6
+    assert c.batch_size == 64 and c.dataset_kwargs.xflip is False and c.total_kimg == 39
+    assert c.lr_kwargs.rampup_kimg == 3.594 and c.lr_kwargs.ref_batches == 112.3125 and c.lr_kwargs.ref_lr == 5e-3
+    assert 'ema_kwargs' not in c and c.ema_halflife_kimg == 50
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['--arch=edm2small-c', '--cond=1'], 'the C/E/G networks are unconditional'),
+    (['--arch=edm2small-e', '--augment=0.1'], 'trains without augmentation'),
+    (['--arch=edm2small-g', '--precond=vp'], 'has its own (EDM) preconditioning'),
+    (['--arch=edm2small-g', '--loss=edm2'], 'with its own loss (EDMSmallLoss)'),
+    (['--arch=edm2small-g', '--uncertainty=0'], 'with its own loss (EDMSmallLoss)'),
+    (['--arch=edm2small-e', '--lr-schedule=isqrt'], 'drop --lr-schedule'),
+    (['--arch=edm2small-c', '--fp16=1'], 'float32 only'),
+    (['--arch=edm2small-c', '--conv-groups=2'], 'not of --arch=edm2small-c'),
+    (['--arch=edm2small-c', '--attn=4'], 'drop --attn'),
+    (['--preset=edm2small-c-digits', '--arch=adm'], '--preset=edm2small-c-digits is for --arch=edm2small-c'),
+])
+def test_train_py_refusals_are_one_line_usage_errors(tiny_zip, tmp_path, extra, message):
+    import train
+    from click.testing import CliRunner
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'out'), '--data', tiny_zip, '-n'] + extra)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert 'Traceback' not in result.output and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_train_config_g(tiny_zip, tmp_path, repo_root):
+    """train.py --arch=edm2small-g on two gloo ranks: every parameter (u(sigma)'s head included) gets a gradient,
+    the random Fourier buffers agree, and the ranks end with identical weights."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+           f'--outdir={tmp_path}', f'--data={tiny_zip}', '--arch=edm2small-g', '--cbase=16', '--cres=1,1', '--blocks=2',
+           '--batch=32', '--duration=0.001', '--tick=1', '--workers=0', '--seed=1']
+    result = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    run = next(p for p in tmp_path.iterdir() if p.is_dir())
+    state = torch.load(next(run.glob('training-state-*.pt')), weights_only=True)
+    assert state['cur_nimg'] == 1024 and state['rank_digests'][0] == state['rank_digests'][1]
+
+
+def test_ema_half_life_of_the_seeds_beta():
+    assert S.ema_halflife_kimg(0.9993, 512) == pytest.approx(506.8, abs=0.1)
 
 
 def test_embedded_source_runs_with_the_papers_modules(golden_dir):

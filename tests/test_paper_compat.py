@@ -27,7 +27,8 @@ from training import training_loop as tl
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 # Our modules whose classes can appear in a snapshot (their sources get embedded).
-EMBEDDED_MODULES = ('training.networks', 'training.loss', 'training.augment', 'training.iddpm', 'training.networks_iddpm')
+EMBEDDED_MODULES = ('training.networks', 'training.loss', 'training.augment', 'training.iddpm', 'training.networks_iddpm',
+                    'training.networks_edm2', 'training.networks_edm2small')
 PROJECT_PACKAGES = ('training', 'torch_utils', 'dnnlib')
 
 

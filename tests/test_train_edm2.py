@@ -144,7 +144,33 @@ def test_a_new_architecture_is_a_table_entry(tiny_zip, tmp_path, monkeypatch):
         train.build_training_options(opts, world=1)
 
 
-@pytest.mark.parametrize('name', list(presets.CONFIG_PRESETS))
+def test_architecture_builder_lr_and_ema_fields(tiny_zip, tmp_path, monkeypatch):
+    """The fields for a family with its own constructor, lr schedule and EMA: network_builder/network_options,
+    lr_kwargs/lr_options/lr_epoch_kwargs (the epoch from the dataset, before x-flips), ema_kwargs."""
+    toy = presets.Architecture(
+        backbone=dict(net_type='UNetG'), network_builder='training.networks_edm2small.ladder_network_kwargs',
+        network_options=('cbase', 'blocks'), loss='training.networks_edm2small.EDMSmallLoss', uncertainty=True,
+        lr_kwargs=dict(func_name='training.networks_edm2small.ladder_lr_schedule', rampup_kimg=1),
+        lr_options=dict(lr='ref_lr', decay='ref_batches'), lr_epoch_kwargs=('epoch_kimg',),
+        ema_kwargs=dict(class_name='training.ema.WarmupEMA', beta=0.99))
+    monkeypatch.setitem(presets.ARCHITECTURES, 'toy', toy)
+    opts = options(['--outdir', str(tmp_path), '--data', tiny_zip, '--cbase=16', '--cres=1', '--xflip=1',
+                    '--decay=10', '--augment=0'])
+    opts.arch = 'toy'
+    c, _ = train.build_training_options(opts, world=1)
+    assert c.network_kwargs.class_name == 'training.networks_edm2small.EDM' and c.network_kwargs.net_type == 'UNetG'
+    assert c.network_kwargs.n_channels == 16 and c.network_kwargs.ch_mults == [1, 2, 2, 2]  # --cres not passed
+    assert c.lr_kwargs == dict(func_name='training.networks_edm2small.ladder_lr_schedule', rampup_kimg=1, ref_lr=1e-3,
+                               ref_batches=10, epoch_kimg=0.064)
+    assert c.ema_kwargs == dict(class_name='training.ema.WarmupEMA', beta=0.99)
+    opts = options(['--outdir', str(tmp_path), '--data', tiny_zip, '--ema=0.1', '--augment=0'])
+    opts.arch = 'toy'
+    c, _ = train.build_training_options(opts, world=1)
+    assert 'ema_kwargs' not in c and c.ema_halflife_kimg == 100  # --ema: the paper's EMA instead
+    assert 'ref_batches' not in c.lr_kwargs
+
+
+@pytest.mark.parametrize('name', [n for n, p in presets.CONFIG_PRESETS.items() if p['arch'] == 'edm2'])
 def test_presets_fill_in_their_numbers(tiny_zip, tmp_path, name):
     preset = presets.CONFIG_PRESETS[name]
     c = build(tiny_zip, tmp_path, f'--preset={name}')

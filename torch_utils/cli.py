@@ -101,10 +101,12 @@ SAMPLER_OPTIONS = [
     click.option('--disc', 'discretization', help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm', type=click.Choice(['vp', 've', 'iddpm', 'edm'])),
     click.option('--schedule', help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear', type=click.Choice(['vp', 've', 'linear'])),
     click.option('--scaling', help='Ablate signal scaling s(t)', metavar='vp|none', type=click.Choice(['vp', 'none'])),
-    click.option('--eta', help='Ancestral/SDE noise amount (0: ODE)', metavar='FLOAT', type=FiniteFloatRange(min=0), default=1, show_default=True),
+    click.option('--eta', help="Ancestral/SDE/DDIM noise amount (0: ODE)  [default: the sampler's: 1, iddpm_ddim 0]", metavar='FLOAT', type=FiniteFloatRange(min=0)),
     click.option('--s_noise', 's_noise', help='Ancestral/SDE noise inflation', metavar='FLOAT', type=FiniteFloatRange(min=0), default=1, show_default=True),
     click.option('--order', help='Solver order: lms [default: 4], unipc (1-3) [default: 2]', metavar='INT', type=click.IntRange(min=1)),
     click.option('--solver_type', 'solver_type', help='dpmpp_2m_sde history term', metavar='midpoint|heun', type=click.Choice(['midpoint', 'heun']), default='midpoint', show_default=True),
+    # Options of the iDDPM samplers (training/iddpm.py).
+    click.option('--spacing', help='iddpm/iddpm_ddim: respaced steps, ddimN or section counts, e.g. ddim50 or 10,15  [default: --steps evenly spread]', metavar='ddimN|LIST', type=str),
     # Options of the predictor-corrector sampler (Song et al. 2021; training/sde.py).
     click.option('--sde', help='pc: the SDE', metavar='ve|vp', type=click.Choice(['ve', 'vp']), default='ve', show_default=True),
     click.option('--predictor', help='pc: predictor', metavar='reverse_diffusion|euler_maruyama', type=click.Choice(['reverse_diffusion', 'euler_maruyama']), default='reverse_diffusion', show_default=True),
@@ -291,10 +293,28 @@ def check_class(class_idx: int | None, net) -> None:
                                     else 'no class labels (unconditional)'), param_hint='--class')
 
 
+def check_steps_fit(net, sampler_kwargs: dict) -> None:
+    """The steps of a sampler on a discrete process (the iDDPM samplers: --steps evenly spread, or --spacing)
+    must fit the network's process (its M steps; 1000 for other denoisers); a one-line usage error otherwise."""
+    from training.sampling import sampler_options_of
+    name = sampler_kwargs.get('sampler', 'edm')
+    if 'spacing' not in sampler_options_of(name):
+        return
+    from training import iddpm
+    T = int(getattr(net, 'M', 1000))
+    spacing = sampler_kwargs.get('spacing')
+    try:
+        iddpm.space_timesteps(T, spacing if spacing is not None else [int(sampler_kwargs.get('num_steps', 50))])
+    except ValueError as e:
+        option = '--spacing' if spacing is not None else '--steps'
+        raise click.UsageError(f'{option}: {e} (the network\'s process has {T} steps)') from None
+
+
 def load_guide(sampler_kwargs: dict, net, device: torch.device, verbose: bool = True) -> dict:
-    """sampler_kwargs with --gnet's path replaced by the loaded network, checked against `net` (and --cfg
-    against a network without labels); one-line click errors."""
+    """sampler_kwargs with --gnet's path replaced by the loaded network, checked against `net` (--cfg against
+    a network without labels, the iDDPM samplers' steps against its process); one-line click errors."""
     from training.sampling import check_guidance, check_guide
+    check_steps_fit(net, sampler_kwargs)
     try:
         check_guidance(sampler_kwargs.get('gnet') is not None, sampler_kwargs.get('guidance', 1),
                        sampler_kwargs.get('cfg', False), sampler_kwargs.get('guidance_interval'),

@@ -74,9 +74,15 @@ def space_timesteps(T: int, section_counts) -> list[int]:
     section counts. The T steps are cut into len(counts) sections (the first T mod len(counts) one step
     longer), and each section keeps its count of evenly spread steps."""
     if isinstance(section_counts, str):
-        if section_counts.startswith('ddim'):
-            return _ddim_stride_steps(T, int(section_counts[4:]))
-        section_counts = [int(c) for c in section_counts.split(',')]
+        text = section_counts.strip()
+        try:
+            if text.startswith('ddim'):
+                return _ddim_stride_steps(T, int(text[4:]))
+            section_counts = [int(c) for c in text.split(',')]
+        except ValueError as e:
+            if 'invalid literal' not in str(e):
+                raise
+            raise ValueError(f'{text!r} is neither ddimN nor comma-separated section counts (e.g. ddim50, 10,15)') from None
     counts = [int(c) for c in section_counts]
     if not counts or min(counts) < 1:
         raise ValueError(f'section counts must be positive integers, got {section_counts!r}')

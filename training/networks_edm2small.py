@@ -643,61 +643,52 @@ def recipe_training_kwargs(key):
                 batch_size=t['batch_size'], total_kimg=t['n_epoch'] * t['dataset_size'] / 1000, xflip=t['xflip'])
 
 #----------------------------------------------------------------------------
-# What train.py's architecture table needs for --arch=edm2small-{c,e,g} (train.py option names). The network's
-# img_resolution / img_channels / label_dim come from the dataset as for every family. The lr schedule counts
-# epochs, so it needs epoch_kimg = (images in the dataset, before --xflip doubles them) / 1000.
+# What train.py's architecture table needs for --arch=edm2small-{c,e,g} (its records are in
+# training/presets.py; the option names are train.py's). The network's img_resolution / img_channels /
+# label_dim come from the dataset as for every family.
 
-def ladder_network_kwargs(net_type, cbase=None, cres=None, blocks=None, dropout=None, attn_levels=None):
-    """network_kwargs for train.py: the seed's CIFAR layout (128 channels x [1,2,2,2], 3 blocks, attention at
-    the second level, dropout 0.13) with --cbase/--cres/--blocks/--dropout applied (attention stays at level 1
-    unless attn_levels lists the levels)."""
+def ladder_network_kwargs(net_type, cbase=None, cres=None, blocks=None, dropout=None, attn_levels=None,
+                          sigma_data=None):
+    """network_kwargs for train.py (the architecture record's network_builder): the seed's CIFAR layout (128
+    channels x [1,2,2,2], 3 blocks, attention at the second level, dropout 0.13) with --cbase/--cres/--blocks/
+    --dropout/--sigma_data applied (attention stays at level 1 unless attn_levels lists the levels)."""
     ch_mults = list(cres) if cres is not None else list(_CIFAR_NET['ch_mults'])
     levels = [1] if attn_levels is None else list(attn_levels)
+    diffusion = dict(_DIFFUSION, **({} if sigma_data is None else dict(sigma_data=sigma_data)))
     return dict(class_name='training.networks_edm2small.EDM', net_type=net_type,
                 n_channels=cbase if cbase is not None else _CIFAR_NET['n_channels'], ch_mults=ch_mults,
                 is_attn=[i in levels for i in range(len(ch_mults))], attn_channels_per_head=None,
                 dropout=dropout if dropout is not None else _CIFAR_NET['dropout'],
-                n_blocks=blocks if blocks is not None else _CIFAR_NET['n_blocks'], **_DIFFUSION)
+                n_blocks=blocks if blocks is not None else _CIFAR_NET['n_blocks'], **diffusion)
 
 
-def _arch(net_type, lr, tref_epoch):
-    return dict(
-        network_kwargs=ladder_network_kwargs(net_type),   # rebuilt by ladder_network_kwargs(net_type, **options)
-        options_to_kwargs=dict(cbase='cbase', cres='cres', blocks='blocks', dropout='dropout'),
-        loss_kwargs=dict(class_name='training.networks_edm2small.EDMSmallLoss'),   # + P_mean, P_std, sigma_data
-        lr_kwargs=dict(func_name='training.networks_edm2small.epoch_lr_schedule', ref_lr=lr, warm_epoch=200,
-                       tref_epoch=tref_epoch),                                      # + epoch_kimg from the dataset
-        ema_kwargs=dict(class_name='training.ema.WarmupEMA', beta=0.9993),         # the seed's EMA (not --ema)
-        defaults=dict(lr=lr, batch=512, dropout=0.13, P_mean=-1.2, P_std=1.2, xflip=True, augment=0.0,
-                      cond=False),
-        refused=dict(cond='the networks are unconditional', augment='no augmentation labels (use --xflip)',
-                     precond='EDM preconditioning is built in', uncertainty='always on (reweight_mlp)',
-                     loss='EDMSmallLoss only', fp16='fp32 only', bf16='fp32 only', conv_groups='not supported',
-                     label_dropout='unconditional', lr_schedule='the seed\'s per-epoch schedule is built in',
-                     ema_stds='the seed\'s per-step EMA (ema_kwargs)',
-                     ema='the seed\'s per-step EMA (ema_kwargs); its half-life: ema_halflife_kimg(0.9993, batch)'),
-    )
-
-LADDER_ARCHS = {
-    'edm2small-c': _arch('UNetC', 4e-4, None),
-    'edm2small-e': _arch('UNetE', 2e-2, 400),
-    'edm2small-g': _arch('UNetG', 5e-3, 400),
-}
+def ladder_lr_schedule(cur_nimg, batch_size, ref_lr, epoch_kimg, rampup_kimg=10000, ref_batches=None):
+    """epoch_lr_schedule with its warm-up and decay in train.py's units (--lr-rampup in kimg, --decay in
+    batches, as EDM2's isqrt schedule): warm_epoch = rampup_kimg / epoch_kimg epochs, tref_epoch = ref_batches *
+    batch_size / (1000 epoch_kimg) epochs (ref_batches None or 0: no decay, the seed's config C). The lr is still
+    set per epoch; the seed's recipes convert exactly (recipe_options). epoch_kimg comes from the dataset."""
+    warm_epoch = rampup_kimg / epoch_kimg
+    tref_epoch = ref_batches * batch_size / 1000 / epoch_kimg if ref_batches else None
+    return epoch_lr_schedule(cur_nimg, batch_size, ref_lr, epoch_kimg, warm_epoch, tref_epoch)
 
 
-def _preset(key):
-    """A recipe as train.py option values (--preset), plus the schedule's epoch counts for lr_kwargs."""
+def recipe_options(key):
+    """LADDER_RECIPES[key] as train.py option values (a --preset): the network through --cbase/--cres/--blocks/
+    --dropout, warm-up as --lr-rampup = warm_epoch epochs in kimg, t_ref as --decay = tref_epoch epochs in
+    batches (left out for C: no decay), the duration n_epoch epochs. The seed's per-step EMA (beta 0.9993) is
+    the architecture's own."""
     r, t = LADDER_RECIPES[key], LADDER_RECIPES[key]['train']
     n = r['network']
     options = dict(arch=f'edm2small-{n["net_type"][-1].lower()}', cond=False,
                    duration=t['n_epoch'] * t['dataset_size'] / 1e6, batch=t['batch_size'], cbase=n['n_channels'],
                    cres=list(n['ch_mults']), blocks=n['n_blocks'], dropout=n['dropout'], lr=t['lrate'],
-                   xflip=t['xflip'], augment=0.0, P_mean=t['P_mean'], P_std=t['P_std'])
-    return dict(options=options, lr_kwargs=dict(warm_epoch=t['warm_epoch'], tref_epoch=t['tref_epoch'],
-                                                 epoch_kimg=t['dataset_size'] / 1000),
-                ema_kwargs=dict(class_name='training.ema.WarmupEMA', beta=t['ema']))
+                   lr_rampup=t['warm_epoch'] * t['dataset_size'] / 1000, xflip=t['xflip'], augment=0.0,
+                   P_mean=t['P_mean'], P_std=t['P_std'])
+    if t['tref_epoch'] is not None:
+        options['decay'] = t['tref_epoch'] * t['dataset_size'] / t['batch_size']
+    return options
 
-# --preset names: edm2small-{c,e,g}-{cifar10,cifar100,digits}.
-LADDER_PRESETS = {f'edm2small-{k.split("/")[1].lower()}-{k.split("/")[0]}': _preset(k) for k in LADDER_RECIPES}
+# --preset names: edm2small-{c,e,g}-{cifar10,cifar100,digits} (training/presets.py adds them to CONFIG_PRESETS).
+LADDER_PRESETS = {f'edm2small-{k.split("/")[1].lower()}-{k.split("/")[0]}': recipe_options(k) for k in LADDER_RECIPES}
 
 #----------------------------------------------------------------------------

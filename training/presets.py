@@ -1,10 +1,12 @@
-"""Configurations as data: the architectures train.py's --arch offers (one record each), the constructor
-presets they are built from, and the option presets of --preset.
+"""Configurations as data: the architectures train.py's --arch offers and the preconditioners of --precond
+(one record each), the constructor presets they are built from, and the option presets of --preset.
 
-Constructor presets are class kwargs: ARCH_PRESETS (backbones), PRECOND_PRESETS (Table 1's preconditioner
-and loss), NETWORKS (complete named networks; benchmarks build them). Option presets are train.py option
-values: an Architecture's `defaults` (e.g. EDM2_DEFAULTS) and CONFIG_PRESETS. ARCHITECTURES joins them:
-docs/design.md ("Add a network family") describes the record and how train.py applies it.
+Constructor presets are class kwargs: ARCH_PRESETS (backbones), PRECOND_PRESETS (Precond records: Table 1's
+preconditioner and loss, and iDDPM's), NETWORKS (complete named networks; benchmarks build them). Option
+presets are train.py option values: an Architecture's or Precond's `defaults` (e.g. EDM2_DEFAULTS) and
+CONFIG_PRESETS (the families' recipes registered from their modules at the end of this file). ARCHITECTURES
+joins them: docs/design.md ("Add a network family", "Add a preconditioner") describes the records and how
+train.py applies them.
 """
 
 from __future__ import annotations
@@ -29,10 +31,53 @@ ARCH_PRESETS = {
     'edm2': dict(model_channels=192),
 }
 
+class Precond(NamedTuple):
+    """One --precond choice: a preconditioner (network class around the backbone) and its loss (Table 1's
+    pairs, and iDDPM's discrete-time model). A tuple, so `PRECOND_PRESETS[name][0]` / `[1]` are the two classes.
+
+    network          the network class; the architecture's backbone kwargs go to it
+    loss             the loss class
+    network_options  train.py option -> network kwarg: a kwarg name (the option's value passed as is), or a
+                     dict {option value: kwargs} (e.g. the loss type decides whether the network learns variances);
+                     options that are None are left out
+    loss_options     the same for the loss kwargs
+    defaults         values of those options when it is chosen (above the architecture's defaults, below --preset
+                     and options given)
+    The options named here belong to this preconditioner: train.py refuses them with any other --precond.
+    """
+    network: str
+    loss: str
+    network_options: dict = {}
+    loss_options: dict = {}
+    defaults: dict = {}
+
+    @property
+    def options(self) -> tuple:
+        return tuple(dict.fromkeys([*self.network_options, *self.loss_options]))
+
+
+# iDDPM's objectives (--iddpm-loss): the loss kwargs, and whether the network has the 2C outputs of learned
+# variances (L_simple alone trains none: the network then has C outputs and fixed variances beta_t).
+IDDPM_LOSSES = {
+    'hybrid': (dict(loss_type='hybrid'), dict(learn_sigma=True)),                            # Eq. 16
+    'vlb': (dict(loss_type='vlb'), dict(learn_sigma=True)),                                  # L_vlb, uniform t
+    'vlb-is': (dict(loss_type='vlb', importance_sampling=True), dict(learn_sigma=True)),     # Eq. 18
+    'simple': (dict(loss_type='simple'), dict(learn_sigma=False)),                           # DDPM's L_simple
+}
+
 PRECOND_PRESETS = {
-    'vp': ('training.networks.VPPrecond', 'training.loss.VPLoss'),
-    've': ('training.networks.VEPrecond', 'training.loss.VELoss'),
-    'edm': ('training.networks.EDMPrecond', 'training.loss.EDMLoss'),
+    'vp': Precond('training.networks.VPPrecond', 'training.loss.VPLoss'),
+    've': Precond('training.networks.VEPrecond', 'training.loss.VELoss'),
+    'edm': Precond('training.networks.EDMPrecond', 'training.loss.EDMLoss'),
+    # Improved DDPM (Nichol & Dhariwal 2021): the backbone (--arch=adm: ADM, --arch=ddpmpp: DDPM++) inside
+    # iDDPMDiscretePrecond, trained on the discrete process by iDDPMLoss; the two share schedule and T.
+    'iddpm': Precond(
+        'training.networks_iddpm.iDDPMDiscretePrecond', 'training.iddpm.iDDPMLoss',
+        network_options=dict(iddpm_schedule='schedule', iddpm_T='M',
+                             iddpm_loss={name: net for name, (_loss, net) in IDDPM_LOSSES.items()}),
+        loss_options=dict(iddpm_schedule='schedule', iddpm_T='T',
+                          iddpm_loss={name: loss for name, (loss, _net) in IDDPM_LOSSES.items()}),
+        defaults=dict(iddpm_schedule='cosine', iddpm_T=4000, iddpm_loss='hybrid')),  # iDDPM's main setting
 }
 
 
@@ -168,26 +213,44 @@ class Refusal(NamedTuple):
 class Architecture:
     """One --arch choice.
 
-    backbone      constructor kwargs of the network (--cbase, --cres, --blocks override model_channels,
-                  channel_mult, num_blocks; train.py adds dropout, use_fp16, augment_dim, ... as for every net)
-    network       the network class; None: the --precond preconditioner (PRECOND_PRESETS) around the backbone
-    loss          the default loss class; None: the --precond loss (or --loss / --uncertainty's)
-    loss_kwargs   constructor kwargs of that loss fixed by the architecture (e.g. a noise schedule's name)
-    loss_options  the train.py options that become loss kwargs when given (or set by `defaults`)
-    uncertainty   the network has a learned-uncertainty head built in (its loss must read it)
-    defaults      train.py option values it changes: above the CLI's defaults, below --preset and options given
-    training      training_loop kwargs it sets (a dict value updates that kwarg's dict, e.g. optimizer betas)
-    ema_stds      default power-function EMA profiles (training.phema), unless --ema is given; None: the paper's EMA
-    refuses       Refusal records: option values it cannot train with
+    backbone         constructor kwargs of the network (--cbase, --cres, --blocks, --attn override model_channels,
+                     channel_mult, num_blocks, attn_resolutions; train.py adds dropout, use_fp16, augment_dim, ... as
+                     for every net); with `network_builder`, the builder's fixed arguments
+    network          the network class; None: the --precond preconditioner (PRECOND_PRESETS) around the backbone
+    network_builder  for a network whose constructor takes other kwargs than the EDM U-Nets': the dotted name of
+                     f(**backbone, **{option: value}) returning the network kwargs (class_name included) from the
+                     train.py options named in `network_options` (unset ones as None); refuse the rest
+    network_options  the train.py options passed to network_builder
+    loss             the default loss class; None: the --precond loss (or --loss / --uncertainty's)
+    loss_kwargs      constructor kwargs of that loss fixed by the architecture (e.g. a noise schedule's name)
+    loss_options     the train.py options that become loss kwargs when given (or set by `defaults`)
+    uncertainty      the network has a learned-uncertainty head built in (its loss must read it)
+    defaults         train.py option values it changes: above the CLI's defaults, below --preset and options given
+    training         training_loop kwargs it sets (a dict value updates that kwarg's dict, e.g. optimizer betas)
+    lr_kwargs        its own learning-rate schedule (training_loop's lr_kwargs: func_name and fixed kwargs), in
+                     place of --lr-schedule's (refuse --lr-schedule); None: --lr-schedule's
+    lr_options       train.py option -> lr_kwargs name, passed when set (e.g. lr -> ref_lr)
+    lr_epoch_kwargs  lr_kwargs that train.py sets from the dataset: one epoch in thousands of images (the
+                     dataset's size / 1000, before --xflip doubles it), for a schedule that counts epochs
+    ema_kwargs       its own EMA policy (training_loop's ema_kwargs) unless --ema or --ema-stds is given;
+                     None: the paper's half-life EMA (or `ema_stds`)
+    ema_stds         default power-function EMA profiles (training.phema), unless --ema is given; None: the paper's EMA
+    refuses          Refusal records: option values it cannot train with (one-line usage errors)
     """
     backbone: dict
     network: str | None = None
+    network_builder: str | None = None
+    network_options: tuple = ()
     loss: str | None = None
     loss_kwargs: dict = field(default_factory=dict)
     loss_options: tuple = ('P_mean', 'P_std', 'sigma_data')
     uncertainty: bool = False
     defaults: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    lr_kwargs: dict | None = None
+    lr_options: dict = field(default_factory=dict)
+    lr_epoch_kwargs: tuple = ()
+    ema_kwargs: dict | None = None
     ema_stds: tuple | None = None
     refuses: tuple = ()
 
@@ -217,3 +280,78 @@ ARCHITECTURES = {
                     '(ddpmpp, ncsnpp, adm), not of --arch=edm2'),
         )),
 }
+
+
+# ----------------------------------------------------------------------------
+# EDM2's Table 1 ladder at small scale (training/networks_edm2small.py, after FutureXiang/edm2): configs C, E, G
+# in the seed's EDM wrapper (EDM preconditioning and the learned uncertainty u(sigma) built in), its loss,
+# its per-epoch learning rate and its per-step EMA. Defaults: the seed's CIFAR-10 recipe of each config
+# (duration aside); --preset=edm2small-{c,e,g}-{cifar10,cifar100,digits} are its recipes.
+
+from training import networks_edm2small as _ladder  # noqa: E402 -- data of the family module, registered here
+
+
+def _ladder_refusals(arch: str) -> tuple:
+    own = f'--arch={arch}'
+    return (
+        Refusal('cond', (False,), f'{own}: the C/E/G networks are unconditional; use --cond=0'),
+        Refusal('precond', ('edm',), f'{own} has its own (EDM) preconditioning; drop --precond'),
+        Refusal('loss', (None,), f'{own} trains its uncertainty head u(sigma) with its own loss (EDMSmallLoss); '
+                'drop --loss/--uncertainty'),
+        Refusal('uncertainty', (None, True), f'{own} trains its uncertainty head u(sigma) with its own loss '
+                '(EDMSmallLoss); drop --loss/--uncertainty'),
+        Refusal('augment', (0,), f'{own} trains without augmentation (its network takes no augment labels); '
+                'use --augment=0 (and --xflip)'),
+        Refusal('lr_schedule', (None,), f"{own} has the seed's per-epoch lr schedule (--lr, --lr-rampup, --decay); "
+                'drop --lr-schedule'),
+        Refusal('fp16', (False,), f'{own} trains in float32 only; drop --fp16'),
+        Refusal('bf16', (False,), f'{own} trains in float32 only; drop --bf16'),
+        Refusal('fast_dropout', (False,), f'--fast-dropout is an option of the EDM U-Nets, not of {own}'),
+        Refusal('conv_groups', (1,), f'--conv-groups: grouped convolutions are an option of the EDM U-Nets '
+                f'(ddpmpp, ncsnpp, adm), not of {own}'),
+        Refusal('label_dropout', (0,), f'{own}: the C/E/G networks are unconditional; drop --label-dropout'),
+        Refusal('attn', (None,), f'{own} has attention at its second level (the seed\'s layout); drop --attn'),
+    )
+
+
+def _ladder_architecture(config: str) -> Architecture:
+    arch = f'edm2small-{config.lower()}'
+    recipe = _ladder.recipe_options(f'cifar10/{config}')
+    defaults = {k: v for k, v in recipe.items() if k not in ('arch', 'duration', 'cbase', 'cres', 'blocks')}
+    return Architecture(
+        backbone=dict(net_type=f'UNet{config}'),
+        network_builder='training.networks_edm2small.ladder_network_kwargs',
+        network_options=('cbase', 'cres', 'blocks', 'dropout', 'sigma_data'),
+        loss='training.networks_edm2small.EDMSmallLoss', uncertainty=True,
+        defaults=defaults,
+        lr_kwargs=dict(func_name='training.networks_edm2small.ladder_lr_schedule'),
+        lr_options=dict(lr='ref_lr', lr_rampup='rampup_kimg', decay='ref_batches'),
+        lr_epoch_kwargs=('epoch_kimg',),
+        ema_kwargs=dict(class_name='training.ema.WarmupEMA', beta=0.9993),
+        refuses=_ladder_refusals(arch))
+
+
+for _config in ('C', 'E', 'G'):
+    ARCHITECTURES[f'edm2small-{_config.lower()}'] = _ladder_architecture(_config)
+CONFIG_PRESETS.update(copy.deepcopy(_ladder.LADDER_PRESETS))
+
+# ----------------------------------------------------------------------------
+# Improved DDPM (training/iddpm.py PRESETS): --precond=iddpm on ADM (DhariwalUNet with iDDPM's widths,
+# attention at 16x16 and 8x8, 2C outputs for the learned variances), with iDDPM's training values. The EMA
+# (0.9999 per step) is the paper's half-life EMA of the same per-step decay at the preset's batch (with EDM's
+# ramp-up ratio 0.05 for the first images).
+
+from training import iddpm as _iddpm  # noqa: E402
+
+
+def _iddpm_options(name: str) -> dict:
+    p = _iddpm.PRESETS[name]
+    net, loss, train = p['adm_network_kwargs'], p['loss_kwargs'], p['training']
+    return dict(arch='adm', precond='iddpm', cbase=net['model_channels'], cres=list(net['channel_mult']),
+                blocks=net['num_blocks'], attn=list(net['attn_resolutions']), dropout=net['dropout'],
+                iddpm_schedule=loss['schedule'], iddpm_T=loss['T'], iddpm_loss=loss['loss_type'],
+                lr=train['lr'], batch=train['batch'], lr_rampup=train['lr_rampup_kimg'],
+                ema=train['ema_halflife_kimg'] / 1000, augment=float(train['augment']))
+
+
+CONFIG_PRESETS.update({name: _iddpm_options(name) for name in _iddpm.PRESETS})

@@ -941,6 +941,19 @@ def compile_network(net: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
     return compiled
 
 
+def make_grid(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Tile HWC uint8 images row-major into a near-square grid (unused cells black)."""
+    n = len(images)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    h, w, c = images[0].shape
+    grid = np.zeros([rows * h, cols * w, c], dtype=np.uint8)
+    for k, img in enumerate(images):
+        r, q = divmod(k, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+    return grid
+
+
 def generate_images(net, seeds: Sequence[int], max_batch_size: int = 64, class_idx: int | None = None,
                     device=torch.device('cpu'), sampler: str | None = None, gnet=None, guidance: float | None = 1,
                     cfg: bool = False, guidance_interval: tuple[float, float] | None = None,

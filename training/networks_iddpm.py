@@ -17,7 +17,9 @@ This module's source is embedded in network snapshots: it imports at module leve
 standard library, `torch_utils.persistence` and names the paper's training.networks also has.
 """
 
+import contextlib
 import math
+import threading
 
 import numpy as np
 import torch
@@ -30,10 +32,21 @@ from training import networks
 # Initialisation: torch's default layer init (U(-1/sqrt(fan_in), 1/sqrt(fan_in))), zero for the layers
 # improved-diffusion wraps in zero_module; skipped under no_weight_init (the safe loader uses it).
 
-no_weight_init = networks.no_weight_init  # one switch for every family (the safe loader calls it)
+_init_state = threading.local()  # its own switch, not networks.py's: this module's embedded source must run
+                                 # against the paper's training/networks.py, which has none
+
+@contextlib.contextmanager
+def no_weight_init():
+    """Construct with uninitialised weights (no random numbers drawn), e.g. before loading a checkpoint."""
+    prev = getattr(_init_state, 'skip', False)
+    _init_state.skip = True
+    try:
+        yield
+    finally:
+        _init_state.skip = prev
 
 def _param(shape, fan_in: int, init: str = 'default') -> torch.nn.Parameter:
-    if getattr(networks._init_state, 'skip', False):  # pylint: disable=protected-access
+    if getattr(_init_state, 'skip', False):
         return torch.nn.Parameter(torch.empty(shape))
     if init == 'zero':
         return torch.nn.Parameter(torch.zeros(shape))

@@ -5,14 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import rel_err
 from training.augment import SYM6, AugmentPipe
 
 FULL = dict(xflip=1, yflip=1, rotate_int=1, translate_int=1, scale=1, rotate_frac=1, aniso=1,
             translate_frac=1, brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def images(n=4, c=3, res=16, seed=0) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """compress.py and training/compression.py: pruning (exact counts, L1 order, regions), low-precision snapshots
 (load with the safe loader, run, stay within a tolerance derived from the rounding step, honest file sizes),
 grouped convolutions (parameter count from a formula, training, train.py errors), and `compress.py report`
-with the stand-in FID detector of tests/test_fid.py. Tiny networks built here, saved with save_network_pkl."""
+with the stand-in FID detector (helpers.StandInDetector). Tiny networks built here, saved with save_network_pkl."""
 
 import csv
 import json
@@ -18,8 +18,7 @@ from torch_utils import plot
 import dnnlib
 import generate
 import train
-from test_fid import StandInDetector
-from tinydata import make_dataset_zip
+from helpers import invoke, loop_kwargs, make_dataset_zip
 from torch_utils import persistence
 from training import compression as C
 from training import networks as N
@@ -53,10 +52,7 @@ def save(path, net) -> str:
 
 
 def run(args, expect_ok=True):
-    result = CliRunner().invoke(compress.main, [str(a) for a in args])
-    if expect_ok:
-        assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
+    return invoke(compress.main, args, expect_ok)
 
 
 def conv_linear_weights(net) -> dict:
@@ -313,12 +309,11 @@ def test_int8_network_behaves_like_the_network_it_wraps(tmp_path):
 
 
 @pytest.mark.parametrize('dtype', ['int8', 'fp16'])
-def test_fid_net_runs_compressed_snapshots_unchanged(tmp_path, dtype):
+def test_fid_net_runs_compressed_snapshots_unchanged(tmp_path, detector_file, dtype):
     import fid
     src = save(tmp_path / 'net.pkl', make_net())
     run(['quantize', '--network', src, '--dest', tmp_path / 'q.pkl', '--dtype', dtype])
-    detector = tmp_path / 'standin.pt'
-    torch.jit.save(torch.jit.script(StandInDetector()), str(detector))
+    detector = detector_file
     data = make_dataset_zip(tmp_path / 'ref.zip', num_images=8, resolution=8)
     ref = tmp_path / 'ref.npz'
     for args in (['ref', '--data', data, '--dest', ref, '--workers', 0, '--detector', detector],
@@ -367,7 +362,6 @@ def test_chained_steps_are_recorded_and_refused_where_meaningless(tmp_path):
 
 def test_transfer_from_int8_snapshot_is_refused_and_from_fp16_works(tmp_path):
     # An int8 snapshot's tensors are named net.<layer>.weight_int8 etc.: --transfer must not silently copy nothing.
-    from test_training_loop import loop_kwargs
     from training import training_loop as tl
     data = make_dataset_zip(tmp_path / 'tiny.zip')
     tl.training_loop(**loop_kwargs(data, tmp_path / 'a', 0.016, snapshot_ticks=1))
@@ -501,13 +495,11 @@ def test_train_rejects_conv_groups_that_do_not_divide(tmp_path):
 
 
 @pytest.fixture
-def report_inputs(tmp_path):
+def report_inputs(tmp_path, detector_file):
     base = save(tmp_path / 'base.pkl', make_net())
     run(['prune', '--network', base, '--dest', tmp_path / 'pruned.pkl', '--amount', '0.6'])
-    detector = tmp_path / 'standin.pt'
-    torch.jit.save(torch.jit.script(StandInDetector()), str(detector))
     data = make_dataset_zip(tmp_path / 'ref.zip', num_images=12, resolution=8)
-    return base, str(tmp_path / 'pruned.pkl'), str(detector), data
+    return base, str(tmp_path / 'pruned.pkl'), str(detector_file), data
 
 
 def test_report_writes_table_files_and_plot(tmp_path, report_inputs):
@@ -678,7 +670,6 @@ def test_qat_network_exports_exactly_what_it_trained_and_loads_safely(tmp_path):
         C.qat_network(loaded, 4)
 
 
-@pytest.mark.slow
 def test_compress_qat_fine_tunes_exports_and_samples(tmp_path):
     """compress.py qat: a few steps of training_loop on the QAT wrapper, then an int4 snapshot generate.py uses."""
     data = make_dataset_zip(tmp_path / 'tiny.zip', num_images=16, resolution=8)

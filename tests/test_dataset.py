@@ -4,6 +4,7 @@ from DataLoader worker processes and distributed samplers."""
 import io
 import json
 import pickle
+import sys
 import zipfile
 
 import numpy as np
@@ -11,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
-from training.dataset import Dataset, ImageFolderDataset
+from training.dataset import Dataset, DatasetError, ImageFolderDataset
 
 # ----------------------------------------------------------------------------
 
@@ -234,8 +235,9 @@ def test_distributed_sampler_ranks_partition(tmp_path):
     assert sorted(seen) == list(range(10))
 
 
+@pytest.mark.slow  # two DataLoader worker processes: 1-5 s (the sampler itself: tests/test_misc.py)
 def test_infinite_sampler(tmp_path):
-    misc = pytest.importorskip('torch_utils.misc', reason='torch_utils/misc.py (training owner) not available yet')
+    from torch_utils import misc
     path, images, _ = make_dataset(tmp_path, n=6)
     ds = ImageFolderDataset(str(path))
     sampler = misc.InfiniteSampler(dataset=ds, rank=0, num_replicas=1, seed=0)
@@ -243,6 +245,18 @@ def test_infinite_sampler(tmp_path):
     x = torch.cat([next(it)[0] for _ in range(3)])  # 12 draws from 6 images: wraps around.
     assert x.shape == (12, 3, 8, 8)
     assert all(any(np.array_equal(img.numpy(), chw(ref)) for ref in images) for img in x)
+
+
+def test_dataset_errors_survive_dataloader_workers():
+    """torch re-raises a worker's exception with the worker's traceback as its message; DatasetError
+    keeps its own one line."""
+    try:
+        raise DatasetError('data.zip:00000/img00000003.png: cannot read image (not a readable image); re-create it')
+    except DatasetError:
+        wrapper = torch._utils.ExceptionWrapper(sys.exc_info(), where='in DataLoader worker process 0')
+    with pytest.raises(DatasetError) as info:
+        wrapper.reraise()
+    assert str(info.value) == 'data.zip:00000/img00000003.png: cannot read image (not a readable image); re-create it'
 
 
 @pytest.mark.slow

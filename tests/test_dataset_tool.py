@@ -7,9 +7,11 @@ import json
 import os
 import pathlib
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 import types
 import zipfile
 
@@ -19,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
+from training.dataset import ImageFolderDataset
 
 # ----------------------------------------------------------------------------
 # Helpers.
@@ -488,3 +491,41 @@ def test_existing_non_zip_dest_file_is_refused_in_one_message(tmp_path, rng):
     (tmp_path / 'o.zip').write_text('old')
     res = CliRunner().invoke(dataset_tool.main, [f'--source={tmp_path / "s"}', f'--dest={tmp_path / "o.zip"}'])
     assert res.exit_code == 0 and 'will be replaced' in res.output
+
+
+def test_dataset_tool_says_when_it_replaces_dest(tmp_path):
+    src = tmp_path / 'src'
+    src.mkdir()
+    import PIL.Image
+    for i in range(3):
+        PIL.Image.fromarray(np.full([8, 8, 3], i * 40, np.uint8)).save(src / f'{i}.png')
+    dest = tmp_path / 'out.zip'
+    dest.write_bytes(b'an older dataset')
+    result = CliRunner().invoke(dataset_tool.main, ['--source', str(src), '--dest', str(dest)])
+    assert result.exit_code == 0, result.output
+    assert f'--dest {dest} exists and will be replaced' in result.output
+    assert len(ImageFolderDataset(str(dest))) == 3
+    result = CliRunner().invoke(dataset_tool.main, ['--source', str(src), '--dest', str(tmp_path / 'new.zip')])
+    assert 'replaced' not in result.output
+
+
+def test_dataset_tool_sigterm_removes_its_temporary_output(tmp_path, repo_root, subprocess_env):
+    n = 30000  # MNIST-style source, big enough that the conversion is still running when the signal comes
+    images = np.random.RandomState(0).randint(0, 256, size=[n, 28, 28], dtype=np.uint8)
+    header = lambda magic, *dims: b''.join(int(v).to_bytes(4, 'big') for v in (magic,) + dims)  # noqa: E731
+    (tmp_path / 'train-images-idx3-ubyte').write_bytes(header(0x803, n, 28, 28) + images.tobytes())
+    (tmp_path / 'train-labels-idx1-ubyte').write_bytes(header(0x801, n) + (np.arange(n) % 10).astype(np.uint8).tobytes())
+    dest = tmp_path / 'mnist.zip'
+    dest.write_bytes(b'previous')
+    proc = subprocess.Popen([sys.executable, str(repo_root / 'dataset_tool.py'), '--source',
+                             str(tmp_path / 'train-images-idx3-ubyte'), '--dest', str(dest)], env=subprocess_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob('.mnist.zip.*')):
+        time.sleep(0.02)
+    assert list(tmp_path.glob('.mnist.zip.*')), 'no temporary output appeared'
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and 'Aborted!' in out, out[-2000:]
+    assert not list(tmp_path.glob('.mnist.zip.*'))  # the partial zip is gone
+    assert dest.read_bytes() == b'previous'  # and --dest untouched

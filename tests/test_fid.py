@@ -1,20 +1,19 @@
 """Tests for fid.py: the Fréchet distance against golden values, and ref/calc/net end to end with a small
-TorchScript stand-in detector built here (never the real Inception download)."""
+TorchScript stand-in detector (helpers.StandInDetector, never the real Inception download); the sweep, nll
+and probe subcommands."""
 
+import csv
 import functools
-import http.server
 import io
 import json
 import os
-import pathlib
 import pickle
 import subprocess
 import time
 import sys
-import threading
-import types
 
 import numpy as np
+import PIL.Image
 import pytest
 import scipy.linalg
 import torch
@@ -22,26 +21,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 import fid
+from helpers import (FEATURE_DIM, StandInDetector, direct_features, direct_fid, direct_stats, invoke, make_dataset_zip,
+                     make_images, make_tiny_net, write_dataset_zip, write_folder)
+from training import likelihood, networks_edm2small, sampling
 from training.dataset import dataset_fingerprint
 
-FEATURE_DIM = 8
-
 #----------------------------------------------------------------------------
-# Helpers: stand-in detector, image folders, direct numpy statistics.
-
-
-class StandInDetector(torch.nn.Module):
-    """Deterministic uint8 images -> FEATURE_DIM features, with the official detector's call signature."""
-
-    def __init__(self, dim: int = FEATURE_DIM):
-        super().__init__()
-        g = torch.Generator().manual_seed(123)
-        self.register_buffer('proj', torch.randn([3 * 4 * 4, dim], generator=g) * 2)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        assert x.dtype == torch.uint8 and x.shape[1] == 3
-        x = torch.nn.functional.adaptive_avg_pool2d(x.to(torch.float32) / 255, [4, 4]).flatten(1)
-        return torch.tanh((x - 0.5) @ self.proj)
+# Helpers (the stand-in detector, image folders and direct numpy statistics are in helpers.py, their
+# fixtures detector_file and folders in conftest.py).
 
 
 class NotADetector(torch.nn.Module):
@@ -53,67 +40,12 @@ class PickledDetector(StandInDetector):
     """A plain (non-TorchScript) module: only loadable from a pickle with --trust-pickle."""
 
 
-@pytest.fixture(scope='module')
-def detector_file(tmp_path_factory) -> pathlib.Path:
-    path = tmp_path_factory.mktemp('det') / 'standin.pt'
-    torch.jit.save(torch.jit.script(StandInDetector()), str(path))
-    return path
-
-
-def make_images(seed: int, n: int, size: int = 16, mode: str = 'RGB') -> np.ndarray:
-    """n random-ish images [n,H,W,C] uint8 with smooth structure so pooled features vary."""
-    rnd = np.random.RandomState(seed)
-    base = rnd.randint(0, 256, size=[n, 4, 4, 3]).astype(np.float64)
-    img = base.repeat(size // 4, axis=1).repeat(size // 4, axis=2) + rnd.randint(-20, 21, size=[n, size, size, 3])
-    img = np.clip(img, 0, 255).astype(np.uint8)
-    if mode == 'L':
-        img = img[..., :1]
-    return img
-
-
-def write_folder(path: pathlib.Path, images: np.ndarray) -> pathlib.Path:
-    path.mkdir(parents=True)
-    for i, img in enumerate(images):
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path / f'img{i:04d}.png')
-    return path
-
-
-def direct_features(images: np.ndarray) -> np.ndarray:
-    """Features of [N,H,W,C] uint8 images from the stand-in, gray repeated to RGB, as float64."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    if x.shape[1] == 1:
-        x = x.repeat([1, 3, 1, 1])
-    with torch.no_grad():
-        return StandInDetector()(x, return_features=True).double().numpy()
-
-
-def direct_stats(features: np.ndarray):
-    return features.mean(0), np.cov(features, rowvar=False, ddof=1)
-
-
-def direct_fid(mu1, s1, mu2, s2) -> float:
-    """Independent route: Tr sqrt(S1 S2) = sum of square roots of the (real, >= 0) eigenvalues of S1 S2."""
-    eig = np.linalg.eigvals(s1 @ s2).real.clip(min=0)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum())
-
-
 def run_cli(args, expect_ok=True):
-    result = CliRunner().invoke(fid.main, [str(a) for a in args])
-    if expect_ok:
-        assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
+    return invoke(fid.main, args, expect_ok)
 
 
 def last_number(result) -> float:
     return float(result.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope='module')
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp('imgs')
-    a = make_images(0, 40)
-    b = np.clip(a.astype(np.int64) + 40, 0, 255).astype(np.uint8)  # Brightness-shifted copy.
-    return types.SimpleNamespace(a_images=a, b_images=b, a=write_folder(root / 'a', a), b=write_folder(root / 'b', b))
 
 #----------------------------------------------------------------------------
 # The Fréchet distance itself.
@@ -173,6 +105,7 @@ def test_ref_then_calc_same_images_gives_zero(folders, detector_file, tmp_path):
     assert 'FID of 40 images' in res.stdout
 
 
+@pytest.mark.slow  # two DataLoader worker processes: 1-4 s (test_metrics.py checks calc's FID to the bit)
 def test_calc_shifted_images_matches_numpy(folders, detector_file, tmp_path):
     dest = tmp_path / 'ref.npz'
     run_cli(['ref', '--data', folders.a, '--dest', dest, '--workers', 0, '--detector', detector_file])
@@ -254,6 +187,15 @@ def test_calc_errors(folders, detector_file, tmp_path):
     one = write_folder(tmp_path / 'one', make_images(1, 1))
     res = run_cli(['ref', '--data', one, '--dest', tmp_path / 'x.npz', *common], expect_ok=False)
     assert res.exit_code == 1 and 'at least 2' in res.output
+
+
+def test_fid_ref_that_is_not_an_npz(tmp_path):
+    ref = tmp_path / 'ref.txt'
+    ref.write_text('mu 1 2 3\n')
+    result = CliRunner().invoke(fid.main, ['calc', '--images', str(tmp_path), '--ref', str(ref)])
+    assert result.exit_code == 1
+    assert f'Error: {ref} is not a .npz file of reference statistics' in result.output
+    assert 'pickled' not in result.output
 
 
 def test_unusable_image_shapes_are_rejected():
@@ -357,20 +299,6 @@ class MeanWrapper(torch.nn.Module):
     def forward(self, x, return_features=False):
         return x.float().mean(dim=(2, 3)) * self.scale
 '''
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    root = tmp_path / 'www'
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield types.SimpleNamespace(root=root, url=f'http://127.0.0.1:{server.server_address[1]}', server=server)
-    server.shutdown()
-    server.server_close()
 
 
 def test_detector_url_goes_through_the_download_cache(http_server, detector_file, folders, tmp_path, monkeypatch):
@@ -544,6 +472,267 @@ def test_failure_on_rank0_stops_every_rank(command, folders, tmp_path, subproces
     # notices when the process is gone, and NCCL not at all until the timeout).
     assert 'failed on another process' in proc.stderr and 'Connection closed by peer' not in proc.stderr
     assert time.time() - t0 < 200  # far below the collective timeout
+
+#----------------------------------------------------------------------------
+# fid.py sweep (FID against NFE for several samplers) with a real tiny network.
+
+
+def test_parse_sampler_spec():
+    assert fid.parse_sampler_spec('euler') == ('euler', 'ablation', {'solver': 'euler'})
+    assert fid.parse_sampler_spec('heun') == ('heun', 'edm', {})
+    assert fid.parse_sampler_spec('dpmpp_2m_sde:eta=0.5:solver_type=heun') == \
+        ('dpmpp_2m_sde:eta=0.5:solver_type=heun', 'dpmpp_2m_sde', dict(eta=0.5, solver_type='heun'))
+    assert fid.parse_sampler_spec('lms:order=3')[2] == dict(order=3)
+    for bad in ('nope', 'lms:order', 'dpmpp_2m:eta=1', 'lms:order=x', 'edm:S_churn=a'):
+        with pytest.raises(ValueError):
+            fid.parse_sampler_spec(bad)
+
+
+def _tiny_pkl(tmp_path):
+    from torch_utils import persistence
+    path = tmp_path / 'net.pkl'
+    persistence.save_network_pkl({'ema': make_tiny_net()}, path)
+    return path
+
+
+def test_sweep_scores_every_point_and_writes_table_and_plot(tmp_path, detector_file, folders, monkeypatch):
+    ref = tmp_path / 'ref.npz'
+    CliRunner().invoke(fid.main, ['ref', '--data', str(folders.a), '--dest', str(ref), '--workers', '0',
+                                  '--detector', str(detector_file)], catch_exceptions=False)
+    pkl, out = _tiny_pkl(tmp_path), tmp_path / 'sweep'
+    args = ['sweep', '--network', str(pkl), '--ref', str(ref), '--samplers', 'edm,euler,dpmpp_2m_sde:eta=0.5',
+            '--nfe', '3,4,5', '--seeds', '0-9', '--batch', '4', '--outdir', str(out), '--detector', str(detector_file)]
+    res = CliRunner().invoke(fid.main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    table = json.loads((out / 'sweep.json').read_text())
+    rows = table['rows']
+    # Heun fits NFE 3 and 4 with 2 steps (3 NFE; listed once) and NFE 5 with 3; the others take N = NFE.
+    assert [(r['sampler'], r['nfe'], r['num_steps']) for r in rows] == [
+        ('edm', 3, 2), ('edm', 5, 3), ('euler', 3, 3), ('euler', 4, 4), ('euler', 5, 5),
+        ('dpmpp_2m_sde:eta=0.5', 3, 3), ('dpmpp_2m_sde:eta=0.5', 4, 4), ('dpmpp_2m_sde:eta=0.5', 5, 5)]
+    assert table['config']['num_images'] == 10 and all(r['num_images'] == 10 for r in rows)
+    with open(out / 'sweep.csv') as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [(r['sampler'], int(r['nfe'])) for r in csv_rows] == [(r['sampler'], r['nfe']) for r in rows]
+    assert [float(r['fid']) for r in csv_rows] == pytest.approx([r['fid'] for r in rows], rel=1e-4)
+    assert PIL.Image.open(out / 'sweep.png').size == (900, 600)
+
+    # Each FID is the FID of exactly those images: recompute one point by hand.
+    net = make_tiny_net()
+    images = np.concatenate([im.numpy() for _, im in sampling.generate_images(
+        net, range(10), max_batch_size=4, sampler='dpmpp_2m_sde', num_steps=4, eta=0.5)])
+    expected = direct_fid(*direct_stats(direct_features(images)), *direct_stats(direct_features(folders.a_images)))
+    assert rows[6]['fid'] == pytest.approx(expected, rel=1e-4)
+    assert len({round(r['fid'], 6) for r in rows}) == len(rows)  # samplers and NFEs differ: the table means something
+
+    # Run again: the finished points are reused (nothing generated); a new NFE adds only its points.
+    calls = []
+    import metrics.features
+    real = metrics.features.generate_images
+    monkeypatch.setattr(metrics.features, 'generate_images', lambda *a, **k: calls.append(k) or real(*a, **k))
+    res = CliRunner().invoke(fid.main, args, catch_exceptions=False)
+    assert res.exit_code == 0 and calls == [] and 'from the previous run' in res.output
+    res = CliRunner().invoke(fid.main, [a if a != '3,4,5' else '3,4,5,6' for a in args], catch_exceptions=False)
+    assert res.exit_code == 0 and len(calls) == 2  # euler and dpmpp_2m_sde at 6; Heun 6 -> 3 steps, done
+    assert len(json.loads((out / 'sweep.json').read_text())['rows']) == len(rows) + 2
+    # A run over fewer points keeps the table's other points (ordered by sampler, then NFE).
+    res = CliRunner().invoke(fid.main, [a if a != '3,4,5' else '5' for a in args], catch_exceptions=False)
+    assert res.exit_code == 0 and len(calls) == 2
+    kept = json.loads((out / 'sweep.json').read_text())['rows']
+    assert len(kept) == len(rows) + 2 and [r['sampler'] for r in kept][:3] == ['edm'] * 2 + ['euler']
+    assert [r['nfe'] for r in kept if r['sampler'] == 'euler'] == [3, 4, 5, 6]
+
+
+@pytest.mark.parametrize('extra,needle', [
+    (['--samplers', 'edm,nope'], "unknown sampler 'nope'"),
+    (['--samplers', 'dpmpp_2m:eta=1'], "is not option=value for an option of sampler 'dpmpp_2m'"),
+    (['--nfe', 'x'], '--nfe'),
+    (['--nfe', '0'], '--nfe'),
+    (['--guidance', '2'], 'need a guide'),
+])
+def test_sweep_errors_are_one_line(tmp_path, extra, needle):
+    res = CliRunner().invoke(fid.main, ['sweep', '--network', 'x.pkl', '--ref', 'x.npz', '--outdir',
+                                        str(tmp_path / 'o')] + extra)
+    assert res.exit_code == 2
+    errors = [line for line in res.output.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and needle in errors[0], res.output
+    assert not (tmp_path / 'o').exists()
+
+
+#----------------------------------------------------------------------------
+# fid.py nll (training/likelihood.py's bits/dim of a dataset).
+
+
+@pytest.fixture(scope='module')
+def nll_files(tmp_path_factory):
+    from torch_utils import persistence
+    root = tmp_path_factory.mktemp('nll')
+    pkl = root / 'net.pkl'
+    persistence.save_network_pkl({'ema': make_tiny_net()}, pkl)
+    return pkl, make_dataset_zip(root / 'data.zip', num_images=8, resolution=8, num_classes=4)
+
+
+def test_cli_nll_matches_the_library(nll_files):
+    pkl, data = nll_files
+    args = ['nll', '--network', str(pkl), '--data', data, '--num', '4', '--batch', '2', '--rtol', '1e-2', '--atol', '1e-2']
+    res = CliRunner().invoke(fid.main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    reported = float(res.output.strip().splitlines()[-1])
+    assert 'bits/dim' in res.output and '+-' in res.output
+    # The same computation by hand: the images --num/--seed pick, their labels, per-image generators.
+    from training.dataset import ImageFolderDataset
+    import generate
+    net = generate.load_net(str(pkl), torch.device('cpu'), verbose=False)
+    ds = ImageFolderDataset(path=data, max_size=4, random_seed=0, use_labels=True)
+    values = []
+    for indices in ([0, 1], [2, 3]):  # _rank_batches(4, 2): two slots of 2
+        images = torch.stack([torch.as_tensor(ds[i][0]) for i in indices])
+        labels = torch.stack([torch.as_tensor(ds[i][1]) for i in indices])
+        rnd = sampling.StackedRandomGenerator('cpu', indices)
+        bpd, _ = likelihood.nll_bits_per_dim(net, images, labels, rand_like=rnd.rand_like, randn_like=rnd.randn_like,
+                                             rtol=1e-2, atol=1e-2)
+        values += bpd.tolist()
+    assert reported == pytest.approx(sum(values) / len(values), rel=1e-5)
+
+
+@pytest.mark.parametrize('extra,needle', [
+    (['--probe', 'normal'], "'normal' is not one of"),
+    (['--sigma_min', '5', '--sigma_max', '1'], 'smaller'),
+    (['--data', 'GRAY'], 'the network models [3, 8, 8]'),
+    (['--data', 'NOLABELS'], 'conditional on 4 classes'),
+    (['--num', '50'], '--num asks for 50'),
+])
+def test_cli_nll_errors_are_one_line(nll_files, tmp_path, extra, needle):
+    pkl, data = nll_files
+    gray = tmp_path / 'gray.zip'
+    make_dataset_zip(gray, num_images=4, resolution=16)
+    nolabels = make_dataset_zip(tmp_path / 'nolabels.zip', num_images=4, resolution=8, labels=False)
+    extra = [str(gray) if a == 'GRAY' else nolabels if a == 'NOLABELS' else a for a in extra]
+    res = CliRunner().invoke(fid.main, ['nll', '--network', str(pkl), '--data', data] + extra)
+    assert res.exit_code in (1, 2)
+    errors = [line for line in res.output.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and needle in errors[0], res.output
+
+
+@pytest.mark.slow
+def test_cli_nll_torchrun_matches_one_process(nll_files, subprocess_env, repo_root):
+    """2 ranks, each a share of the images, sums reduced: the same mean as 1 process (same batches)."""
+    pkl, data = nll_files
+    args = ['fid.py', 'nll', f'--network={pkl}', f'--data={data}', '--batch=2', '--rtol=1e-3', '--atol=1e-3']
+    one = subprocess.run([sys.executable] + args, cwd=repo_root, env=subprocess_env, capture_output=True, text=True,
+                         timeout=300)
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] + args,
+                         cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    a, b = float(one.stdout.strip().splitlines()[-1]), float(two.stdout.strip().splitlines()[-1])
+    assert a == pytest.approx(b, rel=1e-9) and 'over 8 images' in two.stdout
+
+
+def test_cli_nll_vlb_matches_the_library(nll_files, tmp_path):
+    """--method=vlb: training.iddpm.vlb_bits_per_dim of an iDDPM network on the images --num/--seed pick, one
+    generator per image (seeded by its index), averaged; the default --method=ode is the ODE NLL above."""
+    from torch_utils import persistence
+    from training import iddpm
+    from training.dataset import ImageFolderDataset
+    from training.networks_iddpm import iDDPMDiscretePrecond
+    _pkl, data = nll_files
+    torch.manual_seed(0)
+    net = iDDPMDiscretePrecond(img_resolution=8, img_channels=3, label_dim=4, M=20, model_type='DhariwalUNet',
+                               model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0)
+    pkl = tmp_path / 'iddpm.pkl'
+    persistence.save_network_pkl({'ema': net.eval().requires_grad_(False)}, pkl)
+    res = CliRunner().invoke(fid.main, ['nll', '--network', str(pkl), '--data', data, '--num', '4', '--batch', '2',
+                                        '--method', 'vlb'], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert 'at most 20 network evaluations per image' in res.output
+    reported = float(res.output.strip().splitlines()[-1])
+    ds = ImageFolderDataset(path=data, max_size=4, random_seed=0, use_labels=True)
+    values = []
+    for indices in ([0, 1], [2, 3]):
+        images = torch.stack([torch.as_tensor(ds[i][0]) for i in indices])
+        labels = torch.stack([torch.as_tensor(ds[i][1]) for i in indices])
+        rnd = sampling.StackedRandomGenerator('cpu', indices)
+        bpd, nfe = iddpm.vlb_bits_per_dim(net, images, labels, randn_like=rnd.randn_like)
+        values += bpd.tolist()
+    assert nfe == 20 and reported == pytest.approx(sum(values) / len(values), rel=1e-5)
+
+
+@pytest.mark.parametrize('extra,needle,code', [
+    (['--method', 'vlb'], '--method=vlb: ', 1),                  # an EDM network has no discrete process
+    (['--method', 'vlb', '--rtol', '1e-3'], '--rtol is an option of --method=ode', 2),
+    (['--method', 'vlb', '--no-dequantize'], 'is an option of --method=ode', 2),
+    (['--method', 'kl'], "'kl' is not one of", 2),
+])
+def test_cli_nll_method_errors_are_one_line(nll_files, extra, needle, code):
+    pkl, data = nll_files
+    res = CliRunner().invoke(fid.main, ['nll', '--network', str(pkl), '--data', data] + extra)
+    assert res.exit_code == code, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and needle in errors[0], res.output
+    if code == 1:
+        assert 'needs an iDDPM network' in errors[0] and 'use --method=ode' in errors[0]
+
+
+#----------------------------------------------------------------------------
+# fid.py probe (training/probe.py's linear probe on a network's features).
+
+
+def _brightness_zip(path, num=48, resolution=8):
+    """Labelled RGB images whose class (0/1) is their brightness: a task a probe can solve."""
+    rnd = np.random.RandomState(0)
+    images = [(rnd.randint(0, 80, size=[resolution, resolution, 3]) + 170 * (i % 2)).astype(np.uint8)
+              for i in range(num)]
+    return write_dataset_zip(path, images, [i % 2 for i in range(num)])
+
+
+@pytest.fixture
+def probe_files(tmp_path):
+    from torch_utils import persistence
+    torch.manual_seed(0)
+    net = networks_edm2small.EDM(img_resolution=8, img_channels=3, net_type='UNetE', n_channels=32, ch_mults=[1],
+                                 is_attn=[False], n_blocks=2, dropout=0)
+    pkl = tmp_path / 'net.pkl'
+    persistence.save_network_pkl(dict(ema=net), pkl)
+    return pkl, _brightness_zip(tmp_path / 'data.zip')
+
+
+def test_cli_probe_writes_csv_and_png(probe_files, tmp_path):
+    import csv
+    from click.testing import CliRunner
+    import fid
+    pkl, data = probe_files
+    out = tmp_path / 'probe'
+    result = CliRunner().invoke(fid.main, ['probe', f'--network={pkl}', f'--data={data}', '--timesteps=2,10',
+                                           '--blocks=out_1,out_2', '--epochs=3', '--batch=16', '--lr=0.01',
+                                           f'--outdir={out}'])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = list(csv.DictReader(open(out / 'probe.csv')))
+    assert [(r['timestep'], r['block']) for r in rows] == [('2', 'out_1'), ('2', 'out_2'), ('10', 'out_1'),
+                                                           ('10', 'out_2')]
+    assert all(0 <= float(r['accuracy']) <= 1 for r in rows)
+    assert max(float(r['accuracy']) for r in rows if r['timestep'] == '2') >= 0.8  # brightness is easy at low noise
+    assert (out / 'probe.png').stat().st_size > 0 and (out / 'probe.json').is_file()
+    bad = CliRunner().invoke(fid.main, ['probe', f'--network={pkl}', f'--data={data}', '--blocks=out_9'])
+    assert bad.exit_code != 0 and 'unknown blocks' in bad.output
+    bad = CliRunner().invoke(fid.main, ['probe', f'--network={pkl}', f'--data={data}', '--timesteps=19'])
+    assert bad.exit_code != 0 and '--timesteps' in bad.output
+
+
+@pytest.mark.slow
+def test_cli_probe_two_ranks(probe_files, tmp_path, subprocess_env, repo_root):
+    """Under torchrun every rank extracts a share of the features; the gathered result trains the probe."""
+    import csv
+    import subprocess
+    pkl, data = probe_files
+    out = tmp_path / 'probe2'
+    subprocess.run(['torchrun', '--standalone', '--nproc_per_node=2', 'fid.py', 'probe', f'--network={pkl}',
+                    f'--data={data}', '--timesteps=2', '--blocks=out_1', '--epochs=3', '--batch=8', '--lr=0.01',
+                    f'--outdir={out}'], cwd=repo_root, env=subprocess_env, check=True, timeout=120,
+                   capture_output=True, text=True)
+    rows = list(csv.DictReader(open(out / 'probe.csv')))
+    assert len(rows) == 1 and float(rows[0]['accuracy']) >= 0.8
+    assert '"world_size": 2' in (out / 'probe.json').read_text()
+
 
 #----------------------------------------------------------------------------
 # Reliability (issue 24): non-finite options, damaged references, the grid beside the samples, sweep folders.

@@ -1,15 +1,13 @@
-"""generate.py as a library and a CLI: per-rank seed shares, files written, grids, error handling,
-torchrun equivalence and network URLs through the download cache."""
+"""generate.py as a library and a CLI: the paper's import names, per-rank seed shares, files written, grids,
+the sampler and guidance options, error handling, torchrun equivalence and network URLs through the download
+cache."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
 import pathlib
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import PIL.Image
@@ -17,46 +15,36 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dnnlib
 import generate
+from helpers import GaussianDenoiser, load_golden_net, make_tiny_net, read_pngs
+from torch_utils import distributed as dist, persistence
 from training import sampling
-from torch_utils import distributed as dist
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from test_samplers import GaussianDenoiser  # noqa: E402  (the analytic test denoiser)
 
 # ----------------------------------------------------------------------------
 # Tiny real networks, saved through the persistence API.
 
 
-def make_tiny_net(img_channels=3, label_dim=4, seed=0):
-    networks = pytest.importorskip('training.networks')
-    torch.manual_seed(seed)
-    net = networks.EDMPrecond(img_resolution=8, img_channels=img_channels, label_dim=label_dim,
-                              model_type='SongUNet', model_channels=8, channel_mult=[1, 1], num_blocks=1,
-                              attn_resolutions=[], dropout=0)
-    # Fresh SongUNets output ~0 (last layers scaled by 1e-5), which would give flat grey images;
-    # re-draw every parameter so the images carry real per-seed structure.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return net.eval().requires_grad_(False)
+@pytest.fixture(scope='module')
+def nets(tmp_path_factory):
+    """helpers.make_tiny_net snapshots: cond (4 classes), guide (another seed), gray (1 channel, no labels), uncond."""
+    folder = tmp_path_factory.mktemp('guide-nets')
+    paths = {}
+    for name, kwargs in (('cond', dict()), ('guide', dict(seed=7)), ('gray', dict(img_channels=1, label_dim=0, seed=1)),
+                         ('uncond', dict(label_dim=0, seed=3))):
+        paths[name] = folder / f'{name}.pkl'
+        persistence.save_network_pkl({'ema': make_tiny_net(**kwargs)}, paths[name])
+    return paths
 
 
 @pytest.fixture(scope='module')
-def tiny_pkl(tmp_path_factory):
-    persistence = pytest.importorskip('torch_utils.persistence')
-    path = tmp_path_factory.mktemp('nets') / 'tiny-cond.pkl'
-    persistence.save_network_pkl({'ema': make_tiny_net()}, path)
-    return path
+def tiny_pkl(nets):
+    return nets['cond']
 
 
 @pytest.fixture(scope='module')
-def tiny_gray_pkl(tmp_path_factory):
-    persistence = pytest.importorskip('torch_utils.persistence')
-    path = tmp_path_factory.mktemp('nets') / 'tiny-gray.pkl'
-    persistence.save_network_pkl({'ema': make_tiny_net(img_channels=1, label_dim=0, seed=1)}, path)
-    return path
+def tiny_gray_pkl(nets):
+    return nets['gray']
 
 
 def run_cli(args, env=None):
@@ -64,8 +52,27 @@ def run_cli(args, env=None):
     return CliRunner().invoke(generate.main, [str(a) for a in args], env=env, catch_exceptions=False)
 
 
-def read_pngs(folder):
-    return {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).rglob('*.png'))}
+# ----------------------------------------------------------------------------
+# The paper's import names.
+
+
+def test_generate_keeps_the_papers_import_names():
+    # Users and the paper's examples import these from generate.py; they are the library's objects.
+    for name in ('edm_sampler', 'ablation_sampler', 'StackedRandomGenerator', 'generate_images'):
+        assert getattr(generate, name) is getattr(sampling, name)
+    assert generate.parse_int_list is dnnlib.util.parse_int_list
+    for name in ('make_grid', 'load_net', 'sampler_kwargs_from_cli'):  # still importable from generate.py
+        assert callable(getattr(generate, name, None)), name
+
+
+def test_parse_int_list():
+    assert generate.parse_int_list('1,2,5-10') == [1, 2, 5, 6, 7, 8, 9, 10]
+    assert generate.parse_int_list('0-63') == list(range(64))
+    assert generate.parse_int_list('7') == [7]
+    assert generate.parse_int_list([3, 4]) == [3, 4]
+    for bad in ('a', '1,,2', '5-2', '1-2-3', '1.5', ''):
+        with pytest.raises(ValueError):
+            generate.parse_int_list(bad)
 
 
 # ----------------------------------------------------------------------------
@@ -149,9 +156,8 @@ def test_generate_images_rank_shares(monkeypatch, world_size, max_batch):
 @pytest.mark.parametrize('name', ['sampler_edm_stoch', 'sampler_abl_edm_heun_stoch'])  # mostly unclipped pixels
 def test_generate_images_reproduces_golden(golden_dir, name):
     """The library path draws latents, labels and churn noise in the golden protocol's order."""
-    from test_samplers import _load_golden_net
     ref = torch.load(golden_dir / f'{name}.pt', weights_only=True)
-    net = _load_golden_net(golden_dir, ref['net'])
+    net = load_golden_net(golden_dir, ref['net'])
     (batch, images), = sampling.generate_images(net, ref['seeds'], max_batch_size=64, **ref['kwargs'])
     assert batch == ref['seeds']
     expected = sampling.images_to_uint8(ref['output'])
@@ -266,6 +272,32 @@ def test_cli_spacing_reaches_the_iddpm_samplers_only(tmp_path, tiny_gray_pkl):
     assert not (tmp_path / 'x').exists()
 
 
+def test_cli_guidance_and_samplers(tmp_path, nets):
+    common = ['--network', nets['cond'], '--seeds', '0-3', '--steps', '3']
+    outputs = {}
+    for tag, extra in (('plain', []), ('w1', ['--gnet', nets['guide'], '--guidance', '1']),
+                       ('auto', ['--gnet', nets['guide'], '--guidance', '2']),
+                       ('uncond', ['--gnet', nets['uncond'], '--guidance', '2']),  # issue 24, defect 2
+                       ('cfg', ['--cfg', '--guidance', '2']),
+                       ('interval', ['--cfg', '--guidance', '2', '--guidance-interval', '1,10']),
+                       ('sde', ['--sampler', 'dpmpp_2m_sde', '--eta', '0.5', '--solver_type', 'heun']),
+                       ('lms', ['--sampler', 'lms', '--order', '2']),
+                       ('unipc', ['--sampler', 'unipc', '--order', '3'])):
+        res = run_cli(common + ['--outdir', tmp_path / tag] + extra)
+        assert res.exit_code == 0, (tag, res.output)
+        outputs[tag] = read_pngs(tmp_path / tag)
+        assert len(outputs[tag]) == 4
+    assert outputs['w1'] == outputs['plain']
+    for tag in ('auto', 'uncond', 'cfg', 'interval', 'sde', 'lms', 'unipc'):
+        assert outputs[tag] != outputs['plain'], tag
+    assert outputs['interval'] != outputs['cfg']
+    # The library with the same settings writes the same images.
+    net = generate.load_net(str(nets['cond']), torch.device('cpu'), verbose=False)
+    images = [im for _, im in sampling.generate_images(net, range(4), num_steps=3, cfg=True, guidance=2)]
+    generate.save_png_atomic(images[0][0].numpy(), str(tmp_path / 'lib.png'))
+    assert (tmp_path / 'lib.png').read_bytes() == outputs['cfg']['000000.png']
+
+
 # ----------------------------------------------------------------------------
 # CLI: bad input -> one-line error, nothing written.
 
@@ -343,30 +375,46 @@ def test_cli_error_is_one_line_without_traceback(tmp_path, subprocess_env, repo_
     assert proc.stderr.startswith('Error: --network') and not out.exists()
 
 
+@pytest.mark.parametrize('extra,needle', [
+    (['--guidance', '2'], 'need a guide'),
+    (['--guidance-interval', '1,2', '--cfg'] + ['--guidance-interval', '2,1'], 'LO <= HI'),
+    (['--guidance-interval', 'x', '--cfg'], 'LO,HI'),
+    (['--cfg', '--gnet', 'GUIDE'], 'do not also give --gnet'),
+    (['--sampler', 'edm', '--eta', '0.5'], "sampler 'edm' does not take eta"),
+    (['--sampler', 'dpmpp_2m', '--S_churn', '1'], "does not take S_churn"),
+    (['--solver_type', 'rk4'], "'rk4' is not one of"),
+    (['--order', '0'], '--order'),
+    (['--sampler', 'unipc', '--order', '4'], 'UniPC order must be 1, 2 or 3'),
+    (['--cfg', '--guidance', '2', '--network', 'GRAY'], 'class-conditional'),
+    (['--gnet', 'GRAY', '--guidance', '2'], 'img_channels=1 but the network has 3'),
+    (['--gnet', 'MISSING', '--guidance', '2'], '--gnet'),
+])
+def test_cli_guidance_errors_are_one_line(tmp_path, nets, extra, needle):
+    paths = {'GUIDE': nets['guide'], 'GRAY': nets['gray'], 'MISSING': tmp_path / 'missing.pkl'}
+    extra = [paths.get(a, a) for a in extra]
+    args = ['--network', nets['cond'], '--outdir', tmp_path / 'out', '--seeds', '0-1', '--steps', '2'] + extra
+    res = run_cli(args)
+    assert res.exit_code in (1, 2)
+    errors = [line for line in res.output.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and needle in errors[0], res.output
+    assert 'Traceback' not in res.output
+
+
 # ----------------------------------------------------------------------------
 # Network URLs: through dnnlib.util.open_url and its cache, served by a local HTTP server.
 
 
-def test_cli_network_url_uses_download_cache(tmp_path, tiny_pkl):
-    served = tmp_path / 'www'
-    served.mkdir()
+def test_cli_network_url_uses_download_cache(tmp_path, tiny_pkl, http_server):
+    served = http_server.root
     (served / 'net.pkl').write_bytes(pathlib.Path(tiny_pkl).read_bytes())
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f'http://127.0.0.1:{server.server_address[1]}/net.pkl'
+    url = f'{http_server.url}/net.pkl'
     env = {'EDM_CACHE_DIR': str(tmp_path / 'cache')}
-    try:
-        res = run_cli(['--network', url, '--outdir', tmp_path / 'a', '--seeds', '0-1', '--steps', 2], env=env)
-        assert res.exit_code == 0, res.output
-        # A URL the server does not have (HTTP 404) fails at once with one line and writes nothing.
-        res = run_cli(['--network', url.replace('net.pkl', 'other.pkl'), '--outdir', tmp_path / 'c'], env=env)
-        assert res.exit_code == 1 and 'cannot fetch' in res.output and not (tmp_path / 'c').exists(), res.output
-    finally:
-        server.shutdown()
-        server.server_close()
+    res = run_cli(['--network', url, '--outdir', tmp_path / 'a', '--seeds', '0-1', '--steps', 2], env=env)
+    assert res.exit_code == 0, res.output
+    # A URL the server does not have (HTTP 404) fails at once with one line and writes nothing.
+    res = run_cli(['--network', url.replace('net.pkl', 'other.pkl'), '--outdir', tmp_path / 'c'], env=env)
+    assert res.exit_code == 1 and 'cannot fetch' in res.output and not (tmp_path / 'c').exists(), res.output
+    http_server.server.shutdown()
     cached = list((tmp_path / 'cache').rglob('*net.pkl'))
     assert len(cached) == 1 and cached[0].read_bytes() == (served / 'net.pkl').read_bytes()
     # Server gone: the second run is served from the cache and gives the same images.
@@ -380,18 +428,21 @@ def test_cli_network_url_uses_download_cache(tmp_path, tiny_pkl):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_single_process(tmp_path, tiny_pkl, subprocess_env, repo_root):
-    # 8 seeds in batches of 2: the same batch composition for 1 and 2 processes, so even the float32
-    # network arithmetic is identical and the PNG bytes must match exactly.
-    common = ['--network', str(tiny_pkl), '--seeds', '0-7', '--batch', '2', '--steps', '3', '--S_churn', '10']
-    single = subprocess.run([sys.executable, str(repo_root / 'generate.py'), '--outdir', str(tmp_path / 'one')] + common,
-                            env=subprocess_env, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize('extra', [['--sampler', 'dpmpp_2m_sde', '--eta', '0.8'],
+                                   ['--sampler', 'euler_ancestral', '--gnet', 'GUIDE', '--guidance', '1.8'],
+                                   ['--cfg', '--guidance', '2.5', '--guidance-interval', '0.5,20', '--S_churn', '5']])
+def test_torchrun_two_processes_match_single_process(tmp_path, nets, subprocess_env, repo_root, extra):
+    """Stochastic and guided sampling: 2 processes write byte-identical PNGs to 1 (same batch composition)."""
+    extra = [str(nets['guide']) if a == 'GUIDE' else a for a in extra]
+    common = ['--network', str(nets['cond']), '--seeds', '0-7', '--batch', '2', '--steps', '4'] + extra
+    script = str(repo_root / 'generate.py')
+    single = subprocess.run([sys.executable, script, '--outdir', str(tmp_path / 'one')] + common,
+                            env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    multi = subprocess.run(torchrun + [str(repo_root / 'generate.py'), '--outdir', str(tmp_path / 'two')] + common,
-                           env=subprocess_env, capture_output=True, text=True, timeout=120)
+    multi = subprocess.run(torchrun + [script, '--outdir', str(tmp_path / 'two')] + common,
+                           env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr
     one, two = read_pngs(tmp_path / 'one'), read_pngs(tmp_path / 'two')
-    assert sorted(one) == [f'{s:06d}.png' for s in range(8)]
-    assert one == two
+    assert sorted(one) == [f'{s:06d}.png' for s in range(8)] and one == two
     assert 'with 2 process(es)' in multi.stdout

@@ -7,14 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import jitter_params, rel_err as rel
 from training import iddpm
 
 TOL = 1e-10
-
-
-def rel(out, ref) -> float:
-    out, ref = torch.as_tensor(out, dtype=torch.float64).detach(), torch.as_tensor(ref, dtype=torch.float64)
-    return float((out - ref).norm() / ref.norm())
 
 
 def load(golden_dir, name):
@@ -142,10 +138,7 @@ def tiny_net(**overrides):
     kwargs.update(overrides)
     torch.manual_seed(0)
     net = networks_iddpm.iDDPMDiscretePrecond(**kwargs)
-    with torch.no_grad():  # the zero-initialised output layer would make every output 0
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return net
+    return jitter_params(net, 0.02)  # the zero-initialised output layer would make every output 0
 
 
 def test_loss_is_the_hybrid_objective_per_element():
@@ -201,7 +194,7 @@ def test_samplers_raw_and_through_the_denoiser_agree():
 def test_training_loop_trains_samples_and_scores_an_iddpm_model(tmp_path):
     """One tiny run through training_loop (ADM backbone with augmentation labels, hybrid loss, snapshot), then
     the snapshot samples with the discrete samplers and EDM's, and gets a VLB bits/dim."""
-    from tinydata import make_dataset_zip
+    from helpers import make_dataset_zip
     from torch_utils import persistence
     from training import sampling, training_loop as tl
     data = make_dataset_zip(tmp_path / 'tiny.zip')

@@ -3,25 +3,16 @@ D(x; sigma) = mu + Sigma (Sigma + sigma^2 I)^-1 (x - mu), and the exact log-dens
 noise sigma_min is log N(x; mu, Sigma + sigma_min^2 I). The estimator's variance is known too: with a fixed
 probe eps the trace integral is eps^T M eps, M = integral of dD/dx over ln sigma, whose variance is 2 tr(M^2)
 for Gaussian probes and 2 sum_{i != j} M_ij^2 for Rademacher ones. Also the 8-bit discretisation
-correction and fid.py nll."""
+correction (fid.py nll, its command line, is tested in tests/test_fid.py)."""
 
 from __future__ import annotations
 
 import math
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-import fid
 from training import likelihood, sampling
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from test_generate import make_tiny_net  # noqa: E402
-from tinydata import make_dataset_zip  # noqa: E402
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 1000.0  # sigma_max >> data scale: the N(0, sigma_max^2) prior is exact to ~1e-3
 
@@ -147,117 +138,3 @@ def test_nll_bits_per_dim_of_gaussian_data(gaussian):
     expected = (-net.log_density(centres, SIGMA_MIN) / 4 + math.log(127.5)) / math.log(2)
     torch.testing.assert_close(bpd, expected, rtol=0, atol=2e-3)
     assert nfe > 0
-
-
-# ----------------------------------------------------------------------------
-# fid.py nll.
-
-
-@pytest.fixture(scope='module')
-def nll_files(tmp_path_factory):
-    from torch_utils import persistence
-    root = tmp_path_factory.mktemp('nll')
-    pkl = root / 'net.pkl'
-    persistence.save_network_pkl({'ema': make_tiny_net()}, pkl)
-    return pkl, make_dataset_zip(root / 'data.zip', num_images=8, resolution=8, num_classes=4)
-
-
-def test_cli_nll_matches_the_library(nll_files):
-    pkl, data = nll_files
-    args = ['nll', '--network', str(pkl), '--data', data, '--num', '4', '--batch', '2', '--rtol', '1e-2', '--atol', '1e-2']
-    res = CliRunner().invoke(fid.main, args, catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    reported = float(res.output.strip().splitlines()[-1])
-    assert 'bits/dim' in res.output and '+-' in res.output
-    # The same computation by hand: the images --num/--seed pick, their labels, per-image generators.
-    from training.dataset import ImageFolderDataset
-    import generate
-    net = generate.load_net(str(pkl), torch.device('cpu'), verbose=False)
-    ds = ImageFolderDataset(path=data, max_size=4, random_seed=0, use_labels=True)
-    values = []
-    for indices in ([0, 1], [2, 3]):  # _rank_batches(4, 2): two slots of 2
-        images = torch.stack([torch.as_tensor(ds[i][0]) for i in indices])
-        labels = torch.stack([torch.as_tensor(ds[i][1]) for i in indices])
-        rnd = sampling.StackedRandomGenerator('cpu', indices)
-        bpd, _ = likelihood.nll_bits_per_dim(net, images, labels, rand_like=rnd.rand_like, randn_like=rnd.randn_like,
-                                             rtol=1e-2, atol=1e-2)
-        values += bpd.tolist()
-    assert reported == pytest.approx(sum(values) / len(values), rel=1e-5)
-
-
-@pytest.mark.parametrize('extra,needle', [
-    (['--probe', 'normal'], "'normal' is not one of"),
-    (['--sigma_min', '5', '--sigma_max', '1'], 'smaller'),
-    (['--data', 'GRAY'], 'the network models [3, 8, 8]'),
-    (['--data', 'NOLABELS'], 'conditional on 4 classes'),
-    (['--num', '50'], '--num asks for 50'),
-])
-def test_cli_nll_errors_are_one_line(nll_files, tmp_path, extra, needle):
-    pkl, data = nll_files
-    gray = tmp_path / 'gray.zip'
-    make_dataset_zip(gray, num_images=4, resolution=16)
-    nolabels = make_dataset_zip(tmp_path / 'nolabels.zip', num_images=4, resolution=8, labels=False)
-    extra = [str(gray) if a == 'GRAY' else nolabels if a == 'NOLABELS' else a for a in extra]
-    res = CliRunner().invoke(fid.main, ['nll', '--network', str(pkl), '--data', data] + extra)
-    assert res.exit_code in (1, 2)
-    errors = [line for line in res.output.splitlines() if line.startswith('Error')]
-    assert len(errors) == 1 and needle in errors[0], res.output
-
-
-def test_cli_nll_vlb_matches_the_library(nll_files, tmp_path):
-    """--method=vlb: training.iddpm.vlb_bits_per_dim of an iDDPM network on the images --num/--seed pick, one
-    generator per image (seeded by its index), averaged; the default --method=ode is the ODE NLL above."""
-    from torch_utils import persistence
-    from training import iddpm
-    from training.dataset import ImageFolderDataset
-    from training.networks_iddpm import iDDPMDiscretePrecond
-    _pkl, data = nll_files
-    torch.manual_seed(0)
-    net = iDDPMDiscretePrecond(img_resolution=8, img_channels=3, label_dim=4, M=20, model_type='DhariwalUNet',
-                               model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0)
-    pkl = tmp_path / 'iddpm.pkl'
-    persistence.save_network_pkl({'ema': net.eval().requires_grad_(False)}, pkl)
-    res = CliRunner().invoke(fid.main, ['nll', '--network', str(pkl), '--data', data, '--num', '4', '--batch', '2',
-                                        '--method', 'vlb'], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    assert 'at most 20 network evaluations per image' in res.output
-    reported = float(res.output.strip().splitlines()[-1])
-    ds = ImageFolderDataset(path=data, max_size=4, random_seed=0, use_labels=True)
-    values = []
-    for indices in ([0, 1], [2, 3]):
-        images = torch.stack([torch.as_tensor(ds[i][0]) for i in indices])
-        labels = torch.stack([torch.as_tensor(ds[i][1]) for i in indices])
-        rnd = sampling.StackedRandomGenerator('cpu', indices)
-        bpd, nfe = iddpm.vlb_bits_per_dim(net, images, labels, randn_like=rnd.randn_like)
-        values += bpd.tolist()
-    assert nfe == 20 and reported == pytest.approx(sum(values) / len(values), rel=1e-5)
-
-
-@pytest.mark.parametrize('extra,needle,code', [
-    (['--method', 'vlb'], '--method=vlb: ', 1),                  # an EDM network has no discrete process
-    (['--method', 'vlb', '--rtol', '1e-3'], '--rtol is an option of --method=ode', 2),
-    (['--method', 'vlb', '--no-dequantize'], 'is an option of --method=ode', 2),
-    (['--method', 'kl'], "'kl' is not one of", 2),
-])
-def test_cli_nll_method_errors_are_one_line(nll_files, extra, needle, code):
-    pkl, data = nll_files
-    res = CliRunner().invoke(fid.main, ['nll', '--network', str(pkl), '--data', data] + extra)
-    assert res.exit_code == code, res.output
-    errors = [line for line in res.output.splitlines() if line.startswith('Error')]
-    assert len(errors) == 1 and needle in errors[0], res.output
-    if code == 1:
-        assert 'needs an iDDPM network' in errors[0] and 'use --method=ode' in errors[0]
-
-
-@pytest.mark.slow
-def test_cli_nll_torchrun_matches_one_process(nll_files, subprocess_env, repo_root):
-    """2 ranks, each a share of the images, sums reduced: the same mean as 1 process (same batches)."""
-    pkl, data = nll_files
-    args = ['fid.py', 'nll', f'--network={pkl}', f'--data={data}', '--batch=2', '--rtol=1e-3', '--atol=1e-3']
-    one = subprocess.run([sys.executable] + args, cwd=repo_root, env=subprocess_env, capture_output=True, text=True,
-                         timeout=300)
-    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] + args,
-                         cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
-    a, b = float(one.stdout.strip().splitlines()[-1]), float(two.stdout.strip().splitlines()[-1])
-    assert a == pytest.approx(b, rel=1e-9) and 'over 8 images' in two.stdout

@@ -6,13 +6,10 @@ import math
 import pytest
 import torch
 
+from helpers import load_golden_net, rel_err
 from training import loss as L
 from training import networks
 from training.augment import AugmentPipe
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 class RecordingNet:
@@ -33,21 +30,10 @@ class RecordingPipe:
 
 # --- golden vectors (need training/networks.py) -----------------------------------------------
 
-def load_golden_net(golden_dir, name: str) -> torch.nn.Module:
-    try:
-        from training import networks
-    except ImportError as e:
-        pytest.skip(f'training/networks.py not importable yet ({e}); the loss goldens need the real networks')
-    g = torch.load(golden_dir / f'net_{name}.pt', weights_only=True)
-    net = getattr(networks, g['precond'])(**g['kwargs'])
-    net.load_state_dict(g['state_dict'], strict=True)
-    return net.train()  # the protocol: train mode (dropout is 0 in these nets)
-
-
 @pytest.mark.parametrize('name', ['loss_vp', 'loss_ve', 'loss_edm_aug'])
 def test_golden(golden_dir, name):
     g = torch.load(golden_dir / f'{name}.pt', weights_only=True)
-    net = load_golden_net(golden_dir, g['net'])
+    net = load_golden_net(golden_dir, g['net'], train=True)
     pipe = AugmentPipe(**g['augment']) if g['augment'] is not None else None
     loss_fn = getattr(L, g['loss'])()
     torch.manual_seed(g['torch_seed'])

@@ -4,14 +4,12 @@ as an opt-in for the EDM networks (training/networks.py, logvar_channels)."""
 import pytest
 import torch
 
+from helpers import rel_err
 from training import loss as L
 from training import networks as N
 from training import networks_edm2 as E
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 #----------------------------------------------------------------------------
 # Goldens.

@@ -1,4 +1,4 @@
-"""The metrics package end to end with the stand-in TorchScript detector of tests/test_fid.py: the FID of fid.py
+"""The metrics package end to end with the stand-in TorchScript detector (helpers.StandInDetector): the FID of fid.py
 calc is the float64 sum path to the bit, reference features and their one-line error, fid.py compare, the
 DINOv2 detector's error without weights, and train.py --metrics on a tiny run."""
 
@@ -14,14 +14,11 @@ from click.testing import CliRunner
 import fid
 import metrics
 from training import sampling
-from test_fid import StandInDetector, detector_file, folders, make_images, write_folder  # noqa: F401 (fixtures)
+from helpers import StandInDetector, invoke, make_images, write_folder
 
 
 def run(args, ok=True):
-    result = CliRunner().invoke(fid.main, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
+    return invoke(fid.main, args, ok)
 
 
 def old_path_stats(images: np.ndarray, batch: int):

@@ -5,14 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import rel_err
 from metrics import maths
 from metrics.features import FeatureStats
 from metrics.metric_specs import METRICS, Context, DEFAULT_OPTIONS
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope='module')
@@ -25,19 +21,19 @@ def test_kid_reproduces_stylegan2_ada(golden):
     for name in ('kid_1subset', 'kid_100x50'):
         idx_gen, idx_real = golden[f'{name}_idx_gen'].numpy(), golden[f'{name}_idx_real'].numpy()
         terms = maths.kid_subset_terms(gen, real, idx_gen, idx_real)
-        assert rel(terms.mean(), golden[f'{name}_f64']) <= 1e-10
-        assert rel(terms.mean(), golden[name]) <= 1e-5  # the published float32 computation
+        assert rel_err(terms.mean(), golden[f'{name}_f64']) <= 1e-10
+        assert rel_err(terms.mean(), golden[name]) <= 1e-5  # the published float32 computation
     terms = maths.kid_subset_terms(gen, real, golden['kid_100x50_idx_gen'].numpy(), golden['kid_100x50_idx_real'].numpy())
-    assert rel(terms, golden['kid_100x50_per_subset_f64'].numpy()) <= 1e-10
+    assert rel_err(terms, golden['kid_100x50_per_subset_f64'].numpy()) <= 1e-10
     # Equal counts: every subset is a permutation of everything, so the value does not depend on the draw.
     value, std = maths.kid(gen, real[:180], num_subsets=3, max_subset_size=1000)
-    assert rel(value, golden['kid_equal_counts_real180_f64']) <= 1e-10 and std < 1e-9 * abs(value)
+    assert rel_err(value, golden['kid_equal_counts_real180_f64']) <= 1e-10 and std < 1e-9 * abs(value)
     # Our subset draw is the reference's: numpy's legacy generator, gen first, then real.
     for name, (num, size) in (('kid_1subset', (1, 1000)), ('kid_100x50', (100, 50))):
         idx = maths.kid_subset_indices(len(gen), len(real), num, size, np.random.RandomState(golden['kid_np_seed']))
         np.testing.assert_array_equal(idx[0], golden[f'{name}_idx_gen'].numpy())
         np.testing.assert_array_equal(idx[1], golden[f'{name}_idx_real'].numpy())
-        assert rel(maths.kid(gen, real, num, size, seed=golden['kid_np_seed'])[0], golden[f'{name}_f64']) <= 1e-10
+        assert rel_err(maths.kid(gen, real, num, size, seed=golden['kid_np_seed'])[0], golden[f'{name}_f64']) <= 1e-10
 
 
 def test_precision_recall_reproduce_stylegan2_ada(golden):
@@ -51,14 +47,14 @@ def test_fid_reproduces_stylegan2_ada(golden):
     real, gen = golden['real'].double().numpy(), golden['gen'].double().numpy()
     # StyleGAN2-ADA's population covariance (1/N) ...
     got = maths.frechet_distance(gen.mean(0), np.cov(gen, rowvar=False, ddof=0), real.mean(0), np.cov(real, rowvar=False, ddof=0))
-    assert rel(got, golden['fid']) <= 1e-8
+    assert rel_err(got, golden['fid']) <= 1e-8
     got = maths.frechet_distance(golden['mu_gen'], golden['cov_gen'], golden['mu_real'], golden['cov_real'])
-    assert rel(got, golden['fid']) <= 1e-8
+    assert rel_err(got, golden['fid']) <= 1e-8
     # ... and the paper's fid.py convention (1/(N-1)), which our feature statistics use.
     s = lambda x: (torch.from_numpy(x.sum(0)), torch.from_numpy(x.T @ x))  # noqa: E731
     mu_g, cov_g = maths.mean_and_covariance(*s(gen), len(gen))
     mu_r, cov_r = maths.mean_and_covariance(*s(real), len(real))
-    assert rel(maths.frechet_distance(mu_g.numpy(), cov_g.numpy(), mu_r.numpy(), cov_r.numpy()),
+    assert rel_err(maths.frechet_distance(mu_g.numpy(), cov_g.numpy(), mu_r.numpy(), cov_r.numpy()),
                golden['fid_unbiased_cov']) <= 1e-8
     # The bootstrap's eigenvalue routes (n > d here, and n < d on 40 of the images) agree with sqrtm.
     fast = maths.ResampledFrechet(gen, mu_r.numpy(), cov_r.numpy())

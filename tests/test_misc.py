@@ -1,7 +1,8 @@
 """torch_utils.misc: the infinite sampler (incl. exact checkpointing), parameter copies, shape checks,
-DDP helpers (2-rank gloo) and the module summary."""
+DDP helpers (2-rank gloo), the module summary, set_malloc_thresholds and the bf16 hardware check."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -120,6 +121,24 @@ def test_ddp_sync_is_noop_for_plain_modules():
     assert m.weight.grad is not None
 
 
+def test_set_malloc_thresholds_never_fails():
+    result = misc.set_malloc_thresholds()
+    assert isinstance(result, bool)
+    if sys.platform.startswith('linux') and hasattr(__import__('ctypes').CDLL(None), 'gnu_get_libc_version'):
+        assert result  # glibc accepts both values
+    assert misc.set_malloc_thresholds(mmap_threshold=1 << 40, trim_threshold=1 << 40) in (True, False)  # clamped, no raise
+    torch.empty(8 << 20, dtype=torch.uint8).fill_(1)  # allocation still works afterwards
+
+
+def test_bf16_hardware_check():
+    native = misc.bf16_is_native('cpu')
+    assert isinstance(native, bool)
+    warning = misc.bf16_warning('cpu')
+    assert (warning is None) == native
+    if warning is not None:
+        assert warning.startswith('Warning: --bf16') and '\n' not in warning
+
+
 # ---------------------------------------------------------------------------- 2-rank gloo
 
 def _ddp_worker(rank, world, port, out_dir):
@@ -152,6 +171,7 @@ def _ddp_worker(rank, world, port, out_dir):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes: 3-9 s
 def test_ddp_sync_and_consistency_two_ranks(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r = [torch.load(tmp_path / f'{i}.pt', weights_only=True) for i in range(2)]

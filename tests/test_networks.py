@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import rel_err
 from training import networks as N
 
 NET_CASES = ['net_edm_adm_cond', 'net_edm_ddpmpp_cond_aug', 'net_edm_ddpmpp_mnist_skip', 'net_edm_ncsnpp_uncond',
@@ -21,9 +22,6 @@ FULLSIZE = ['cifar10-32x32-cond-vp', 'cifar10-32x32-uncond-ve', 'cifar10-32x32-c
             'afhqv2-64x64-uncond-ve', 'imagenet-64x64-cond-adm', 'baseline-imagenet-64x64-cond-adm-iddpm']
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tiny convolutions: extra threads only add contention
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 def small_song(**kw):
     kw = dict(dict(img_resolution=16, img_channels=3, model_type='SongUNet', model_channels=16, channel_mult=[1, 2],
@@ -38,18 +36,9 @@ def small_adm(**kw):
 #----------------------------------------------------------------------------
 # Golden forward passes.
 
-@pytest.fixture(scope='module')
-def net_golden(golden_dir):
-    cache = {}
-    def get(name):
-        if name not in cache:
-            cache[name] = torch.load(golden_dir / f'{name}.pt', weights_only=True)
-        return cache[name]
-    return get
-
 @pytest.mark.parametrize('case', NET_CASES)
-def test_golden_forward(net_golden, case):
-    g = net_golden(case)
+def test_golden_forward(golden, case):
+    g = golden(case)
     net = getattr(N, g['precond'])(**g['kwargs'])
     net.load_state_dict(g['state_dict'], strict=True)
     net.eval()
@@ -59,10 +48,10 @@ def test_golden_forward(net_golden, case):
     assert rel_err(out, g['output']) <= 1e-5
 
 @pytest.mark.parametrize('case', ['net_edm_adm_cond', 'net_vp_ddpmpp_uncond'])
-def test_golden_forward_with_sdpa_attention(net_golden, case, monkeypatch):
+def test_golden_forward_with_sdpa_attention(golden, case, monkeypatch):
     # The fused kernel (default on CUDA fp32) also meets the golden tolerance.
     monkeypatch.setattr(N, 'ATTENTION_IMPL', 'sdpa')
-    g = net_golden(case)
+    g = golden(case)
     net = getattr(N, g['precond'])(**g['kwargs'])
     net.load_state_dict(g['state_dict'], strict=True)
     with torch.no_grad():
@@ -70,8 +59,8 @@ def test_golden_forward_with_sdpa_attention(net_golden, case, monkeypatch):
     assert rel_err(out, g['output']) <= 1e-5
 
 @pytest.mark.parametrize('case', NET_CASES)
-def test_golden_round_sigma_and_range(net_golden, case):
-    g = net_golden(case)
+def test_golden_round_sigma_and_range(golden, case):
+    g = golden(case)
     net = getattr(N, g['precond'])(**g['kwargs'])
     net.load_state_dict(g['state_dict'], strict=True)
     out = net.round_sigma(g['round_sigma_in'])
@@ -82,11 +71,11 @@ def test_golden_round_sigma_and_range(net_golden, case):
         ours, ref = float(getattr(net, name)), float(g[name])
         assert ours == ref or math.isclose(ours, ref, rel_tol=1e-6), (name, ours, ref)
 
-def test_golden_state_dict_is_exact_layout(net_golden):
+def test_golden_state_dict_is_exact_layout(golden):
     # Strict loading would also accept a permuted order; the reference order matters for
     # tools that walk parameters positionally (e.g. copy_params_and_buffers, EMA).
     for case in NET_CASES:
-        g = net_golden(case)
+        g = golden(case)
         net = getattr(N, g['precond'])(**g['kwargs'])
         assert [(k, tuple(v.shape)) for k, v in net.state_dict().items()] == \
                [(k, tuple(v.shape)) for k, v in g['state_dict'].items()], case
@@ -116,7 +105,7 @@ def test_fullsize_param_counts_from_paper(fullsize):
 # Weight initialisation statistics.
 
 INIT_FAST = ['edm_adm_small']
-INIT_SLOW = ['edm_ddpmpp_cifar', 'edm_ncsnpp_cifar']   # 55M parameters: ~15 s each on a busy CPU
+INIT_FULLSIZE = ['edm_ddpmpp_cifar', 'edm_ncsnpp_cifar']   # 55M parameters: 0.4-0.8 s each
 
 def check_init_stats(golden_dir, name):
     c = json.loads((golden_dir / 'init_stats.json').read_text())[name]
@@ -142,8 +131,7 @@ def check_init_stats(golden_dir, name):
 def test_init_stats(golden_dir, name):
     check_init_stats(golden_dir, name)
 
-@pytest.mark.slow
-@pytest.mark.parametrize('name', INIT_SLOW)
+@pytest.mark.parametrize('name', INIT_FULLSIZE)
 def test_init_stats_fullsize(golden_dir, name):
     check_init_stats(golden_dir, name)
 

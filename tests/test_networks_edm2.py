@@ -6,26 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import rel_err
 from training import networks_edm2 as E
 
 NET_CASES = ['edm2_net_cond', 'edm2_net_noattn', 'edm2_net_uncond']
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
 def rms(x):
     return x.double().square().mean().sqrt().item()
-
-@pytest.fixture(scope='module')
-def golden(golden_dir):
-    cache = {}
-    def get(name):
-        if name not in cache:
-            cache[name] = torch.load(golden_dir / f'{name}.pt', weights_only=True)
-        return cache[name]
-    return get
 
 def golden_net(g):
     net = E.Precond(**g['kwargs'])

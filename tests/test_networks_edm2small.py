@@ -11,16 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import rel_err
 from torch_utils import persistence
 from training import networks_edm2small as S
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 CONFIGS = ['C', 'E', 'G']
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope='module')
@@ -350,10 +347,10 @@ def test_ema_half_life_of_the_seeds_beta():
 
 def test_embedded_source_runs_with_the_papers_modules(golden_dir):
     """The snapshot-compatibility rule (docs/design.md): this module's embedded source imports only what the
-    paper's modules have, and executes under the paper's loader (tests/test_paper_compat.py's check)."""
-    import test_paper_compat
+    paper's modules have, and executes under the paper's loader (tests/test_persistence_paper.py's check)."""
+    from test_persistence_paper import test_embedded_source_imports_only_names_the_paper_has as check
     paper_names = json.loads((golden_dir / 'paper_module_names.json').read_text())['modules']
-    test_paper_compat.test_embedded_source_imports_only_names_the_paper_has('training.networks_edm2small', paper_names)
+    check('training.networks_edm2small', paper_names)
 
 
 def test_project_samplers_run_on_the_ladder():

@@ -8,12 +8,9 @@ import pickle
 import pytest
 import torch
 
+from helpers import jitter_params, rel_err as rel
 from torch_utils import persistence
 from training import iddpm, networks, networks_iddpm
-
-
-def rel(out, ref) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
 @pytest.mark.parametrize('name', ['cond_scaleshift', 'uncond_plain'])
@@ -54,10 +51,7 @@ def _tiny(backbone=UNET, **overrides):
     kwargs = {**dict(img_resolution=8, img_channels=3, M=100), **backbone, **overrides}
     torch.manual_seed(0)
     net = networks_iddpm.iDDPMDiscretePrecond(**kwargs)
-    with torch.no_grad():  # the zero-initialised output layer would make every output 0
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return net.eval()
+    return jitter_params(net, 0.02).eval()  # the zero-initialised output layer would make every output 0
 
 
 def test_denoiser_interface_is_the_raw_output_at_the_snapped_step():

@@ -1,23 +1,15 @@
 """The speed options of training/networks.py (FUSED_CONV_BIAS, INPLACE_OPS, CHANNELS_LAST) change nothing but
 float rounding -- in eval, under no_grad/inference_mode and through backward -- and never touch their inputs;
 the layout-independent `dropout` draws F.dropout's numbers; the opt-in `fast_dropout` is invisible when off;
-bf16 training and sampling stay within measured tolerances of fp32; torch_utils.misc.set_malloc_thresholds
-never fails."""
-
-import sys
+bf16 training and sampling stay within measured tolerances of fp32."""
 
 import pytest
 import torch
 
-from torch_utils import misc
+from helpers import jitter_params, rel_err
 from training import networks as N
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 @pytest.fixture
 def options():
@@ -28,17 +20,12 @@ def options():
     yield apply
     N.FUSED_CONV_BIAS, N.INPLACE_OPS, N.CHANNELS_LAST = saved
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
 def make(model_type, **kw):
     torch.manual_seed(0)
     net = N.EDMPrecond(img_resolution=16, img_channels=3, label_dim=4, model_type=model_type, channel_mult=[1, 2],
                        model_channels=16 if model_type == 'SongUNet' else 32, num_blocks=1, attn_resolutions=[8], **kw)
-    with torch.no_grad():  # non-trivial weights everywhere (init_zero layers would hide the residual branches)
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return net
+    # Non-trivial weights everywhere (init_zero layers would hide the residual branches).
+    return jitter_params(net, 0.05)
 
 def inputs():
     g = torch.Generator().manual_seed(1)
@@ -88,14 +75,6 @@ def test_dropout_is_active_in_training():
         torch.manual_seed(2)
         b = net(x, sigma, labels)
     assert rel_err(a, b) > 1e-3
-
-def test_set_malloc_thresholds_never_fails():
-    result = misc.set_malloc_thresholds()
-    assert isinstance(result, bool)
-    if sys.platform.startswith('linux') and hasattr(__import__('ctypes').CDLL(None), 'gnu_get_libc_version'):
-        assert result  # glibc accepts both values
-    assert misc.set_malloc_thresholds(mmap_threshold=1 << 40, trim_threshold=1 << 40) in (True, False)  # clamped, no raise
-    torch.empty(8 << 20, dtype=torch.uint8).fill_(1)  # allocation still works afterwards
 
 # --- channels_last and dropout ------------------------------------------------------------------------
 
@@ -236,14 +215,6 @@ def test_bf16_training_step_and_samples_stay_close_to_fp32():
     assert diff['grad'] < 0.1, diff
     assert diff['weights'] < 6e-3, diff
     assert 0 < diff['samples'] < 1.5e-2, diff
-
-def test_bf16_hardware_check():
-    native = misc.bf16_is_native('cpu')
-    assert isinstance(native, bool)
-    warning = misc.bf16_warning('cpu')
-    assert (warning is None) == native
-    if warning is not None:
-        assert warning.startswith('Warning: --bf16') and '\n' not in warning
 
 @pytest.mark.parametrize('model_type', ['SongUNet', 'DhariwalUNet'])
 def test_attention_gradients_match_torch_sdpa(monkeypatch, model_type):

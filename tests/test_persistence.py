@@ -5,12 +5,16 @@ import copy
 import json
 import os
 import pickle
+import re
+import subprocess
+import sys
 import zipfile
 
 import pytest
 import torch
 
-from torch_utils import persistence
+from helpers import jitter_params, limited_memory
+from torch_utils import misc, persistence
 from training import networks
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tiny convolutions: extra threads only add contention
@@ -19,10 +23,7 @@ def make_net(cls=networks.EDMPrecond, **kw):
     torch.manual_seed(0)
     kw = dict(dict(img_resolution=16, img_channels=3, label_dim=10, augment_dim=9, model_type='SongUNet',
                    model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8]), **kw)
-    net = cls(**kw)
-    with torch.no_grad():
-        for p in net.parameters():         # non-trivial weights so outputs really depend on them
-            p.add_(torch.randn_like(p) * 0.02)
+    net = jitter_params(cls(**kw), 0.02)  # non-trivial weights so outputs really depend on them
     return net.eval().requires_grad_(False)
 
 def run(net, seed=1):
@@ -36,17 +37,10 @@ def run(net, seed=1):
 def snapshot(net):
     """The paper's network-snapshot layout."""
     import dnnlib
-    loss = aug = None
-    try:
-        from training.loss import EDMLoss
-        loss = EDMLoss(P_mean=-1.0)
-    except ImportError:
-        pass
-    try:
-        from training.augment import AugmentPipe
-        aug = AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1)
-    except ImportError:
-        pass
+    from training.augment import AugmentPipe
+    from training.loss import EDMLoss
+    loss = EDMLoss(P_mean=-1.0)
+    aug = AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1)
     return dict(ema=net, loss_fn=loss, augment_pipe=aug,
                 dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path='d.zip',
                                                use_labels=True, resolution=16, max_size=100))
@@ -272,6 +266,46 @@ def test_local_stand_in_class_is_not_loadable(tmp_path):
 class _StandIn:
     def __init__(self, k):
         self.k = k
+
+CRAFTED_LOAD = r'''
+import io, pickle, sys, time
+from torch_utils import persistence
+
+class Crafted:  # 373 bytes asking for EDMPrecond(model_channels=8192): 2.5e11 parameters, no tensors
+    def __reduce__(self):
+        kwargs = dict(img_resolution=32, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=8192)
+        meta = dict(type='class', version=6, module_src='', class_name='EDMPrecond',
+                    state=dict(_init_args=(), _init_kwargs=kwargs, training=False))
+        return persistence._reconstruct_persistent_obj, (meta,)
+
+t0 = time.time()
+try:
+    persistence.load_network_pkl(io.BytesIO(pickle.dumps({'ema': Crafted()}, protocol=2)))
+    print('loaded')
+except persistence.CheckpointError as e:
+    print(f'refused in {time.time() - t0:.1f}s: {e}')
+'''
+
+
+def test_safe_loader_refuses_implausibly_large_networks(repo_root, subprocess_env, tmp_path):
+    (tmp_path / 'crafted.py').write_text(CRAFTED_LOAD)
+    proc = subprocess.run([sys.executable, str(tmp_path / 'crafted.py')], env=subprocess_env, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limited_memory)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = re.search(r'refused in ([\d.]+)s: .*ask for ([\d,]+) parameters, more than the limit of 10,000,000,000',
+                  proc.stdout)
+    assert m, proc.stdout + proc.stderr[-2000:]
+    assert int(m.group(2).replace(',', '')) > 10**11 and float(m.group(1)) < 30
+
+
+def test_parameter_limit_is_configurable(finished_run):
+    pkl = str(finished_run / 'network-snapshot-000000.pkl')
+    net = persistence.load_network_pkl(pkl)['ema']
+    count = sum(t.numel() for _, t in misc.named_params_and_buffers(net))
+    assert persistence.count_params_on_meta(type(net), (), net.init_kwargs) == count
+    with pytest.raises(persistence.CheckpointError, match=f'ask for {count:,} parameters, more than the limit of 1,000'):
+        persistence.load_network_pkl(pkl, max_params=1000)
+    persistence.load_network_pkl(pkl, max_params=count)
 
 #----------------------------------------------------------------------------
 # Our code-free format and atomic writes.

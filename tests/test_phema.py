@@ -8,14 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import jitter_params, rel_err
 from training import phema as P
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-def rel_err(a, b):
-    a = torch.as_tensor(np.asarray(a), dtype=torch.float64)
-    b = torch.as_tensor(np.asarray(b), dtype=torch.float64)
-    return ((a - b).norm() / b.norm()).item()
 
 @pytest.fixture(scope='module')
 def g(golden_dir):
@@ -176,11 +172,6 @@ def small_net():
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     return net.train()
 
-def perturb(net, scale=1.0):
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * scale)
-
 @pytest.mark.parametrize('cls,kwargs,suffixes', [
     (P.PowerFunctionEMA, dict(stds=[0.05, 0.1]), ['-0.050', '-0.100']),
     (P.PowerFunctionEMA, dict(), ['-0.050', '-0.100']),
@@ -193,7 +184,7 @@ def test_policy_interface(cls, kwargs, suffixes):
     assert [s for _, s in pairs] == suffixes
     assert all(m is not net and not m.training and not any(p.requires_grad for p in m.parameters()) for m, _ in pairs)
     for step in range(1, 6):
-        perturb(net)
+        jitter_params(net, 1.0)
         policy.update(cur_nimg=step * 64, batch_size=64)
     with torch.no_grad():
         net(torch.randn(8, 4))  # moves the BatchNorm running stats (buffers)
@@ -247,25 +238,18 @@ def test_traditional_ema_follows_the_halflife_formula():
 # The EDM2 pieces in the training loop's policy slots (ema_kwargs / lr_kwargs; train.py wiring comes later).
 
 def test_training_loop_with_edm2_policies_writes_profiles_and_resumes_exactly(tmp_path):
-    from tinydata import make_dataset_zip
+    from helpers import edm2_loop_kwargs, make_dataset_zip
     from torch_utils import persistence
     from training import training_loop as tl
     data = make_dataset_zip(tmp_path / 'tiny.zip')
 
     def run(run_dir, total_kimg, **extra):
-        return tl.training_loop(
-            run_dir=str(run_dir), dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data,
-                                                      use_labels=True, cache=True),
-            data_loader_kwargs=dict(num_workers=0),
-            network_kwargs=dict(class_name='training.networks_edm2.Precond', model_channels=8, channel_mult=[1, 2],
-                                num_blocks=1, attn_resolutions=[4], channels_per_head=8, logvar_channels=8),
-            loss_kwargs=dict(class_name='training.training_loop.EDM2Loss', P_mean=-0.8, P_std=1.6),
-            optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-2, betas=[0.9, 0.99], eps=1e-8),
-            ema_kwargs=dict(class_name='training.phema.PowerFunctionEMA', stds=[0.05, 0.1]),
+        return tl.training_loop(**edm2_loop_kwargs(
+            data, run_dir, ema_kwargs=dict(class_name='training.phema.PowerFunctionEMA', stds=[0.05, 0.1]),
             lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=1e-2, ref_batches=2,
                            rampup_Mimg=0.00003),
             augment_kwargs=None, seed=1, batch_size=16, total_kimg=total_kimg, kimg_per_tick=0.032,
-            snapshot_ticks=1, state_dump_ticks=1, device=torch.device('cpu'), print_summary=False, **extra)
+            snapshot_ticks=1, state_dump_ticks=1, **extra))
 
     run(tmp_path / 'a', 0.064)
     snaps = sorted(f for f in os.listdir(tmp_path / 'a') if f.startswith('network-snapshot-'))

@@ -39,3 +39,16 @@ def test_scatter_plot_labels_every_point(tmp_path):
     assert (pixels == np.array(plot.HIGHLIGHT, dtype=np.uint8)).all(axis=2).sum() > 40  # two filled markers
     with pytest.raises(ValueError, match='no points'):
         plot.scatter_plot([], None)
+
+
+def test_line_plot_draws_every_series(tmp_path):
+    path = tmp_path / 'p.png'
+    image = plot.line_plot({'a': ([5, 9, 17], [100.0, 30.0, 12.0]), 'b': ([5, 9], [60.0, float('nan')])},
+                           str(path), title='t', xlabel='NFE', ylabel='FID', log_y=True)
+    assert PIL.Image.open(path).size == image.size == (900, 600)
+    pixels = np.asarray(image)
+    for color in plot.COLORS[:2]:  # both series' colours appear
+        rgb = np.array(color)
+        assert (np.abs(pixels.astype(int) - rgb).sum(-1) == 0).sum() > 20, color
+    assert plot.nice_ticks(0, 35) == [0, 10, 20, 30, 40]
+    assert plot.log_ticks(10, 200) == [10, 20, 50, 100, 200]

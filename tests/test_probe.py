@@ -1,17 +1,15 @@
 """The linear probe (training/probe.py): the seed's feature protocol against ../shared/golden/edm2small_probe.pt,
-named blocks on every network family, and the classifier on a task with a known answer."""
+named blocks on every network family, and the classifier on a task with a known answer (fid.py probe, its
+command line, is tested in tests/test_fid.py)."""
 
 import pytest
 import torch
 
+from helpers import rel_err
 from training import networks, networks_edm2, networks_edm2small
 from training import probe as P
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_probe_sigmas_match_the_seed(golden_dir):
@@ -118,76 +116,3 @@ def test_split_indices():
     assert (P.split_indices(10, 0.3, seed=1)[1] == test).all()
     with pytest.raises(ValueError):
         P.split_indices(10, 1.5)
-
-
-#----------------------------------------------------------------------------
-# The CLI: fid.py probe.
-
-def _brightness_zip(path, num=48, resolution=8):
-    """Labelled RGB images whose class (0/1) is their brightness: a task a probe can solve."""
-    import io
-    import json
-    import zipfile
-    import numpy as np
-    import PIL.Image
-    rnd = np.random.RandomState(0)
-    entries = []
-    with zipfile.ZipFile(path, 'w') as z:
-        for i in range(num):
-            label = i % 2
-            img = (rnd.randint(0, 80, size=[resolution, resolution, 3]) + 170 * label).astype(np.uint8)
-            buf = io.BytesIO()
-            PIL.Image.fromarray(img).save(buf, format='png')
-            z.writestr(f'00000/img{i:08d}.png', buf.getvalue())
-            entries.append([f'00000/img{i:08d}.png', label])
-        z.writestr('dataset.json', json.dumps(dict(labels=entries)))
-    return str(path)
-
-
-@pytest.fixture
-def probe_files(tmp_path):
-    from torch_utils import persistence
-    torch.manual_seed(0)
-    net = networks_edm2small.EDM(img_resolution=8, img_channels=3, net_type='UNetE', n_channels=32, ch_mults=[1],
-                                 is_attn=[False], n_blocks=2, dropout=0)
-    pkl = tmp_path / 'net.pkl'
-    persistence.save_network_pkl(dict(ema=net), pkl)
-    return pkl, _brightness_zip(tmp_path / 'data.zip')
-
-
-def test_cli_probe_writes_csv_and_png(probe_files, tmp_path):
-    import csv
-    from click.testing import CliRunner
-    import fid
-    pkl, data = probe_files
-    out = tmp_path / 'probe'
-    result = CliRunner().invoke(fid.main, ['probe', f'--network={pkl}', f'--data={data}', '--timesteps=2,10',
-                                           '--blocks=out_1,out_2', '--epochs=3', '--batch=16', '--lr=0.01',
-                                           f'--outdir={out}'])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    rows = list(csv.DictReader(open(out / 'probe.csv')))
-    assert [(r['timestep'], r['block']) for r in rows] == [('2', 'out_1'), ('2', 'out_2'), ('10', 'out_1'),
-                                                           ('10', 'out_2')]
-    assert all(0 <= float(r['accuracy']) <= 1 for r in rows)
-    assert max(float(r['accuracy']) for r in rows if r['timestep'] == '2') >= 0.8  # brightness is easy at low noise
-    assert (out / 'probe.png').stat().st_size > 0 and (out / 'probe.json').is_file()
-    bad = CliRunner().invoke(fid.main, ['probe', f'--network={pkl}', f'--data={data}', '--blocks=out_9'])
-    assert bad.exit_code != 0 and 'unknown blocks' in bad.output
-    bad = CliRunner().invoke(fid.main, ['probe', f'--network={pkl}', f'--data={data}', '--timesteps=19'])
-    assert bad.exit_code != 0 and '--timesteps' in bad.output
-
-
-@pytest.mark.slow
-def test_cli_probe_two_ranks(probe_files, tmp_path, subprocess_env, repo_root):
-    """Under torchrun every rank extracts a share of the features; the gathered result trains the probe."""
-    import csv
-    import subprocess
-    pkl, data = probe_files
-    out = tmp_path / 'probe2'
-    subprocess.run(['torchrun', '--standalone', '--nproc_per_node=2', 'fid.py', 'probe', f'--network={pkl}',
-                    f'--data={data}', '--timesteps=2', '--blocks=out_1', '--epochs=3', '--batch=8', '--lr=0.01',
-                    f'--outdir={out}'], cwd=repo_root, env=subprocess_env, check=True, timeout=120,
-                   capture_output=True, text=True)
-    rows = list(csv.DictReader(open(out / 'probe.csv')))
-    assert len(rows) == 1 and float(rows[0]['accuracy']) >= 0.8
-    assert '"world_size": 2' in (out / 'probe.json').read_text()

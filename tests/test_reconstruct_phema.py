@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import dnnlib
 import fid
 import reconstruct_phema as R
-from tinydata import make_dataset_zip
+from helpers import edm2_loop_kwargs, make_dataset_zip
 from torch_utils import persistence
 from training import phema
 from training import training_loop as tl
@@ -32,19 +32,13 @@ def run(tmp_path_factory):
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        tl.training_loop(
-            run_dir=str(root / 'run'), dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data,
-                                                           use_labels=True, cache=True),
-            data_loader_kwargs=dict(num_workers=0),
-            network_kwargs=dict(class_name='training.networks_edm2.Precond', model_channels=8, channel_mult=[1, 2],
-                                num_blocks=1, attn_resolutions=[4], channels_per_head=8, logvar_channels=8),
-            loss_kwargs=dict(class_name='training.loss.EDM2Loss', P_mean=-0.8, P_std=1.6),
-            optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-2, betas=[0.9, 0.99], eps=1e-8),
+        tl.training_loop(**edm2_loop_kwargs(
+            data, root / 'run',
             ema_kwargs=dict(class_name='training.phema.PowerFunctionEMA', stds=[0.05, 0.07, 0.10]),
             lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=1e-2, ref_batches=16,
                            rampup_Mimg=0.001),
             nonfinite_grads='zero', seed=1, batch_size=BATCH, total_kimg=STEPS * BATCH / 1000, kimg_per_tick=1,
-            snapshot_ticks=1, state_dump_ticks=None, device=torch.device('cpu'), print_summary=False)
+            snapshot_ticks=1, state_dump_ticks=None))
     finally:
         torch.set_num_threads(prev)
     return dnnlib.EasyDict(root=root, dir=root / 'run', data=data)
@@ -155,21 +149,8 @@ def test_cli_errors_are_one_line(run, tmp_path, args, message):
     assert 'Traceback' not in result.output
 
 
-class StandInDetector(torch.nn.Module):
-    """uint8 [N,3,H,W] -> 8 features, the official detector's call signature (as in tests/test_fid.py)."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer('proj', torch.randn([3 * 4 * 4, 8], generator=torch.Generator().manual_seed(5)) * 2)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        x = torch.nn.functional.adaptive_avg_pool2d(x.to(torch.float32) / 255, [4, 4]).flatten(1)
-        return torch.tanh((x - 0.5) @ self.proj)
-
-
-def test_sweep_scores_each_length_like_fid_net(run, tmp_path):
-    detector = tmp_path / 'standin.pt'
-    torch.jit.save(torch.jit.script(StandInDetector()), str(detector))
+def test_sweep_scores_each_length_like_fid_net(run, tmp_path, detector_file):
+    detector = detector_file
     ref = tmp_path / 'ref.npz'
     assert CliRunner().invoke(fid.main, ['ref', f'--data={run.data}', f'--dest={ref}', '--workers=0',
                                          f'--detector={detector}']).exit_code == 0

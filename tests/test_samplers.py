@@ -4,6 +4,7 @@ NFE counts, edge cases, and the per-seed random-number protocol."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -11,69 +12,16 @@ import torch
 
 import dnnlib
 import generate
+from helpers import GaussianDenoiser, expected_output, jitter_params, load_golden_net, rel_err
 from training import sampling
 
 # ----------------------------------------------------------------------------
-# An exactly solvable problem: data ~ N(mu, std^2) per pixel. The ideal denoiser is
-#   D(x; sigma) = mu + std^2/(std^2 + sigma^2) (x - mu),
-# and the probability-flow ODE dx/dsigma = (x - D)/sigma = (x - mu) sigma/(std^2 + sigma^2) gives
-#   x(sigma) - mu = (x(sigma_0) - mu) sqrt((std^2 + sigma^2)/(std^2 + sigma_0^2)).
-
-
-class GaussianDenoiser(torch.nn.Module):
-    """Duck-types an EDM preconditioned network; counts network evaluations (NFE) and records sigmas."""
-
-    def __init__(self, mu, std, sigma_min=0.0, sigma_max=float('inf'), img_channels=3, img_resolution=4,
-                 label_dim=0, round_to=None):
-        super().__init__()
-        self.mu, self.std = mu, std
-        self.sigma_min, self.sigma_max = sigma_min, sigma_max
-        self.img_channels, self.img_resolution, self.label_dim = img_channels, img_resolution, label_dim
-        self.round_to = round_to
-        self.nfe, self.sigmas = 0, []
-
-    def round_sigma(self, sigma):
-        sigma = torch.as_tensor(sigma)
-        return sigma if self.round_to is None else (sigma / self.round_to).round() * self.round_to
-
-    def forward(self, x, sigma, class_labels=None, **kwargs):
-        self.nfe += 1
-        sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        self.sigmas.append(float(sigma))
-        return self.mu + self.std ** 2 / (self.std ** 2 + sigma ** 2) * (x.to(torch.float64) - self.mu)
-
-
-def exact_solution(mu, std, z, sigma_0, sigma=0.0):
-    """x(sigma) for the ODE started at x(sigma_0) = sigma_0 z (s=1, so latents scale by sigma_0)."""
-    return mu + (sigma_0 * z - mu) * math.sqrt((std ** 2 + sigma ** 2) / (std ** 2 + sigma_0 ** 2))
-
-
-def expected_output(mu, std, z, sigmas, last_step_is_denoiser):
-    """What a sampler with noise levels `sigmas` (then 0) converges to as N grows. With sigma(t)=t, s=1 the
-    last (Euler) step lands exactly on D(x; sigma_{N-1}), so we reference the exact ODE state at
-    sigma_{N-1} pushed through D, which removes the O(sigma_min^2) floor of that step from the error."""
-    sigma_0, sigma_last = float(sigmas[0]), float(sigmas[-1])
-    if not last_step_is_denoiser:
-        return exact_solution(mu, std, z, sigma_0)
-    x = exact_solution(mu, std, z, sigma_0, sigma_last)
-    return mu + std ** 2 / (std ** 2 + sigma_last ** 2) * (x - mu)
-
-
-@pytest.fixture
-def problem():
-    g = torch.Generator().manual_seed(0)
-    mu = 0.3 * torch.randn([1, 3, 4, 4], generator=g, dtype=torch.float64)
-    z = torch.randn([2, 3, 4, 4], generator=g, dtype=torch.float64)
-    return mu, 0.5, z
+# The exactly solvable Gaussian problem (helpers.GaussianDenoiser, conftest's `problem` fixture).
 
 
 def first_sigma(discretization, num_steps, epsilon_s=1e-3):
     lo, hi = sampling.default_sigma_range(discretization, epsilon_s)
     return float(sampling.ablation_sigma_steps(discretization, num_steps, lo, hi)[0])
-
-
-def rel_error(out, ref):
-    return float((out - ref).norm() / ref.norm())
 
 
 def convergence_ratios(mu, std, z, steps, **kwargs):
@@ -87,7 +35,7 @@ def convergence_ratios(mu, std, z, steps, **kwargs):
         sigmas = sampling.ablation_sigma_steps(disc, n, lo, hi, epsilon_s=eps)
         linear = kwargs.get('schedule', 'linear') == 'linear' and kwargs.get('scaling', 'none') == 'none'
         out = sampling.ablation_sampler(GaussianDenoiser(mu, std), z, num_steps=n, **kwargs)
-        errors.append(rel_error(out, expected_output(mu, std, z, sigmas, linear)))
+        errors.append(rel_err(out, expected_output(mu, std, z, sigmas, linear)))
     return errors, [a / b for a, b in zip(errors, errors[1:])]
 
 
@@ -106,7 +54,7 @@ def test_edm_sampler_heun_is_second_order(problem):
     errors = []
     for n in (16, 32, 64):
         out = sampling.edm_sampler(GaussianDenoiser(mu, std), z, num_steps=n)
-        errors.append(rel_error(out, expected_output(mu, std, z, sampling.edm_sigma_steps(n), True)))
+        errors.append(rel_err(out, expected_output(mu, std, z, sampling.edm_sigma_steps(n), True)))
     ratios = [a / b for a, b in zip(errors, errors[1:])]
     assert errors[-1] < 1e-2
     assert all(3.2 < r < 5.5 for r in ratios), (errors, ratios)  # 2nd order: error / 4 per doubling
@@ -269,6 +217,25 @@ def test_ve_and_iddpm_steps():
     assert all(any(abs(float(x) - float(v)) < 1e-12 for v in u) for x in steps)  # every step is a u_j
 
 
+@pytest.mark.parametrize('name,kwargs,nfe', [
+    ('edm', {}, lambda n: 2 * n - 1), ('ablation', dict(solver='heun'), lambda n: 2 * n - 1),
+    ('ablation', dict(solver='euler'), lambda n: n), ('dpm_2', {}, lambda n: 2 * n - 1),
+    ('dpmpp_2s_ancestral', {}, lambda n: 2 * n - 1), ('euler_ancestral', {}, lambda n: n), ('lms', {}, lambda n: n),
+    ('dpmpp_2m', {}, lambda n: n), ('dpmpp_2m_sde', {}, lambda n: n), ('dpmpp_3m_sde', {}, lambda n: n),
+    ('unipc', dict(order=3), lambda n: n)])
+def test_count_nfe_and_steps_for_nfe(name, kwargs, nfe):
+    mu = torch.zeros([1, 3, 4, 4], dtype=torch.float64)
+    for n in (1, 2, 7):
+        net = GaussianDenoiser(mu, 0.5)  # the real count, on a real denoiser
+        sampling.SAMPLERS[name](net, torch.randn([1, 3, 4, 4], dtype=torch.float64), num_steps=n, **kwargs)
+        assert sampling.count_nfe(name, n, **kwargs) == net.nfe == nfe(n)
+    for budget in (5, 6, 35):
+        n = sampling.steps_for_nfe(name, budget, **kwargs)
+        assert nfe(n) <= budget < nfe(n + 1)
+    with pytest.raises(ValueError):
+        sampling.steps_for_nfe(name, 0, **kwargs)
+
+
 # ----------------------------------------------------------------------------
 # Random numbers and seeds.
 
@@ -292,21 +259,14 @@ def test_stacked_random_generator_protocol():
         rnd.randn([3, 2])
 
 
-def test_generate_keeps_the_papers_import_names():
-    # Users and the paper's examples import these from generate.py; they are the library's objects.
-    for name in ('edm_sampler', 'ablation_sampler', 'StackedRandomGenerator', 'generate_images'):
-        assert getattr(generate, name) is getattr(sampling, name)
-    assert generate.parse_int_list is dnnlib.util.parse_int_list
-
-
-def test_parse_int_list():
-    assert generate.parse_int_list('1,2,5-10') == [1, 2, 5, 6, 7, 8, 9, 10]
-    assert generate.parse_int_list('0-63') == list(range(64))
-    assert generate.parse_int_list('7') == [7]
-    assert generate.parse_int_list([3, 4]) == [3, 4]
-    for bad in ('a', '1,,2', '5-2', '1-2-3', '1.5', ''):
-        with pytest.raises(ValueError):
-            generate.parse_int_list(bad)
+def test_parse_seeds_bounds():
+    from training.sampling import parse_seeds
+    assert parse_seeds('0-3,7') == [0, 1, 2, 3, 7] and parse_seeds(f'{2**32 - 1}') == [2**32 - 1]
+    for seeds, says in [('-1', "'-1' is below 0"), ('0-99999999999', "'0-99999999999' is above 4294967295"),
+                        ('0-4000000000', 'has 4,000,000,001 numbers, more than the 10,000,000 allowed'),
+                        ('0-6000000,10000000-15000000', 'has 11,000,002 numbers')]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            parse_seeds(seeds)
 
 
 @pytest.mark.parametrize('num_seeds,batch,world', [(64, 64, 1), (100, 16, 2), (5, 4, 3), (1, 64, 4), (65, 64, 2),
@@ -336,14 +296,6 @@ def test_seed_batches_follow_the_paper_split():
 # Goldens: the reference implementation's outputs on small random networks.
 
 
-def _load_golden_net(golden_dir, name):
-    networks = pytest.importorskip('training.networks', reason='training/networks.py not available')
-    ref = torch.load(golden_dir / f'net_{name}.pt', weights_only=True)
-    net = getattr(networks, ref['precond'])(**ref['kwargs'])
-    net.load_state_dict(ref['state_dict'], strict=True)
-    return net.eval().requires_grad_(False)
-
-
 GOLDEN_SAMPLERS = ['sampler_edm_det18', 'sampler_edm_stoch', 'sampler_abl_edm_heun_stoch',
                    'sampler_abl_edm_heun_vpnet', 'sampler_abl_iddpm_euler', 'sampler_abl_ve_euler',
                    'sampler_abl_vp_euler']
@@ -356,7 +308,7 @@ def test_all_sampler_goldens_are_covered(golden_dir):
 @pytest.mark.parametrize('name', GOLDEN_SAMPLERS)
 def test_sampler_golden(golden_dir, name):
     ref = torch.load(golden_dir / f'{name}.pt', weights_only=True)
-    net = _load_golden_net(golden_dir, ref['net'])
+    net = load_golden_net(golden_dir, ref['net'])
     seeds = ref['seeds']
     rnd = sampling.StackedRandomGenerator('cpu', seeds)
     latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
@@ -369,7 +321,7 @@ def test_sampler_golden(golden_dir, name):
     with torch.no_grad():
         out = getattr(generate, ref['sampler'])(net, latents, class_labels, randn_like=rnd.randn_like, **ref['kwargs'])
     assert out.dtype == torch.float64 and out.shape == ref['output'].shape
-    err = rel_error(out, ref['output'].to(torch.float64))
+    err = rel_err(out, ref['output'].to(torch.float64))
     assert err <= 1e-4, f'{name}: relative error {err:.2e}'
 
 
@@ -379,10 +331,7 @@ def _tiny_random_network():
     from training import presets
     torch.manual_seed(0)
     net = dnnlib.util.construct_class_by_name(**presets.network_kwargs('tiny-8')).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # the zero-initialised output layers would hide differences
-    return net
+    return jitter_params(net, 0.05)  # the zero-initialised output layers would hide differences
 
 
 def test_compile_network_wraps_the_backbone_only():

@@ -3,16 +3,11 @@ the denoiser -> score mapping on the exactly solvable Gaussian problem, and the 
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import pytest
 import torch
 
+from helpers import GaussianDenoiser, rel_err
 from training import sampling, sde as sde_lib
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from test_samplers import GaussianDenoiser, rel_error  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # Goldens: score_sde's get_pc_sampler with the formula score and a recorded noise list (float64 primary keys).
@@ -69,9 +64,9 @@ def test_pc_sampler_golden(golden_dir, name):
     assert next(noises, None) is None  # every recorded draw used, in order
     xs, x_means = torch.stack(xs), torch.stack(x_means)
     # Whole-tensor relative error (golden README: <= 1e-10 for a float64 implementation).
-    assert rel_error(xs, ref['x_steps']) <= 1e-10
-    assert rel_error(x_means, ref['x_mean_steps']) <= 1e-10
-    assert rel_error(x_means[-1], ref['sample']) <= 1e-10
+    assert rel_err(xs, ref['x_steps']) <= 1e-10
+    assert rel_err(x_means, ref['x_mean_steps']) <= 1e-10
+    assert rel_err(x_means[-1], ref['sample']) <= 1e-10
     # The reference reports N (n_steps + 1) evaluations whether or not a corrector runs; EM alone makes N.
     assert len(calls) == (ref['nfe'] if ref['corrector'] else N)
     # pc_sample's output is the last predictor's mean; the float32-table reference is within its measured 5.7e-7.
@@ -80,7 +75,7 @@ def test_pc_sampler_golden(golden_dir, name):
                             predictor=PREDICTOR[ref['predictor']], corrector=CORRECTOR[ref['corrector']],
                             snr=ref['snr'], n_steps=ref['n_steps'], eps=eps)
     assert torch.equal(out, x_means[-1])
-    assert rel_error(out, ref['as_published']['sample']) <= 1e-6
+    assert rel_err(out, ref['as_published']['sample']) <= 1e-6
 
 
 def test_vp_first_step_with_n_20_is_2x_plus_score():

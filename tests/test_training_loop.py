@@ -4,6 +4,8 @@ All runs are in-process on CPU with a tiny network on a tiny 8x8 dataset built h
 
 import json
 import os
+import pickle
+import re
 import signal
 import threading
 import time
@@ -14,7 +16,7 @@ import torch
 
 from training import training_loop as tl
 from training.training_loop import ema_beta, linear_rampup_schedule
-from tinydata import make_dataset_zip
+from helpers import loop_kwargs, make_dataset_zip
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -67,27 +69,6 @@ def test_sanitize_gradients_zeroes_nan_and_clamps_inf():
 
 
 # ---------------------------------------------------------------------------- in-process tiny runs
-
-def loop_kwargs(data, run_dir, total_kimg, **extra):
-    kw = dict(
-        run_dir=str(run_dir),
-        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=True,
-                            cache=True),
-        data_loader_kwargs=dict(num_workers=0),
-        network_kwargs=dict(class_name='training.networks.EDMPrecond', model_type='SongUNet',
-                            embedding_type='positional', encoder_type='standard', decoder_type='standard',
-                            channel_mult_noise=1, resample_filter=[1, 1], model_channels=16, channel_mult=[1],
-                            augment_dim=9, dropout=0.13),
-        loss_kwargs=dict(class_name='training.loss.EDMLoss'),
-        optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-3, betas=[0.9, 0.999], eps=1e-8),
-        augment_kwargs=dict(class_name='training.augment.AugmentPipe', p=0.5, xflip=1e8, yflip=1, scale=1,
-                            rotate_frac=1, aniso=1, translate_frac=1),
-        seed=3, batch_size=16, total_kimg=total_kimg, ema_halflife_kimg=0.1, lr_rampup_kimg=0.2,
-        kimg_per_tick=0.032, snapshot_ticks=None, state_dump_ticks=1, device=torch.device('cpu'),
-        print_summary=False)
-    kw.update(extra)
-    return kw
-
 
 def only_state(run_dir):
     states = sorted(f for f in os.listdir(run_dir) if f.startswith('training-state-'))
@@ -267,3 +248,70 @@ def test_version_1_states_still_resume_and_newer_ones_are_refused(tmp_path):
     torch.save(state, tmp_path / 'future.pt')
     with pytest.raises(tl.CheckpointError, match='version 3 is not one this code reads'):
         tl.load_training_state(str(tmp_path / 'future.pt'))
+
+
+# ---------------------------------------------------------------------------- diverging runs
+
+def nan_kwargs(data, run_dir, total_kimg, **extra):
+    kw = loop_kwargs(data, run_dir, total_kimg, kimg_per_tick=0.016, snapshot_ticks=1, state_dump_ticks=1,
+                     augment_kwargs=None)
+    kw['network_kwargs'] = dict(kw['network_kwargs'], augment_dim=0)
+    kw.update(extra)
+    return kw
+
+
+def test_diverging_loss_stops_the_run_and_keeps_the_good_checkpoints(tmp_path):
+    data = make_dataset_zip(tmp_path / 'tiny.zip')
+    run = tmp_path / 'run'
+    # Steps 0-3 are fine, the loss is NaN from step 4 on; one tick per step, a checkpoint at every tick.
+    kw = nan_kwargs(data, run, 1, loss_kwargs=dict(class_name='train_probes.NonFiniteLoss', first=4),
+                    nan_patience=3)
+    with pytest.raises(tl.TrainingDiverged) as info:
+        tl.training_loop(**kw)
+    message = str(info.value)
+    assert '\n' not in message and 'NaN/Inf for 3 consecutive steps' in message
+    # The checkpoints hold the weights after step 3 (the last good one), not the weights of steps 4-6.
+    state = tl.load_training_state(str(run / 'training-state-000000.pt'))
+    assert state['cur_nimg'] == 4 * 16
+    with open(run / 'network-snapshot-000000.pkl', 'rb') as f:  # our own file (it pickles the probe loss)
+        snapshot = pickle.load(f)['ema']
+    assert all(torch.equal(snapshot.state_dict()[k], v) for k, v in state['ema'].items())
+    # Counted in stats.jsonl, shown on the tick line with the loss.
+    stats = [json.loads(line) for line in (run / 'stats.jsonl').read_text().splitlines()]
+    assert sum(s['Loss/nonfinite']['mean'] * s['Loss/nonfinite']['num'] for s in stats) == 3
+    log = (run / 'log.txt').read_text()
+    assert re.search(r'tick 3 .* loss \d+\.\d{4}', log) and re.search(r'tick 4 .* loss nan +nonfinite 1', log)
+    assert 'skipping the checkpoints' in log
+
+
+def test_a_transient_nan_is_counted_but_does_not_stop_or_poison_the_stats(tmp_path):
+    data = make_dataset_zip(tmp_path / 'tiny.zip')
+    run = tmp_path / 'run'
+    kw = nan_kwargs(data, run, 0.096, loss_kwargs=dict(class_name='train_probes.NonFiniteLoss', first=2, count=1),
+                    nan_patience=2)
+    assert tl.training_loop(**kw).cur_nimg == 96
+    stats = [json.loads(line) for line in (run / 'stats.jsonl').read_text().splitlines()]
+    assert [s['Loss/nonfinite']['mean'] for s in stats] == [0, 0, 1, 0, 0, 0]
+    assert np.isnan(stats[2]['Loss/loss']['mean'])
+    assert all(np.isfinite(s['Loss/loss']['mean']) for s in stats[3:])  # one NaN does not poison later ticks
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_divergence(tmp_path):
+    """Only rank 1 sees a NaN loss: both ranks stop after the same step, neither hangs."""
+    from torch_utils.distributed import free_port
+    from train_probes import diverging_worker
+    data = make_dataset_zip(tmp_path / 'tiny.zip')
+    kw = nan_kwargs(data, tmp_path / 'run', 1, batch_size=32, print_summary=False,
+                    loss_kwargs=dict(class_name='train_probes.NonFiniteLoss', first=2, ranks=[1]), nan_patience=2)
+    ctx = torch.multiprocessing.start_processes(diverging_worker, args=(2, free_port(), kw, str(tmp_path)), nprocs=2,
+                                                join=False, start_method='spawn')
+    deadline = time.time() + 120
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail('ranks did not finish (hang)')
+    outcomes = [(tmp_path / f'rank{r}.txt').read_text() for r in range(2)]
+    assert all(o.startswith('diverged: the loss has been NaN/Inf for 2 consecutive steps (at 0.1 kimg)')
+               for o in outcomes), outcomes

@@ -54,6 +54,16 @@ def test_moments_are_float64():
     assert c.mean('ts_f64') == 1e8 + 1  # float32 would round this to 1e8
 
 
+def test_collector_intervals_recover_after_a_nan():
+    collector = training_stats.Collector(regex='Probe/.*', keep_previous=False)
+    training_stats.report('Probe/x', [1.0, float('nan')])
+    collector.update()
+    assert np.isnan(collector['Probe/x'])
+    training_stats.report('Probe/x', [2.0, 4.0])
+    collector.update()
+    assert collector['Probe/x'] == 3.0 and collector.num('Probe/x') == 2
+
+
 def test_report0_counts_only_on_rank0():
     c = training_stats.Collector(regex='ts_r0')
     training_stats.report0('ts_r0', 7.0)  # single process is rank 0

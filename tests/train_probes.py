@@ -57,6 +57,9 @@ def distributed_worker(rank, world, port, kwargs):
     from training import training_loop
     try:
         training_loop.training_loop(**kwargs)
+        # Rank 0 hosts the rendezvous store here (no torchrun agent): if it exits while rank 1 still tears
+        # down, rank 1 aborts at exit ('terminate called without an active exception', ~1 run in 3).
+        dist.barrier()
     finally:
         dist.shutdown()
 

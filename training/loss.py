@@ -16,7 +16,7 @@ from torch_utils import persistence
 
 # This module's source is embedded in every network snapshot, and the paper's loader executes it with the
 # paper's own modules on sys.path. So it imports nothing from this project but `persistence` (names the
-# paper's modules also have; tests/test_paper_compat.py checks every embedded module against that list).
+# paper's modules also have; tests/test_persistence_paper.py checks every embedded module against that list).
 
 #----------------------------------------------------------------------------
 # Pure formulas (Table 1). `u` ~ U(0,1), `z` ~ N(0,1).

@@ -616,7 +616,7 @@ def dpmpp_3m_sde_sampler(net, latents, class_labels=None, randn_like=torch.randn
 
     Order: d2 below estimates h^2 D''/2, while the exact integral of the quadratic term is -phi_3 h^2 D''
     (= -2 phi_3 d2). We keep k-diffusion's weight -phi_3 d2 (the goldens hold its outputs), so the ODE solver
-    (eta = 0) is only 2nd order as N grows (tests/test_ksamplers.py: error ratios -> 4 per doubling; with
+    (eta = 0) is only 2nd order as N grows (tests/test_samplers_kdiffusion.py: error ratios -> 4 per doubling; with
     2 phi_3 they reach 8), though with a smaller error than dpmpp_2m."""
     _check_eta(eta, s_noise)
     denoise, sigmas, x = _start(net, latents, class_labels, sigmas, num_steps, sigma_min, sigma_max, rho)

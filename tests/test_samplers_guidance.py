@@ -1,24 +1,16 @@
-"""Guidance (classifier-free guidance, autoguidance, guidance interval) in every sampler: the formula,
-its limits, the interval, CFG's label zeroing, EDM2's guided-sampler goldens, generate_images and the CLIs
-(generate.py, torchrun equivalence)."""
+"""Guidance (classifier-free guidance, autoguidance, guidance interval) in every sampler of training/sampling.py:
+the formula, its limits, the interval, CFG's label zeroing, EDM2's guided-sampler goldens and generate_images
+(generate.py's guidance options are tested in tests/test_generate.py)."""
 
 from __future__ import annotations
 
 import inspect
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-import generate
+from helpers import GaussianDenoiser, gaussian_problem
 from training import sampling
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from test_generate import make_tiny_net, read_pngs  # noqa: E402
-from test_samplers import GaussianDenoiser  # noqa: E402
 
 SAMPLER_NAMES = list(sampling.SAMPLERS)
 
@@ -40,10 +32,8 @@ class LabelRecorder(GaussianDenoiser):
 
 @pytest.fixture
 def pair():
-    g = torch.Generator().manual_seed(0)
-    mu = 0.3 * torch.randn([1, 3, 4, 4], generator=g, dtype=torch.float64)
-    z = torch.randn([2, 3, 4, 4], generator=g, dtype=torch.float64)
-    net = lambda: GaussianDenoiser(mu, 0.5)
+    mu, std, z = gaussian_problem()
+    net = lambda: GaussianDenoiser(mu, std)
     gnet = lambda: GaussianDenoiser(mu + 0.2, 0.7)  # a "worse" model: wrong mean and spread
     return net, gnet, z
 
@@ -202,8 +192,7 @@ EDM2_SAMPLER_GOLDENS = ['edm2_sampler_plain', 'edm2_sampler_guided', 'edm2_sampl
 
 @pytest.mark.parametrize('name', EDM2_SAMPLER_GOLDENS)
 def test_edm2_guided_sampler_golden(golden_dir, name):
-    edm2 = pytest.importorskip('training.networks_edm2', reason='training/networks_edm2.py (EDM2 networks, branch '
-                               'edm2) is not on this branch yet')
+    from training import networks_edm2 as edm2
     ref = torch.load(golden_dir / f'{name}.pt', weights_only=True)
     net_ref = torch.load(golden_dir / ref['net'], weights_only=True)
 
@@ -221,95 +210,3 @@ def test_edm2_guided_sampler_golden(golden_dir, name):
 
 def test_all_edm2_sampler_goldens_are_covered(golden_dir):
     assert sorted(p.stem for p in golden_dir.glob('edm2_sampler_*.pt')) == sorted(EDM2_SAMPLER_GOLDENS + ['edm2_sampler_gnet'])
-
-
-# ----------------------------------------------------------------------------
-# CLI.
-
-
-@pytest.fixture(scope='module')
-def nets(tmp_path_factory):
-    persistence = pytest.importorskip('torch_utils.persistence')
-    folder = tmp_path_factory.mktemp('guide-nets')
-    paths = {}
-    for name, kwargs in (('cond', dict()), ('guide', dict(seed=7)), ('gray', dict(img_channels=1, label_dim=0, seed=1)),
-                         ('uncond', dict(label_dim=0, seed=3))):
-        paths[name] = folder / f'{name}.pkl'
-        persistence.save_network_pkl({'ema': make_tiny_net(**kwargs)}, paths[name])
-    return paths
-
-
-def run_cli(args):
-    return CliRunner().invoke(generate.main, [str(a) for a in args], catch_exceptions=False)
-
-
-def test_cli_guidance_and_samplers(tmp_path, nets):
-    common = ['--network', nets['cond'], '--seeds', '0-3', '--steps', '3']
-    outputs = {}
-    for tag, extra in (('plain', []), ('w1', ['--gnet', nets['guide'], '--guidance', '1']),
-                       ('auto', ['--gnet', nets['guide'], '--guidance', '2']),
-                       ('uncond', ['--gnet', nets['uncond'], '--guidance', '2']),  # issue 24, defect 2
-                       ('cfg', ['--cfg', '--guidance', '2']),
-                       ('interval', ['--cfg', '--guidance', '2', '--guidance-interval', '1,10']),
-                       ('sde', ['--sampler', 'dpmpp_2m_sde', '--eta', '0.5', '--solver_type', 'heun']),
-                       ('lms', ['--sampler', 'lms', '--order', '2']),
-                       ('unipc', ['--sampler', 'unipc', '--order', '3'])):
-        res = run_cli(common + ['--outdir', tmp_path / tag] + extra)
-        assert res.exit_code == 0, (tag, res.output)
-        outputs[tag] = read_pngs(tmp_path / tag)
-        assert len(outputs[tag]) == 4
-    assert outputs['w1'] == outputs['plain']
-    for tag in ('auto', 'uncond', 'cfg', 'interval', 'sde', 'lms', 'unipc'):
-        assert outputs[tag] != outputs['plain'], tag
-    assert outputs['interval'] != outputs['cfg']
-    # The library with the same settings writes the same images.
-    net = generate.load_net(str(nets['cond']), torch.device('cpu'), verbose=False)
-    images = [im for _, im in sampling.generate_images(net, range(4), num_steps=3, cfg=True, guidance=2)]
-    generate.save_png_atomic(images[0][0].numpy(), str(tmp_path / 'lib.png'))
-    assert (tmp_path / 'lib.png').read_bytes() == outputs['cfg']['000000.png']
-
-
-@pytest.mark.parametrize('extra,needle', [
-    (['--guidance', '2'], 'need a guide'),
-    (['--guidance-interval', '1,2', '--cfg'] + ['--guidance-interval', '2,1'], 'LO <= HI'),
-    (['--guidance-interval', 'x', '--cfg'], 'LO,HI'),
-    (['--cfg', '--gnet', 'GUIDE'], 'do not also give --gnet'),
-    (['--sampler', 'edm', '--eta', '0.5'], "sampler 'edm' does not take eta"),
-    (['--sampler', 'dpmpp_2m', '--S_churn', '1'], "does not take S_churn"),
-    (['--solver_type', 'rk4'], "'rk4' is not one of"),
-    (['--order', '0'], '--order'),
-    (['--sampler', 'unipc', '--order', '4'], 'UniPC order must be 1, 2 or 3'),
-    (['--cfg', '--guidance', '2', '--network', 'GRAY'], 'class-conditional'),
-    (['--gnet', 'GRAY', '--guidance', '2'], 'img_channels=1 but the network has 3'),
-    (['--gnet', 'MISSING', '--guidance', '2'], '--gnet'),
-])
-def test_cli_guidance_errors_are_one_line(tmp_path, nets, extra, needle):
-    paths = {'GUIDE': nets['guide'], 'GRAY': nets['gray'], 'MISSING': tmp_path / 'missing.pkl'}
-    extra = [paths.get(a, a) for a in extra]
-    args = ['--network', nets['cond'], '--outdir', tmp_path / 'out', '--seeds', '0-1', '--steps', '2'] + extra
-    res = run_cli(args)
-    assert res.exit_code in (1, 2)
-    errors = [line for line in res.output.splitlines() if line.startswith('Error')]
-    assert len(errors) == 1 and needle in errors[0], res.output
-    assert 'Traceback' not in res.output
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('extra', [['--sampler', 'dpmpp_2m_sde', '--eta', '0.8'],
-                                   ['--sampler', 'euler_ancestral', '--gnet', 'GUIDE', '--guidance', '1.8'],
-                                   ['--cfg', '--guidance', '2.5', '--guidance-interval', '0.5,20', '--S_churn', '5']])
-def test_torchrun_two_processes_match_single_process(tmp_path, nets, subprocess_env, repo_root, extra):
-    """Stochastic and guided sampling: 2 processes write byte-identical PNGs to 1 (same batch composition)."""
-    extra = [str(nets['guide']) if a == 'GUIDE' else a for a in extra]
-    common = ['--network', str(nets['cond']), '--seeds', '0-7', '--batch', '2', '--steps', '4'] + extra
-    script = str(repo_root / 'generate.py')
-    single = subprocess.run([sys.executable, script, '--outdir', str(tmp_path / 'one')] + common,
-                            env=subprocess_env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    multi = subprocess.run(torchrun + [script, '--outdir', str(tmp_path / 'two')] + common,
-                           env=subprocess_env, capture_output=True, text=True, timeout=300)
-    assert multi.returncode == 0, multi.stderr
-    one, two = read_pngs(tmp_path / 'one'), read_pngs(tmp_path / 'two')
-    assert sorted(one) == [f'{s:06d}.png' for s in range(8)] and one == two
-    assert 'with 2 process(es)' in multi.stdout

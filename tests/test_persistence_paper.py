@@ -20,7 +20,7 @@ import types
 import pytest
 import torch
 
-from tinydata import make_dataset_zip
+from helpers import make_dataset_zip
 from torch_utils import persistence
 from training import training_loop as tl
 

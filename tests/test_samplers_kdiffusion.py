@@ -5,28 +5,16 @@ the noise protocol."""
 from __future__ import annotations
 
 import inspect
-import pathlib
-import sys
 
 import pytest
 import torch
 
+from helpers import GaussianDenoiser, expected_output, load_golden_net, rel_err
 from training import sampling
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from test_samplers import GaussianDenoiser, _load_golden_net, expected_output, rel_error  # noqa: E402
 
 NEW_SAMPLERS = ['euler_ancestral', 'dpm_2', 'lms', 'dpmpp_2s_ancestral', 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_3m_sde',
                 'unipc']
 STOCHASTIC = ['euler_ancestral', 'dpmpp_2s_ancestral', 'dpmpp_2m_sde', 'dpmpp_3m_sde']
-
-
-@pytest.fixture
-def problem():
-    g = torch.Generator().manual_seed(0)
-    mu = 0.3 * torch.randn([1, 3, 4, 4], generator=g, dtype=torch.float64)
-    z = torch.randn([2, 3, 4, 4], generator=g, dtype=torch.float64)
-    return mu, 0.5, z
 
 
 # ----------------------------------------------------------------------------
@@ -44,7 +32,7 @@ def test_all_ksampler_goldens_are_covered(golden_dir):
 @pytest.mark.parametrize('name', GOLDEN_KSAMPLERS)
 def test_ksampler_golden(golden_dir, name):
     ref = torch.load(golden_dir / f'{name}.pt', weights_only=True)
-    net = _load_golden_net(golden_dir, ref['net'])
+    net = load_golden_net(golden_dir, ref['net'])
     sampler = ref['reference_function'].rsplit('sample_', 1)[1]  # k_diffusion.sampling.sample_<name>
     assert sampler in sampling.SAMPLERS
     seeds = ref['seeds']
@@ -63,7 +51,7 @@ def test_ksampler_golden(golden_dir, name):
     with torch.no_grad():
         out = sampling.SAMPLERS[sampler](net, latents, class_labels, randn_like=randn_like, **steps, **ref['kwargs'])
     assert out.dtype == torch.float64 and out.shape == ref['output'].shape
-    err = rel_error(out, ref['output'])
+    err = rel_err(out, ref['output'])
     assert err <= 1e-4, f'{name}: relative error {err:.2e}'
     # Noise: float64, once per step that ends above sigma = 0 (the stochastic samplers), never otherwise.
     assert draws == ([torch.float64] * (ref['num_steps'] - 1) if ref['stochastic'] else [])
@@ -99,7 +87,7 @@ def _errors(name, kwargs, last_is_denoiser, steps, mu, std, z):
     errors = []
     for n in steps:
         out = sampling.SAMPLERS[name](GaussianDenoiser(mu, std), z, num_steps=n, **kwargs)
-        errors.append(rel_error(out, expected_output(mu, std, z, sampling.edm_sigma_steps(n), last_is_denoiser)))
+        errors.append(rel_err(out, expected_output(mu, std, z, sampling.edm_sigma_steps(n), last_is_denoiser)))
     return errors
 
 

@@ -1,6 +1,7 @@
-"""8-bit Adam (training/presets.py OPTIMIZERS['adam8bit'] = bitsandbytes' block-wise Adam8bit, an optional
-package): it tracks float32 Adam over 100 steps of a small network, stores its moments in 8 bits, resumes
-exactly from a weights-only training state, and train.py --optim reaches it (or fails in one line without it)."""
+"""training/presets.py's optimizers: 'adam' is the paper's Adam; 8-bit Adam (OPTIMIZERS['adam8bit'] = bitsandbytes'
+block-wise Adam8bit, an optional package) tracks float32 Adam over 100 steps of a small network, stores its
+moments in 8 bits and resumes exactly from a weights-only training state (train.py --optim is tested in
+tests/test_train.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,8 @@ import io
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import dnnlib
-import train
-from tinydata import make_dataset_zip
 from training import presets
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -74,7 +72,7 @@ def test_adam8bit_tracks_fp32_adam_over_100_steps():
     assert state_bytes(opt) < 0.3 * state_bytes(fp32_opt)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # run alone it pays the bitsandbytes import (~2 s)
 def test_adam8bit_resumes_exactly_from_a_weights_only_state():
     pytest.importorskip('bitsandbytes')
     straight, _, _, _ = fit('adam8bit', steps=20)
@@ -91,19 +89,3 @@ def test_adam8bit_resumes_exactly_from_a_weights_only_state():
     assert torch.equal(resumed, straight)
 
 
-def test_train_optim_option(tmp_path, monkeypatch):
-    data = make_dataset_zip(tmp_path / 'tiny.zip', num_images=8)
-    ctx = train.main.make_context('train', ['--outdir', str(tmp_path), '--data', data])
-    c, _ = train.build_training_options(dnnlib.EasyDict(ctx.params), world=1)
-    assert c.optimizer_kwargs.class_name == 'torch.optim.Adam'
-    monkeypatch.setattr(presets, 'check_optimizer', lambda name: None)  # as if bitsandbytes were installed
-    ctx = train.main.make_context('train', ['--outdir', str(tmp_path), '--data', data, '--optim', 'adam8bit', '--lr', '2e-4'])
-    c, _ = train.build_training_options(dnnlib.EasyDict(ctx.params), world=1)
-    assert c.optimizer_kwargs == dict(class_name='bitsandbytes.optim.Adam8bit', betas=[0.9, 0.999], eps=1e-8, lr=2e-4)
-    monkeypatch.undo()
-    import importlib.util
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None)  # as if it were not
-    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'out'), '--data', data, '--optim', 'adam8bit',
-                                             '--dry-run'])
-    errors = [line for line in result.output.splitlines() if line.startswith('Error')]
-    assert result.exit_code != 0 and len(errors) == 1 and 'pip install' in errors[0], result.output

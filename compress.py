@@ -113,34 +113,65 @@ def parameter_counts(net: torch.nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
-def heun_latencies(nets: dict, num_steps: int = 18, batch: int = 1, runs: int = 5) -> dict[str, list[float]]:
-    """{name: wall times per image of `runs` timed runs} of edm_sampler (Heun, 2 num_steps - 1 evaluations) on a
-    batch of `batch` images, after one untimed warm-up run of each network.
+def sampler_latencies(nets: dict, sampler_kwargs: dict, batch: int = 1, runs: int = 5) -> dict[str, list[float]]:
+    """{name: wall times per image of `runs` timed runs} of each network's sampler (`sampler_kwargs[name]`:
+    'sampler' plus its options, default Heun with 18 steps) on a batch of `batch` images, after one untimed
+    warm-up run of each network.
 
     The networks take turns run by run (round robin), so a burst of background load on a shared machine slows
     every network a little rather than one network a lot, and their medians stay comparable."""
     gen = torch.Generator().manual_seed(0)
-    inputs = {}
+    inputs, samplers = {}, {}
     for name, net in nets.items():
         latents = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], generator=gen)
         labels = torch.eye(int(net.label_dim))[torch.arange(batch) % int(net.label_dim)] if net.label_dim else None
         inputs[name] = (latents, labels)
+        options = dict(sampler_kwargs.get(name) or {})
+        samplers[name] = (sampling.SAMPLERS[options.pop('sampler', 'edm')], options)
     times = {name: [] for name in nets}
     with torch.no_grad():
         for k in tqdm.tqdm(range(runs + 1), desc='latency', unit='round', dynamic_ncols=True, leave=False):
             for name, net in nets.items():
+                sampler, options = samplers[name]
                 start = time.perf_counter()
-                sampling.edm_sampler(net, *inputs[name], num_steps=num_steps)
+                sampler(net, *inputs[name], **options)
                 if k > 0:  # round 0 warms up caches and allocators
                     times[name].append((time.perf_counter() - start) / batch)
     return times
 
 
-def generated_scores(net, detector, ref: dict, num: int, num_steps: int, batch: int, desc: str,
+def generated_scores(net, detector, ref: dict, num: int, sampler_kwargs: dict, batch: int, desc: str,
                      metric_names=('fid',), options=None) -> dict:
-    """The metrics (default FID) of `num` images generated in memory (seeds 0..num-1, Heun) against a reference."""
-    source = metrics.NetworkSource(net, range(num), batch, name=desc, sampler='edm', num_steps=num_steps)
+    """The metrics (default FID) of `num` images generated in memory (seeds 0..num-1, `sampler_kwargs`:
+    'sampler' plus its options) against a reference."""
+    source = metrics.NetworkSource(net, range(num), batch, name=desc, **sampler_kwargs)
     return cli.one_line_errors(metrics.score)(metric_names, source, ref, detector, options=options, desc=desc)
+
+
+def parse_samplers(specs, num_steps: int) -> dict:
+    """--sampler values '[BASELINE=]SPEC' (SPEC in the sweep's syntax, e.g. pc:sde=ve:num_steps=100) ->
+    {baseline or None: generate_images kwargs}; None is every other baseline (default Heun, `num_steps`).
+    Raises ValueError for a bad spec or a baseline named twice."""
+    by_baseline = {None: dict(sampler='edm', num_steps=num_steps)}
+    named = set()
+    for arg in specs:
+        head, sep, tail = arg.partition('=')
+        baseline, spec = (head, tail) if sep and ':' not in head else (None, arg)
+        if baseline in named:
+            raise ValueError(f'{arg!r}: a second sampler for {"every baseline" if baseline is None else baseline!r}')
+        named.add(baseline)
+        _label, name, options = sampling.parse_sampler_spec(spec)
+        by_baseline[baseline] = {'sampler': name, 'num_steps': num_steps, **options}
+    return by_baseline
+
+
+def describe_sampler(kwargs: dict) -> str:
+    """'edm, 18 steps (35 network evaluations)', 'pc sde=ve, 100 steps (200 network evaluations)'."""
+    options = {k: v for k, v in kwargs.items() if k not in ('sampler', 'num_steps')}
+    nfe = sampling.count_nfe(kwargs['sampler'], **{k: v for k, v in kwargs.items() if k != 'sampler'})
+    return (kwargs['sampler'] + ''.join(f' {k}={v}' for k, v in options.items())
+            + f', {kwargs["num_steps"]} steps ({nfe} network evaluations)')
+
 
 def training_seconds(path: str, steps) -> float | None:
     """Training time behind a snapshot where it was (re)trained: the QAT fine-tuning recorded in its 'compression'
@@ -221,23 +252,32 @@ def _fmt_fid(row: dict) -> str:
     return text
 
 
+def _fmt_kid(row: dict) -> str:
+    return '–' if row.get('kid') is None else f'{row["kid"]:.5f} ± {row["kid_std"]:.5f}'
+
+
+def _cell(key: str, row: dict) -> str:
+    return _fmt_fid(row) if key == 'fid' else _fmt_kid(row) if key == 'kid' else _fmt(key, row.get(key))
+
+
 def markdown_table(rows: list[dict], settings: dict) -> str:
-    lines = ['| ' + ' | '.join(title for _key, title in COLUMNS) + ' |',
-             '|' + '|'.join('---' if key in ('baseline', 'network', 'compression') else '---:' for key, _ in COLUMNS) + '|']
-    lines += ['| ' + ' | '.join(_fmt_fid(r) if key == 'fid' else _fmt(key, r.get(key)) for key, _ in COLUMNS) + ' |'
-              for r in rows]
+    columns = COLUMNS + ([('kid', 'KID')] if any(r.get('kid') is not None for r in rows) else [])
+    lines = ['| ' + ' | '.join(title for _key, title in columns) + ' |',
+             '|' + '|'.join('---' if key in ('baseline', 'network', 'compression') else '---:' for key, _ in columns) + '|']
+    lines += ['| ' + ' | '.join(_cell(key, r) for key, _ in columns) + ' |' for r in rows]
     notes = []
     if settings['latency_runs']:
-        notes.append(f'Latency: Heun (edm_sampler), {settings["steps"]} steps ({2 * settings["steps"] - 1} network '
-                     f'evaluations), batch {settings["latency_batch"]}, median of {settings["latency_runs"]} runs '
+        notes.append(f'Latency: batch {settings["latency_batch"]}, median of {settings["latency_runs"]} runs '
                      f'taken in turns with the other networks (fastest run in the CSV/JSON), '
                      f'{settings["threads"]} CPU thread(s).')
     if settings['num']:
-        notes.append(f'FID: {settings["num"]} images (seeds 0-{settings["num"] - 1}), Heun {settings["steps"]} '
-                     f'steps, against {settings["reference"]} ({settings["reference_images"]} images); '
+        notes.append(f'FID: {settings["num"]} images (seeds 0-{settings["num"] - 1}) '
+                     f'against {settings["reference"]} ({settings["reference_images"]} images); '
                      f'detector {settings["detector"]}'
                      + (f'; [lo, hi]: {100 * settings["confidence"]:g}% bootstrap interval over the generated images'
                         if any(r.get('fid_lo') is not None for r in rows) else '') + '.')
+    if settings['latency_runs'] or settings['num']:
+        notes.append('Sampler (FID and latency): ' + '; '.join(f'{b}: {s}' for b, s in settings['samplers'].items()) + '.')
     notes.append('zip bytes: the file in a zip archive (deflate, level 9). training s: the (re)training behind the '
                  'network (QAT fine-tuning, or the run of a train.py snapshot); blank for pruning and post-training '
                  'quantisation.')
@@ -274,7 +314,7 @@ def write_report(rows: list[dict], settings: dict, prefix: str) -> list[str]:
                   for r in measured]
         intervals = [(r.get('fid_lo', float('nan')), r.get('fid_hi', float('nan'))) for r in measured]
         plot.scatter_plot(points, prefix + '.png', xlabel=f'zip-compressed size ({unit})', ylabel='FID', intervals=intervals,
-                          title=f'FID vs. compressed size ({settings["num"]} images, Heun {settings["steps"]} steps)')
+                          title=f'FID vs. compressed size ({settings["num"]} images)')
         written.append(prefix + '.png')
     return written
 
@@ -465,8 +505,11 @@ def qat(network, data, dest, bits, kimg, batch, lr, lr_rampup, ema, optim, run_d
 @click.option('--ref', 'ref_path', help='Reference statistics for FID instead of --data', metavar='NPZ|URL', type=str)
 @click.option('--num', help='Images per network for FID; 0 skips FID', metavar='INT', type=click.IntRange(min=0),
               default=1000, show_default=True)
-@click.option('--steps', 'num_steps', help='Heun sampling steps (FID and latency)', metavar='INT',
-              type=click.IntRange(min=1), default=18, show_default=True)
+@click.option('--steps', 'num_steps', help='Sampling steps (FID and latency), unless --sampler sets num_steps',
+              metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
+@click.option('--sampler', 'sampler_specs', help='Sampler (FID and latency) in the sweep syntax, for every baseline or '
+              'the one named, e.g. ve=pc:sde=ve:num_steps=100 (repeat per baseline)  [default: edm (Heun)]',
+              metavar='[BASELINE=]SPEC', type=str, multiple=True)
 @click.option('--batch', help='Generation batch size for FID', metavar='INT', type=click.IntRange(min=1), default=64,
               show_default=True)
 @click.option('--threads', help='CPU threads  [default: torch default]', metavar='INT', type=click.IntRange(min=1))
@@ -482,7 +525,7 @@ def qat(network, data, dest, bits, kimg, batch, lr, lr_rampup, ema, optim, run_d
 @cli.metrics_option('fid_ci', ' (fid is always scored)')
 @cli.bootstrap_options
 @cli.detector_options
-def report(networks, data, ref_path, num, num_steps, batch, threads, latency_runs, latency_batch, int8_dynamic,
+def report(networks, data, ref_path, num, num_steps, sampler_specs, batch, threads, latency_runs, latency_batch, int8_dynamic,
            prefix, metric_names, bootstrap, confidence, detector, trust_pickle):
     """Parameters, non-zero parameters, bytes on disk (raw and zip), training time, CPU latency and FID of each
     network, in one table and plot for one or several baselines (e.g. a VP/DDPM++ and a VE/NCSN++ model)."""
@@ -490,6 +533,10 @@ def report(networks, data, ref_path, num, num_steps, batch, threads, latency_run
         raise click.UsageError('FID needs exactly one of --data or --ref (or --num 0 to skip FID)')
     if num == 1:
         raise click.BadParameter('FID needs at least 2 images', param_hint='--num')
+    try:
+        samplers = parse_samplers(sampler_specs, num_steps)
+    except (TypeError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint='--sampler') from None
     given = [split_baseline(n) for n in networks]
     networks = [path for _baseline, path in given]
     for network in networks:  # cheap checks first, before any slow step
@@ -538,20 +585,29 @@ def report(networks, data, ref_path, num, num_steps, batch, threads, latency_run
                          fid=None, fid_images=num or None))
         nets[name] = net
     assign_baselines(rows)
+    unknown = set(samplers) - {None} - {row['baseline'] for row in rows}
+    if unknown:
+        raise click.BadParameter(f'no baseline named {", ".join(sorted(unknown))}; the baselines are '
+                                 f'{", ".join(sorted({row["baseline"] for row in rows}))}', param_hint='--sampler')
+    for row in rows:
+        row['sampler'] = samplers.get(row['baseline'], samplers[None])
     if latency_runs:
-        for row, times in zip(rows, heun_latencies(nets, num_steps, latency_batch, latency_runs).values()):
+        sampler_of = {row['network']: row['sampler'] for row in rows}
+        for row, times in zip(rows, sampler_latencies(nets, sampler_of, latency_batch, latency_runs).values()):
             row.update(latency_s=statistics.median(times), latency_min_s=min(times), latency_runs_s=times)
     for row, net in zip(rows, nets.values()):
         if num:
-            scores = generated_scores(net, detector_net, ref, num, num_steps, batch, f'FID {row["network"]}',
+            scores = generated_scores(net, detector_net, ref, num, row['sampler'], batch, f'FID {row["network"]}',
                                       metric_names, dict(bootstrap=bootstrap, confidence=confidence))
             row.update({k: v for k, v in scores.items() if k not in ('num_images', 'seconds')})
         print(f'{row["network"]}: {row["compression"]}; {row["params"]:,} parameters ({row["nonzero"]:,} non-zero); '
               f'{row["bytes"]:,} bytes ({row["zip_bytes"]:,} zipped)'
               + (f'; {row["latency_s"]:.4g} s/image' if row['latency_s'] is not None else '')
-              + (f'; FID {_fmt_fid(row)}' if row['fid'] is not None else ''))
+              + (f'; FID {_fmt_fid(row)}' if row['fid'] is not None else '')
+              + (f'; KID {_fmt_kid(row)}' if row.get('kid') is not None else ''))
 
-    settings = dict(steps=num_steps, threads=threads, latency_runs=latency_runs, latency_batch=latency_batch,
+    settings = dict(samplers={b: describe_sampler(s) for b, s in {r['baseline']: r['sampler'] for r in rows}.items()},
+                    threads=threads, latency_runs=latency_runs, latency_batch=latency_batch,
                     num=num, reference=ref_path or data, reference_images=ref_images,
                     detector=detector or 'standard Inception-v3', int8_dynamic=int8_dynamic, metrics=metric_names,
                     bootstrap=bootstrap, confidence=confidence)

@@ -522,7 +522,8 @@ def test_report_writes_table_files_and_plot(tmp_path, report_inputs):
     assert rows[1]['compression'] == 'prune l1 global all 60%' and rows[0]['compression'] == 'none'
 
     report = json.loads(open(f'{prefix}.json').read())
-    assert report['settings']['steps'] == 2 and report['settings']['reference_images'] == 12
+    assert report['settings']['samplers'] == {'base': 'edm, 2 steps (3 network evaluations)'}
+    assert report['settings']['reference_images'] == 12
     assert [r['network'] for r in report['networks']] == ['base', 'pruned']
     md = open(f'{prefix}.md').read().splitlines()
     assert md[0].startswith('| baseline | network | compression |')
@@ -563,8 +564,11 @@ def test_latency_runs_take_turns_across_networks():
             calls.append(self.name)
             return torch.zeros_like(x)
 
-    times = compress.heun_latencies({'a': Recorder('a'), 'b': Recorder('b')}, num_steps=1, batch=2, runs=3)
-    assert calls == ['a', 'b'] * 4  # one warm-up round, then 3 timed rounds; 1 step = 1 evaluation
+    times = compress.sampler_latencies({'a': Recorder('a'), 'b': Recorder('b')},
+                                       {'a': dict(sampler='edm', num_steps=1), 'b': dict(sampler='ablation', solver='euler', num_steps=2)},
+                                       batch=2, runs=3)
+    # One warm-up round, then 3 timed rounds; Heun with 1 step = 1 evaluation, Euler with 2 steps = 2.
+    assert calls == ['a', 'b', 'b'] * 4
     assert list(times) == ['a', 'b'] and all(len(t) == 3 and min(t) > 0 for t in times.values())
 
 #----------------------------------------------------------------------------
@@ -720,3 +724,36 @@ def test_report_one_table_for_several_baselines(tmp_path):
         ('ve', 'g2')]
     assert [r['train_s'] for r in rows] == ['20.0', '', '', '', '12.5', '']
     assert rows[2]['compression'] == 'prune l1 global all 30% + int4' and rows[4]['compression'] == 'QAT int8 1 kimg'
+
+
+def test_report_samples_each_baseline_with_its_sampler(tmp_path, detector_file):
+    """--sampler BASELINE=SPEC: that baseline's rows are generated and timed with it (as the study's NCSN with
+    predictor-corrector), the others with Heun and --steps; a spec for an unknown baseline is one error line."""
+    from metrics import features, scoring
+    vp, ve = save(tmp_path / 'vp.pkl', make_net(seed=0)), save(tmp_path / 've.pkl', make_net(seed=1))
+    run(['prune', '--network', ve, '--dest', tmp_path / 've-l1.pkl', '--amount', '0.3'])
+    data = make_dataset_zip(tmp_path / 'ref.zip', num_images=12, resolution=8)
+    prefix = tmp_path / 'r'
+    run(['report', '--network', f'vp={vp}', '--network', f've={ve}', '--network', tmp_path / 've-l1.pkl',
+         '--sampler', 've=euler:num_steps=3', '--steps', '2', '--data', data, '--num', '6', '--batch', '3',
+         '--latency-runs', '1', '--detector', detector_file, '--out', prefix])
+    report = json.loads(open(f'{prefix}.json').read())
+    assert report['settings']['samplers'] == {'vp': 'edm, 2 steps (3 network evaluations)',
+                                              've': 'ablation solver=euler, 3 steps (3 network evaluations)'}
+    assert [r['sampler'] for r in report['networks']] == [dict(sampler='edm', num_steps=2)] + \
+        [dict(sampler='ablation', solver='euler', num_steps=3)] * 2
+    detector = compress.metrics.load_detector(str(detector_file))
+    ref = features.extract(features.ImageSource(data, num_workers=0), detector, progress=False)
+    ref = dict(mu=ref.mu, sigma=ref.sigma)
+    for row, sampler in zip(report['networks'], (dict(sampler='edm', num_steps=2), dict(sampler='ablation', solver='euler', num_steps=3))):
+        net = persistence.load_network(row['path'])
+        direct = scoring.score(['fid'], features.NetworkSource(net, range(6), 3, **sampler), ref, detector, progress=False)
+        assert row['fid'] == pytest.approx(direct['fid'], rel=1e-6)
+    assert 'Sampler (FID and latency): vp: edm, 2 steps' in open(f'{prefix}.md').read()
+    for spec, needle in (('vx=euler', 'no baseline named vx'), ('ve=nosuch', "unknown sampler 'nosuch'"),
+                         ('euler:bogus=1', "'bogus=1' is not option=value")):
+        result = CliRunner().invoke(compress.main, ['report', '--network', f'vp={vp}', '--network', f've={ve}',
+                                                    '--sampler', spec, '--num', '0', '--latency-runs', '0',
+                                                    '--out', str(tmp_path / 'x')])
+        errors = [line for line in result.output.splitlines() if line.startswith('Error')]
+        assert result.exit_code == 2 and len(errors) == 1 and needle in errors[0], result.output

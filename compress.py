@@ -32,6 +32,7 @@ Everything runs in one process on the CPU.
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import json
@@ -206,6 +207,23 @@ def split_baseline(arg: str) -> tuple[str | None, str]:
     if sep and head and '/' not in head and not os.path.exists(arg):
         return head, tail
     return None, arg
+
+
+def row_names(networks: list[str]) -> list[str]:
+    """A table name per network: its file name without extension; a name that several files share gets their
+    folder in front (vp/network-snapshot-000140, vp-g2/network-snapshot-000140); a file listed twice gets a '."""
+    def base(path):
+        return os.path.splitext(os.path.basename(path.rstrip('/')))[0]
+    counts = collections.Counter(base(n) for n in {os.path.abspath(n) for n in networks})
+    names = []
+    for network in networks:
+        name = base(network)
+        if counts[name] > 1:
+            name = os.path.basename(os.path.dirname(os.path.abspath(network.rstrip('/')))) + '/' + name
+        while name in names:
+            name += "'"
+        names.append(name)
+    return names
 
 
 def assign_baselines(rows: list[dict]) -> None:
@@ -564,14 +582,10 @@ def report(networks, data, ref_path, num, num_steps, sampler_specs, batch, threa
             if keep:
                 ref['features'] = stats.features
 
-    rows, nets, names = [], {}, set()
-    for (baseline, network) in given:
+    rows, nets = [], {}
+    for (baseline, network), name in zip(given, row_names([network for _baseline, network in given])):
         snapshot, path = cli.load_snapshot(network)
         net = snapshot['ema']
-        name = os.path.splitext(os.path.basename(network.rstrip('/')))[0]
-        while name in names:
-            name += "'"
-        names.add(name)
         how = describe(snapshot.get('compression'))
         params, nonzero = parameter_counts(net)
         if int8_dynamic and isinstance(net, compression.Int8Network) and net.bits == 8:

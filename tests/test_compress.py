@@ -546,6 +546,13 @@ def test_report_without_fid_or_latency_writes_no_plot(tmp_path, report_inputs):
     assert not (tmp_path / 'r.png').exists()
 
 
+def test_row_names_tell_same_named_snapshots_apart():
+    assert compress.row_names(['a/vp.pkl', 'b/ve.pkl']) == ['vp', 've']
+    assert compress.row_names(['vp/network-snapshot-000140.pkl', 'vp-g2/network-snapshot-000140.pkl', 'x/int8.pkl']) \
+        == ['vp/network-snapshot-000140', 'vp-g2/network-snapshot-000140', 'int8']
+    assert compress.row_names(['r/base.pkl', 'r/base.pkl']) == ['base', "base'"]
+
+
 def test_latency_runs_take_turns_across_networks():
     # Round robin: a burst of background load lands on every network, not on one network's whole series.
     calls = []

@@ -222,7 +222,7 @@ def test_ve_and_iddpm_steps():
     ('ablation', dict(solver='euler'), lambda n: n), ('dpm_2', {}, lambda n: 2 * n - 1),
     ('dpmpp_2s_ancestral', {}, lambda n: 2 * n - 1), ('euler_ancestral', {}, lambda n: n), ('lms', {}, lambda n: n),
     ('dpmpp_2m', {}, lambda n: n), ('dpmpp_2m_sde', {}, lambda n: n), ('dpmpp_3m_sde', {}, lambda n: n),
-    ('unipc', dict(order=3), lambda n: n)])
+    ('unipc', dict(order=3), lambda n: n), ('iddpm', {}, lambda n: n), ('iddpm_ddim', {}, lambda n: n)])
 def test_count_nfe_and_steps_for_nfe(name, kwargs, nfe):
     mu = torch.zeros([1, 3, 4, 4], dtype=torch.float64)
     for n in (1, 2, 7):

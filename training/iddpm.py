@@ -142,8 +142,10 @@ class Diffusion:
             sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
             sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1),
             posterior_variance=posterior_variance,
-            # beta~_0 = 0, so log beta~_0 is replaced by log beta~_1 ("clipped").
-            posterior_log_variance_clipped=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
+            # beta~_0 = 0, so log beta~_0 is replaced by log beta~_1 ("clipped"). A one-step process has no
+            # beta~_1 (the reference raises IndexError); beta_0 stands in: its last step adds no noise anyway.
+            posterior_log_variance_clipped=np.log(np.append(posterior_variance[1] if len(betas) > 1 else betas[0],
+                                                            posterior_variance[1:])),
             posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),               # Eq. 11, x_0
             posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),      # Eq. 11, x_t
         )
@@ -210,7 +212,8 @@ def model_log_variance(d: Diffusion, model_output, x, t):
         eps, v = model_output[:, :C], model_output[:, C:]
         return learned_range_log_variance(d, v, t), eps
     if d.var_type == 'fixed_large':  # beta_t, with beta~_1 at t = 0 (a better decoder, as in DDPM)
-        table = torch.log(torch.cat([d.posterior_variance[1:2], d.betas[1:]]))
+        first = d.posterior_variance[1:2] if d.num_timesteps > 1 else d.betas[:1]  # one step: as in __init__
+        table = torch.log(torch.cat([first, d.betas[1:]]))
     else:
         table = d.posterior_log_variance_clipped
     return extract(table, t, x).expand_as(x), model_output[:, :C]

@@ -176,8 +176,10 @@ def describe_sampler(kwargs: dict) -> str:
 
 def training_seconds(path: str, steps) -> float | None:
     """Training time behind a snapshot where it was (re)trained: the QAT fine-tuning recorded in its 'compression'
-    steps, or for a train.py snapshot (no compression) Timing/total_sec of its run's stats.jsonl at the
-    snapshot's kimg. None for pruning and post-training quantisation, or when the run's log is not beside it."""
+    steps, or for a train.py snapshot (no compression) the run's training time up to the snapshot's kimg from the
+    stats.jsonl beside it: Timing/total_sec less the in-training metrics (Timing/metrics_total_sec), summed over
+    resumed segments (each process restarts both clocks, as in the paper's loop). None for pruning and
+    post-training quantisation, or when the run's log is not beside it."""
     recorded = [s['train_seconds'] for s in steps or [] if 'train_seconds' in s]
     if recorded:
         return float(sum(recorded))
@@ -187,18 +189,23 @@ def training_seconds(path: str, steps) -> float | None:
     stats = os.path.join(os.path.dirname(os.path.abspath(path)), 'stats.jsonl')
     if not match or not os.path.isfile(stats):
         return None
-    seconds = None
+    done = 0.0        # training seconds of the finished segments
+    segment = None    # training seconds of the current segment so far
     with open(stats) as f:
         for line in f:
             try:
                 record = json.loads(line)
                 kimg, total = record['Progress/kimg']['mean'], record['Timing/total_sec']['mean']
-            except (ValueError, KeyError, TypeError):
+                metrics = record.get('Timing/metrics_total_sec', {}).get('mean', 0.0)
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue
-            seconds = total
+            seconds = total - metrics
+            if segment is not None and seconds < segment:  # the clock restarted: a resumed segment
+                done += segment
+            segment = seconds
             if kimg >= int(match.group(1)):
                 break
-    return seconds
+    return None if segment is None else done + segment
 
 
 def split_baseline(arg: str) -> tuple[str | None, str]:

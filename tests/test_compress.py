@@ -733,6 +733,23 @@ def test_report_one_table_for_several_baselines(tmp_path):
     assert rows[2]['compression'] == 'prune l1 global all 30% + int4' and rows[4]['compression'] == 'QAT int8 1 kimg'
 
 
+def test_training_seconds_spans_resumes_and_leaves_out_metrics(tmp_path):
+    """A run resumed at 2 kimg restarts the loop's clocks (as the paper's): the segments add up, and the time spent
+    scoring metrics during training is not training time."""
+    def record(kimg, total, metrics):
+        return json.dumps({'Progress/kimg': {'mean': kimg}, 'Timing/total_sec': {'mean': total},
+                           'Timing/metrics_total_sec': {'mean': metrics}}) + '\n'
+    (tmp_path / 'stats.jsonl').write_text(
+        record(1.0, 30.0, 20.0) + record(2.0, 40.0, 20.0)            # 20 s of training, 20 s of metrics
+        + record(2.1, 1.0, 0.0) + record(3.0, 25.0, 15.0)             # resumed: 10 s more
+        + record(4.0, 35.0, 15.0) + 'not json\n')
+    assert compress.training_seconds(str(tmp_path / 'network-snapshot-000002.pkl'), None) == 20.0
+    assert compress.training_seconds(str(tmp_path / 'network-snapshot-000003.pkl'), None) == 30.0
+    assert compress.training_seconds(str(tmp_path / 'network-snapshot-000004.pkl'), None) == 40.0
+    assert compress.training_seconds(str(tmp_path / 'network-snapshot-000004.pkl'), [dict(method='prune')]) is None
+    assert compress.training_seconds(str(tmp_path / 'other.pkl'), None) is None
+
+
 def test_report_samples_each_baseline_with_its_sampler(tmp_path, detector_file):
     """--sampler BASELINE=SPEC: that baseline's rows are generated and timed with it (as the study's NCSN with
     predictor-corrector), the others with Heun and --steps; a spec for an unknown baseline is one error line."""

@@ -334,12 +334,14 @@ def write_report(rows: list[dict], settings: dict, prefix: str) -> list[str]:
     measured = [r for r in rows if r.get('fid') is not None]
     if measured:
         unit, div = ('MB', 1e6) if max(r['zip_bytes'] for r in measured) >= 1e6 else ('kB', 1e3)
-        several = len({r['baseline'] for r in measured}) > 1  # one plot for all baselines, points named by both
-        points = [(f'{r["baseline"]}: {r["network"]}' if several else r['network'], r['zip_bytes'] / div, r['fid'])
-                  for r in measured]
+        several = len({r['baseline'] for r in measured}) > 1  # one plot for all baselines, a colour each
+        points = [(r['network'], r['zip_bytes'] / div, r['fid']) for r in measured]
         intervals = [(r.get('fid_lo', float('nan')), r.get('fid_hi', float('nan'))) for r in measured]
+        fids = [r['fid'] for r in measured]
+        log_y = min(fids) > 0 and max(fids) / min(fids) > 20  # a destroyed network (FID ~450) beside good ones (~15)
         plot.scatter_plot(points, prefix + '.png', xlabel=f'zip-compressed size ({unit})', ylabel='FID', intervals=intervals,
-                          title=f'FID vs. compressed size ({settings["num"]} images)')
+                          title=f'FID vs. compressed size ({settings["num"]} images)', log_y=log_y,
+                          groups=[r['baseline'] for r in measured] if several else None)
         written.append(prefix + '.png')
     return written
 

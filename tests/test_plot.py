@@ -41,6 +41,22 @@ def test_scatter_plot_labels_every_point(tmp_path):
         plot.scatter_plot([], None)
 
 
+def test_scatter_plot_groups_log_axis_and_labels_that_do_not_collide(tmp_path):
+    """Groups get a colour each (the compress report's baselines); log_y spans decades and refuses y <= 0;
+    coincident points still get every label that fits, each in its own place."""
+    points = [('vp-base', 4.6, 19.0), ('vp-random', 3.7, 469.0), ('ve-base', 4.7, 39.0), ('ve-int4', 0.6, 42.0)]
+    image = plot.scatter_plot(points, None, groups=['vp', 'vp', 've', 've'], log_y=True, size=(500, 300))
+    pixels = np.asarray(image)
+    for color in plot.COLORS[:2]:
+        assert (pixels == np.array(color, dtype=np.uint8)).all(axis=2).sum() > 40  # markers and legend entries
+    with pytest.raises(ValueError, match='log_y'):
+        plot.scatter_plot([('a', 1.0, 0.0)], None, log_y=True)
+    one = np.asarray(plot.scatter_plot([('first', 1.0, 20.0)], None, size=(400, 300)))
+    two = np.asarray(plot.scatter_plot([('first', 1.0, 20.0), ('second', 1.0, 20.0)], None, size=(400, 300)))
+    dark = lambda a: (a.sum(axis=2) < 200).sum()
+    assert dark(two) > dark(one) + 20  # the second label was drawn beside the first, not over it
+
+
 def test_line_plot_draws_every_series(tmp_path):
     path = tmp_path / 'p.png'
     image = plot.line_plot({'a': ([5, 9, 17], [100.0, 30.0, 12.0]), 'b': ([5, 9], [60.0, float('nan')])},

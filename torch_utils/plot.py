@@ -137,9 +137,7 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
     xs, ys = [x for x, _ in every], [y for _, y in every]
     x_ticks = nice_ticks(min(xs), max(xs))
     if log_y:
-        around = lambda v: [m * 10 ** k for k in range(math.floor(math.log10(v)) - 1, math.ceil(math.log10(v)) + 1)
-                            for m in (1, 2, 5)]
-        y_range = (max(t for t in around(min(ys)) if t <= min(ys)), min(t for t in around(max(ys)) if t >= max(ys)))
+        y_range = _log_range(min(ys), max(ys))
         y_ticks = log_ticks(*y_range)
     else:
         y_ticks = nice_ticks(min(ys), max(ys))
@@ -173,33 +171,66 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
     return axes.save(path)
 
 
+def _log_range(lo: float, hi: float) -> tuple[float, float]:
+    """The 1-2-5 ticks just outside [lo, hi] (both > 0), for a logarithmic axis."""
+    around = lambda v: [m * 10 ** k for k in range(math.floor(math.log10(v)) - 1, math.ceil(math.log10(v)) + 1)
+                        for m in (1, 2, 5)]
+    return max(t for t in around(lo) if t <= lo), min(t for t in around(hi) if t >= hi)
+
+
 def scatter_plot(points: Sequence[tuple[str, float, float]], path: Optional[str] = None, title: str = '',
                  xlabel: str = '', ylabel: str = '', size: tuple[int, int] = (900, 600),
-                 intervals: Optional[Sequence[tuple[float, float]]] = None) -> PIL.Image.Image:
+                 intervals: Optional[Sequence[tuple[float, float]]] = None, groups: Optional[Sequence[str]] = None,
+                 log_y: bool = False) -> PIL.Image.Image:
     """One marker per (name, x, y), labelled with its name; saved as PNG to `path` if given. `intervals`: one
-    (low, high) per point, drawn as error bars (non-finite ones skipped)."""
+    (low, high) per point, drawn as error bars (non-finite ones skipped). `groups`: one group name per point;
+    each group gets its own colour and a legend entry. `log_y` (every y > 0): a logarithmic y axis, for values
+    that span decades. A label that would overlap another label or leave the frame is tried on the other side,
+    above and below its marker, and left out (the marker stays) when no place is free."""
     def padded(values):
         lo, hi = min(values), max(values)
         pad = (hi - lo) * 0.08 if hi > lo else (abs(hi) * 0.1 or 1.0)
         return lo - pad, hi + pad
     if not points:
         raise ValueError('scatter_plot: no points to draw')
+    if log_y and any(not p[2] > 0 for p in points):
+        raise ValueError('scatter_plot: log_y needs every y > 0')
     bars = [(x, float(lo), float(hi)) for (_name, x, _y), (lo, hi) in zip(points, intervals or [])
-            if math.isfinite(float(lo)) and math.isfinite(float(hi))]
+            if math.isfinite(float(lo)) and math.isfinite(float(hi)) and (float(lo) > 0 or not log_y)]
     x_range = padded([p[1] for p in points])
-    y_range = padded([p[2] for p in points] + [v for _x, lo, hi in bars for v in (lo, hi)])
-    axes = _Axes(size, (80, 30, 40 if title else 20, 55), x_range, y_range, nice_ticks(*x_range), nice_ticks(*y_range),
-                 title=title, xlabel=xlabel, ylabel=ylabel)
-    draw, width = axes.draw, size[0]
+    ys = [p[2] for p in points] + [v for _x, lo, hi in bars for v in (lo, hi)]
+    if log_y:
+        y_range = _log_range(min(ys), max(ys))
+        y_ticks = log_ticks(*y_range)
+    else:
+        y_range = padded(ys)
+        y_ticks = nice_ticks(*y_range)
+    names = list(dict.fromkeys(groups)) if groups else []
+    color_of = {g: COLORS[k % len(COLORS)] for k, g in enumerate(names)}
+    legend = len(names) > 1
+    axes = _Axes(size, (80, 150 if legend else 30, 40 if title else 20, 55), x_range, y_range, nice_ticks(*x_range),
+                 y_ticks, log_y=log_y, title=title, xlabel=xlabel, ylabel=ylabel)
+    draw, (left, top, right, bottom) = axes.draw, axes.box
     for x, lo, hi in bars:
         (px, p_lo), (_, p_hi) = axes.to_pixel(x, lo), axes.to_pixel(x, hi)
         draw.line([(px, p_lo), (px, p_hi)], fill='black', width=1)
         for py in (p_lo, p_hi):
             draw.line([(px - 5, py), (px + 5, py)], fill='black', width=1)
-    for name, x, y in points:
-        px, py = axes.marker(x, y, HIGHLIGHT, radius=5, outline='black')
-        if px + 8 + draw.textlength(name, font=axes.font) < width - 4:
-            draw.text((px + 8, py - 8), name, fill='black', font=axes.font, anchor='lb')
-        else:  # no room on the right: label to the left of the marker
-            draw.text((px - 8, py - 8), name, fill='black', font=axes.font, anchor='rb')
+    taken = []  # label boxes already drawn
+    for k, (name, x, y) in enumerate(points):
+        color = color_of[groups[k]] if groups else HIGHLIGHT
+        px, py = axes.marker(x, y, color, radius=5, outline='black')
+        for anchor, at in (('lb', (px + 8, py - 6)), ('rb', (px - 8, py - 6)), ('mb', (px, py - 9)),
+                           ('mt', (px, py + 9))):
+            box = draw.textbbox(at, name, font=axes.font, anchor=anchor)
+            inside = box[0] >= left + 2 and box[2] <= right - 2 and box[1] >= top + 2 and box[3] <= bottom - 2
+            if inside and not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+                draw.text(at, name, fill='black', font=axes.font, anchor=anchor)
+                taken.append(box)
+                break
+    if legend:
+        for k, g in enumerate(names):
+            ly = top + 10 + 18 * k
+            draw.ellipse([right + 20, ly - 5, right + 30, ly + 5], fill=color_of[g], outline='black')
+            draw.text((right + 38, ly), g, fill='black', font=axes.font, anchor='lm')
     return axes.save(path)

@@ -39,6 +39,8 @@ TINY_RUNS = {
                        '--threads', '1'], 'sampled batch'),
     'dataset': (['benchmarks/bench_dataset.py', '--num-images', '32', '--resolution', '8', '--repeats', '1',
                  '--batch-size', '8'], 'images/s'),
+    'denoiser error': (['benchmarks/bench_denoiser_error.py', '--preset', 'tiny-8', '--num', '2', '--sigmas', '1,80'],
+                       'mse'),
     'optimizer state': (['benchmarks/bench_optimizer_state.py', '--preset', 'tiny-8'], 'bytes/parameter'),
     'fid features': (['benchmarks/bench_fid.py', '--batch', '1', '--batches', '1', '--resolution', '32', '--threads',
                       '1'], 'images/s'),

@@ -13,8 +13,8 @@ from training import iddpm
 TOL = 1e-10
 
 
-def load(golden_dir, name):
-    return torch.load(golden_dir / f'iddpm_{name}.pt', weights_only=False)
+def load(golden_dir, filename):
+    return torch.load(golden_dir / filename, weights_only=False)
 
 
 def formula_model(T0):
@@ -33,7 +33,7 @@ def replay(noises):
 #----------------------------------------------------------------------------
 
 def test_beta_schedules(golden_dir):
-    g = load(golden_dir, 'schedule')
+    g = load(golden_dir, 'iddpm_schedule.pt')
     for name, T in (('cosine', 1000), ('linear', 1000), ('linear', 4000)):
         assert rel(iddpm.named_beta_schedule(name, T), g[f'betas_{name}_{T}']) <= TOL
     assert rel(iddpm.make_diffusion('cosine', 1000).alphas_cumprod, g['alphas_cumprod_cosine_1000']) <= TOL
@@ -42,7 +42,7 @@ def test_beta_schedules(golden_dir):
 
 @pytest.mark.parametrize('key', ['ddim50', '10_15', '25', 'str_10_15', 'ddim25', '3_7_2'])
 def test_respacing(golden_dir, key):
-    g = load(golden_dir, 'schedule')
+    g = load(golden_dir, 'iddpm_schedule.pt')
     steps = iddpm.space_timesteps(1000, g[f'space_{key}_arg'])
     assert steps == list(g[f'space_{key}'])
     for name in ('cosine', 'linear'):
@@ -60,9 +60,9 @@ def test_respacing_rejects_impossible_requests():
         iddpm.make_diffusion('linear', 20)
 
 
-@pytest.mark.parametrize('name', ['hybrid_loss_cosine', 'hybrid_loss_linear4000'])
-def test_hybrid_loss_and_its_gradient(golden_dir, name):
-    g = load(golden_dir, name)
+@pytest.mark.parametrize('filename', ['iddpm_hybrid_loss_cosine.pt', 'iddpm_hybrid_loss_linear4000.pt'])
+def test_hybrid_loss_and_its_gradient(golden_dir, filename):
+    g = load(golden_dir, filename)
     d = iddpm.make_diffusion(g['schedule'], g['T'])
     model_output = g['model_output'].detach().clone().requires_grad_(True)
     terms = iddpm.hybrid_loss_terms(d, model_output, g['x_start'], g['t'], g['noise'])
@@ -77,7 +77,7 @@ def test_hybrid_loss_and_its_gradient(golden_dir, name):
 
 
 def test_p_mean_variance(golden_dir):
-    g = load(golden_dir, 'p_mean_variance')
+    g = load(golden_dir, 'iddpm_p_mean_variance.pt')
     d = iddpm.make_diffusion('cosine', g['T'])
     model_output = formula_model(g['T0'])(g['x'], g['t'])
     assert rel(model_output, g['model_output']) <= 1e-15
@@ -88,7 +88,7 @@ def test_p_mean_variance(golden_dir):
 
 @pytest.mark.parametrize('case', ['p_ddim50', 'p_25', 'ddim50_eta0', 'ddim50_eta1'])
 def test_respaced_sampling(golden_dir, case):
-    g = load(golden_dir, 'sample_respaced')
+    g = load(golden_dir, 'iddpm_sample_respaced.pt')
     c = g['cases'][case]
     d = iddpm.make_diffusion('cosine', g['T'], spacing=c['spacing'])
     assert list(d.timestep_map) == list(c['use_timesteps'])
@@ -105,7 +105,7 @@ def test_respaced_sampling(golden_dir, case):
 
 
 def test_calc_bpd_loop(golden_dir):
-    g = load(golden_dir, 'bpd')
+    g = load(golden_dir, 'iddpm_bpd.pt')
     d = iddpm.Diffusion(g['betas'].numpy())
     assert rel(d.betas, iddpm.named_beta_schedule('cosine', g['T'])) <= TOL
     out = iddpm.calc_bpd_loop(formula_model(g['T0']), d, g['x_start'], replay(g['noises']), clip_denoised=g['clip_denoised'])

@@ -211,9 +211,8 @@ def model_log_variance(d: Diffusion, model_output, x, t):
             raise ValueError(f'learned variances need {2 * C} output channels, the network gives {model_output.shape[1]}')
         eps, v = model_output[:, :C], model_output[:, C:]
         return learned_range_log_variance(d, v, t), eps
-    if d.var_type == 'fixed_large':  # beta_t, with beta~_1 at t = 0 (a better decoder, as in DDPM)
-        first = d.posterior_variance[1:2] if d.num_timesteps > 1 else d.betas[:1]  # one step: as in __init__
-        table = torch.log(torch.cat([first, d.betas[1:]]))
+    if d.var_type == 'fixed_large':  # log beta_t, with the clipped log beta~ at t = 0 (a better decoder, as in DDPM)
+        table = torch.cat([d.posterior_log_variance_clipped[:1], d.log_betas[1:]])
     else:
         table = d.posterior_log_variance_clipped
     return extract(table, t, x).expand_as(x), model_output[:, :C]

@@ -18,13 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib  # noqa: E402
-from torch_utils import persistence  # noqa: E402
+from torch_utils import misc, persistence  # noqa: E402
 from training import presets  # noqa: E402
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's per-parameter state (moments, step counts, block scales)."""
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 def measure(net: torch.nn.Module, name: str) -> int:
@@ -34,7 +29,7 @@ def measure(net: torch.nn.Module, name: str) -> int:
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator)
     opt.step()
-    return state_bytes(opt)
+    return misc.optimizer_state_bytes(opt)
 
 
 def main():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dnnlib
+from torch_utils import misc
 from training import presets
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -42,10 +43,6 @@ def fit(name, steps=100, net=None, opt=None):
     return torch.cat([p.detach().flatten() for p in net.parameters()]), losses, net, opt
 
 
-def state_bytes(opt) -> int:
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-
-
 def test_adam_preset_is_the_papers_adam():
     assert presets.optimizer_kwargs('adam') == dict(class_name='torch.optim.Adam', betas=[0.9, 0.999], eps=1e-8)
     with pytest.raises(ValueError, match='unknown optimizer'):
@@ -69,7 +66,7 @@ def test_adam8bit_tracks_fp32_adam_over_100_steps():
     per_weight = sum(t.numel() * t.element_size() for t in opt.state[big].values() if torch.is_tensor(t)) / big.numel()
     assert per_weight < 2.1
     _, _, _, fp32_opt = fit('adam', steps=1)
-    assert state_bytes(opt) < 0.3 * state_bytes(fp32_opt)
+    assert misc.optimizer_state_bytes(opt) < 0.3 * misc.optimizer_state_bytes(fp32_opt)
 
 
 @pytest.mark.slow  # run alone it pays the bitsandbytes import (~2 s)

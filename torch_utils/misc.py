@@ -196,6 +196,11 @@ def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Mo
     return copied
 
 
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in an optimizer's per-parameter state (moments, step counts, 8-bit block scales)."""
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
 # ----------------------------------------------------------------------------
 # Distributed helpers.
 

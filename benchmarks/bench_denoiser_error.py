@@ -49,6 +49,7 @@ def main():
         nets = {path: persistence.load_network(path) for path in args.network}
     else:
         nets = {args.preset: dnnlib.util.construct_class_by_name(**presets.network_kwargs(args.preset))}
+    nets = {name: net.eval() for name, net in nets.items()}
     first = next(iter(nets.values()))
     shape = [first.img_channels, first.img_resolution, first.img_resolution]
     generator = torch.Generator().manual_seed(args.seed)
@@ -69,7 +70,7 @@ def main():
     print('sigma    ' + ''.join(f'{short(name):>36s}' for name in nets))
     for sigma in [float(s) for s in args.sigmas.split(',')]:
         noise = torch.randn(images.shape, generator=generator)
-        cells = [denoiser_mse(net.eval(), images, labels, sigma, noise) for net in nets.values()]
+        cells = [denoiser_mse(net, images, labels, sigma, noise) for net in nets.values()]
         print(f'{sigma:<8g} ' + ''.join(f'{f"mse {mse:.4f} (sigma {s:.3g})":>36s}' for s, mse in cells))
 
 

@@ -327,6 +327,31 @@ def test_attention_op_backward():
     torch.testing.assert_close(dq, q.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dk, k.grad, rtol=1e-5, atol=1e-6)
 
+def test_chunked_attention_matches_unchunked(monkeypatch):
+    # The explicit attention runs in chunks of the N*heads axis (3, 3, 2 here); forward, backward and the
+    # no-grad path must give the unchunked AttentionOp + bmm numbers, in fp32 and in bf16.
+    monkeypatch.setattr(N, 'ATTENTION_CHUNK_BYTES', 3 * 12 * 12 * 4)
+    torch.manual_seed(0)
+    for dtype, tol in [(torch.float32, dict(rtol=1e-6, atol=1e-7)), (torch.bfloat16, dict(rtol=1e-2, atol=1e-2))]:
+        qkv = torch.randn(8, 6, 3, 12).to(dtype)  # the UNetBlock's layout: q, k, v strided views of one tensor
+        g = torch.randn(8, 12, 6).to(dtype).transpose(1, 2)
+        results = []
+        for chunked in (False, True):
+            t = qkv.clone().requires_grad_(True)
+            q, k, v = t.unbind(2)
+            if chunked:
+                out = N.attention(q, k, v, impl='explicit')
+            else:
+                out = torch.bmm(N.AttentionOp.apply(q, k), v.transpose(1, 2)).transpose(1, 2)
+            out.backward(g)
+            results.append((out.detach(), t.grad))
+        assert len(N._attention_chunks(*qkv.unbind(2)[:2])) == 3
+        assert results[1][0].dtype == dtype and results[1][1].dtype == dtype
+        torch.testing.assert_close(results[1][0], results[0][0], **tol)
+        torch.testing.assert_close(results[1][1], results[0][1], **tol)
+        with torch.no_grad():
+            torch.testing.assert_close(N.attention(*qkv.unbind(2), impl='explicit'), results[0][0], **tol)
+
 def test_positional_embedding_frequencies():
     # [cos(x f_i), sin(x f_i)] with frequencies falling geometrically from f_0 = 1 to 1/max_positions, reached
     # at the last channel with endpoint=True (SongUNet) and one step past it without (DhariwalUNet). The

@@ -2,7 +2,7 @@
 Diffusion-Based Generative Models" (Karras et al., NeurIPS 2022).
 
 - Layers: `Linear`, `Conv2d` (optional up/down-sampling by a FIR `resample_filter`), `GroupNorm`,
-  `AttentionOp`, `UNetBlock`, `PositionalEmbedding`, `FourierEmbedding`.
+  `AttentionOp` (and `ChunkedAttentionOp`, the same in cache-sized chunks), `UNetBlock`, `PositionalEmbedding`, `FourierEmbedding`.
 - Backbones: `SongUNet` (DDPM++ / NCSN++, Song et al. 2021) and `DhariwalUNet` (ADM, Dhariwal & Nichol 2021).
 - Preconditioners (Table 1 of the paper): `VPPrecond`, `VEPrecond`, `iDDPMPrecond`, `EDMPrecond`.
   The coefficient formulas are small pure functions (`edm_coefficients`, `vp_coefficients`,
@@ -249,21 +249,74 @@ class GroupNorm(torch.nn.Module):
 # Attention weights softmax(q^T k / sqrt(c)), always in float32.
 # q, k: [N*heads, C/heads, L]. Returns [N*heads, L_q, L_k] in q.dtype.
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q^T k / sqrt(c)) over the keys, computed in float32, returned in q.dtype (the paper's AttentionOp)."""
+    return torch.bmm(q.to(torch.float32).transpose(1, 2), (k / np.sqrt(k.shape[1])).to(torch.float32)).softmax(dim=2).to(q.dtype)
+
+def attention_weights_backward(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, dw: torch.Tensor,
+                               dq: torch.Tensor | None = None, dk: torch.Tensor | None = None):
+    """Gradients of attention_weights (into dq/dk when given). The softmax backward w * (dw - sum(dw * w)) runs
+    in fp32 as one fused pass; then the two products, scaled in place."""
+    db = torch._softmax_backward_data(dw.to(torch.float32), w.to(torch.float32), 2, torch.float32)
+    scale = np.sqrt(k.shape[1])
+    dq = torch.div(torch.bmm(k.to(torch.float32), db.transpose(1, 2)).to(q.dtype), scale, out=dq)
+    dk = torch.div(torch.bmm(q.to(torch.float32), db).to(k.dtype), scale, out=dk)
+    return dq, dk
+
 class AttentionOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k):
-        w = torch.bmm(q.to(torch.float32).transpose(1, 2), (k / np.sqrt(k.shape[1])).to(torch.float32)).softmax(dim=2).to(q.dtype)
+        w = attention_weights(q, k)
         ctx.save_for_backward(q, k, w)
         return w
 
     @staticmethod
     def backward(ctx, dw):
         q, k, w = ctx.saved_tensors
-        # Softmax backward w * (dw - sum(dw * w)) in fp32, as one fused pass; then the two products, scaled in place.
-        db = torch._softmax_backward_data(dw.to(torch.float32), w.to(torch.float32), 2, torch.float32)
-        dq = torch.bmm(k.to(torch.float32), db.transpose(1, 2)).to(q.dtype).div_(np.sqrt(k.shape[1]))
-        dk = torch.bmm(q.to(torch.float32), db).to(k.dtype).div_(np.sqrt(k.shape[1]))
-        return dq, dk
+        return attention_weights_backward(q, k, w, dw)
+
+# The explicit form works through the N*heads axis in chunks whose weights [chunk, L_q, L_k] stay in cache, and
+# runs the whole chain (weights, softmax, product with v; backward: both products and the softmax backward) one
+# chunk at a time. The arithmetic is that of the unchunked ops, element for element (bit-identical where
+# measured; tests hold it to float rounding), but the [N*heads, L, L] temporaries no longer stream through memory
+# several times: the quick start's attention (64 x 256 x 256) ran 1.5-2.2x faster forward+backward.
+ATTENTION_CHUNK_BYTES = 2 * 2**20
+
+def _attention_chunks(q: torch.Tensor, k: torch.Tensor):
+    step = max(1, ATTENTION_CHUNK_BYTES // (q.shape[2] * k.shape[2] * 4))
+    return [slice(i, i + step) for i in range(0, q.shape[0], step)]
+
+def _chunked_attention_forward(q, k, v, save_weights: bool):
+    """[N*heads, L_q, C_v] output (and the weights [N*heads, L_q, L_k] if save_weights), chunk by chunk."""
+    out = torch.empty([q.shape[0], q.shape[2], v.shape[1]], dtype=q.dtype, device=q.device)
+    weights = torch.empty([q.shape[0], q.shape[2], k.shape[2]], dtype=q.dtype, device=q.device) if save_weights else None
+    for s in _attention_chunks(q, k):
+        w = attention_weights(q[s], k[s])
+        torch.bmm(w, v[s].transpose(1, 2), out=out[s])
+        if save_weights:
+            weights[s] = w
+    return out, weights
+
+class ChunkedAttentionOp(torch.autograd.Function):
+    """softmax(q^T k / sqrt(c)) v^T for [N*heads, C/heads, L] q, k, v, chunked (ATTENTION_CHUNK_BYTES); returns
+    [N*heads, L_q, C_v]. The same numbers as AttentionOp followed by torch.bmm, forward and backward."""
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, weights = _chunked_attention_forward(q, k, v, save_weights=True)
+        ctx.save_for_backward(q, k, v, weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, weights = ctx.saved_tensors
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty([v.shape[0], v.shape[2], v.shape[1]], dtype=v.dtype, device=v.device)  # grad of v^T
+        for s in _attention_chunks(q, k):
+            w = weights[s]
+            torch.bmm(w.transpose(1, 2), dout[s], out=dv[s])
+            attention_weights_backward(q[s], k[s], w, torch.bmm(dout[s], v[s]), dq=dq[s], dk=dk[s])
+        return dq, dk, dv.transpose(1, 2)
 
 # 'auto': torch's fused scaled_dot_product_attention for fp32 on CUDA (same numbers to ~1e-7, far less
 # memory); the explicit form elsewhere (faster than SDPA on CPU for the U-Net's shapes) and always for
@@ -280,10 +333,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str | Non
         return a.transpose(1, 2)
     if impl != 'explicit':
         raise ValueError(f'Unknown attention implementation {impl!r}; expected auto, sdpa or explicit')
-    w = AttentionOp.apply(q, k)
-    # Computed as [N*heads, L_q, C/heads] so that w's gradient comes out contiguous (the fused softmax
+    # Computed as [N*heads, L_q, C/heads] so that the weights' gradient comes out contiguous (the fused softmax
     # backward would copy a transposed one); returned as a transposed view.
-    return torch.bmm(w, v.transpose(1, 2)).transpose(1, 2)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return ChunkedAttentionOp.apply(q, k, v).transpose(1, 2)
+    return _chunked_attention_forward(q, k, v, save_weights=False)[0].transpose(1, 2)
 
 #----------------------------------------------------------------------------
 # Grouped convolutions (our addition): an opt-in way to shrink the U-Nets. A group count G applies to

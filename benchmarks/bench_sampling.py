@@ -11,11 +11,13 @@ Before/after: every speed option has a switch, so run the script alternately wit
     python benchmarks/bench_sampling.py --batch 4 --no-malloc-tuning --no-fused-bias --no-inplace  # before
     python benchmarks/bench_sampling.py --batch 4                                                  # after
     python benchmarks/bench_sampling.py --batch 4 --bf16       # outputs differ slightly from fp32
+    python benchmarks/bench_sampling.py --batch 4 --steps 2 --repeats 3 --paired-bf16   # fp32 vs bf16, alternating
 Timings on a shared machine are noisy: interleave A/B runs, repeat, compare medians.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -94,9 +96,11 @@ def flops_per_eval(net, latents, class_labels) -> float | None:
 @click.option('--inplace/--no-inplace', default=True, show_default=True, help='networks.INPLACE_OPS')
 @click.option('--compile', 'compile_', is_flag=True, help='also the torch.compile\'d network (generate.py --compile), '
               'alternating with eager: compile time, speed-up and the image count from which it pays')
+@click.option('--paired-bf16', is_flag=True, help='also the same network in bf16 (generate.py --bf16), timed '
+              'alternately with fp32; prints the ratio of the medians')
 @click.option('--grad-mode', type=click.Choice(['no_grad', 'inference_mode']), default='no_grad', show_default=True)
 def main(config, extra_kwargs, device, batch, steps, S_churn, repeats, threads, fp16, bf16, channels_last,
-         malloc_tuning, fused_bias, inplace, compile_, grad_mode):
+         malloc_tuning, fused_bias, inplace, compile_, paired_bf16, grad_mode):
     from torch_utils import misc
     from training import networks
     malloc_applied = misc.set_malloc_thresholds() if malloc_tuning else False
@@ -143,19 +147,31 @@ def main(config, extra_kwargs, device, batch, steps, S_churn, repeats, threads, 
     print(f'options: malloc_tuning={malloc_applied} fused_bias={fused_bias} inplace={inplace} bf16={bf16} '
           f'channels_last={channels_last} grad_mode={grad_mode}')
     run()  # warm-up (allocator, kernels)
+    variants = []  # (label, network, first-run seconds or None), timed alternately against the plain network
     if compile_:
         compiled = CountingNet(sampling.compile_network(net.net))
-        compile_run = run(compiled)[0]  # compiles at the first call
-        eager_times, compiled_times = [], []
+        variants.append(('compiled', compiled, run(compiled)[0]))  # compiles at the first call
+    if paired_bf16 and not bf16:
+        net_bf16 = copy.deepcopy(net)
+        net_bf16.net.use_bf16 = True  # the same weights, what generate.py --bf16 sets
+        run(net_bf16)
+        variants.append(('bf16', net_bf16, None))
+    if variants:
+        plain_times, times_by_label = [], {label: [] for label, _, _ in variants}
         for r in range(repeats):
-            for variant, out in ((net, eager_times), (compiled, compiled_times))[::1 if r % 2 == 0 else -1]:
-                out.append(run(variant)[0])
-        eager_t, compiled_t = statistics.median(eager_times), statistics.median(compiled_times)
-        overhead = compile_run - compiled_t  # the first call's extra time
-        gain = (eager_t - compiled_t) / batch  # seconds saved per image
-        pays = f'pays from ~{math.ceil(overhead / gain)} images' if gain > 0 else 'never pays (not faster)'
-        print(f'compiled: first run {compile_run:.2f} s (compile ~{overhead:.1f} s); median {compiled_t:.3f} s vs '
-              f'eager {eager_t:.3f} s: {compiled_t / eager_t:.3f}x; {pays} ({steps} steps, batch {batch})')
+            order = [(None, net)] + [(label, v) for label, v, _ in variants]
+            for label, variant in order[::1 if r % 2 == 0 else -1]:
+                (plain_times if label is None else times_by_label[label]).append(run(variant)[0])
+        plain_t = statistics.median(plain_times)
+        for label, variant, first_run in variants:
+            t = statistics.median(times_by_label[label])
+            line = f'{label}: median {t:.3f} s vs plain {plain_t:.3f} s: {t / plain_t:.3f}x (alternating, {repeats} each)'
+            if first_run is not None:
+                overhead = first_run - t  # the first call's extra time
+                gain = (plain_t - t) / batch  # seconds saved per image
+                pays = f'pays from ~{math.ceil(overhead / gain)} images' if gain > 0 else 'never pays (not faster)'
+                line += f'; first run {first_run:.2f} s (compile ~{overhead:.1f} s), {pays} ({steps} steps, batch {batch})'
+            print(line)
     times, cpu_times = [], []
     for r in range(repeats):
         seconds, cpu_seconds, faults, nfe = run()

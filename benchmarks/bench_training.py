@@ -16,7 +16,8 @@ forward, backward, gradient sanitising, Adam) plus the EMA update. Prints median
 loaded as a separate module; --before-commit, default PREVIOUS_MAIN) against the current one: one process,
 the two networks (same initial weights, same random draws) take turns step by step, and the ratio of the
 medians is printed. --paired does the same for the current code in fp32 against bf16 (--autocast adds the fp32 network under
-plain torch.autocast(bfloat16), the reference for the bf16 path; --profile N then prints each variant's top ops). Alternating steps
+plain torch.autocast(bfloat16), the reference for the bf16 path, and with --before-after the paper's network under it
+too; --profile N then prints each variant's top ops). Alternating steps
 make the drifting load of a shared machine hit both alike; the spread is printed so the noise is visible, and
 so is the relative difference of each variant's weights from the fp32 ones after the run (same numbers?).
 Without --before-after/--paired each configuration runs in its own subprocess, so its peak RSS is its own.
@@ -117,8 +118,10 @@ class Trainer:
             optimizer=torch.optim.Adam(self.net.parameters(), lr=10e-4, betas=[0.9, 0.999], eps=1e-8),
             augment_pipe=augment_pipe, ema=dnnlib.util.construct_class_by_name(
                 class_name='training.ema.HalfLifeEMA', net=self.net, halflife_kimg=500, rampup_ratio=0.05))
+        # The full learning rate from the second step on (no ramp-up), so that weights move and the variants'
+        # weights after the run show whether they compute the same numbers.
         self.cfg = dnnlib.EasyDict(loss_scaling=1, batch_size=batch, grad_posinf=training_loop.NONFINITE_GRAD_VALUES['clamp'], lr_kwargs=dict(
-            func_name='training.training_loop.linear_rampup_schedule', ref_lr=10e-4, rampup_kimg=10000))
+            func_name='training.training_loop.linear_rampup_schedule', ref_lr=10e-4, rampup_kimg=0))
         self.layout = training_loop._BatchLayout(per_rank=batch, batch_gpu=batch, rounds=1)
         res, channels, label_dim = kwargs['img_resolution'], kwargs['img_channels'], kwargs['label_dim']
         images = torch.randint(0, 256, [batch, channels, res, res], dtype=torch.uint8)
@@ -180,8 +183,11 @@ def run_alternating(name: str, batch: int, steps: int, warmup: int, threads: int
     batch = batch or CONFIGS[name]['batch']
     trainers = []
     if before_commit is not None:
-        trainers.append(Trainer(f'before fp32 ({before_commit})', name, batch, device,
-                                networks_module=load_networks_module(before_commit)))
+        before = load_networks_module(before_commit)
+        trainers.append(Trainer(f'before fp32 ({before_commit})', name, batch, device, networks_module=before))
+        if autocast:  # the paper's code under plain autocast: what the bf16 path is held to
+            trainers.append(Trainer('before autocast bf16', name, batch, device, networks_module=before,
+                                    autocast=True))
     trainers.append(Trainer('fp32', name, batch, device))
     if bf16:
         trainers.append(Trainer('bf16', name, batch, device, bf16=True))
@@ -244,7 +250,8 @@ def main():
     parser.add_argument('--fast-dropout', action='store_true', help='with --before-after/--paired: an extra '
                         'alternating variant with train.py --fast-dropout=1')
     parser.add_argument('--autocast', action='store_true', help='with --before-after/--paired: an extra '
-                        'alternating variant, fp32 network under plain torch.autocast(bfloat16) around the backbone')
+                        'alternating variant, fp32 network under plain torch.autocast(bfloat16) around the backbone '
+                        '(with --before-after, the previous main\'s network under autocast too)')
     parser.add_argument('--profile', type=int, default=0, metavar='STEPS', help='with --before-after/--paired: '
                         'then profile each variant over this many steps (top ops by self CPU time)')
     parser.add_argument('--before-commit', default=PREVIOUS_MAIN, help='git commit whose training/networks.py '

@@ -115,16 +115,22 @@ def test_bf16_runs_nchw_by_default():
     x = torch.randn(2, 4, 8, 8).bfloat16()
     assert N._conv_layout(x) is x
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
-def test_dropout_draws_the_same_numbers_as_F_dropout(memory_format):
-    x0 = torch.randn(3, 8, 5, 5)
+def test_dropout_draws_the_same_numbers_as_F_dropout(memory_format, dtype):
+    # On CPUs where bernoulli_ is torch's default kernel (N.bernoulli_draws_uniform64()), N.dropout draws the
+    # mask through torch.rand(float64); on others, through bernoulli_ as F.dropout does. Same numbers either way,
+    # and the generator continues from the same state.
+    x0 = torch.randn(3, 8, 5, 5, dtype=dtype)
     x = x0.clone().contiguous(memory_format=memory_format).requires_grad_(True)
     ref_x = x0.clone().requires_grad_(True)
     torch.manual_seed(7)
-    out = N.dropout(x, 0.3, training=True)
+    out = N.dropout(x, 0.13, training=True)
+    after = torch.rand(4)
     torch.manual_seed(7)
-    ref = torch.nn.functional.dropout(ref_x, 0.3, training=True)
-    assert torch.equal(out, ref) and (ref == 0).any()
+    ref = torch.nn.functional.dropout(ref_x, 0.13, training=True)
+    assert torch.equal(out, ref) and (ref == 0).any() and out.dtype == dtype
+    assert torch.equal(after, torch.rand(4))
     out.backward(torch.ones_like(out))
     ref.backward(torch.ones_like(ref))
     assert torch.equal(x.grad, ref_x.grad)

@@ -33,8 +33,8 @@ TINY_RUNS = {
         'sec/kimg'),
     'networks': (['benchmarks/bench_networks.py', '--config', 'tiny', '--batch', '2', '--reps', '1', '--warmup', '0',
                   '--threads', '1', '--no-attn-compare', '--before-after'], 'bf16 (use_bf16=True)'),
-    'sampling': (['benchmarks/bench_sampling.py', '--config', 'tiny-8', '--batch', '2', '--steps', '2', '--repeats',
-                  '1', '--threads', '1'], 'per network evaluation'),
+    'sampling --paired-bf16': (['benchmarks/bench_sampling.py', '--config', 'tiny-8', '--batch', '2', '--steps', '2',
+                                '--repeats', '1', '--threads', '1', '--paired-bf16'], 'vs plain'),
     'bf16 accuracy': (['benchmarks/bench_bf16_accuracy.py', '--preset', 'tiny-8', '--batch', '4', '--samples', '2',
                        '--threads', '1'], 'sampled batch'),
     'dataset': (['benchmarks/bench_dataset.py', '--num-images', '32', '--resolution', '8', '--repeats', '1',
@@ -64,7 +64,7 @@ def test_benchmark_paired_variants(name, subprocess_env):
     proc = _run(args, subprocess_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expected in proc.stdout, proc.stdout[-2000:]
-    for variant in ('fp32', 'bf16', 'autocast bf16', 'fast_dropout', 'before'):
+    for variant in ('fp32', 'bf16', 'autocast bf16', 'fast_dropout', 'before fp32', 'before autocast bf16'):
         assert variant in proc.stdout
 
 

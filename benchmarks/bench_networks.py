@@ -10,7 +10,8 @@ time instead of wall time: steadier on a shared machine (it excludes waiting for
 counts idle-spinning OpenMP threads, so compare it only between runs with the same --threads.
 
 FLOPs are counted once with torch.utils.flop_counter.FlopCounterMode (matmul/conv/attention only;
-2 FLOPs per multiply-add). Also compares torch's fused SDPA attention against our default (explicit fp32-softmax on CPU).
+2 FLOPs per multiply-add). Also compares our default attention (explicit fp32-softmax on CPU, chunked) with the same
+unchunked and with torch's fused SDPA, forward and forward+backward (--attn-only: nothing else).
 Numbers on a shared machine are noisy; report the median and the machine load.
 """
 
@@ -61,18 +62,34 @@ def time_interleaved(variants, reps, warmup):
             v.times.append(v())
 
 def bench_attention(shapes, reps=10):
-    """Attention op alone, interleaved: explicit fp32-softmax einsum vs torch SDPA."""
+    """Attention op alone, interleaved, forward and forward+backward: our explicit fp32-softmax form (chunked
+    through the N*heads axis, networks.ATTENTION_CHUNK_BYTES), the same unchunked, and torch's SDPA."""
+    def unchunked(q, k, v, impl):
+        chunk_bytes, networks.ATTENTION_CHUNK_BYTES = networks.ATTENTION_CHUNK_BYTES, 2**62
+        try:
+            return networks.attention(q, k, v, impl='explicit')
+        finally:
+            networks.ATTENTION_CHUNK_BYTES = chunk_bytes
+    impls = {'explicit': networks.attention, 'explicit unchunked': unchunked, 'sdpa': networks.attention}
     for n, c, length in shapes:
-        q, k, v = torch.randn(3, n, c, length).unbind(0)
-        times = {'explicit': [], 'sdpa': []}
-        for _ in range(reps + 1):
-            for impl in times:
-                t0 = time.perf_counter()
-                networks.attention(q, k, v, impl=impl)
-                times[impl].append(time.perf_counter() - t0)
-        med = {impl: statistics.median(t[1:]) for impl, t in times.items()}
-        print(f'attention [N*heads={n}, C/heads={c}, L={length}]: explicit {med["explicit"]*1e3:.1f} ms, '
-              f'sdpa {med["sdpa"]*1e3:.1f} ms (explicit is {med["sdpa"]/med["explicit"]:.2f}x faster)')
+        qkv = torch.randn(n, c, 3, length)  # q, k, v as the UNetBlock makes them: strided views of one tensor
+        grad = torch.randn(n, c, length)
+        for mode in ('forward', 'forward+backward'):
+            times = {name: [] for name in impls}
+            for _ in range(reps + 1):
+                for name, fn in impls.items():
+                    x = qkv.clone().requires_grad_(mode != 'forward')
+                    t0 = time.perf_counter()
+                    with torch.set_grad_enabled(mode != 'forward'):
+                        out = fn(*x.unbind(2), impl=name.split()[0])
+                        if mode != 'forward':
+                            out.backward(grad)
+                    times[name].append(time.perf_counter() - t0)
+            med = {name: statistics.median(t[1:]) * 1e3 for name, t in times.items()}
+            print(f'attention [N*heads={n}, C/heads={c}, L={length}] {mode}: ' +
+                  ', '.join(f'{name} {ms:.1f} ms' for name, ms in med.items()) +
+                  f' (chunked explicit: {med["explicit unchunked"] / med["explicit"]:.2f}x faster than unchunked, '
+                  f'{med["sdpa"] / med["explicit"]:.2f}x than sdpa)')
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +101,8 @@ def main():
     p.add_argument('--channels-last', action='store_true', help='also time channels_last memory format')
     p.add_argument('--no-attn-compare', action='store_true', help="skip the SDPA-attention comparison")
     p.add_argument('--attn-only', action='store_true', help='only the attention micro-benchmark')
+    p.add_argument('--attn-shape', action='append', metavar='N,C,L', help='attention shape [N*heads, C/heads, L] '
+                   'to time (repeatable; default: the CIFAR-10 U-Net\'s at --batch, and the quick start\'s 64,32,256)')
     p.add_argument('--before-after', action='store_true',
                    help='also time with FUSED_CONV_BIAS / INPLACE_OPS switched off (all, and one at a time)')
     p.add_argument('--no-bf16', action='store_true', help='skip the bf16 variant')
@@ -93,8 +112,10 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.no_attn_compare:
-        # DDPM++/NCSN++ CIFAR attention runs at 16x16 with 256 channels, one head.
-        bench_attention([(args.batch, 256, 256), (args.batch, 64, 1024)])
+        # DDPM++/NCSN++ CIFAR attention runs at 16x16 with 256 channels, one head; the quick start's at 16x16 with
+        # 32 channels, batch 64.
+        shapes = [tuple(int(v) for v in s.split(',')) for s in args.attn_shape or []]
+        bench_attention(shapes or [(args.batch, 256, 256), (args.batch, 64, 1024), (64, 32, 256)])
         if args.attn_only:
             return
 

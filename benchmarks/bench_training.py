@@ -85,7 +85,7 @@ class Trainer:
     """One network with its EMA, optimizer, loss and augmentation, stepped by the training loop's own step."""
 
     def __init__(self, label: str, name: str, batch: int, device, bf16: bool = False, networks_module=None,
-                 fast_dropout: bool = False, autocast: bool = False):
+                 fast_dropout: bool = False, autocast: bool = False, compile_backbone: bool = False):
         import torch
         import dnnlib
         from training import presets, training_loop
@@ -107,6 +107,10 @@ class Trainer:
         self.net = net.train().requires_grad_(True).to(device)
         if autocast:  # plain torch.autocast around the backbone (the reference the bf16 path is held to)
             _autocast_backbone(self.net.model, device)
+        if compile_backbone:  # torch.compile (inductor) of the backbone, eager random numbers (same dropout masks)
+            import torch._inductor.config
+            torch._inductor.config.fallback_random = True
+            self.net._modules['model'] = torch.compile(self.net.model)
         self.params = sum(p.numel() for p in self.net.parameters())
         augment_pipe = None
         if cfg['augment']:
@@ -175,7 +179,8 @@ def run_one(name: str, batch: int, steps: int, warmup: int, threads: int, bf16: 
 
 
 def run_alternating(name: str, batch: int, steps: int, warmup: int, threads: int, before_commit: str | None,
-                    bf16: bool, fast_dropout: bool = False, autocast: bool = False, profile: int = 0) -> list[dict]:
+                    bf16: bool, fast_dropout: bool = False, autocast: bool = False, profile: int = 0,
+                    compile_backbone: bool = False) -> list[dict]:
     """Variants take turns, one step each; returns one record per variant (median, spread, ratios)."""
     import torch
 
@@ -195,6 +200,12 @@ def run_alternating(name: str, batch: int, steps: int, warmup: int, threads: int
         trainers.append(Trainer('fp32 fast_dropout', name, batch, device, fast_dropout=True))
     if autocast:
         trainers.append(Trainer('autocast bf16', name, batch, device, autocast=True))
+    if compile_backbone:
+        compiled = Trainer('fp32 compiled', name, batch, device, compile_backbone=True)
+        start = time.perf_counter()
+        compiled.step(seed=10**6)  # compiles forward and backward; an extra step, so its weights run ahead
+        print(f'# {name}: fp32 compiled: first step {time.perf_counter() - start:.1f} s (compilation)')
+        trainers.append(compiled)
     for step in range(warmup + steps):
         order = trainers if step % 2 == 0 else trainers[::-1]  # neither variant always goes first
         for trainer in order:
@@ -252,6 +263,8 @@ def main():
     parser.add_argument('--autocast', action='store_true', help='with --before-after/--paired: an extra '
                         'alternating variant, fp32 network under plain torch.autocast(bfloat16) around the backbone '
                         '(with --before-after, the previous main\'s network under autocast too)')
+    parser.add_argument('--compile', action='store_true', help='with --before-after/--paired: an extra '
+                        'alternating variant, the fp32 backbone through torch.compile (inductor; eager random numbers)')
     parser.add_argument('--profile', type=int, default=0, metavar='STEPS', help='with --before-after/--paired: '
                         'then profile each variant over this many steps (top ops by self CPU time)')
     parser.add_argument('--before-commit', default=PREVIOUS_MAIN, help='git commit whose training/networks.py '
@@ -273,7 +286,8 @@ def main():
             records = run_alternating(name, args.batch, args.steps, args.warmup, args.threads,
                                       args.before_commit if args.before_after else None,
                                       bf16=args.bf16 or args.paired, fast_dropout=args.fast_dropout,
-                                      autocast=args.autocast, profile=args.profile)
+                                      autocast=args.autocast, profile=args.profile,
+                                      compile_backbone=args.compile)
             for r in records:
                 if args.json:
                     print(json.dumps(r))

@@ -115,7 +115,7 @@ def test_bf16_runs_nchw_by_default():
     x = torch.randn(2, 4, 8, 8).bfloat16()
     assert N._conv_layout(x) is x
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 def test_dropout_draws_the_same_numbers_as_F_dropout(memory_format, dtype):
     # On CPUs where bernoulli_ is torch's default kernel (N.bernoulli_draws_uniform64()), N.dropout draws the

@@ -33,6 +33,8 @@ TINY_RUNS = {
         'sec/kimg'),
     'networks': (['benchmarks/bench_networks.py', '--config', 'tiny', '--batch', '2', '--reps', '1', '--warmup', '0',
                   '--threads', '1', '--no-attn-compare', '--before-after'], 'bf16 (use_bf16=True)'),
+    'networks --attn-only': (['benchmarks/bench_networks.py', '--attn-only', '--attn-shape', '4,8,16', '--threads', '1'],
+                             'faster than unchunked'),
     'sampling --paired-bf16': (['benchmarks/bench_sampling.py', '--config', 'tiny-8', '--batch', '2', '--steps', '2',
                                 '--repeats', '1', '--threads', '1', '--paired-bf16'], 'vs plain'),
     'bf16 accuracy': (['benchmarks/bench_bf16_accuracy.py', '--preset', 'tiny-8', '--batch', '4', '--samples', '2',

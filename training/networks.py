@@ -29,7 +29,6 @@ change nothing but float rounding: FUSED_CONV_BIAS, INPLACE_OPS, CHANNELS_LAST (
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 
 import numpy as np
@@ -108,16 +107,16 @@ def dropout(x: torch.Tensor, p: float, training: bool, fast: bool = False) -> to
         return x * 0
     if fast:
         return x * fast_dropout_mask(x.shape, p, x.dtype, x.device)
-    if x.device.type == 'cpu' and bernoulli_draws_uniform64():
+    if x.device.type == 'cpu' and BERNOULLI_DRAWS_UNIFORM64 and x.dtype != torch.float64:
         # The same mask as below (bit for bit, the same generator state after), ~35% cheaper to draw: the CPU
         # bernoulli_ kernel compares one float64 uniform per element with 1 - p, as torch.rand(float64) draws them.
-        scale = float(torch.ones([], dtype=x.dtype).div_(1 - p))  # 1 / (1 - p) rounded as div_ rounds it
+        # The kept value 1 / (1 - p) is rounded as div_ rounds it: a float32 quotient (then x's dtype).
+        scale = float(np.float32(1) / np.float32(1 - p))
         u = torch.rand(x.shape, dtype=torch.float64, device=x.device)
         return x * torch.where(u < 1 - p, scale, 0.0).to(x.dtype)
     mask = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p).div_(1 - p)
     return x * mask
 
-@functools.cache
 def bernoulli_draws_uniform64() -> bool:
     """Whether this CPU's bernoulli_(p) is rand(float64) < p on the same generator: torch's default kernel is
     (AMD and other CPUs); on Intel CPUs torch draws Bernoulli numbers with MKL's own generator instead."""
@@ -125,6 +124,8 @@ def bernoulli_draws_uniform64() -> bool:
     a = torch.empty(1000).bernoulli_(0.7, generator=g_bernoulli)
     b = torch.rand(1000, dtype=torch.float64, generator=g_uniform) < 0.7
     return torch.equal(a.bool(), b) and torch.equal(g_bernoulli.get_state(), g_uniform.get_state())
+
+BERNOULLI_DRAWS_UNIFORM64 = bernoulli_draws_uniform64()  # probed once (microseconds); a constant to torch.compile
 
 def fast_dropout_mask(shape, p: float, dtype=torch.float32, device='cpu') -> torch.Tensor:
     """Dropout mask (0 or 1 / (1 - p')) from 16 random bits per element: one int32 of the global torch

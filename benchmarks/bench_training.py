@@ -11,6 +11,7 @@ forward, backward, gradient sanitising, Adam) plus the EMA update. Prints median
     python benchmarks/bench_training.py --config quickstart --paired --steps 20  # fp32 vs bf16, alternating
     python benchmarks/bench_training.py --config ddpmpp-cifar10 --before-after --fast-dropout --steps 10
     python benchmarks/bench_training.py --config ddpmpp-small --paired --autocast --steps 20 --profile 2
+    python benchmarks/bench_training.py --config ddpmpp-small --before-after --paired --steps 4 --op-times 4
 
 --before-after times the previous main's training/networks.py (`git show <commit>:training/networks.py`,
 loaded as a separate module; --before-commit, default PREVIOUS_MAIN) against the current one: one process,
@@ -180,7 +181,7 @@ def run_one(name: str, batch: int, steps: int, warmup: int, threads: int, bf16: 
 
 def run_alternating(name: str, batch: int, steps: int, warmup: int, threads: int, before_commit: str | None,
                     bf16: bool, fast_dropout: bool = False, autocast: bool = False, profile: int = 0,
-                    compile_backbone: bool = False) -> list[dict]:
+                    compile_backbone: bool = False, op_times: int = 0) -> list[dict]:
     """Variants take turns, one step each; returns one record per variant (median, spread, ratios)."""
     import torch
 
@@ -215,6 +216,9 @@ def run_alternating(name: str, batch: int, steps: int, warmup: int, threads: int
     if profile:
         for trainer in trainers:
             print_profile(trainer, steps=profile, seed=warmup + steps)
+    if op_times:
+        for trainer in trainers:
+            print_op_times(trainer, steps=op_times, seed=warmup + steps + profile)
     base = statistics.median(trainers[0].times)
     fp32_trainer = next(t for t in trainers if t.label == 'fp32')
     fp32 = statistics.median(fp32_trainer.times)
@@ -246,6 +250,32 @@ def print_profile(trainer: Trainer, steps: int, seed: int, rows: int = 25) -> No
               f'{100 * e.self_cpu_time_total / total:5.1f}%  calls/step {e.count / steps:6.1f}')
 
 
+def print_op_times(trainer: Trainer, steps: int, seed: int, rows: int = 20) -> None:
+    """Wall time of every aten op as dispatched (a TorchDispatchMode timer around each call, nested ops counted
+    in their caller) over `steps` steps: the ops with the most time, per step and as a share of the summed op
+    time. Steadier than torch.profiler for oneDNN convolutions, whose profiled times came out inflated here."""
+    import collections
+    from torch.utils._python_dispatch import TorchDispatchMode
+    totals, calls = collections.Counter(), collections.Counter()
+
+    class OpTimer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            totals[func.overloadpacket.__name__] += time.perf_counter() - start
+            calls[func.overloadpacket.__name__] += 1
+            return out
+    start = time.perf_counter()
+    for i in range(steps):
+        with OpTimer():
+            trainer.step(seed=seed + i)
+    wall, summed = (time.perf_counter() - start) / steps, sum(totals.values()) / steps
+    print(f'# op times: {trainer.label}, {steps} steps, {wall * 1e3:.1f} ms/step wall, {summed * 1e3:.1f} ms/step in ops')
+    for name, total in totals.most_common(rows):
+        print(f'#   {name:<40s} {total / steps * 1e3:8.2f} ms/step {100 * total / steps / summed:5.1f}%  '
+              f'calls/step {calls[name] / steps:6.1f}')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', choices=sorted(CONFIGS), action='append', help='default: all')
@@ -267,6 +297,8 @@ def main():
                         'alternating variant, the fp32 backbone through torch.compile (inductor; eager random numbers)')
     parser.add_argument('--profile', type=int, default=0, metavar='STEPS', help='with --before-after/--paired: '
                         'then profile each variant over this many steps (top ops by self CPU time)')
+    parser.add_argument('--op-times', type=int, default=0, metavar='STEPS', help='with --before-after/--paired: '
+                        'then time every aten op of each variant over this many steps (a dispatch-mode timer)')
     parser.add_argument('--before-commit', default=PREVIOUS_MAIN, help='git commit whose training/networks.py '
                         'is "before"  [default: %(default)s, the main branch before issue 15]')
     parser.add_argument('--json', action='store_true', help='print one JSON line per config / variant')
@@ -287,7 +319,7 @@ def main():
                                       args.before_commit if args.before_after else None,
                                       bf16=args.bf16 or args.paired, fast_dropout=args.fast_dropout,
                                       autocast=args.autocast, profile=args.profile,
-                                      compile_backbone=args.compile)
+                                      compile_backbone=args.compile, op_times=args.op_times)
             for r in records:
                 if args.json:
                     print(json.dumps(r))

@@ -27,7 +27,7 @@ def test_script_help(script, subprocess_env):
 TINY_RUNS = {
     'training --paired/--before-after/--autocast/--profile': (
         ['benchmarks/bench_training.py', '--paired', '--before-after', '--autocast', '--fast-dropout', '--config',
-         'tiny', '--steps', '1', '--warmup', '0', '--threads', '1', '--profile', '1'], 'vs fp32'),
+         'tiny', '--steps', '1', '--warmup', '0', '--threads', '1', '--profile', '1', '--op-times', '1'], 'op times'),
     'training, one process per config': (
         ['benchmarks/bench_training.py', '--config', 'tiny', '--steps', '1', '--warmup', '0', '--threads', '1'],
         'sec/kimg'),

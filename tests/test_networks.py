@@ -346,6 +346,7 @@ def test_chunked_attention_matches_unchunked(monkeypatch):
             out.backward(g)
             results.append((out.detach(), t.grad))
         assert len(N._attention_chunks(*qkv.unbind(2)[:2])) == 3
+        assert N._attention_chunks(*qkv.to('meta').unbind(2)[:2]) == [slice(None)]  # off the CPU: one chunk
         assert results[1][0].dtype == dtype and results[1][1].dtype == dtype
         torch.testing.assert_close(results[1][0], results[0][0], **tol)
         torch.testing.assert_close(results[1][1], results[0][1], **tol)

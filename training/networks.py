@@ -2,7 +2,8 @@
 Diffusion-Based Generative Models" (Karras et al., NeurIPS 2022).
 
 - Layers: `Linear`, `Conv2d` (optional up/down-sampling by a FIR `resample_filter`), `GroupNorm`,
-  `AttentionOp` (and `ChunkedAttentionOp`, the same in cache-sized chunks), `UNetBlock`, `PositionalEmbedding`, `FourierEmbedding`.
+  `AttentionOp` (and `ChunkedAttentionOp`, the same in cache-sized chunks), `UNetBlock`,
+  `PositionalEmbedding`, `FourierEmbedding`.
 - Backbones: `SongUNet` (DDPM++ / NCSN++, Song et al. 2021) and `DhariwalUNet` (ADM, Dhariwal & Nichol 2021).
 - Preconditioners (Table 1 of the paper): `VPPrecond`, `VEPrecond`, `iDDPMPrecond`, `EDMPrecond`.
   The coefficient formulas are small pure functions (`edm_coefficients`, `vp_coefficients`,
@@ -296,10 +297,13 @@ class AttentionOp(torch.autograd.Function):
 # runs the whole chain (weights, softmax, product with v; backward: both products and the softmax backward) one
 # chunk at a time. The arithmetic is that of the unchunked ops, element for element (bit-identical where
 # measured; tests hold it to float rounding), but the [N*heads, L, L] temporaries no longer stream through memory
-# several times: the quick start's attention (64 x 256 x 256) ran 1.5-2.2x faster forward+backward.
+# several times: the quick start's attention (64 x 32 x 256) ran 2.8x faster forward, 1.2-2.2x forward+backward
+# (benchmarks/bench_networks.py --attn-only); shapes whose weights fit in cache anyway run as fast as unchunked.
 ATTENTION_CHUNK_BYTES = 2 * 2**20
 
 def _attention_chunks(q: torch.Tensor, k: torch.Tensor):
+    if q.device.type != 'cpu':  # a CPU cache optimisation; on a GPU, chunks would only add kernel launches
+        return [slice(None)]
     step = max(1, ATTENTION_CHUNK_BYTES // (q.shape[2] * k.shape[2] * 4))
     return [slice(i, i + step) for i in range(0, q.shape[0], step)]
 

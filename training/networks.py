@@ -309,9 +309,13 @@ def _attention_chunks(q: torch.Tensor, k: torch.Tensor):
 
 def _chunked_attention_forward(q, k, v, save_weights: bool):
     """[N*heads, L_q, C_v] output (and the weights [N*heads, L_q, L_k] if save_weights), chunk by chunk."""
+    chunks = _attention_chunks(q, k)
+    if len(chunks) == 1:  # one chunk (always off the CPU): the plain ops, no buffers to fill and no copy of w
+        w = attention_weights(q, k)
+        return torch.bmm(w, v.transpose(1, 2)), (w if save_weights else None)
     out = torch.empty([q.shape[0], q.shape[2], v.shape[1]], dtype=q.dtype, device=q.device)
     weights = torch.empty([q.shape[0], q.shape[2], k.shape[2]], dtype=q.dtype, device=q.device) if save_weights else None
-    for s in _attention_chunks(q, k):
+    for s in chunks:
         w = attention_weights(q[s], k[s])
         torch.bmm(w, v[s].transpose(1, 2), out=out[s])
         if save_weights:
